@@ -1,0 +1,90 @@
+"""The one ``dealrec`` command line.
+
+Each subcommand names its typed config (a dataclass) and the function that runs it; both are
+imported only when that subcommand runs, so ``dealrec effort`` never imports JAX and
+``dealrec influence`` never imports PyTorch. A :class:`~jaxrec.errors.UserError` becomes one
+line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from jaxrec.errors import UserError
+
+# name: (config class, config-file section, runner, help)
+COMMANDS = {
+    "prepare": ("jaxrec.config:PrepareConfig", "prepare", "jaxrec.data.prepare:main",
+                "raw Amazon reviews -> a dataset folder (ratings >= 4, k-core, 8:1:1 by time)"),
+    "train-surrogate": ("jaxrec.config:SurrogateConfig", "surrogate", "jaxrec.train:main",
+                        "train the Flax SASRec surrogate"),
+    "evaluate-surrogate": ("jaxrec.config:SurrogateConfig", "surrogate",
+                           "jaxrec.train:evaluate_main",
+                           "full-ranking Recall/NDCG of a trained surrogate"),
+    "influence": ("jaxrec.config:InfluenceConfig", "influence", "jaxrec.influence.cli:main",
+                  "influence (or GraNd / EL2N) score of every training sample"),
+    "select": ("jaxrec.config:SelectConfig", "select", "jaxrec.select.cli:main",
+               "choose a few-shot subset (DEALRec or a baseline)"),
+    "effort": ("llm_bridge.config:EffortConfig", "effort", "llm_bridge.effort:main",
+               "LLM effort score (LoRA gradient norm) of every training sample"),
+    "finetune": ("llm_bridge.config:FinetuneConfig", "finetune", "llm_bridge.finetune:main",
+                 "LoRA few-shot fine-tune of the LLM recommender on a selection"),
+    "evaluate": ("llm_bridge.config:EvaluateConfig", "evaluate", "llm_bridge.evaluate:main",
+                 "generate, ground to items, Recall/NDCG@K of the LLM recommender"),
+    "run": ("jaxrec.pipeline:PipelineArgs", None, "jaxrec.pipeline:main",
+            "the whole pipeline from one config file"),
+    "experiment": ("jaxrec.pipeline:PipelineArgs", None, "jaxrec.experiment:main",
+                   "several selection methods x seeds through finetune + evaluate"),
+    "report": ("jaxrec.pipeline:ReportArgs", None, "jaxrec.report:main",
+               "PNG plots of a run's scores and selection"),
+}
+
+
+def _load(ref: str):
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxrec.config import add_config_arguments
+
+    parser = argparse.ArgumentParser(prog="dealrec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cfg_ref, _section, _runner, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            cls = _load(cfg_ref)
+        except (ImportError, AttributeError):
+            continue  # subcommand not available in this build
+        if hasattr(cls, "add_arguments"):
+            cls.add_arguments(p)
+        else:
+            add_config_arguments(p, cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg_ref, section, runner_ref, _ = COMMANDS[args.command]
+    try:
+        cls = _load(cfg_ref)
+        if hasattr(cls, "from_args"):
+            cfg = cls.from_args(args)
+        else:
+            from jaxrec.config import config_from_args
+            cfg = config_from_args(cls, args, section)
+        runner = _load(runner_ref)
+        return int(runner(cfg) or 0)
+    except UserError as e:
+        print(f"dealrec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dealrec {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

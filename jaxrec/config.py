@@ -1,0 +1,174 @@
+"""Typed configuration: one dataclass per ``dealrec`` subcommand, one YAML file per experiment.
+
+Every flag of every subcommand is a field here with its default. A config file under
+``configs/`` holds one section per subcommand (``surrogate:``, ``influence:``, ...); its keys
+override the defaults, and command-line flags override the file. An unknown section or key is
+an error, never silently ignored. This module imports the standard library and PyYAML only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from jaxrec.errors import UserError
+
+GAMES = "../shared/data/games"
+
+
+# ----------------------------------------------------------------------------- JAX side
+@dataclass
+class PrepareConfig:
+    """``dealrec prepare``: raw Amazon review files -> a dataset folder."""
+    reviews: str = ""            # reviews JSON lines (reviewerID, asin, overall, unixReviewTime)
+    meta: str = ""               # metadata JSON lines (asin, title, categories)
+    out: str = "data/prepared"
+    min_rating: float = 4.0      # drop ratings below this
+    k_core: int = 5              # users and items with fewer interactions are filtered, repeatedly
+    split: str = "8:1:1"         # train:valid:test by global time
+
+
+@dataclass
+class SurrogateConfig:
+    """``dealrec train-surrogate`` / ``evaluate-surrogate``: the Flax SASRec surrogate."""
+    data: str = GAMES
+    out: str = "runs/surrogate"
+    max_len: int = 50
+    hidden: int = 64
+    blocks: int = 2
+    heads: int = 2
+    dropout: float = 0.5
+    lr: float = 1e-3
+    batch_size: int = 500
+    epochs: int = 200
+    patience: int = 10           # epochs without a better valid Recall@20 before stopping
+    eval_every: int = 1
+    seed: int = 0
+    resume: bool = True          # continue from RUN_DIR's latest checkpoint if there is one
+
+
+@dataclass
+class InfluenceConfig:
+    """``dealrec influence``: DEALRec influence scores (paper Eq. 9-11) of every user."""
+    run: str = "runs/surrogate"
+    out: str = "runs/surrogate/influence.npy"
+    score: str = "influence"     # influence | grand | el2n
+    solver: str = "lissa"        # lissa | cg | exact | arnoldi
+    convention: str = "dealrec"  # dealrec (paper code's recursion) | standard ((H+damping I)^-1 v)
+    params: str = ""             # regex on parameter paths; empty = all parameters
+    damping: float = 0.01
+    scale: float = 25.0
+    steps: int = 5000
+    lissa_batch_size: int = 512
+    repeats: int = 1
+    tol: float = 1e-6
+    maxiter: int = 100
+    rank: int = 20
+    iterations: int = 60
+    batch_size: int = 4096       # samples per JVP when scoring
+    seed: int = 0
+
+
+@dataclass
+class SelectConfig:
+    """``dealrec select``: a few-shot subset (paper Eq. 13, Algorithm 2, and baselines)."""
+    method: str = "dealrec"
+    data: str = GAMES
+    influence: str = ""
+    effort: str = ""
+    run: str = ""                # trained surrogate, for grand / el2n / ccs / tfdcon / recranker
+    n: int = 1024
+    lamda: float = 0.3
+    groups: int = 50
+    hard_prune: float = 0.1
+    seed: int = 0
+    out: str = "runs/selected.npy"
+
+
+# ----------------------------------------------------------------------------- machinery
+def _field_type(cls, f: dataclasses.Field):
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add ``--config FILE`` and one ``--flag`` per field of the dataclass ``cls``."""
+    parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        typ = _field_type(cls, f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if typ is bool:
+            parser.add_argument(flag, dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction,
+                                help=f"(default: {default})")
+        elif typing.get_origin(typ) is list:
+            parser.add_argument(flag, dest=f.name, default=None, nargs="+",
+                                type=typing.get_args(typ)[0], help=f"(default: {default})")
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, type=typ,
+                                help=f"(default: {default!r})")
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML config file into a dict of sections."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must be a mapping of sections")
+    return data
+
+
+def make_config(cls, values: dict | None = None, source: str = "config"):
+    """Build ``cls`` from a dict, checking keys and types (an unknown key is an error)."""
+    values = dict(values or {})
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise UserError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(names)})")
+    for key, value in values.items():
+        typ = _field_type(cls, names[key])
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif typing.get_origin(typ) is list:
+            if not isinstance(value, list):
+                raise UserError(f"{source}: {key} must be a list")
+        elif typ in (int, float, str, bool) and not isinstance(value, typ):
+            raise UserError(f"{source}: {key} must be {typ.__name__}, got {value!r}")
+    return cls(**values)
+
+
+def config_from_args(cls, args: argparse.Namespace, section: str):
+    """Defaults <- section of ``--config`` file <- command-line flags."""
+    values = {}
+    if getattr(args, "config", None):
+        data = load_config_file(args.config)
+        values.update(data.get(section) or {})
+        source = f"{args.config} [{section}]"
+    else:
+        source = "config"
+    for f in dataclasses.fields(cls):
+        flag = getattr(args, f.name, None)
+        if flag is not None:
+            values[f.name] = flag
+    return make_config(cls, values, source)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+__all__ = [
+    "PrepareConfig", "SurrogateConfig", "InfluenceConfig", "SelectConfig", "GAMES",
+    "add_config_arguments", "config_from_args", "load_config_file", "make_config", "to_dict",
+]

@@ -1,0 +1,140 @@
+"""Score files: how scores and selections pass between the JAX and the PyTorch side.
+
+``NAME.npy`` holds float32 scores or int64 indices, aligned to ``sequential_train.txt`` (or a
+list of selected rows), written with ``np.save`` and read without pickle. Beside it
+``NAME.json``, the manifest::
+
+    {"kind": "influence", "dataset": {"train_sha256": "...", "n_users": 49156},
+     "created": "2026-11-22T10:00:00Z", "options": {...}, "seconds": 41.2, "version": "0.1.0"}
+
+Every reader checks ``kind``, ``n_users`` and ``train_sha256`` before it trusts a file. Writes
+go to a temporary name in the same folder and are renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jaxrec import __version__
+from jaxrec.errors import ScoreFileError
+
+
+def manifest_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def atomic_write_bytes(path: str | Path, write) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def save_scores(path, array, *, kind: str, dataset: dict, options: dict | None = None,
+                seconds: float | None = None, **extra) -> Path:
+    """Save ``array`` to ``path`` (``.npy``) and its manifest to ``path`` with ``.json``.
+
+    Scores are stored as float32, selections (integer arrays) as int64. ``dataset`` is the
+    dataset fingerprint (:meth:`jaxrec.data.Dataset.fingerprint`).
+    """
+    path = Path(path)
+    if path.suffix != ".npy":
+        raise ScoreFileError(f"{path}: a score file name must end in .npy")
+    array = np.asarray(array)
+    array = array.astype(np.int64 if np.issubdtype(array.dtype, np.integer) else np.float32)
+    manifest = {
+        "kind": kind,
+        "dataset": {"train_sha256": dataset["train_sha256"], "n_users": int(dataset["n_users"])},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "options": options or {},
+        "seconds": None if seconds is None else round(float(seconds), 3),
+        "version": __version__,
+        "shape": list(array.shape),
+        "dtype": str(array.dtype),
+        **extra,
+    }
+    atomic_write_bytes(path, lambda f: np.save(f, array, allow_pickle=False))
+    write_json(manifest_path(path), manifest)
+    return path
+
+
+def read_manifest(path: str | Path) -> dict:
+    mpath = manifest_path(path)
+    if not mpath.is_file():
+        raise ScoreFileError(f"{mpath}: manifest not found (every score file needs one)")
+    try:
+        return json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ScoreFileError(f"{mpath}: not valid JSON ({e})") from None
+
+
+def load_scores(path, *, kind: str | tuple[str, ...] | None = None,
+                dataset: dict | None = None) -> tuple[np.ndarray, dict]:
+    """Load a score file and its manifest, checking kind and dataset fingerprint.
+
+    Args:
+      path: the ``.npy`` file.
+      kind: expected manifest kind (or tuple of accepted kinds); ``None`` accepts any.
+      dataset: expected fingerprint ``{"train_sha256", "n_users"}``; ``None`` skips the check.
+    Returns:
+      ``(array, manifest)``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ScoreFileError(f"{path}: score file not found")
+    manifest = read_manifest(path)
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds is not None and manifest.get("kind") not in kinds:
+        raise ScoreFileError(
+            f"{path}: kind is {manifest.get('kind')!r}, expected {' or '.join(map(repr, kinds))}")
+    if dataset is not None:
+        got = manifest.get("dataset", {})
+        if got.get("train_sha256") != dataset["train_sha256"]:
+            raise ScoreFileError(f"{path}: made from another dataset (train_sha256 mismatch)")
+        if int(got.get("n_users", -1)) != int(dataset["n_users"]):
+            raise ScoreFileError(
+                f"{path}: made for {got.get('n_users')} users, dataset has {dataset['n_users']}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ScoreFileError(f"{path}: not a readable .npy file ({e})") from None
+    if manifest.get("kind") in _PER_USER_KINDS and dataset is not None \
+            and array.shape != (int(dataset["n_users"]),):
+        raise ScoreFileError(f"{path}: shape {array.shape}, expected ({dataset['n_users']},)")
+    return array, manifest
+
+
+# Kinds whose array has one entry per user (the others, e.g. "selection", are index lists).
+_PER_USER_KINDS = {"influence", "effort", "grand", "el2n", "score"}
