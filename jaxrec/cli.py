@@ -20,7 +20,7 @@ COMMANDS = {
                 "raw Amazon reviews -> a dataset folder (ratings >= 4, k-core, 8:1:1 by time)"),
     "train-surrogate": ("jaxrec.config:SurrogateConfig", "surrogate", "jaxrec.train:main",
                         "train the Flax SASRec surrogate"),
-    "evaluate-surrogate": ("jaxrec.config:SurrogateConfig", "surrogate",
+    "evaluate-surrogate": ("jaxrec.config:SurrogateEvalConfig", "surrogate_eval",
                            "jaxrec.train:evaluate_main",
                            "full-ranking Recall/NDCG of a trained surrogate"),
     "influence": ("jaxrec.config:InfluenceConfig", "influence", "jaxrec.influence.cli:main",

@@ -51,6 +51,15 @@ class SurrogateConfig:
 
 
 @dataclass
+class SurrogateEvalConfig:
+    """``dealrec evaluate-surrogate``: full-ranking metrics of a trained surrogate."""
+    run: str = "runs/surrogate"
+    data: str = ""               # "" = the dataset the run was trained on
+    splits: str = "valid,test"
+    out: str = ""                # also write the metrics to this JSON file
+
+
+@dataclass
 class InfluenceConfig:
     """``dealrec influence``: DEALRec influence scores (paper Eq. 9-11) of every user."""
     run: str = "runs/surrogate"
@@ -169,6 +178,6 @@ def to_dict(cfg) -> dict:
 
 
 __all__ = [
-    "PrepareConfig", "SurrogateConfig", "InfluenceConfig", "SelectConfig", "GAMES",
+    "PrepareConfig", "SurrogateConfig", "SurrogateEvalConfig", "InfluenceConfig", "SelectConfig", "GAMES",
     "add_config_arguments", "config_from_args", "load_config_file", "make_config", "to_dict",
 ]
