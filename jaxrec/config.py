@@ -89,10 +89,14 @@ class SelectConfig:
     influence: str = ""
     effort: str = ""
     run: str = ""                # trained surrogate, for grand / el2n / ccs / tfdcon / recranker
+    scores: str = ""             # grand / el2n / ccs: this score file instead of RUN/{grand,el2n}.npy
+    llm_reps: str = ""           # tfdcon: optional LLM user representations [n_users, D] (.npy)
     n: int = 1024
     lamda: float = 0.3
-    groups: int = 50
-    hard_prune: float = 0.1
+    groups: int = 50             # K strata (dealrec, ccs, influence-only, effort-only)
+    hard_prune: float = 0.1      # dealrec / ablations: drop this top fraction by score
+    beta: float = 0.1            # ccs: drop this hardest (top EL2N) fraction
+    clusters: int = 50           # tfdcon / recranker: k-means clusters
     seed: int = 0
     out: str = "runs/selected.npy"
 

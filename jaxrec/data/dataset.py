@@ -199,7 +199,7 @@ def evaluation_arrays(ds: Dataset, split: str, max_len: int = MAX_LEN) -> dict[s
     items (0-padded)}``.
     """
     hist = history(ds, split)
-    truth = ds.split(split)
+    truth = [np.unique(t) for t in ds.split(split)]       # a repeated purchase counts once
     users = np.asarray([u for u in range(ds.n_users) if len(truth[u])], dtype=np.int32)
     if users.size == 0:
         raise DataError(f"{ds.path}: no user has items in the {split} split")

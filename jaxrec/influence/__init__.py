@@ -1,0 +1,19 @@
+"""The influence engine: DEALRec influence scores (paper Eq. 9-11, Algorithm 1) for any pytree
+model given pure ``loss(params, batch) -> scalar`` and ``per_sample_loss(params, batch) -> [B]``.
+
+    hv = hvp(loss, params, batch, v)                        # H v, forward-over-reverse
+    u  = inverse_hvp(loss, params, data, v, solver="cg", damping=lam)   # (H + lam I)^-1 v
+    s  = sample_scores(per_sample_loss, params, data, u)    # g_i . u, one JVP per batch
+"""
+
+from jaxrec.influence.hvp import hvp
+from jaxrec.influence.inverse import CONVENTIONS, SOLVERS, inverse_hvp
+from jaxrec.influence.params import ParamSubset, parameter_paths
+from jaxrec.influence.scores import (el2n_scores, grand_scores, influence_scores,
+                                     mean_gradient, per_sample_map, sample_scores)
+
+__all__ = [
+    "hvp", "inverse_hvp", "SOLVERS", "CONVENTIONS", "ParamSubset", "parameter_paths",
+    "sample_scores", "mean_gradient", "influence_scores", "grand_scores", "el2n_scores",
+    "per_sample_map",
+]

@@ -1,0 +1,89 @@
+"""Fixed-size, padded, device-sharded batches over a data pytree (leading axis n).
+
+Every batch has the same shape (the last one is padded with copies of its first row and a 0
+weight), so each jitted function compiles once. Batches are split over all visible devices
+along a ``data`` mesh axis; parameters are replicated. Nothing here holds more than one batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxrec.errors import UserError
+
+
+def data_size(data) -> int:
+    """The common leading size ``n`` of every leaf of ``data``."""
+    sizes = {int(np.shape(x)[0]) for x in jax.tree.leaves(data)}
+    if len(sizes) != 1:
+        raise UserError(f"data leaves disagree on the number of samples: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def data_mesh() -> Mesh:
+    """A 1-D mesh over every visible device, axis name ``data``."""
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def replicate(tree, mesh: Mesh):
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard(tree, mesh: Mesh):
+    return jax.device_put(tree, NamedSharding(mesh, P("data")))
+
+
+def round_batch(batch_size: int, n: int, n_devices: int) -> int:
+    """Batch size actually used: at most ``n`` rounded up to a multiple of the device count."""
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    b = min(batch_size, n)
+    return -(-b // n_devices) * n_devices
+
+
+def padded_batches(data, batch_size: int, mesh: Mesh | None = None):
+    """Yield ``(start, count, batch, weight)`` over ``data`` in order.
+
+    ``batch`` has exactly ``batch_size`` rows (rounded to the device count): the last batch
+    is padded with copies of its first row; ``weight`` is 1.0 for real rows, 0.0 for padding.
+    With ``mesh``, both are placed sharded along its ``data`` axis.
+    """
+    n = data_size(data)
+    ndev = 1 if mesh is None else mesh.devices.size
+    b = round_batch(batch_size, n, ndev)
+    host = jax.tree.map(np.asarray, data)
+    for start in range(0, n, b):
+        count = min(b, n - start)
+        idx = np.arange(start, start + b)
+        idx[count:] = start
+        batch = jax.tree.map(lambda x: x[idx], host)
+        weight = (np.arange(b) < count).astype(np.float32)
+        if mesh is not None:
+            batch, weight = shard((batch, weight), mesh)
+        yield start, count, batch, weight
+
+
+def num_batches(n: int, batch_size: int, n_devices: int = 1) -> int:
+    b = round_batch(batch_size, n, n_devices)
+    return -(-n // b)
+
+
+def _disable(progress: bool | None):
+    """tqdm's ``disable``: ``None`` (auto: off when not a terminal), or forced on/off."""
+    return None if progress is None else not progress
+
+
+def full_batches(data, batch_size: int):
+    """``[(weight, batch)]`` covering ``data`` exactly once, on device, with ``weight = |batch|/n``
+    (the full-data mean loss is ``sum weight * loss(batch)``). All batches but the last have
+    ``batch_size`` rows; the last holds the remainder (so at most two shapes compile)."""
+    n = data_size(data)
+    b = round_batch(batch_size, n, 1)
+    host = jax.tree.map(np.asarray, data)
+    out = []
+    for start in range(0, n, b):
+        stop = min(n, start + b)
+        out.append(((stop - start) / n, jax.device_put(jax.tree.map(lambda x: x[start:stop], host))))
+    return out

@@ -1,0 +1,41 @@
+"""The full-data Hessian as a linear operator: ``H v = sum_b (|b|/n) H_b v`` over batches."""
+
+from __future__ import annotations
+
+import jax
+
+from jaxrec.errors import UserError
+from jaxrec.influence.batching import full_batches
+from jaxrec.influence.hvp import hvp
+from jaxrec.influence.tree import all_finite
+
+
+class FullHessian:
+    """``H`` of the mean of ``loss`` over all of ``data`` (batches of ``batch_size``)."""
+
+    def __init__(self, loss, params, data, batch_size: int = 4096):
+        self.params = params
+        self.batches = full_batches(data, batch_size)
+        self._hvp = jax.jit(lambda p, b, v: hvp(loss, p, b, v))
+        self._hmm = jax.jit(jax.vmap(lambda p, b, v: hvp(loss, p, b, v), in_axes=(None, None, 0)))
+        self.count = 0
+
+    def matvec(self, v):
+        """``H v`` (``v`` a parameter pytree); raises UserError if not finite."""
+        out = None
+        for w, batch in self.batches:
+            hv = jax.tree.map(lambda x: w * x, self._hvp(self.params, batch, v))
+            out = hv if out is None else jax.tree.map(lambda a, b: a + b, out, hv)
+        self.count += 1
+        if not all_finite(out):
+            raise UserError("Hessian-vector product is not finite; check the model, data "
+                            "and parameter filter")
+        return out
+
+    def matmat(self, vs):
+        """``H v`` for a stack of vectors (leading axis k on every leaf)."""
+        out = None
+        for w, batch in self.batches:
+            hv = jax.tree.map(lambda x: w * x, self._hmm(self.params, batch, vs))
+            out = hv if out is None else jax.tree.map(lambda a, b: a + b, out, hv)
+        return out

@@ -1,0 +1,83 @@
+"""Parameter subsets: pick the leaves whose path matches a regex, so solvers see only them.
+
+The paper scores one 64x64 layer of SASRec; this engine scores any subset (default: all). A
+path is the leaf's dict keys joined by ``/``, e.g. ``ffn_2_1/kernel`` or ``item_emb/embedding``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+
+from jaxrec.errors import UserError
+
+
+def path_string(path) -> str:
+    """``(DictKey('a'), DictKey('b'))`` -> ``"a/b"`` (sequence indices as numbers)."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def parameter_paths(params) -> list[str]:
+    """Every leaf path of ``params`` in flattening order."""
+    return [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+class ParamSubset:
+    """The leaves of ``params`` whose path matches ``pattern`` (``re.search``; empty = all).
+
+    ``subset.params`` is a flat dict ``{path: array}`` (a pytree the solvers work on);
+    ``subset.combine(sub)`` puts such a dict back into the full tree; ``subset.restrict(fn)``
+    turns ``fn(params, batch)`` into ``fn(sub, batch)`` with the other leaves held fixed.
+    """
+
+    def __init__(self, params, pattern: str = ""):
+        leaves, self._treedef = jax.tree_util.tree_flatten_with_path(params)
+        self.pattern = pattern or ""
+        paths = [path_string(p) for p, _ in leaves]
+        try:
+            rx = re.compile(self.pattern) if self.pattern else None
+        except re.error as e:
+            raise UserError(f"parameter filter {pattern!r} is not a valid regex ({e})") from None
+        self._leaves = [leaf for _, leaf in leaves]
+        self._index = [i for i, p in enumerate(paths) if rx is None or rx.search(p)]
+        if not self._index:
+            shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+            raise UserError(f"parameter filter {pattern!r} matches no parameter path "
+                            f"(paths: {shown})")
+        self.paths = [paths[i] for i in self._index]
+
+    @property
+    def params(self) -> dict:
+        return {p: self._leaves[i] for p, i in zip(self.paths, self._index)}
+
+    @property
+    def size(self) -> int:
+        return int(sum(self._leaves[i].size for i in self._index))
+
+    def combine(self, sub: dict, rest=None):
+        """The full parameter tree with the selected leaves taken from ``sub``.
+
+        ``rest`` (optional) is a full tree supplying the unselected leaves (default: the
+        tree this subset was built from)."""
+        leaves = list(self._leaves if rest is None else jax.tree_util.tree_leaves(rest))
+        for p, i in zip(self.paths, self._index):
+            leaves[i] = sub[p]
+        return jax.tree_util.tree_unflatten(self._treedef, leaves)
+
+    def restrict(self, fn):
+        """``fn(params, batch)`` -> ``fn_sub(sub, batch)`` over the subset only."""
+        full = jax.tree_util.tree_unflatten(self._treedef, self._leaves)
+
+        def fn_sub(sub, batch):
+            return fn(self.combine(sub, full), batch)
+
+        return fn_sub

@@ -1,0 +1,141 @@
+"""Per-sample scores over a whole data set: DEALRec influence (paper Eq. 9-11), GraNd, EL2N.
+
+The influence score needs ``g_i . u`` for every sample ``i``, with ``g_i`` the gradient of
+sample ``i``'s loss and ``u = H^-1 g_mean``. It is the JVP of the per-sample loss vector along
+``u``: one forward-mode pass per batch scores the whole batch, no per-sample gradient is ever
+built, and memory stays O(params + batch).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxrec.errors import UserError
+from jaxrec.influence.batching import (_disable, data_mesh, data_size, num_batches,
+                                       padded_batches, replicate)
+from jaxrec.influence.inverse import inverse_hvp
+
+
+def _check_finite(array, what: str):
+    bad = ~np.isfinite(array)
+    if bad.any():
+        raise UserError(f"{what} is not finite for {int(bad.sum())} of {array.size} values "
+                        f"(first at index {int(np.argmax(bad))}); check the model and data")
+
+
+def per_sample_map(fn, params, data, batch_size: int = 1024, *, extra=(), desc: str = "batches",
+                   progress: bool | None = None) -> np.ndarray:
+    """``fn(params, batch, *extra) -> [B]`` over all of ``data``, batched, padded, sharded.
+
+    Returns a NumPy array ``[n]`` (padding rows dropped), in the order of ``data``.
+    """
+    n = data_size(data)
+    mesh = data_mesh()
+    params, extra = replicate((params, extra), mesh)
+    jfn = jax.jit(fn)
+    out = []
+    total = num_batches(n, batch_size, mesh.devices.size)
+    for _, count, batch, _ in tqdm(padded_batches(data, batch_size, mesh), total=total,
+                                   desc=desc, leave=False, disable=_disable(progress)):
+        out.append(np.asarray(jfn(params, batch, *extra))[:count])
+    return np.concatenate(out)
+
+
+def sample_scores(per_sample_loss, params, data, u, batch_size: int = 4096, *,
+                  progress: bool | None = None) -> np.ndarray:
+    """``s_i = g_i . u`` for every sample (the inner product of paper Eq. 10-11).
+
+    One ``jax.jvp`` of ``per_sample_loss(params, batch) -> [B]`` along ``u`` per batch; batches
+    are padded to one shape (one compilation) and sharded over all devices. Returns ``[n]``.
+    """
+    def jvp(p, batch, u):
+        return jax.jvp(lambda q: per_sample_loss(q, batch), (p,), (u,))[1]
+
+    s = per_sample_map(jvp, params, data, batch_size, extra=(u,), desc="scores",
+                       progress=progress)
+    _check_finite(s, "sample score g_i . u")
+    return s
+
+
+def mean_gradient(per_sample_loss, params, data, batch_size: int = 4096, *,
+                  progress: bool | None = None):
+    """``(1/n) sum_i grad loss_i``: the mean training gradient (paper Eq. 10's sum over
+    samples), batched with padding masked by weights and sharded over all devices."""
+    n = data_size(data)
+    mesh = data_mesh()
+    params = replicate(params, mesh)
+
+    @jax.jit
+    def grad_sum(p, batch, weight, acc):
+        g = jax.grad(lambda q: jnp.sum(weight.astype(jnp.result_type(*jax.tree.leaves(q)))
+                                       * per_sample_loss(q, batch)))(p)
+        return jax.tree.map(jnp.add, acc, g)
+
+    acc = jax.tree.map(jnp.zeros_like, params)
+    total = num_batches(n, batch_size, mesh.devices.size)
+    for _, _, batch, weight in tqdm(padded_batches(data, batch_size, mesh), total=total,
+                                    desc="mean gradient", leave=False,
+                                    disable=_disable(progress)):
+        acc = grad_sum(params, batch, weight, acc)
+    g = jax.tree.map(lambda x: x / n, acc)
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g)):
+        raise UserError("mean gradient is not finite; check the model and data")
+    return g
+
+
+def influence_scores(loss, per_sample_loss, params, data, *, solver: str = "lissa",
+                     damping: float = 0.01, convention: str = "standard",
+                     batch_size: int = 4096, progress: bool | None = None, **solver_options):
+    """DEALRec influence of removing each sample on the empirical risk (paper Eq. 11):
+    ``score_i = g_i . H^-1 g_mean / n^2``.
+
+    ``v = mean_gradient``, ``u = inverse_hvp(loss, ..., v)``, ``s = sample_scores(..., u)``.
+    Returns ``(scores [n], info)`` where ``info`` holds the solver's report and timings.
+    """
+    n = data_size(data)
+    t0 = time.perf_counter()
+    v = mean_gradient(per_sample_loss, params, data, batch_size, progress=progress)
+    jax.block_until_ready(v)
+    t1 = time.perf_counter()
+    u, info = inverse_hvp(loss, params, data, v, solver=solver, damping=damping,
+                          convention=convention, return_info=True, progress=progress,
+                          **solver_options)
+    jax.block_until_ready(u)
+    t2 = time.perf_counter()
+    s = sample_scores(per_sample_loss, params, data, u, batch_size, progress=progress) / n**2
+    t3 = time.perf_counter()
+    info = dict(info, seconds={"mean_gradient": t1 - t0, "solve": t2 - t1, "scores": t3 - t2,
+                               "total": t3 - t0})
+    return s, info
+
+
+def grand_scores(per_sample_loss, params, data, batch_size: int = 64, *,
+                 progress: bool | None = None) -> np.ndarray:
+    """GraNd (Paul et al. 2021): ``||grad loss_i||_2`` per sample, by ``vmap`` of ``grad`` over
+    a batch (memory O(batch x params): keep ``batch_size`` small for big models)."""
+    def one(p, example):
+        batch = jax.tree.map(lambda x: x[None], example)
+        return per_sample_loss(p, batch)[0]
+
+    def norms(p, batch):
+        g = jax.vmap(jax.grad(one), in_axes=(None, 0))(p, batch)
+        return jnp.sqrt(sum(jnp.sum(x.reshape(x.shape[0], -1) ** 2, -1)
+                            for x in jax.tree.leaves(g)))
+
+    s = per_sample_map(norms, params, data, batch_size, desc="grand", progress=progress)
+    _check_finite(s, "GraNd gradient norm")
+    return s
+
+
+def el2n_scores(error_fn, params, data, batch_size: int = 4096, *,
+                progress: bool | None = None) -> np.ndarray:
+    """EL2N (Paul et al. 2021): the L2 norm of each sample's prediction error,
+    ``error_fn(params, batch) -> [B]`` (model-specific; see ``jaxrec.influence.cli``)."""
+    s = per_sample_map(error_fn, params, data, batch_size, desc="el2n", progress=progress)
+    _check_finite(s, "EL2N error")
+    return s

@@ -1,0 +1,101 @@
+"""Few-shot subset selection: DEALRec (paper Eq. 13 + Algorithm 2) and its baselines.
+
+NumPy only: nothing here imports JAX (the CLI computes surrogate scores and representations
+lazily, in :mod:`jaxrec.select.cli`). The one entry point is :func:`select`::
+
+    sel = select("dealrec", 1024, influence=infl, effort=eff, lamda=0.3, groups=50,
+                 hard_prune=0.1, seed=0)
+    sel.indices   # exactly 1024 distinct int64 rows of sequential_train.txt, sorted
+    sel.info      # group edges / sizes / selected counts (or cluster sizes), JSON-ready
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxrec.errors import UserError
+from jaxrec.select.baselines import (ccs_select, kmeans, proportional_budgets, random_select,
+                                     recranker_select, tfdcon_select)
+from jaxrec.select.dealrec import dealrec_select, greedy_select, minmax, overall_scores, top_n
+from jaxrec.select.stratified import (Selection, sample_groups, smallest_first_budgets,
+                                      stratified_sample)
+
+# method -> the inputs it needs (keyword arguments of select)
+REQUIRES = {
+    "dealrec": ("influence", "effort"),
+    "random": (),
+    "grand": ("grand",),
+    "el2n": ("el2n",),
+    "ccs": ("el2n",),
+    "tfdcon": ("representations",),
+    "recranker": ("representations", "interactions"),
+    "greedy": ("influence", "effort"),
+    "influence-only": ("influence",),
+    "effort-only": ("effort",),
+}
+METHODS = tuple(REQUIRES)
+
+
+def check_method(method: str) -> None:
+    if method not in REQUIRES:
+        raise UserError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+
+
+def select(method: str, n: int, *, seed: int = 0, n_total: int | None = None,
+           influence=None, effort=None, grand=None, el2n=None, representations=None,
+           llm_representations=None, interactions=None, lamda: float = 0.3, groups: int = 50,
+           hard_prune: float = 0.1, beta: float = 0.1, clusters: int = 50) -> Selection:
+    """Choose ``n`` training users with ``method`` (one of :data:`METHODS`).
+
+    Inputs are per-user arrays aligned with ``sequential_train.txt``: ``influence`` (Eq. 11),
+    ``effort`` (Eq. 12), ``grand`` / ``el2n`` (surrogate scores), ``representations``
+    ``[N, H]`` (surrogate), ``llm_representations`` ``[N, D]`` (optional, tfdcon),
+    ``interactions`` ``[N]`` (train items per user, recranker). ``n_total`` is needed by
+    ``random`` only when no array is given. Returns exactly ``n`` distinct sorted indices.
+    """
+    check_method(method)
+    given = {"influence": influence, "effort": effort, "grand": grand, "el2n": el2n,
+             "representations": representations, "interactions": interactions,
+             "llm_representations": llm_representations}
+    for name in REQUIRES[method]:
+        if given[name] is None:
+            raise UserError(f"method {method!r} needs {name}")
+    lengths = {name: len(v) for name, v in given.items() if v is not None}
+    if n_total is not None:
+        lengths["n_total"] = int(n_total)
+    if len(set(lengths.values())) > 1:
+        raise UserError("inputs disagree on the number of users: "
+                        + ", ".join(f"{k}={v}" for k, v in lengths.items()))
+    if not lengths:
+        raise UserError(f"method {method!r} needs n_total")
+    total = next(iter(lengths.values()))
+
+    if method == "dealrec":
+        return dealrec_select(influence, effort, n, lamda=lamda, groups=groups,
+                              hard_prune=hard_prune, seed=seed)
+    if method == "greedy":
+        return greedy_select(influence, effort, n, lamda=lamda)
+    if method == "influence-only":
+        return stratified_sample(minmax(influence, "influence"), n, groups=groups,
+                                 hard_prune=hard_prune, seed=seed)
+    if method == "effort-only":
+        return stratified_sample(minmax(effort, "effort"), n, groups=groups,
+                                 hard_prune=hard_prune, seed=seed)
+    if method == "random":
+        return random_select(total, n, seed=seed)
+    if method in ("grand", "el2n"):
+        return top_n(given[method], n)
+    if method == "ccs":
+        return ccs_select(el2n, n, beta=beta, groups=groups, seed=seed)
+    if method == "tfdcon":
+        return tfdcon_select(representations, n, clusters=clusters, seed=seed,
+                             llm_representations=llm_representations)
+    return recranker_select(representations, interactions, n, clusters=clusters, seed=seed)
+
+
+__all__ = [
+    "METHODS", "REQUIRES", "Selection", "select", "check_method", "overall_scores", "minmax",
+    "stratified_sample", "smallest_first_budgets", "sample_groups", "dealrec_select",
+    "greedy_select", "top_n", "random_select", "ccs_select", "tfdcon_select",
+    "recranker_select", "kmeans", "proportional_budgets",
+]
