@@ -32,8 +32,12 @@ class SASRec(nn.Module):
     dropout: float = 0.5
 
     def setup(self):
-        self.item_emb = nn.Embed(self.n_items + 1, self.hidden, name="item_emb")
-        self.pos_emb = nn.Embed(self.max_len, self.hidden, name="pos_emb")
+        # Xavier-normal embeddings as in the reference SASRec code (Flax's default std 1.0,
+        # times sqrt(hidden), would swamp the positional signal)
+        init = nn.initializers.xavier_normal()
+        self.item_emb = nn.Embed(self.n_items + 1, self.hidden, embedding_init=init,
+                                 name="item_emb")
+        self.pos_emb = nn.Embed(self.max_len, self.hidden, embedding_init=init, name="pos_emb")
         self.attn_ln = [nn.LayerNorm(epsilon=1e-8, name=f"attn_ln_{i}") for i in range(self.blocks)]
         self.query = [nn.Dense(self.hidden, name=f"query_{i}") for i in range(self.blocks)]
         self.key_value = [nn.Dense(2 * self.hidden, name=f"key_value_{i}")

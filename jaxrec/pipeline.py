@@ -1,0 +1,229 @@
+"""``dealrec run CONFIG``: the whole DEALRec pipeline from one config file.
+
+Stages, each a ``dealrec`` subcommand run in its own process (so JAX and PyTorch never share
+one, and each frees its accelerator memory when done)::
+
+    surrogate -> influence -> effort -> select -> finetune -> evaluate
+
+The config file has a ``pipeline:`` section (:class:`PipelineConfig`) and one section per
+stage (``surrogate:``, ``influence:``, ``effort:``, ``select:``, ``finetune:``,
+``evaluate:``), with the same keys as the subcommands' flags. The pipeline wires the paths
+(every output goes under ``workdir``) and writes the resolved config to
+``workdir/resolved.yaml``. A stage whose output exists and whose resolved options (and those of
+every stage before it) are unchanged is reused, so a re-run after an interruption continues
+where it stopped; stages that can resume themselves (training, effort, fine-tune) do so.
+Everything the stages print also goes to ``workdir/run.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jaxrec.config import load_config_file, make_config
+from jaxrec.errors import UserError
+
+STAGES = ("surrogate", "influence", "effort", "select", "finetune", "evaluate")
+COMMAND = {"surrogate": "train-surrogate", "influence": "influence", "effort": "effort",
+           "select": "select", "finetune": "finetune", "evaluate": "evaluate"}
+
+
+@dataclass
+class PipelineConfig:
+    """The ``pipeline:`` section of a config file."""
+    workdir: str = "runs/demo"
+    data: str = "../shared/data/games"
+    users: int = 0               # > 0: run on a seeded slice of this many users
+    slice_seed: int = 0
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+
+
+@dataclass
+class PipelineArgs:
+    """Command line of ``dealrec run`` / ``dealrec experiment``: a config file, plus
+    overrides."""
+    config: str
+    workdir: str = ""
+    stages: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("config", help="YAML config file (see configs/)")
+        parser.add_argument("--workdir", default="", help="override pipeline.workdir")
+        parser.add_argument("--stages", nargs="+", default=[], choices=STAGES,
+                            help="run only these stages (their inputs must exist)")
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(config=args.config, workdir=args.workdir, stages=list(args.stages))
+
+
+@dataclass
+class ReportArgs:
+    """Command line of ``dealrec report RUN_DIR``."""
+    run_dir: str
+    out: str = ""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("run_dir", help="a pipeline workdir (holds influence.npy, ...)")
+        parser.add_argument("--out", default="", help="folder for the PNGs (default RUN_DIR/report)")
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(run_dir=args.run_dir, out=args.out)
+
+
+# ----------------------------------------------------------------------------- config
+def config_classes() -> dict:
+    """The typed config class of each stage (imported lazily: standard library only)."""
+    from jaxrec.config import InfluenceConfig, SelectConfig, SurrogateConfig
+    from llm_bridge.config import EffortConfig, EvaluateConfig, FinetuneConfig
+    return {"surrogate": SurrogateConfig, "influence": InfluenceConfig, "effort": EffortConfig,
+            "select": SelectConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig}
+
+
+def read_experiment_file(path: str | Path, extra_sections: tuple[str, ...] = ()) -> dict:
+    """Read a config file and check every section and key (unknown ones are errors)."""
+    data = load_config_file(path)
+    known = {"pipeline", *STAGES, *extra_sections}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"{path}: unknown section {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    classes = config_classes()
+    for stage in STAGES:
+        make_config(classes[stage], data.get(stage) or {}, f"{path} [{stage}]")
+    data["pipeline"] = make_config(PipelineConfig, data.get("pipeline") or {}, f"{path} [pipeline]")
+    bad = sorted(set(data["pipeline"].stages) - set(STAGES))
+    if bad:
+        raise UserError(f"{path} [pipeline]: unknown stage {bad[0]!r}")
+    return data
+
+
+def wire(sections: dict, workdir: Path, data: str) -> dict:
+    """Fill in every stage's input and output paths under ``workdir``."""
+    w = str(workdir)
+    wired = {stage: dict(sections.get(stage) or {}) for stage in STAGES}
+    wired["surrogate"].update(data=data, out=f"{w}/surrogate")
+    wired["influence"].update(run=f"{w}/surrogate", out=f"{w}/influence.npy")
+    wired["effort"].update(data=data, out=f"{w}/effort.npy")
+    wired["select"].update(data=data, influence=f"{w}/influence.npy", effort=f"{w}/effort.npy",
+                           run=f"{w}/surrogate", out=f"{w}/selected.npy")
+    wired["finetune"].update(data=data, selection=f"{w}/selected.npy", out=f"{w}/adapter")
+    wired["evaluate"].update(data=data, adapter=f"{w}/adapter", out=f"{w}/metrics.json")
+    return wired
+
+
+def stage_output(stage: str, section: dict) -> Path:
+    """The file whose presence means ``stage`` finished."""
+    if stage == "surrogate":
+        return Path(section["out"]) / "metrics.json"
+    if stage == "finetune":
+        return Path(section["out"]) / "train_record.json"
+    return Path(section["out"])
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- running
+class RunLog:
+    """Stage headers to the terminal and everything to ``workdir/run.log``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def say(self, text: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {text}"
+        print(line, file=sys.stderr, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def run(self, argv: list[str]) -> None:
+        """Run ``dealrec ARGV`` in a child process; its output goes to the terminal and log."""
+        cmd = [sys.executable, "-m", "jaxrec.cli", *argv]
+        with open(self.path, "a", encoding="utf-8") as log:
+            log.write("$ dealrec " + " ".join(argv) + "\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+                log.write(chunk.decode(errors="replace"))
+            code = proc.wait()
+        if code != 0:
+            raise UserError(f"stage 'dealrec {argv[0]}' failed with exit status {code} "
+                            f"(see {self.path})")
+
+
+def run_stages(stages: list[str], wired: dict, workdir: Path, log: RunLog,
+               state_file: Path | None = None, upstream: str = "") -> dict:
+    """Run (or reuse) ``stages`` in order; return ``{stage: seconds}``."""
+    import yaml
+
+    state_file = state_file or workdir / "stages.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    resolved = state_file.with_name("resolved.yaml")
+    resolved.write_text(yaml.safe_dump(wired, sort_keys=False))
+    timings = {}
+    key = upstream
+    for i, stage in enumerate(stages, start=1):
+        key = digest([key, stage, wired[stage]])
+        output = stage_output(stage, wired[stage])
+        if output.exists() and state.get(stage, {}).get("key") == key:
+            log.say(f"[{i}/{len(stages)}] {stage}: reusing {output}")
+            timings[stage] = state[stage].get("seconds", 0.0)
+            continue
+        log.say(f"[{i}/{len(stages)}] {stage}: dealrec {COMMAND[stage]}")
+        t0 = time.perf_counter()
+        log.run([COMMAND[stage], "--config", str(resolved)])
+        timings[stage] = round(time.perf_counter() - t0, 1)
+        state[stage] = {"key": key, "seconds": timings[stage], "output": str(output)}
+        state_file.write_text(json.dumps(state, indent=2))
+        log.say(f"[{i}/{len(stages)}] {stage}: done in {timings[stage]:.0f} s")
+    return timings
+
+
+def prepare_workdir(data: dict, args: PipelineArgs) -> tuple[Path, str, RunLog]:
+    """Create the workdir, cut the user slice if asked, and return (workdir, data, log)."""
+    pipe: PipelineConfig = data["pipeline"]
+    workdir = Path(args.workdir or pipe.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(workdir / "run.log")
+    dataset = pipe.data
+    if pipe.users > 0:
+        from jaxrec.data import load_dataset
+        from jaxrec.data.subset import write_user_subset
+        sliced = workdir / "data"
+        if not (sliced / "items.jsonl").is_file():
+            log.say(f"slicing {pipe.users} users of {pipe.data} (seed {pipe.slice_seed})")
+            write_user_subset(load_dataset(pipe.data), sliced, n_users=pipe.users,
+                              seed=pipe.slice_seed)
+        dataset = str(sliced)
+    return workdir, dataset, log
+
+
+def main(args: PipelineArgs) -> int:
+    data = read_experiment_file(args.config)
+    workdir, dataset, log = prepare_workdir(data, args)
+    stages = args.stages or data["pipeline"].stages
+    wired = wire(data, workdir, dataset)
+    log.say(f"dealrec run {args.config}: stages {', '.join(stages)} in {workdir}")
+    t0 = time.perf_counter()
+    timings = run_stages([s for s in STAGES if s in stages], wired, workdir, log)
+    log.say(f"pipeline done in {time.perf_counter() - t0:.0f} s: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    metrics = Path(wired["evaluate"]["out"])
+    if metrics.is_file():
+        print(metrics.read_text())
+    return 0
