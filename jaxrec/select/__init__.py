@@ -11,8 +11,6 @@ lazily, in :mod:`jaxrec.select.cli`). The one entry point is :func:`select`::
 
 from __future__ import annotations
 
-import numpy as np
-
 from jaxrec.errors import UserError
 from jaxrec.select.baselines import (ccs_select, kmeans, proportional_budgets, random_select,
                                      recranker_select, tfdcon_select)

@@ -52,7 +52,7 @@ def kmeans(x, k: int, *, seed=0, max_iter: int = 100,
     Stops when no assignment changes, when the centres move less than ``tol`` times the mean
     feature variance (in total squared distance, as scikit-learn does), or after ``max_iter``
     rounds; an emptied cluster is re-seeded at the point farthest from its centre. ``k`` is capped at the number of points.
-    Returns ``(labels [N] int64, centres [k, d], {"iterations", "inertia"})``.
+    Returns ``(labels [N] int64, centres [k, d], {"iterations", "converged", "inertia"})``.
     """
     x = _check_features(x, "features")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
@@ -71,17 +71,16 @@ def kmeans(x, k: int, *, seed=0, max_iter: int = 100,
         closest = np.minimum(closest, _sq_dists(x, x_sq, centres[j:j + 1])[:, 0])
     labels = np.full(n, -1, dtype=np.int64)
     threshold = tol * float(x.var(0).mean())
-    it = 0
+    it, converged = 0, False
     for it in range(1, max_iter + 1):
         d = _sq_dists(x, x_sq, centres)
         new = d.argmin(1)
         if np.array_equal(new, labels):
+            converged = True
             break
         labels = new
         counts = np.bincount(labels, minlength=k)
-        onehot = np.zeros((n, k))
-        onehot[np.arange(n), labels] = 1.0
-        sums = onehot.T @ x
+        sums = np.stack([np.bincount(labels, weights=col, minlength=k) for col in x.T], 1)
         own = d[np.arange(n), labels]
         for j in np.flatnonzero(counts == 0):   # re-seed an empty cluster at the farthest point
             far = int(own.argmax())
@@ -96,9 +95,10 @@ def kmeans(x, k: int, *, seed=0, max_iter: int = 100,
         previous = centres.copy()
         centres[nonempty] = sums[nonempty] / counts[nonempty, None]
         if ((centres - previous) ** 2).sum() <= threshold:
+            converged = True
             break
     inertia = float(_sq_dists(x, x_sq, centres)[np.arange(n), labels].sum())
-    return labels, centres, {"iterations": it, "inertia": inertia}
+    return labels, centres, {"iterations": it, "converged": converged, "inertia": inertia}
 
 
 def _standardise(block: np.ndarray) -> np.ndarray:
