@@ -61,23 +61,27 @@ class SurrogateEvalConfig:
 
 @dataclass
 class InfluenceConfig:
-    """``dealrec influence``: DEALRec influence scores (paper Eq. 9-11) of every user."""
+    """``dealrec influence``: DEALRec influence scores (paper Eq. 9-11) of every user, or the
+    GraNd / EL2N baselines' scores, from a trained surrogate (see docs/influence.md)."""
     run: str = "runs/surrogate"
     out: str = "runs/surrogate/influence.npy"
+    data: str = ""               # dataset folder; empty = the one recorded in the run
     score: str = "influence"     # influence | grand | el2n
     solver: str = "lissa"        # lissa | cg | exact | arnoldi
-    convention: str = "dealrec"  # dealrec (paper code's recursion) | standard ((H+damping I)^-1 v)
-    params: str = ""             # regex on parameter paths; empty = all parameters
+    convention: str = "dealrec"  # dealrec: s (H + s d I)^-1 v as the paper code | standard: (H + d I)^-1 v
+    params: str = ""             # regex on parameter paths (e.g. '^ffn_2_1/kernel$'); empty = all
     damping: float = 0.01
-    scale: float = 25.0
-    steps: int = 5000
-    lissa_batch_size: int = 512
-    repeats: int = 1
-    tol: float = 1e-6
-    maxiter: int = 100
-    rank: int = 20
-    iterations: int = 60
-    batch_size: int = 4096       # samples per JVP when scoring
+    scale: float = 25.0          # LiSSA step 1/scale (and the dealrec convention's factor)
+    steps: int = 5000            # LiSSA steps
+    lissa_batch_size: int = 16   # samples per LiSSA minibatch HVP
+    repeats: int = 1             # independent LiSSA runs, averaged
+    rtol: float = 0.0            # LiSSA early stop on relative change per 250 steps; 0 = off
+    tol: float = 1e-6            # CG relative residual
+    maxiter: int = 100           # CG iterations
+    rank: int = 20               # Arnoldi eigenpairs kept
+    iterations: int = 60         # Arnoldi iterations
+    batch_size: int = 4096       # samples per JVP / gradient / full-data HVP batch
+    grand_batch_size: int = 64   # samples per vmapped per-sample gradient batch (GraNd)
     seed: int = 0
 
 

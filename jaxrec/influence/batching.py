@@ -22,6 +22,20 @@ def data_size(data) -> int:
     return sizes.pop()
 
 
+def strata(data) -> list:
+    """``data`` as a list of strata. A list of pytrees (e.g. length buckets cut to different
+    widths) stands for their concatenation, in order; anything else is one stratum."""
+    out = list(data) if isinstance(data, list) else [data]
+    if not out:
+        raise UserError("no data: the list of strata is empty")
+    return out
+
+
+def total_size(data) -> int:
+    """Number of samples over all strata of ``data``."""
+    return sum(data_size(s) for s in strata(data))
+
+
 def data_mesh() -> Mesh:
     """A 1-D mesh over every visible device, axis name ``data``."""
     return Mesh(np.array(jax.devices()), ("data",))
@@ -76,14 +90,18 @@ def _disable(progress: bool | None):
 
 
 def full_batches(data, batch_size: int):
-    """``[(weight, batch)]`` covering ``data`` exactly once, on device, with ``weight = |batch|/n``
-    (the full-data mean loss is ``sum weight * loss(batch)``). All batches but the last have
-    ``batch_size`` rows; the last holds the remainder (so at most two shapes compile)."""
-    n = data_size(data)
-    b = round_batch(batch_size, n, 1)
-    host = jax.tree.map(np.asarray, data)
+    """``[(weight, batch)]`` covering every stratum of ``data`` exactly once, on device, with
+    ``weight = |batch|/n`` (the mean loss over all ``n`` samples is ``sum weight *
+    loss(batch)``). Per stratum, all batches but the last have ``batch_size`` rows; the last
+    holds the remainder (so at most two shapes compile per stratum)."""
+    n = total_size(data)
     out = []
-    for start in range(0, n, b):
-        stop = min(n, start + b)
-        out.append(((stop - start) / n, jax.device_put(jax.tree.map(lambda x: x[start:stop], host))))
+    for part in strata(data):
+        m = data_size(part)
+        b = round_batch(batch_size, m, 1)
+        host = jax.tree.map(np.asarray, part)
+        for start in range(0, m, b):
+            stop = min(m, start + b)
+            out.append(((stop - start) / n,
+                        jax.device_put(jax.tree.map(lambda x: x[start:stop], host))))
     return out

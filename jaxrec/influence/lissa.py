@@ -21,12 +21,15 @@ from tqdm.auto import tqdm
 
 from jaxrec.errors import UserError
 from jaxrec.influence import tree as T
-from jaxrec.influence.batching import _disable, data_size
+from jaxrec.influence.batching import _disable, data_size, strata
 from jaxrec.influence.hvp import hvp
 
 
 def lissa_indices(key, step, n: int, batch_size: int):
-    """Row indices of step ``step``'s minibatch (uniform, with replacement)."""
+    """Row indices of step ``step``'s minibatch: uniform with replacement, or every row in
+    order when ``batch_size >= n`` (then LiSSA is the deterministic full-data recursion)."""
+    if batch_size >= n:
+        return jnp.arange(n)
     return jax.random.randint(jax.random.fold_in(key, step), (batch_size,), 0, n)
 
 
@@ -34,15 +37,42 @@ def _take(data, idx):
     return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
 
 
+def _minibatch_hvp(loss, parts, batch_size: int):
+    """``f(key, t, params, x, parts) -> H_t x`` on step ``t``'s minibatch.
+
+    One stratum: rows from :func:`lissa_indices`. Several strata (e.g. length buckets of
+    different widths): stratum ``g`` is drawn with probability ``n_g / n``, then rows within
+    it, so ``E[H_t] = sum_g (n_g / n) H_g = H``; ``lax.switch`` runs the drawn stratum's HVP,
+    at that stratum's width only.
+    """
+    sizes = [data_size(p) for p in parts]
+    if len(parts) == 1:
+        def f(key, t, params, x, parts):
+            batch = _take(parts[0], lissa_indices(key, t, sizes[0], batch_size))
+            return hvp(loss, params, batch, x)
+        return f
+    logp = jnp.log(jnp.asarray(sizes, jnp.float32) / sum(sizes))
+
+    def f(key, t, params, x, parts):
+        kg, ki = jax.random.split(jax.random.fold_in(key, t))
+        g = jax.random.categorical(kg, logp)
+        branches = [
+            (lambda x, i=i: hvp(loss, params,
+                                _take(parts[i], lissa_indices(ki, 0, sizes[i], batch_size)), x))
+            for i in range(len(parts))]
+        return jax.lax.switch(g, branches, x)
+    return f
+
+
 def largest_eigenvalue(loss, params, data, batch_size: int, key, iterations: int = 30) -> float:
     """Power-iteration estimate of the dominant eigenvalue of the minibatch Hessians (a fresh
     minibatch each iteration). Used to suggest a LiSSA scale that converges."""
-    n = data_size(data)
-    b = min(batch_size, n)
+    parts = [jax.device_put(jax.tree.map(jnp.asarray, p)) for p in strata(data)]
+    mb_hvp = _minibatch_hvp(loss, parts, batch_size)
 
     @jax.jit
-    def step(x, i, data):
-        hx = hvp(loss, params, _take(data, lissa_indices(key, i, n, b)), x)
+    def step(x, i, parts):
+        hx = mb_hvp(key, i, params, x, parts)
         return hx, T.vdot(x, hx)
 
     leaves = jax.tree.leaves(params)
@@ -52,9 +82,10 @@ def largest_eigenvalue(loss, params, data, batch_size: int, key, iterations: int
     x = T.scale(1.0 / T.norm(x), x)
     ray = 0.0
     for i in range(iterations):
-        hx, ray = step(x, 10_000_000 + i, data)
+        hx, ray = step(x, 10_000_000 + i, parts)
         nrm = T.norm(hx)
         if not np.isfinite(float(nrm)) or float(nrm) == 0.0:
+            ray = float(nrm)
             break
         x = T.scale(1.0 / nrm, hx)
     return float(ray)
@@ -65,6 +96,7 @@ def solve(loss, params, data, v, *, d: float, scale: float = 25.0, steps: int = 
           chunk: int = 250, progress: bool | None = None):
     """Run the recursion ``repeats`` times (independent keys) and average.
 
+    ``data`` is one pytree or a list of strata (see :func:`_minibatch_hvp`).
     Returns ``(h, info)``: ``h`` the mean of the repeats (converges to ``s (H + s d I)^-1 v``);
     ``info`` has ``norm_trace`` ``[repeats, steps_run]`` (``||h_t||``), ``steps_run``,
     ``rel_std`` (standard error of the mean over repeats relative to ``||h||``; NaN for 1).
@@ -72,25 +104,28 @@ def solve(loss, params, data, v, *, d: float, scale: float = 25.0, steps: int = 
     if scale <= 0 or not 0 <= d < 1:
         raise UserError(f"LiSSA needs scale > 0 and 0 <= damping fraction < 1 "
                         f"(got scale={scale}, d={d})")
-    if steps < 1 or repeats < 1:
-        raise UserError(f"LiSSA needs steps >= 1 and repeats >= 1 (got {steps}, {repeats})")
-    n = data_size(data)
-    b = min(batch_size, n)
+    if steps < 1 or repeats < 1 or batch_size < 1:
+        raise UserError(f"LiSSA needs steps, repeats and batch_size >= 1 "
+                        f"(got {steps}, {repeats}, {batch_size})")
+    b = batch_size
     chunk = max(1, min(chunk, steps))
     key = jax.random.PRNGKey(0) if key is None else key
-    data = jax.device_put(jax.tree.map(jnp.asarray, data))
+    parts = [jax.device_put(jax.tree.map(jnp.asarray, p)) for p in strata(data)]
+    mb_hvp = _minibatch_hvp(loss, parts, b)
     vnorm = float(T.norm(v))
     limit = 1e3 * max(vnorm, 1e-30) / max(d, 1e-12)
 
     @jax.jit
-    def run_chunk(h, t0, key, params, v, data):
+    def run_chunk(h, t0, key, params, v, parts):
         def body(h, t):
             def step(h):
-                batch = _take(data, lissa_indices(key, t, n, b))
-                hv = hvp(loss, params, batch, h)
+                hv = mb_hvp(key, t, params, h, parts)
                 return jax.tree.map(lambda vi, hi, hvi: vi + (1 - d) * hi - hvi / scale,
                                     v, h, hv)
-            h = jax.lax.cond(t < steps, step, lambda h: h, h)
+            if steps % chunk:              # last chunk overruns: skip steps >= steps
+                h = jax.lax.cond(t < steps, step, lambda h: h, h)
+            else:
+                h = step(h)
             return h, T.norm(h)
         return jax.lax.scan(body, h, t0 + jnp.arange(chunk))
 
@@ -101,7 +136,7 @@ def solve(loss, params, data, v, *, d: float, scale: float = 25.0, steps: int = 
                    disable=_disable(progress))
         while t < steps:
             h_prev = h
-            h, norms = run_chunk(h, t, rkey, params, v, data)
+            h, norms = run_chunk(h, t, rkey, params, v, parts)
             norms = np.asarray(norms)[: min(chunk, steps - t)]
             trace.append(norms)
             t += norms.size
@@ -109,7 +144,7 @@ def solve(loss, params, data, v, *, d: float, scale: float = 25.0, steps: int = 
             bad = ~np.isfinite(norms) | (norms > limit)
             if bad.any():
                 bar.close()
-                _diverged(loss, params, data, b, rkey, scale, d, t - norms.size + int(np.argmax(bad)),
+                _diverged(loss, params, parts, b, rkey, scale, d, t - norms.size + int(np.argmax(bad)),
                           float(norms[np.argmax(bad)]))
             if rtol is not None and t < steps:
                 change = float(T.norm(T.axpy(-1.0, h_prev, h))) / max(float(T.norm(h)), 1e-30)
@@ -135,6 +170,9 @@ def solve(loss, params, data, v, *, d: float, scale: float = 25.0, steps: int = 
 def _diverged(loss, params, data, b, key, scale, d, step, value):
     lam = largest_eigenvalue(loss, params, data, b, key)
     where = f"LiSSA diverged at step {step} (|h| = {value:.3g})"
+    if not np.isfinite(lam):
+        raise UserError(f"{where}: the Hessian-vector product is not finite; check the model, "
+                        f"data and parameter filter")
     if lam > 0 and lam >= scale * (1 - d):
         suggest = float(f"{2 * lam:.2g}")
         raise UserError(f"{where}: scale {scale:g} is below the largest minibatch Hessian "

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from jaxrec.errors import UserError
 from jaxrec.influence.batching import (_disable, data_mesh, data_size, num_batches,
-                                       padded_batches, replicate)
+                                       padded_batches, replicate, strata, total_size)
 from jaxrec.influence.inverse import inverse_hvp
 
 
@@ -28,21 +28,46 @@ def _check_finite(array, what: str):
                         f"(first at index {int(np.argmax(bad))}); check the model and data")
 
 
+_JITTED = {}
+
+
+def _jit(fn):
+    """``jax.jit(fn)``, cached by ``fn`` so repeated calls reuse compilations."""
+    if fn not in _JITTED:
+        _JITTED[fn] = jax.jit(fn)
+    return _JITTED[fn]
+
+
+_JVPS = {}
+
+
+def _jvp_fn(per_sample_loss):
+    """``(params, batch, u) -> g . u`` per sample (one JVP), one function per loss."""
+    if per_sample_loss not in _JVPS:
+        def jvp(p, batch, u):
+            return jax.jvp(lambda q: per_sample_loss(q, batch), (p,), (u,))[1]
+        _JVPS[per_sample_loss] = jvp
+    return _JVPS[per_sample_loss]
+
+
 def per_sample_map(fn, params, data, batch_size: int = 1024, *, extra=(), desc: str = "batches",
                    progress: bool | None = None) -> np.ndarray:
     """``fn(params, batch, *extra) -> [B]`` over all of ``data``, batched, padded, sharded.
 
-    Returns a NumPy array ``[n]`` (padding rows dropped), in the order of ``data``.
+    Returns a NumPy array ``[n]`` (padding rows dropped), in the order of ``data`` (strata
+    concatenated). Compiles once per stratum shape.
     """
-    n = data_size(data)
     mesh = data_mesh()
     params, extra = replicate((params, extra), mesh)
-    jfn = jax.jit(fn)
+    jfn = _jit(fn)
     out = []
-    total = num_batches(n, batch_size, mesh.devices.size)
-    for _, count, batch, _ in tqdm(padded_batches(data, batch_size, mesh), total=total,
-                                   desc=desc, leave=False, disable=_disable(progress)):
-        out.append(np.asarray(jfn(params, batch, *extra))[:count])
+    total = sum(num_batches(data_size(p), batch_size, mesh.devices.size) for p in strata(data))
+    bar = tqdm(total=total, desc=desc, leave=False, disable=_disable(progress))
+    for part in strata(data):
+        for _, count, batch, _ in padded_batches(part, batch_size, mesh):
+            out.append(np.asarray(jfn(params, batch, *extra))[:count])
+            bar.update(1)
+    bar.close()
     return np.concatenate(out)
 
 
@@ -53,11 +78,8 @@ def sample_scores(per_sample_loss, params, data, u, batch_size: int = 4096, *,
     One ``jax.jvp`` of ``per_sample_loss(params, batch) -> [B]`` along ``u`` per batch; batches
     are padded to one shape (one compilation) and sharded over all devices. Returns ``[n]``.
     """
-    def jvp(p, batch, u):
-        return jax.jvp(lambda q: per_sample_loss(q, batch), (p,), (u,))[1]
-
-    s = per_sample_map(jvp, params, data, batch_size, extra=(u,), desc="scores",
-                       progress=progress)
+    s = per_sample_map(_jvp_fn(per_sample_loss), params, data, batch_size, extra=(u,),
+                       desc="scores", progress=progress)
     _check_finite(s, "sample score g_i . u")
     return s
 
@@ -66,7 +88,7 @@ def mean_gradient(per_sample_loss, params, data, batch_size: int = 4096, *,
                   progress: bool | None = None):
     """``(1/n) sum_i grad loss_i``: the mean training gradient (paper Eq. 10's sum over
     samples), batched with padding masked by weights and sharded over all devices."""
-    n = data_size(data)
+    n = total_size(data)
     mesh = data_mesh()
     params = replicate(params, mesh)
 
@@ -77,11 +99,13 @@ def mean_gradient(per_sample_loss, params, data, batch_size: int = 4096, *,
         return jax.tree.map(jnp.add, acc, g)
 
     acc = jax.tree.map(jnp.zeros_like, params)
-    total = num_batches(n, batch_size, mesh.devices.size)
-    for _, _, batch, weight in tqdm(padded_batches(data, batch_size, mesh), total=total,
-                                    desc="mean gradient", leave=False,
-                                    disable=_disable(progress)):
-        acc = grad_sum(params, batch, weight, acc)
+    total = sum(num_batches(data_size(p), batch_size, mesh.devices.size) for p in strata(data))
+    bar = tqdm(total=total, desc="mean gradient", leave=False, disable=_disable(progress))
+    for part in strata(data):
+        for _, _, batch, weight in padded_batches(part, batch_size, mesh):
+            acc = grad_sum(params, batch, weight, acc)
+            bar.update(1)
+    bar.close()
     g = jax.tree.map(lambda x: x / n, acc)
     if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g)):
         raise UserError("mean gradient is not finite; check the model and data")
@@ -97,7 +121,7 @@ def influence_scores(loss, per_sample_loss, params, data, *, solver: str = "liss
     ``v = mean_gradient``, ``u = inverse_hvp(loss, ..., v)``, ``s = sample_scores(..., u)``.
     Returns ``(scores [n], info)`` where ``info`` holds the solver's report and timings.
     """
-    n = data_size(data)
+    n = total_size(data)
     t0 = time.perf_counter()
     v = mean_gradient(per_sample_loss, params, data, batch_size, progress=progress)
     jax.block_until_ready(v)

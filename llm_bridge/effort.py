@@ -1,0 +1,440 @@
+"""Effort scores (paper Eq. 12): the L2 norm of the LoRA gradient of every user's sample loss.
+
+``effort(s) = || grad_{theta_LoRA} L(s) ||_2`` with ``L(s)`` the paper's Eq. 1 loss of the
+sample alone: the mean token cross-entropy over its response tokens (every token with
+``--train-on-inputs``). As in the paper, it is measured on the base model with a freshly
+initialised LoRA (seeded): ``lora_B`` starts at zero, so the gradient w.r.t. ``lora_A`` is zero
+and the norm comes from ``lora_B``.
+
+**Exact per-sample norms of a padded batch in one backward pass.** Every LoRA factor is an
+``nn.Linear`` ``y = x W^T (+ b)``. With the layer's per-sample input ``X_b [T, in]`` (pads
+zeroed) and output gradient ``G_b [T, out]`` of ``sum_b L(s_b)`` (which, per sample, is the
+gradient of that sample's own loss: samples do not interact), the per-sample weight gradient
+is ``G_b^T X_b``; its squared Frobenius norm is summed over layers. Forward hooks record
+``X``; one ``torch.autograd.grad`` of ``sum_b L(s_b)`` w.r.t. the recorded outputs gives ``G``
+(no parameter gradient is formed or accumulated). Per layer the cheaper of the explicit
+``einsum("bto,bti->boi")`` and the "ghost norm" ``sum((X X^T) * (G G^T))`` is used. The
+logits are computed only at the positions that carry a label. Parameters that are not the
+weight or bias of an ``nn.Linear`` fall back to an exact per-sample autograd loop.
+
+``dealrec effort`` scores every row of ``sequential_train.txt`` (or ``--users A:B``) in
+length-bucketed batches, in shards of ``shard_size`` rows written atomically under
+``OUT.shards/`` (a shard's ``.json`` manifest is its commit point), so ``--resume`` continues
+after a kill with no sample lost or scored twice. Under ``accelerate launch`` each process
+takes every ``world``-th shard; when all rows are covered, the shards are merged into ``OUT``
+(float32, aligned to ``sequential_train.txt``) with a JSON manifest.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from jaxrec.data import load_dataset, load_scores, read_manifest, save_scores
+from jaxrec.errors import ScoreFileError, UserError
+from llm_bridge.config import EffortConfig
+
+IGNORE = -100
+LOSS = ("Eq. 1: per sample, mean token cross-entropy over its own label tokens (the response "
+        "and EOS; every token with train_on_inputs), as a batch of one; effort = L2 norm of its "
+        "gradient w.r.t. the selected LoRA parameters (Eq. 12)")
+SHARD_KIND = "effort-shard"
+
+
+# ----------------------------------------------------------------------------- core
+def select_params(model, params: str | None = None) -> dict[str, torch.nn.Parameter]:
+    """The parameters the gradient is taken over: the trainable ones, or (``params`` a regex,
+    ``re.search`` on the name) those whose name matches."""
+    if params:
+        pattern = re.compile(params)
+        chosen = {n: p for n, p in model.named_parameters() if pattern.search(n)}
+    else:
+        chosen = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not chosen:
+        raise UserError(f"no parameter matches {params!r}" if params else
+                        "the model has no trainable parameter (add a LoRA adapter first)")
+    return chosen
+
+
+def _split_lm(model):
+    """``(decoder, lm_head)`` of a (peft-wrapped) causal LM."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm.get_decoder(), lm.get_output_embeddings()
+
+
+def per_sample_losses(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    """``[B]`` Eq. 1 loss of each sample alone: mean cross-entropy of the next-token
+    prediction over its own label tokens (``labels != -100``, shifted by one as in
+    transformers); 0 for a sample without label tokens. Positions come from the attention
+    mask, so left or right padding gives each sample the result of a batch of one."""
+    decoder, head = _split_lm(model)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    lengths = attention_mask.long().sum(-1, keepdim=True)
+    steps = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    right_padded = bool(torch.equal(attention_mask.long(), (steps < lengths).long()))
+    # Right padding: a real token never sees a later pad under the causal mask, so the plain
+    # causal attention (no T x T mask; fused kernels) is exact for every real token.
+    hidden = decoder(input_ids=input_ids, attention_mask=None if right_padded else attention_mask,
+                     position_ids=position_ids, use_cache=False).last_hidden_state
+    target = labels[:, 1:]
+    # a label is predicted from the previous real token (never from a left pad)
+    rows, cols = torch.nonzero((target != IGNORE) & attention_mask[:, :-1].bool(), as_tuple=True)
+    picked = hidden[:, :-1][rows, cols]                         # only where there is a label
+    with torch.autocast(hidden.device.type, enabled=False):     # logits and loss in float32
+        logits = head(picked.to(head.weight.dtype)).float()
+    tok_loss = torch.nn.functional.cross_entropy(logits, target[rows, cols], reduction="none")
+    count = torch.zeros(len(input_ids), device=hidden.device).index_add_(
+        0, rows, torch.ones_like(tok_loss))
+    total = torch.zeros(len(input_ids), device=hidden.device).index_add_(0, rows, tok_loss)
+    return total / count.clamp(min=1)
+
+
+def _linear_targets(model, chosen: dict):
+    """``{module: (weight_selected, bias_selected)}`` for selected ``nn.Linear`` parameters and
+    the names of selected parameters that are not part of an ``nn.Linear``."""
+    ids = {id(p): n for n, p in chosen.items()}
+    covered, targets = set(), {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            w = id(module.weight) in ids
+            b = module.bias is not None and id(module.bias) in ids
+            if w or b:
+                targets[module] = (w, b)
+                covered.update(ids[id(p)] for p, s in ((module.weight, w), (module.bias, b)) if s)
+    return targets, [n for n in chosen if n not in covered]
+
+
+def _sq_norm_linear(xs, gs, with_weight: bool, with_bias: bool) -> torch.Tensor:
+    """``[B]`` squared norms of the per-sample gradients of one Linear from its inputs ``xs``
+    and output gradients ``gs`` (lists over calls, concatenated along time)."""
+    x = torch.cat(xs, 1).float()
+    g = torch.cat(gs, 1).float()
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    g = g.reshape(g.shape[0], -1, g.shape[-1])
+    out = torch.zeros(x.shape[0], device=x.device)
+    if with_weight:
+        t, d_in, d_out = x.shape[1], x.shape[2], g.shape[2]
+        if d_in * d_out <= t * t:           # explicit per-sample gradient [B, out, in]
+            out = out + torch.einsum("bto,bti->boi", g, x).pow(2).sum((1, 2))
+        else:                               # ghost norm: <X X^T, G G^T>
+            out = out + (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    if with_bias:
+        out = out + g.sum(1).pow(2).sum(1)
+    return out
+
+
+def per_sample_grad_norms(model, input_ids, attention_mask, labels, params=None) -> torch.Tensor:
+    """Paper Eq. 12 for a padded batch: ``[B]`` exact L2 norms of each sample's own loss
+    gradient (Eq. 1 loss of the sample alone, see :func:`per_sample_losses`) w.r.t. the
+    model's trainable parameters, or those whose name matches the regex ``params``.
+
+    One forward and one backward pass for the whole batch (hooks on the selected ``nn.Linear``
+    layers, see the module docstring). The model's train/eval mode is kept (use eval mode for
+    deterministic scores: LoRA dropout). No ``.grad`` is written; ``requires_grad`` flags are
+    restored on return. A sample without label tokens scores 0.
+    """
+    chosen = select_params(model, params)
+    targets, others = _linear_targets(model, chosen)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    records: dict = {m: ([], []) for m in targets}             # module -> (inputs, outputs)
+    mask = attention_mask.to(torch.bool)
+
+    def hook(module, args, output):
+        x = args[0].detach()
+        records[module][0].append(x * mask.view(*mask.shape, *([1] * (x.dim() - 2))).to(x.dtype))
+        records[module][1].append(output)
+
+    handles = [m.register_forward_hook(hook) for m in targets]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in chosen.values():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            losses = per_sample_losses(model, input_ids, attention_mask, labels)
+            for h in handles:
+                h.remove()
+            sq = torch.zeros(len(input_ids), device=losses.device)
+            outputs = [o for m in targets for o in records[m][1]]
+            if outputs and losses.requires_grad:
+                grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+                k = 0
+                for m, (w, b) in targets.items():
+                    n = len(records[m][1])
+                    gs = [torch.zeros_like(o) if g is None else g
+                          for o, g in zip(records[m][1], grads[k:k + n])]
+                    k += n
+                    if n:
+                        sq = sq + _sq_norm_linear(records[m][0], gs, w, b)
+            records.clear()
+            del outputs, losses
+            if others:
+                sq = sq + _loop_sq_norms(model, input_ids, attention_mask, labels,
+                                         [chosen[n] for n in others])
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+    return sq.sqrt()
+
+
+def _loop_sq_norms(model, input_ids, attention_mask, labels, params) -> torch.Tensor:
+    """Squared per-sample gradient norms w.r.t. ``params`` by one autograd call per sample
+    (the fallback for parameters outside ``nn.Linear`` layers)."""
+    out = torch.zeros(len(input_ids), device=input_ids.device)
+    for b in range(len(input_ids)):
+        keep = attention_mask[b].bool()
+        loss = per_sample_losses(model, input_ids[b:b + 1, keep], attention_mask[b:b + 1, keep],
+                                 labels[b:b + 1, keep])[0]
+        if loss.requires_grad:
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            out[b] = sum(g.float().pow(2).sum() for g in grads if g is not None)
+    return out
+
+
+# ----------------------------------------------------------------------------- sharded CLI
+def parse_users(spec: str, n_users: int) -> tuple[int, int]:
+    """``"A:B"`` -> rows ``A..B-1`` (either side may be empty); ``""`` = all rows."""
+    if not spec:
+        return 0, n_users
+    try:
+        a, b = spec.split(":")
+        start, stop = int(a or 0), int(b or n_users)
+    except ValueError:
+        raise UserError(f"--users {spec!r}: expected A:B (rows A..B-1)") from None
+    if not 0 <= start < stop <= n_users:
+        raise UserError(f"--users {spec}: need 0 <= A < B <= {n_users}")
+    return start, stop
+
+
+def shard_ranges(start: int, stop: int, shard_size: int) -> list[tuple[int, int]]:
+    """The rows ``start..stop-1`` cut at multiples of ``shard_size`` (so shards of different
+    ``--users`` ranges line up)."""
+    if shard_size < 1:
+        raise UserError(f"shard_size must be >= 1, got {shard_size}")
+    cuts = sorted({start, stop, *range((start // shard_size + 1) * shard_size, stop, shard_size)})
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def shard_folder(out: Path) -> Path:
+    return out.with_name(out.name + ".shards")
+
+
+def shard_path(folder: Path, a: int, b: int) -> Path:
+    return folder / f"rows-{a:08d}-{b:08d}.npy"
+
+
+def _settings(cfg: EffortConfig, ds, model_info: dict) -> dict:
+    """What must match for shards to be combined."""
+    return {"dataset": ds.fingerprint(), "model": model_info["model"], "adapter": cfg.adapter,
+            "params": cfg.params, "cutoff_len": cfg.cutoff_len,
+            "train_on_inputs": cfg.train_on_inputs, "lora_r": cfg.lora_r,
+            "lora_alpha": cfg.lora_alpha, "seed": cfg.seed, "dtype": model_info["dtype"],
+            "autocast": cfg.autocast}
+
+
+def existing_shards(folder: Path, ds, settings: dict | None = None) -> dict[tuple[int, int], Path]:
+    """Committed shards in ``folder`` (their manifest exists) as ``{(a, b): path}``.
+
+    Raises :class:`UserError` (ScoreFileError) for a shard of another dataset or, when
+    ``settings`` is given, made with other settings; nothing is written.
+    """
+    found = {}
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.glob("rows-*-*.npy")):
+        if not path.with_suffix(".json").is_file():
+            continue                        # not committed (killed between the two writes)
+        manifest = read_manifest(path)
+        if manifest.get("kind") != SHARD_KIND:
+            raise ScoreFileError(f"{path}: kind is {manifest.get('kind')!r}, expected {SHARD_KIND!r}")
+        if manifest.get("dataset") != ds.fingerprint():
+            raise ScoreFileError(f"{path}: shard made from another dataset (fingerprint "
+                                 f"mismatch); use another --out or remove {folder}")
+        if settings is not None and manifest.get("settings") != settings:
+            diff = sorted(k for k in settings if manifest.get("settings", {}).get(k) != settings[k])
+            raise UserError(f"{path}: shard made with other settings ({', '.join(diff)}); "
+                            f"use another --out or remove {folder}")
+        a, b = manifest["rows"]
+        found[(int(a), int(b))] = path
+    return found
+
+
+def merge_shards(folder: Path, out: Path, ds, *, options: dict | None = None,
+                 extra: dict | None = None) -> Path | None:
+    """Join the shards in ``folder`` into ``out`` (float32, one score per line of
+    ``sequential_train.txt``) with its manifest, when they cover every row exactly once.
+
+    Returns ``out``, or ``None`` (nothing written) when rows are missing.
+    Raises :class:`UserError` when shards overlap or disagree on settings.
+    """
+    shards = existing_shards(folder, ds)
+    scores = np.full(ds.n_users, np.nan, dtype=np.float32)
+    covered = np.zeros(ds.n_users, dtype=np.int64)
+    seconds, settings = 0.0, None
+    for (a, b), path in sorted(shards.items()):
+        arr, manifest = load_scores(path, kind=SHARD_KIND, dataset=ds.fingerprint())
+        if arr.shape != (b - a,):
+            raise ScoreFileError(f"{path}: shape {arr.shape}, expected ({b - a},)")
+        if settings is None:
+            settings = manifest["settings"]
+        elif manifest["settings"] != settings:
+            raise UserError(f"{folder}: shards made with different settings; remove the folder")
+        scores[a:b] = arr
+        covered[a:b] += 1
+        seconds += float(manifest.get("seconds") or 0.0)
+    if (covered > 1).any():
+        raise UserError(f"{folder}: row {int(np.flatnonzero(covered > 1)[0])} is in two shards")
+    if (covered == 0).any():
+        return None
+    save_scores(out, scores, kind="effort", dataset=ds.fingerprint(),
+                options={**(options or {}), "settings": settings}, seconds=seconds,
+                shards=len(shards), loss=LOSS, **(extra or {}))
+    return out
+
+
+def _encode_rows(tokenizer, ds, rows, cfg: EffortConfig) -> list[dict]:
+    from llm_bridge.prompts import encode_sample, user_sample
+
+    out = []
+    for row in rows:
+        hist, target = user_sample(ds, int(row))
+        out.append(encode_sample(tokenizer, hist, target, cutoff_len=cfg.cutoff_len,
+                                 train_on_inputs=cfg.train_on_inputs))
+    return out
+
+
+def length_batches(lengths, batch_size: int, max_tokens: int = 0) -> list[np.ndarray]:
+    """Length bucketing: indices sorted by length, cut into batches of at most ``batch_size``
+    samples and (when ``max_tokens > 0``) at most ``max_tokens`` padded tokens (a longer sample
+    goes alone)."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    batches, cur = [], []
+    for i in order:
+        width = max(lengths[i], max((lengths[j] for j in cur), default=0))
+        if cur and (len(cur) == batch_size or (max_tokens and width * (len(cur) + 1) > max_tokens)):
+            batches.append(np.asarray(cur))
+            cur = []
+        cur.append(int(i))
+    if cur:
+        batches.append(np.asarray(cur))
+    return batches
+
+
+def score_samples(model, samples: list[dict], *, pad_id: int, batch_size: int, params=None,
+                  max_tokens: int = 0, autocast: str = "", bar=None) -> np.ndarray:
+    """Effort of each encoded sample (length-bucketed batches, see :func:`length_batches`),
+    float32.
+
+    ``autocast="bf16"`` runs forward and backward under bfloat16 autocast (logits, loss and
+    norms stay float32): about 3x faster on a CPU with AVX512-BF16, not exact (see
+    ``docs/benchmarks_effort.md`` for the measured deviation).
+    """
+    import contextlib
+
+    from llm_bridge.prompts import collate
+
+    if autocast not in ("", "bf16"):
+        raise UserError(f"--autocast {autocast!r}: expected '' (off) or 'bf16'")
+    device = next(model.parameters()).device
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast \
+        else contextlib.nullcontext
+    scores = np.zeros(len(samples), dtype=np.float32)
+    for idx in length_batches([len(s["input_ids"]) for s in samples], batch_size, max_tokens):
+        batch = {k: v.to(device) for k, v in collate([samples[j] for j in idx], pad_id).items()}
+        with ctx():
+            norms = per_sample_grad_norms(model, batch["input_ids"], batch["attention_mask"],
+                                          batch["labels"], params=params)
+        scores[idx] = norms.float().cpu().numpy()
+        if bar is not None:
+            bar.update(len(idx))
+    return scores
+
+
+def _dist():
+    """``(rank, world, barrier, device)`` from accelerate when launched with several processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return state.process_index, state.num_processes, state.wait_for_everyone, state.device
+    return 0, 1, (lambda: None), None
+
+
+def main(cfg: EffortConfig) -> int:
+    """``dealrec effort``: Eq. 12 for every user's sample (or rows ``--users A:B``), sharded,
+    resumable, merged into ``cfg.out`` when every row is scored."""
+    from llm_bridge.model import add_lora, load_tokenizer_and_model
+
+    out = Path(cfg.out)
+    if out.suffix != ".npy":
+        raise UserError(f"{out}: the effort file name must end in .npy")
+    if cfg.batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    ds = load_dataset(cfg.data)
+    start, stop = parse_users(cfg.users, ds.n_users)
+    folder = shard_folder(out)
+    existing_shards(folder, ds)               # another dataset's shards: fail before any work
+    rank, world, barrier, dist_device = _dist()
+    device = cfg.device
+    if device == "auto" and dist_device is not None:
+        device = str(dist_device)
+
+    tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=device, dtype=cfg.dtype)
+    torch.manual_seed(cfg.seed)               # the fresh LoRA's init
+    model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                     adapter=cfg.adapter, trainable=True)
+    model.eval()                              # deterministic: no LoRA dropout
+    chosen = select_params(model, cfg.params or None)
+    settings = _settings(cfg, ds, info)
+    done = existing_shards(folder, ds, settings)
+
+    units = shard_ranges(start, stop, cfg.shard_size)[rank::world]   # split before resuming
+    todo = [u for u in units if not (cfg.resume and u in done)]
+    n_todo = sum(b - a for a, b in todo)
+    if rank == 0:
+        skipped = sum(b - a for a, b in units if cfg.resume and (a, b) in done)
+        print(f"effort: rows {start}..{stop - 1} in {len(shard_ranges(start, stop, cfg.shard_size))}"
+              f" shards over {world} process(es); {len(chosen)} parameter tensors "
+              f"({sum(p.numel() for p in chosen.values()):,} values)"
+              + (f"; resuming, {skipped} rows of this process already scored" if skipped else ""))
+    pad_id = tokenizer.pad_token_id
+    bar = tqdm(total=n_todo, desc=f"effort[{rank}]" if world > 1 else "effort", unit="sample",
+               position=rank, dynamic_ncols=True)
+    for a, b in todo:
+        t0 = time.perf_counter()
+        samples = _encode_rows(tokenizer, ds, range(a, b), cfg)
+        scores = score_samples(model, samples, pad_id=pad_id, batch_size=cfg.batch_size,
+                               params=cfg.params or None, max_tokens=cfg.max_tokens,
+                               autocast=cfg.autocast, bar=bar)
+        save_scores(shard_path(folder, a, b), scores, kind=SHARD_KIND, dataset=ds.fingerprint(),
+                    seconds=time.perf_counter() - t0, rows=[a, b], settings=settings,
+                    batch_size=cfg.batch_size, device=info["device"])
+    bar.close()
+    barrier()
+    if rank != 0:
+        return 0
+    options = {**asdict(cfg), "model_info": info, "n_param_tensors": len(chosen),
+               "n_param_values": int(sum(p.numel() for p in chosen.values())),
+               "param_names": sorted(chosen), "processes": world}
+    merged = merge_shards(folder, out, ds, options=options)
+    if merged is None:
+        have = existing_shards(folder, ds)
+        n = sum(b - a for a, b in have)
+        print(f"effort: {n} of {ds.n_users} rows scored in {folder}; {out} is written when all "
+              "rows are (run the other --users ranges with the same --out)")
+    else:
+        m = read_manifest(merged)
+        rate = ds.n_users / m["seconds"] if m["seconds"] else float("nan")
+        print(f"effort: wrote {merged} ({ds.n_users} rows, {m['seconds']:.1f} s of scoring, "
+              f"{rate:.1f} samples/s)")
+    return 0

@@ -1,0 +1,298 @@
+"""``dealrec finetune``: BIGRec LoRA few-shot fine-tune on the selected users (paper Sec. 3.3).
+
+The selected users' training samples (paper Eq. 1: the causal-LM loss of the response tokens
+given the prompt) train the LoRA adapter with AdamW (lr 1e-4), gradient accumulation and a
+seeded sample order. After every epoch the same users' *valid-period* samples are scored
+(history = all train titles, response = the first valid item's title, for the selected users
+that have valid items); training stops when that loss has not improved for ``patience``
+epochs, and the adapter of the best epoch is kept. If no selected user has a valid item, a
+fixed ``fallback_epochs`` are trained and the last adapter is kept (the record says so).
+
+Output folder ``OUT``:
+
+* ``adapter_config.json`` + ``adapter_model.safetensors``: the best adapter (peft format);
+* ``train_record.json``: settings, seconds, per-epoch train and valid losses, best epoch;
+* ``checkpoint/``: adapter, optimizer and RNG state of the last finished epoch, so that a
+  killed run continues where it stopped (``--resume``, the default) with the same result.
+
+A plain PyTorch loop (no HF Trainer): every step is visible and the checkpoint is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from jaxrec.data import load_dataset, load_scores, write_json
+from jaxrec.data.scorefiles import atomic_write_bytes
+from jaxrec.errors import UserError
+from llm_bridge.config import FinetuneConfig
+
+# Settings that must match for a checkpoint to be continued (``epochs``/``patience`` may grow).
+_RESUME_KEYS = ("model", "adapter", "lr", "batch_size", "grad_accum", "cutoff_len",
+                "train_on_inputs", "lora_r", "lora_alpha", "lora_dropout", "seed")
+
+
+# ----------------------------------------------------------------------------- inputs
+def check_selection(selection: np.ndarray, n_users: int, path: str | Path = "selection") -> np.ndarray:
+    """Validate a selection (user rows of ``sequential_train.txt``) and return it as int64.
+
+    Raises :class:`UserError` for a non-integer or non-1-D array, an empty selection, a row
+    outside ``0..n_users-1`` or a repeated row.
+    """
+    selection = np.asarray(selection)
+    if selection.ndim != 1 or not np.issubdtype(selection.dtype, np.integer):
+        raise UserError(f"{path}: a selection must be a 1-D integer array, got "
+                        f"{selection.dtype} of shape {selection.shape}")
+    if selection.size == 0:
+        raise UserError(f"{path}: the selection is empty")
+    bad = (selection < 0) | (selection >= n_users)
+    if bad.any():
+        raise UserError(f"{path}: row {int(selection[bad][0])} out of range 0..{n_users - 1}")
+    values, counts = np.unique(selection, return_counts=True)
+    if (counts > 1).any():
+        raise UserError(f"{path}: row {int(values[counts > 1][0])} selected "
+                        f"{int(counts[counts > 1][0])} times (duplicates are not allowed)")
+    return selection.astype(np.int64)
+
+
+def valid_sample(ds, row: int) -> tuple[list[str], str] | None:
+    """The valid-period sample of a user: all train titles -> the first valid item's title,
+    or ``None`` when the user has no valid item."""
+    if len(ds.valid[row]) == 0:
+        return None
+    return [ds.titles[i] for i in ds.train[row]], ds.titles[int(ds.valid[row][0])]
+
+
+def encode_users(tokenizer, ds, rows, *, cutoff_len: int, train_on_inputs: bool,
+                 split: str = "train") -> list[dict]:
+    """Encoded samples of ``rows``: BIGRec training samples (``split="train"``, paper Eq. 1) or
+    valid-period samples (``split="valid"``, users without valid items are skipped)."""
+    from llm_bridge.prompts import encode_sample, user_sample
+
+    out = []
+    for row in rows:
+        sample = user_sample(ds, int(row)) if split == "train" else valid_sample(ds, int(row))
+        if sample is None:
+            continue
+        history, target = sample
+        out.append(encode_sample(tokenizer, history, target, cutoff_len=cutoff_len,
+                                 train_on_inputs=train_on_inputs))
+    return out
+
+
+def _batches(samples: list[dict], order, batch_size: int, pad_id: int, device):
+    from llm_bridge.prompts import collate
+
+    for start in range(0, len(order), batch_size):
+        batch = collate([samples[i] for i in order[start:start + batch_size]], pad_id, "right")
+        yield {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
+
+
+def _n_loss_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != -100).sum())
+
+
+@torch.no_grad()
+def dataset_loss(model, samples: list[dict], *, pad_id: int, batch_size: int = 8,
+                 desc: str | None = None) -> float:
+    """Token-weighted mean of the paper's Eq. 1 loss over ``samples`` (eval mode, no dropout)."""
+    if not samples:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    order = np.argsort([len(s["input_ids"]) for s in samples], kind="stable")
+    n_batches = math.ceil(len(samples) / batch_size)
+    for batch in tqdm(_batches(samples, order, batch_size, pad_id, device), total=n_batches,
+                      desc=desc, leave=False, disable=desc is None):
+        n = _n_loss_tokens(batch["labels"])
+        if n:
+            total += float(model(**batch).loss) * n
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _adapter_state(model) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _save_best(model, out: Path) -> None:
+    """Save the adapter with peft (safetensors) into ``out``, file by file atomically."""
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".best-"))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_checkpoint(ckpt: Path, epoch: int, model, optimizer, state: dict) -> None:
+    """Epoch-numbered adapter + optimizer files, then ``state.json`` (the commit point)."""
+    from safetensors.torch import save as st_save
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    blob = st_save(_adapter_state(model))
+    atomic_write_bytes(ckpt / f"adapter-{epoch}.safetensors", lambda f: f.write(blob))
+    extra = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+    atomic_write_bytes(ckpt / f"optimizer-{epoch}.pt", lambda f: torch.save(extra, f))
+    write_json(ckpt / "state.json", {**state, "epoch": epoch})
+    for f in ckpt.iterdir():  # older epochs are no longer needed
+        if f.name.startswith(("adapter-", "optimizer-")) and f.stem.split("-")[-1] != str(epoch):
+            f.unlink(missing_ok=True)
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / "state.json").read_text())
+    epoch = state["epoch"]
+    device = next(model.parameters()).device
+    set_peft_model_state_dict(model, load_file(str(ckpt / f"adapter-{epoch}.safetensors"),
+                                               device=str(device)))
+    extra = torch.load(ckpt / f"optimizer-{epoch}.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    torch.set_rng_state(extra["torch_rng"].cpu())
+    return state
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- main
+def main(cfg: FinetuneConfig) -> int:
+    """Fine-tune LoRA on the selection's BIGRec samples (paper Eq. 1), early-stopped on the
+    same users' valid-period loss; write the best adapter and ``train_record.json`` to OUT."""
+    from llm_bridge.model import add_lora, load_tokenizer_and_model
+
+    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1 or cfg.patience < 1:
+        raise UserError("batch_size, grad_accum, epochs and patience must be >= 1")
+    if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{cfg.adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    ds = load_dataset(cfg.data)
+    selection, _ = load_scores(cfg.selection, kind="selection", dataset=ds.fingerprint())
+    selection = check_selection(selection, ds.n_users, cfg.selection)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    ckpt = out / "checkpoint"
+    settings = {"dataset": ds.fingerprint(), "selection_sha256": _file_sha256(Path(cfg.selection)),
+                **{k: getattr(cfg, k) for k in _RESUME_KEYS}}
+    resume_state = None
+    if cfg.resume and (ckpt / "state.json").is_file():
+        resume_state = json.loads((ckpt / "state.json").read_text())
+        if resume_state.get("settings") != settings:
+            diff = sorted(k for k in settings
+                          if resume_state.get("settings", {}).get(k) != settings[k])
+            raise UserError(f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)});"
+                            " use --no-resume to start over or another --out")
+
+    torch.manual_seed(cfg.seed)
+    tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                     adapter=cfg.adapter, trainable=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    enc = dict(cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs)
+    train = encode_users(tokenizer, ds, selection, split="train", **enc)
+    valid = encode_users(tokenizer, ds, selection, split="valid", **enc)
+    early_stopping = len(valid) > 0
+    max_epochs = cfg.epochs if early_stopping else min(cfg.epochs, cfg.fallback_epochs)
+    if not early_stopping:
+        print(f"finetune: none of the {len(selection)} selected users has a valid item; "
+              f"no early stopping, training a fixed {max_epochs} epochs")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    device = next(model.parameters()).device
+    out.mkdir(parents=True, exist_ok=True)
+
+    record = {"settings": settings, "config": asdict(cfg), "model_info": json.loads(json.dumps(info, default=str)),
+              "n_train_samples": len(train), "n_valid_samples": len(valid),
+              "early_stopping": early_stopping, "max_epochs": max_epochs,
+              "epochs": [], "best_epoch": None, "best_valid_loss": None,
+              "seconds": 0.0, "finished": False}
+    start_epoch, bad_epochs = 1, 0
+    if resume_state is not None:
+        state = _load_checkpoint(ckpt, model, optimizer)
+        record.update({k: state["record"][k] for k in ("epochs", "best_epoch",
+                                                        "best_valid_loss", "seconds")})
+        start_epoch, bad_epochs = state["epoch"] + 1, state["bad_epochs"]
+        print(f"finetune: resuming after epoch {state['epoch']} from {ckpt}")
+
+    n_micro = math.ceil(len(train) / cfg.batch_size)
+    t_run = time.perf_counter()
+    seconds_before = record["seconds"]
+    model.train()
+    for epoch in range(start_epoch, max_epochs + 1):
+        if early_stopping and bad_epochs >= cfg.patience:
+            break
+        t0 = time.perf_counter()
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
+        losses, steps = [], 0
+        optimizer.zero_grad(set_to_none=True)
+        bar = tqdm(_batches(train, order, cfg.batch_size, pad_id, device), total=n_micro,
+                   desc=f"epoch {epoch}/{max_epochs}", unit="batch")
+        for i, batch in enumerate(bar):
+            group_start = (i // cfg.grad_accum) * cfg.grad_accum
+            in_group = min(cfg.grad_accum, n_micro - group_start)   # last group may be short
+            loss = model(**batch).loss
+            (loss / in_group).backward()
+            losses.append(loss.item())
+            if i - group_start + 1 == in_group:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                steps += 1
+            bar.set_postfix(loss=f"{np.mean(losses[-in_group:]):.4f}")
+        train_seconds = time.perf_counter() - t0
+        valid_loss = dataset_loss(model, valid, pad_id=pad_id, batch_size=cfg.batch_size,
+                                  desc="valid loss") if early_stopping else None
+        seconds = time.perf_counter() - t0
+        record["epochs"].append({"epoch": epoch, "train_loss": float(np.mean(losses)),
+                                 "valid_loss": valid_loss, "optimizer_steps": steps,
+                                 "train_seconds": round(train_seconds, 3),
+                                 "seconds": round(seconds, 3)})
+        improved = (not early_stopping) or record["best_valid_loss"] is None \
+            or valid_loss < record["best_valid_loss"]
+        if improved:
+            record["best_epoch"], record["best_valid_loss"] = epoch, valid_loss
+            bad_epochs = 0
+            _save_best(model, out)
+        else:
+            bad_epochs += 1
+        record["seconds"] = round(seconds_before + time.perf_counter() - t_run, 3)
+        print(f"epoch {epoch}: train loss {np.mean(losses):.4f}"
+              + (f", valid loss {valid_loss:.4f}" if early_stopping else "")
+              + (" (best)" if improved and early_stopping else ""))
+        _save_checkpoint(ckpt, epoch, model, optimizer,
+                         {"settings": settings, "bad_epochs": bad_epochs, "record": record})
+        write_json(out / "train_record.json", record)
+
+    record["seconds"] = round(seconds_before + time.perf_counter() - t_run, 3)
+    n_epochs = len(record["epochs"])
+    record["stopped_early"] = early_stopping and n_epochs < max_epochs
+    record["seconds_per_1024_samples_per_epoch"] = (
+        round(sum(e["train_seconds"] for e in record["epochs"]) / n_epochs / max(len(train), 1) * 1024, 3)
+        if n_epochs else None)
+    record["finished"] = True
+    write_json(out / "train_record.json", record)
+    print(f"finetune: best epoch {record['best_epoch']} of {n_epochs}; adapter in {out}")
+    return 0

@@ -1,0 +1,118 @@
+"""BIGRec's Alpaca-style prompt for Games, one template for training, effort scoring and inference.
+
+A user's training sample (paper Eq. 1) is: all train titles but the last -> the last title.
+Rendered::
+
+    Below is an instruction that describes a task, paired with an input that provides further
+    context. Write a response that appropriately completes the request.
+
+    ### Instruction:
+    Given the game products that the user purchased before, please recommend a new game
+    product that the user likes to the user.
+
+    ### Input:
+    The user has purchased the following game products before, with titles as: T1; T2; T3
+
+    ### Response:
+    TARGET</s>
+
+(the first two paragraphs are one line each). Tokens: the prompt is tokenized with the
+tokenizer's special tokens (BOS where it adds one), the response separately without them and
+followed by EOS, so the prompt ids at inference are exactly the prompt ids of training. The
+oldest titles are dropped until prompt + response fit in ``cutoff_len`` tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from jaxrec.errors import DataError, UserError
+
+IGNORE = -100
+
+INSTRUCTION = ("Given the game products that the user purchased before, please recommend a new "
+               "game product that the user likes to the user.")
+INPUT_PREFIX = "The user has purchased the following game products before, with titles as: "
+TITLE_SEP = "; "
+TEMPLATE = ("Below is an instruction that describes a task, paired with an input that provides "
+            "further context. Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+
+
+def build_prompt(history_titles: list[str]) -> str:
+    """The prompt of a user with these titles (oldest first), up to and including
+    ``"### Response:\\n"``. An empty history gives the same template with no titles."""
+    text = (INPUT_PREFIX + TITLE_SEP.join(history_titles)).rstrip()
+    return TEMPLATE.format(instruction=INSTRUCTION, input=text)
+
+
+def _prompt_ids(tokenizer, history_titles: list[str]) -> list[int]:
+    return list(tokenizer(build_prompt(history_titles), add_special_tokens=True)["input_ids"])
+
+
+def encode_sample(tokenizer, history_titles: list[str], target_title: str | None,
+                  cutoff_len: int = 512, train_on_inputs: bool = False) -> dict:
+    """Token ids, labels and attention mask of one sample (paper Eq. 1).
+
+    Args:
+      tokenizer: a Hugging Face tokenizer with an EOS token.
+      history_titles: the user's titles, oldest first.
+      target_title: the response; ``None`` = an inference prompt (no response, no EOS).
+      cutoff_len: the most tokens of prompt + response; the oldest titles are dropped until the
+        sample fits (a response longer than the room left is cut, keeping its EOS).
+      train_on_inputs: labels on every token (the paper's code) instead of the response only.
+    Returns:
+      ``{"input_ids", "labels", "attention_mask"}`` as lists of ints; ``labels`` is ``-100``
+      outside the loss.
+    """
+    response: list[int] = []
+    if target_title is not None:
+        response = list(tokenizer(target_title, add_special_tokens=False)["input_ids"])
+        response.append(tokenizer.eos_token_id)
+    titles = list(history_titles)
+    prompt = _prompt_ids(tokenizer, titles)
+    if len(prompt) + len(response) > cutoff_len and titles:
+        # keep the largest number k of newest titles that fits (length grows with k)
+        lo, hi = 0, len(titles) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(_prompt_ids(tokenizer, titles[-mid:])) + len(response) <= cutoff_len:
+                lo = mid
+            else:
+                hi = mid - 1
+        titles = titles[len(titles) - lo:]
+        prompt = _prompt_ids(tokenizer, titles)
+    if len(prompt) >= cutoff_len and response or len(prompt) > cutoff_len:
+        raise UserError(f"cutoff_len {cutoff_len} is too short for the prompt template "
+                        f"({len(prompt)} tokens with no history)")
+    if len(prompt) + len(response) > cutoff_len:
+        keep = cutoff_len - len(prompt)
+        response = response[:keep - 1] + [tokenizer.eos_token_id]
+    ids = prompt + response
+    labels = list(ids) if train_on_inputs else [IGNORE] * len(prompt) + response
+    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+
+
+def user_sample(dataset, row: int) -> tuple[list[str], str]:
+    """The training sample of the user on line ``row`` of ``sequential_train.txt``:
+    ``(titles of all train items but the last, title of the last)``."""
+    items = dataset.train[row]
+    if len(items) == 0:
+        raise DataError(f"{dataset.path}: user on line {row + 1} has no train items")
+    titles = [dataset.titles[int(i)] for i in items]
+    return titles[:-1], titles[-1]
+
+
+def collate(batch: list[dict], pad_id: int, padding_side: str = "right") -> dict:
+    """Pad encoded samples into ``[B, T]`` int64 tensors: ``input_ids`` with ``pad_id``,
+    ``labels`` with ``-100``, ``attention_mask`` with 0, on the given side."""
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
+    width = max(len(s["input_ids"]) for s in batch)
+    out = {"input_ids": [], "labels": [], "attention_mask": []}
+    for s in batch:
+        n = width - len(s["input_ids"])
+        for key, fill in (("input_ids", pad_id), ("labels", IGNORE), ("attention_mask", 0)):
+            row = list(s[key])
+            out[key].append(row + [fill] * n if padding_side == "right" else [fill] * n + row)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
