@@ -16,7 +16,7 @@ from jaxrec.data.synthetic import make_synthetic
 from jaxrec.errors import UserError
 from llm_bridge import evaluate
 from llm_bridge.config import EvaluateConfig
-from tests.test_llm_finetune import tiny_llama  # one tiny-model builder for both files
+from tests.llm_fixtures import tiny_llama
 
 
 # ----------------------------------------------------------------------------- pure functions

@@ -15,30 +15,7 @@ from jaxrec.data.synthetic import make_synthetic
 from jaxrec.errors import UserError
 from llm_bridge import finetune
 from llm_bridge.config import FinetuneConfig
-
-
-def tiny_llama(path):
-    """A 2-layer random LLaMA (hidden 32) with a character-level tokenizer, saved to ``path``
-    as a Hugging Face folder (the format ``--model DIR`` takes). No download."""
-    import string
-
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *string.printable])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, pad_token_id=0, bos_token_id=1,
-                      eos_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
+from tests.llm_fixtures import tiny_llama
 
 
 @pytest.fixture(scope="module")
