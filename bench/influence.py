@@ -14,7 +14,6 @@ persistent compilation cache and see warm numbers on a second run).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from jaxrec.config import SurrogateConfig, SurrogateEvalConfig, make_config
 from jaxrec.data import Dataset, evaluation_arrays, load_dataset, training_arrays, write_json
 from jaxrec.errors import UserError
-from jaxrec.metrics import mask_seen, recall_ndcg, topk_metrics
+from jaxrec.data.ranking import recall_ndcg
+from jaxrec.metrics import mask_seen, topk_metrics
 from jaxrec.models import sasrec
 
 WIDTHS = (8, 16, 32, 50)

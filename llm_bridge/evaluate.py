@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from jaxrec.data import history, load_dataset, write_json
+from jaxrec.data.ranking import recall_ndcg
 from jaxrec.data.scorefiles import atomic_write_bytes
 from jaxrec.errors import UserError
 from llm_bridge.config import EvaluateConfig
@@ -53,21 +53,17 @@ def rank_metrics(ranked_item_ids, truth_sets, ks=KS) -> dict[str, float]:
     """
     if len(ranked_item_ids) != len(truth_sets):
         raise ValueError("one ranking per truth set")
-    out = {}
-    for k in ks:
-        recalls, ndcgs = [], []
-        for ranked, truth in zip(ranked_item_ids, truth_sets):
-            truth = set(int(t) for t in truth)
-            if not truth:
-                raise ValueError("every user needs at least one ground-truth item")
-            hits = [int(i) in truth for i in list(ranked)[:k]]
-            dcg = sum(1.0 / math.log2(r + 2) for r, h in enumerate(hits) if h)
-            idcg = sum(1.0 / math.log2(r + 2) for r in range(min(len(truth), k)))
-            recalls.append(sum(hits) / len(truth))
-            ndcgs.append(dcg / idcg)
-        out[f"recall@{k}"] = float(np.mean(recalls)) if recalls else 0.0
-        out[f"ndcg@{k}"] = float(np.mean(ndcgs)) if ndcgs else 0.0
-    return out
+    k_max = max(ks)
+    hits = np.zeros((len(truth_sets), k_max), dtype=bool)
+    n_truth = np.zeros(len(truth_sets), dtype=np.int64)
+    for row, (ranked, truth) in enumerate(zip(ranked_item_ids, truth_sets)):
+        truth = set(int(t) for t in truth)
+        if not truth:
+            raise ValueError("every user needs at least one ground-truth item")
+        top = [int(i) in truth for i in list(ranked)[:k_max]]
+        hits[row, :len(top)] = top
+        n_truth[row] = len(truth)
+    return recall_ndcg(hits, n_truth, ks)
 
 
 def rank_items(query: np.ndarray, item_emb: np.ndarray, k: int) -> np.ndarray:

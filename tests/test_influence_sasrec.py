@@ -1,7 +1,6 @@
 """The influence engine on a trained SASRec surrogate (issue 2, validation item 5) and the
 ``dealrec influence`` command end to end, including its bad-input behaviour."""
 
-import json
 
 import jax
 import jax.numpy as jnp

@@ -4,7 +4,8 @@ import math
 
 import numpy as np
 
-from jaxrec.metrics import mask_seen, recall_ndcg, topk_metrics
+from jaxrec.data.ranking import recall_ndcg
+from jaxrec.metrics import mask_seen, topk_metrics
 
 
 def reference(scores, seen, truth, k):
