@@ -42,6 +42,7 @@ class PipelineConfig:
     data: str = "../shared/data/games"
     users: int = 0               # > 0: run on a seeded slice of this many users
     slice_seed: int = 0
+    slice_items: bool = False    # with users > 0: keep only the slice's items (renumbered)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
 
 
@@ -208,7 +209,7 @@ def prepare_workdir(data: dict, args: PipelineArgs) -> tuple[Path, str, RunLog]:
         if not (sliced / "items.jsonl").is_file():
             log.say(f"slicing {pipe.users} users of {pipe.data} (seed {pipe.slice_seed})")
             write_user_subset(load_dataset(pipe.data), sliced, n_users=pipe.users,
-                              seed=pipe.slice_seed)
+                              seed=pipe.slice_seed, only_their_items=pipe.slice_items)
         dataset = str(sliced)
     return workdir, dataset, log
 
