@@ -361,13 +361,24 @@ def score_samples(model, samples: list[dict], *, pad_id: int, batch_size: int, p
 
 
 def _dist():
-    """``(rank, world, barrier, device)`` from accelerate when launched with several processes."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+    """``(rank, world, barrier, device)`` when launched with several processes (``accelerate
+    launch`` / torchrun set ``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``); one process otherwise.
 
-        state = PartialState()
+    accelerate's own state is used where it sees the processes (GPUs); on a CPU-only machine it
+    reports one process, so a gloo process group is set up from the launcher's environment.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, (lambda: None), None
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes > 1:
         return state.process_index, state.num_processes, state.wait_for_everyone, state.device
-    return 0, 1, (lambda: None), None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), dist.barrier, None
 
 
 def main(cfg: EffortConfig) -> int:
