@@ -12,7 +12,7 @@ accuracy). Model loading is reported separately.
 
     python bench/llm_finetune_eval.py --samples 64 --users 10 --out runs/bench_llm
 
-Results (with the exact command, machine and date) go to docs/benchmarks_llm.md.
+Results (with the exact command, machine and date) go to docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -337,7 +337,7 @@ def score_samples(model, samples: list[dict], *, pad_id: int, batch_size: int, p
 
     ``autocast="bf16"`` runs forward and backward under bfloat16 autocast (logits, loss and
     norms stay float32): about 3x faster on a CPU with AVX512-BF16, not exact (see
-    ``docs/benchmarks_effort.md`` for the measured deviation).
+    ``docs/benchmarks.md`` for the measured deviation).
     """
     import contextlib
 
