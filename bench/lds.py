@@ -6,7 +6,8 @@
    stopping, so every retrain follows the same recipe).
 2. Attribute the validation loss to each training user i with
    * ``lissa``: ``a_i = g_val . H^-1 g_i`` by LiSSA (the paper's recursion and defaults);
-   * ``cg``: the same with conjugate gradient (standard damping 0.01);
+   * ``cg``: the same system solved by conjugate gradient (the same effective damping
+     0.25: the surrogate's Hessian is indefinite, so a smaller damping breaks CG);
    * ``grad-dot``: ``a_i = g_val . g_i`` (no Hessian);
    * ``dealrec``: the paper's own score ``g_i . H^-1 g_mean / n^2`` (LiSSA), which targets the
      training risk, shown for reference.
@@ -109,7 +110,8 @@ def main():
     attributions = {
         "lissa": scores_along(inverse_hvp(loss, params, parts, g_val, **lissa_opts)),
         "cg": scores_along(inverse_hvp(loss, params, parts, g_val, solver="cg", damping=0.01,
-                                       maxiter=200, tol=1e-6)),
+                                       convention="dealrec", scale=25.0, maxiter=200,
+                                       tol=1e-6)),
         "grad-dot": scores_along(g_val),
         "dealrec": scores_along(inverse_hvp(loss, params, parts, g_mean, **lissa_opts)) / n**2,
     }
