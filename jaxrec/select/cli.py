@@ -10,7 +10,6 @@ else computed (this is the only place JAX is imported) and saved there.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from jaxrec.config import SelectConfig
 from jaxrec.data import load_dataset, load_scores, save_scores
+from jaxrec.data.dataset import sha256_file
 from jaxrec.errors import ScoreFileError, UserError
 from jaxrec.select import REQUIRES, check_method, select
 from jaxrec.select.stratified import check_n
@@ -27,16 +27,8 @@ REPRESENTATION_KIND = "representation"
 LLM_REPRESENTATION_KINDS = ("llm_representation", "representation")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _record(path: Path, manifest: dict) -> dict:
-    return {"path": str(path), "kind": manifest.get("kind"), "sha256": _sha256(path),
+    return {"path": str(path), "kind": manifest.get("kind"), "sha256": sha256_file(path),
             "dataset": manifest.get("dataset"), "created": manifest.get("created")}
 
 
