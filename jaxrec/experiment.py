@@ -25,9 +25,9 @@ import numpy as np
 
 from jaxrec.config import make_config
 from jaxrec.data import write_json
-from jaxrec.pipeline import PipelineArgs, prepare_workdir, read_experiment_file, run_stages, wire
-from jaxrec.pipeline import digest
 from jaxrec.errors import UserError
+from jaxrec.pipeline import (PipelineArgs, digest, prepare_workdir, read_experiment_file,
+                             run_stages, wire)
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 SHARED = ("surrogate", "influence", "effort")

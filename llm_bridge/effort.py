@@ -27,7 +27,6 @@ takes every ``world``-th shard; when all rows are covered, the shards are merged
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import time

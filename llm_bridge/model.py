@@ -112,7 +112,6 @@ def load_tokenizer_and_model(model: str = "", *, device: str = "auto", dtype: st
       ``(tokenizer, model, info)``; the tokenizer always has a pad token (eos when it had none);
       the model is in eval mode; ``info`` names the path, kind, type, device, dtype, load time.
     """
-    import torch  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
