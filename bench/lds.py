@@ -128,6 +128,10 @@ def main():
     for name, attr in attributions.items():
         pred = [-attr[rows].sum() for rows in subsets]
         result["lds"][name] = round(float(stats.spearmanr(pred, measured).statistic), 4)
+    # How far the Hessian term moves each attribution away from plain gradient-dot, per user.
+    result["spearman_vs_grad_dot"] = {
+        name: round(float(stats.spearmanr(attr, attributions["grad-dot"]).statistic), 4)
+        for name, attr in attributions.items() if name != "grad-dot"}
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(result, indent=2))
 
