@@ -28,6 +28,7 @@ from jaxrec.data import write_json
 from jaxrec.errors import UserError
 from jaxrec.pipeline import (PipelineArgs, digest, prepare_workdir, read_experiment_file,
                              run_stages, wire)
+from jaxrec.select import check_method
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 SHARED = ("surrogate", "influence", "effort")
@@ -133,6 +134,11 @@ def main(args: PipelineArgs) -> int:
     exp = make_config(ExperimentConfig, data.get("experiment") or {}, f"{args.config} [experiment]")
     if not exp.methods or not exp.seeds:
         raise UserError(f"{args.config} [experiment]: methods and seeds must not be empty")
+    for method in exp.methods:
+        try:
+            check_method(method)
+        except UserError as err:
+            raise UserError(f"{args.config} [experiment]: {err}") from None
     workdir, dataset, log = prepare_workdir(data, args)
     wired = wire(data, workdir, dataset)
     shared = list(SHARED)

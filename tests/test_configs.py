@@ -1,0 +1,39 @@
+"""Every config shipped in configs/ parses: known sections, known keys, right types, known methods."""
+
+from pathlib import Path
+
+import pytest
+
+from jaxrec.config import make_config
+from jaxrec.errors import UserError
+from jaxrec.experiment import ExperimentConfig
+from jaxrec.pipeline import read_experiment_file
+from jaxrec.select import check_method
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "games.yaml", "table2_smoke.yaml", "table2_gpu.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_parses(path):
+    data = read_experiment_file(path, extra_sections=("experiment",))
+    if "experiment" in data:
+        exp = make_config(ExperimentConfig, data["experiment"], str(path))
+        assert exp.methods and exp.seeds
+        for method in exp.methods:
+            check_method(method)
+
+
+def test_experiment_rejects_unknown_method_before_running(tmp_path):
+    from jaxrec.experiment import main
+    from jaxrec.pipeline import PipelineArgs
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"pipeline:\n  workdir: {tmp_path / 'w'}\n  data: {tmp_path / 'nodata'}\n"
+                   "experiment:\n  methods: [random, best]\n  seeds: [0]\n")
+    with pytest.raises(UserError, match="unknown method 'best'"):
+        main(PipelineArgs(config=str(cfg)))
+    assert not (tmp_path / "w").exists()
