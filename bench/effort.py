@@ -26,7 +26,8 @@ import torch
 
 from jaxrec.config import GAMES
 from jaxrec.data import load_dataset, write_json
-from llm_bridge.effort import _encode_rows, score_samples
+from llm_bridge.effort import score_samples
+from llm_bridge.prompts import encode_users
 from llm_bridge.config import EffortConfig
 
 
@@ -74,7 +75,8 @@ def main() -> int:
                     p.normal_(0.0, 0.02)
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = EffortConfig(data=args.data)
-    samples = _encode_rows(tok, ds, rows, cfg)
+    samples = encode_users(tok, ds, rows, cutoff_len=cfg.cutoff_len,
+                           train_on_inputs=cfg.train_on_inputs)
     lengths = [len(s["input_ids"]) for s in samples]
     print(f"{args.n} samples, tokens mean {np.mean(lengths):.0f} max {max(lengths)}; "
           f"{len(params)} LoRA tensors, {sum(p.numel() for p in params):,} values; "

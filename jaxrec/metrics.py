@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 
-
 @jax.jit
 def mask_seen(scores, seen):
     """Set the score of padding (column 0) and of each user's seen items (``seen`` ``[B, S]``,

@@ -27,6 +27,7 @@ takes every ``world``-th shard; when all rows are covered, the shards are merged
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -40,8 +41,8 @@ from tqdm.auto import tqdm
 from jaxrec.data import load_dataset, load_scores, read_manifest, save_scores
 from jaxrec.errors import ScoreFileError, UserError
 from llm_bridge.config import EffortConfig
+from llm_bridge.prompts import IGNORE, collate, encode_users
 
-IGNORE = -100
 LOSS = ("Eq. 1: per sample, mean token cross-entropy over its own label tokens (the response "
         "and EOS; every token with train_on_inputs), as a batch of one; effort = L2 norm of its "
         "gradient w.r.t. the selected LoRA parameters (Eq. 12)")
@@ -301,17 +302,6 @@ def merge_shards(folder: Path, out: Path, ds, *, options: dict | None = None,
     return out
 
 
-def _encode_rows(tokenizer, ds, rows, cfg: EffortConfig) -> list[dict]:
-    from llm_bridge.prompts import encode_sample, user_sample
-
-    out = []
-    for row in rows:
-        hist, target = user_sample(ds, int(row))
-        out.append(encode_sample(tokenizer, hist, target, cutoff_len=cfg.cutoff_len,
-                                 train_on_inputs=cfg.train_on_inputs))
-    return out
-
-
 def length_batches(lengths, batch_size: int, max_tokens: int = 0) -> list[np.ndarray]:
     """Length bucketing: indices sorted by length, cut into batches of at most ``batch_size``
     samples and (when ``max_tokens > 0``) at most ``max_tokens`` padded tokens (a longer sample
@@ -338,10 +328,6 @@ def score_samples(model, samples: list[dict], *, pad_id: int, batch_size: int, p
     norms stay float32): about 3x faster on a CPU with AVX512-BF16, not exact (see
     ``docs/benchmarks.md`` for the measured deviation).
     """
-    import contextlib
-
-    from llm_bridge.prompts import collate
-
     if autocast not in ("", "bf16"):
         raise UserError(f"--autocast {autocast!r}: expected '' (off) or 'bf16'")
     device = next(model.parameters()).device
@@ -422,7 +408,8 @@ def main(cfg: EffortConfig) -> int:
                position=rank, dynamic_ncols=True)
     for a, b in todo:
         t0 = time.perf_counter()
-        samples = _encode_rows(tokenizer, ds, range(a, b), cfg)
+        samples = encode_users(tokenizer, ds, range(a, b), cutoff_len=cfg.cutoff_len,
+                               train_on_inputs=cfg.train_on_inputs)
         scores = score_samples(model, samples, pad_id=pad_id, batch_size=cfg.batch_size,
                                params=cfg.params or None, max_tokens=cfg.max_tokens,
                                autocast=cfg.autocast, bar=bar)

@@ -35,6 +35,7 @@ from jaxrec.data.ranking import recall_ndcg
 from jaxrec.data.scorefiles import atomic_write_bytes
 from jaxrec.errors import UserError
 from llm_bridge.config import EvaluateConfig
+from llm_bridge.prompts import IGNORE, collate, encode_sample
 
 KS = (10, 20)
 
@@ -85,6 +86,12 @@ def rank_items(query: np.ndarray, item_emb: np.ndarray, k: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- embeddings
+def _left_padded(ids: list[list[int]], pad: int) -> dict:
+    """``input_ids`` and ``attention_mask`` of token lists, left-padded (for generation and
+    last-token embeddings)."""
+    return collate([{"input_ids": x, "attention_mask": [1] * len(x)} for x in ids], pad, "left")
+
+
 def _base(model):
     """The underlying ``LlamaForCausalLM`` and a context that switches the adapter off."""
     if hasattr(model, "disable_adapter"):
@@ -115,13 +122,12 @@ def embed_texts(model, tokenizer, texts: list[str], *, batch_size: int = 32,
                           disable=desc is None, leave=False):
             chunk = unique[start:start + batch_size]
             ids = [tokenizer(t)["input_ids"] or [tokenizer.eos_token_id] for t in chunk]
-            width = max(map(len, ids))
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            input_ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in ids])
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+            batch = _left_padded(ids, pad)
+            mask = batch["attention_mask"]
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = base.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                             position_ids=pos.to(device))
+            out = base.model(input_ids=batch["input_ids"].to(device),
+                             attention_mask=mask.to(device), position_ids=pos.to(device))
             emb[start:start + len(chunk)] = out.last_hidden_state[:, -1].float().cpu().numpy()
     model.train(was_training)
     return emb[[index[t] for t in texts]]
@@ -178,12 +184,10 @@ def prompt_ids(tokenizer, history_titles: list[str], cutoff_len: int = 512) -> l
     """Token ids of the inference prompt: the training template and truncation rule of
     :func:`llm_bridge.prompts.encode_sample` (oldest titles dropped to fit ``cutoff_len``) with
     an empty response; the ids are the sample's prompt part (its ``-100`` labels)."""
-    from llm_bridge.prompts import encode_sample
-
     enc = encode_sample(tokenizer, history_titles, "", cutoff_len=cutoff_len,
                         train_on_inputs=False)
     ids, labels = list(enc["input_ids"]), list(enc["labels"])
-    n = next((i for i, lab in enumerate(labels) if lab != -100), len(ids))
+    n = next((i for i, lab in enumerate(labels) if lab != IGNORE), len(ids))
     return ids[:n]
 
 
@@ -199,10 +203,10 @@ def generate(model, tokenizer, ids: list[list[int]], *, beams: int = 4, max_new_
     bar = tqdm(total=len(ids), desc=desc, unit="user", disable=desc is None)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        width = max(len(ids[r]) for r in rows)
-        input_ids = torch.tensor([[pad] * (width - len(ids[r])) + list(ids[r]) for r in rows])
-        mask = torch.tensor([[0] * (width - len(ids[r])) + [1] * len(ids[r]) for r in rows])
-        gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+        batch = _left_padded([ids[r] for r in rows], pad)
+        width = batch["input_ids"].shape[1]
+        gen = model.generate(input_ids=batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device),
                              num_beams=beams, num_return_sequences=1, do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=pad,
                              eos_token_id=tokenizer.eos_token_id)

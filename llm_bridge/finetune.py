@@ -20,7 +20,6 @@ A plain PyTorch loop (no HF Trainer): every step is visible and the checkpoint i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -35,9 +34,11 @@ import torch
 from tqdm.auto import tqdm
 
 from jaxrec.data import load_dataset, load_scores, write_json
+from jaxrec.data.dataset import sha256_file
 from jaxrec.data.scorefiles import atomic_write_bytes
 from jaxrec.errors import UserError
 from llm_bridge.config import FinetuneConfig
+from llm_bridge.prompts import IGNORE, collate, encode_users
 
 # Settings that must match for a checkpoint to be continued (``epochs``/``patience`` may grow).
 _RESUME_KEYS = ("model", "adapter", "lr", "batch_size", "grad_accum", "cutoff_len",
@@ -67,41 +68,14 @@ def check_selection(selection: np.ndarray, n_users: int, path: str | Path = "sel
     return selection.astype(np.int64)
 
 
-def valid_sample(ds, row: int) -> tuple[list[str], str] | None:
-    """The valid-period sample of a user: all train titles -> the first valid item's title,
-    or ``None`` when the user has no valid item."""
-    if len(ds.valid[row]) == 0:
-        return None
-    return [ds.titles[i] for i in ds.train[row]], ds.titles[int(ds.valid[row][0])]
-
-
-def encode_users(tokenizer, ds, rows, *, cutoff_len: int, train_on_inputs: bool,
-                 split: str = "train") -> list[dict]:
-    """Encoded samples of ``rows``: BIGRec training samples (``split="train"``, paper Eq. 1) or
-    valid-period samples (``split="valid"``, users without valid items are skipped)."""
-    from llm_bridge.prompts import encode_sample, user_sample
-
-    out = []
-    for row in rows:
-        sample = user_sample(ds, int(row)) if split == "train" else valid_sample(ds, int(row))
-        if sample is None:
-            continue
-        history, target = sample
-        out.append(encode_sample(tokenizer, history, target, cutoff_len=cutoff_len,
-                                 train_on_inputs=train_on_inputs))
-    return out
-
-
 def _batches(samples: list[dict], order, batch_size: int, pad_id: int, device):
-    from llm_bridge.prompts import collate
-
     for start in range(0, len(order), batch_size):
         batch = collate([samples[i] for i in order[start:start + batch_size]], pad_id, "right")
         yield {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
 
 
 def _n_loss_tokens(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != -100).sum())
+    return int((labels[:, 1:] != IGNORE).sum())
 
 
 @torch.no_grad()
@@ -174,10 +148,6 @@ def _load_checkpoint(ckpt: Path, model, optimizer) -> dict:
     return state
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 # ----------------------------------------------------------------------------- main
 def main(cfg: FinetuneConfig) -> int:
     """Fine-tune LoRA on the selection's BIGRec samples (paper Eq. 1), early-stopped on the
@@ -195,7 +165,7 @@ def main(cfg: FinetuneConfig) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     ckpt = out / "checkpoint"
-    settings = {"dataset": ds.fingerprint(), "selection_sha256": _file_sha256(Path(cfg.selection)),
+    settings = {"dataset": ds.fingerprint(), "selection_sha256": sha256_file(Path(cfg.selection)),
                 **{k: getattr(cfg, k) for k in _RESUME_KEYS}}
     resume_state = None
     if cfg.resume and (ckpt / "state.json").is_file():

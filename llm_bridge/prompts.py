@@ -103,16 +103,44 @@ def user_sample(dataset, row: int) -> tuple[list[str], str]:
     return titles[:-1], titles[-1]
 
 
+def valid_sample(dataset, row: int) -> tuple[list[str], str] | None:
+    """The valid-period sample of a user: all train titles -> the first valid item's title,
+    or ``None`` when the user has no valid item."""
+    if len(dataset.valid[row]) == 0:
+        return None
+    history = [dataset.titles[i] for i in dataset.train[row]]
+    return history, dataset.titles[int(dataset.valid[row][0])]
+
+
+def encode_users(tokenizer, dataset, rows, *, cutoff_len: int, train_on_inputs: bool,
+                 split: str = "train") -> list[dict]:
+    """Encoded samples of ``rows``: BIGRec training samples (``split="train"``, paper Eq. 1) or
+    valid-period samples (``split="valid"``, users without valid items are skipped)."""
+    out = []
+    for row in rows:
+        row = int(row)
+        sample = user_sample(dataset, row) if split == "train" else valid_sample(dataset, row)
+        if sample is None:
+            continue
+        history, target = sample
+        out.append(encode_sample(tokenizer, history, target, cutoff_len=cutoff_len,
+                                 train_on_inputs=train_on_inputs))
+    return out
+
+
 def collate(batch: list[dict], pad_id: int, padding_side: str = "right") -> dict:
     """Pad encoded samples into ``[B, T]`` int64 tensors: ``input_ids`` with ``pad_id``,
-    ``labels`` with ``-100``, ``attention_mask`` with 0, on the given side."""
+    ``labels`` (when the samples have them) with ``-100``, ``attention_mask`` with 0, on the
+    given side."""
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
     width = max(len(s["input_ids"]) for s in batch)
-    out = {"input_ids": [], "labels": [], "attention_mask": []}
+    fills = {"input_ids": pad_id, "labels": IGNORE, "attention_mask": 0}
+    out = {key: [] for key in fills if key in batch[0]}
     for s in batch:
         n = width - len(s["input_ids"])
-        for key, fill in (("input_ids", pad_id), ("labels", IGNORE), ("attention_mask", 0)):
+        for key in out:
             row = list(s[key])
-            out[key].append(row + [fill] * n if padding_side == "right" else [fill] * n + row)
+            out[key].append(row + [fills[key]] * n if padding_side == "right"
+                            else [fills[key]] * n + row)
     return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}

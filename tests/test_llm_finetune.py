@@ -13,7 +13,7 @@ import torch
 from jaxrec.data import load_dataset, save_scores
 from jaxrec.data.synthetic import make_synthetic
 from jaxrec.errors import UserError
-from llm_bridge import finetune
+from llm_bridge import finetune, prompts
 from llm_bridge.config import FinetuneConfig
 from tests.llm_fixtures import tiny_llama
 
@@ -50,7 +50,7 @@ def _train_loss(setup, adapter: str = ""):
     tok, model, _ = load_tokenizer_and_model(setup["model"], device="cpu", dtype="float32")
     if adapter:
         model = add_lora(model, adapter=adapter, trainable=False)
-    samples = finetune.encode_users(tok, setup["ds"], setup["rows"], cutoff_len=256,
+    samples = prompts.encode_users(tok, setup["ds"], setup["rows"], cutoff_len=256,
                                     train_on_inputs=False)
     return finetune.dataset_loss(model, samples, pad_id=tok.pad_token_id or 0)
 
@@ -79,7 +79,7 @@ def test_finetune_reduces_loss_and_saves_loadable_adapter(setup):
     from llm_bridge.model import add_lora, load_tokenizer_and_model
     tok, model, _ = load_tokenizer_and_model(setup["model"], device="cpu", dtype="float32")
     model = add_lora(model, adapter=str(out), trainable=False)
-    valid_samples = finetune.encode_users(tok, setup["ds"], setup["rows"], cutoff_len=256,
+    valid_samples = prompts.encode_users(tok, setup["ds"], setup["rows"], cutoff_len=256,
                                           train_on_inputs=False, split="valid")
     assert finetune.dataset_loss(model, valid_samples, pad_id=tok.pad_token_id or 0) \
         == pytest.approx(record["best_valid_loss"], rel=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
 from jaxrec.errors import UserError
 
@@ -82,6 +83,19 @@ def padded_batches(data, batch_size: int, mesh: Mesh | None = None):
 def num_batches(n: int, batch_size: int, n_devices: int = 1) -> int:
     b = round_batch(batch_size, n, n_devices)
     return -(-n // b)
+
+
+def strata_batches(data, batch_size: int, mesh: Mesh, *, desc: str,
+                   progress: bool | None = None):
+    """Yield ``(count, batch, weight)`` of :func:`padded_batches` over every stratum of
+    ``data`` in order (one compiled shape per stratum), with one progress bar."""
+    parts = strata(data)
+    total = sum(num_batches(data_size(p), batch_size, mesh.devices.size) for p in parts)
+    with tqdm(total=total, desc=desc, leave=False, disable=_disable(progress)) as bar:
+        for part in parts:
+            for _, count, batch, weight in padded_batches(part, batch_size, mesh):
+                yield count, batch, weight
+                bar.update(1)
 
 
 def _disable(progress: bool | None):

@@ -107,11 +107,10 @@ def solve(loss, params, data, v, *, d: float, scale: float = 25.0, steps: int = 
     if steps < 1 or repeats < 1 or batch_size < 1:
         raise UserError(f"LiSSA needs steps, repeats and batch_size >= 1 "
                         f"(got {steps}, {repeats}, {batch_size})")
-    b = batch_size
     chunk = max(1, min(chunk, steps))
     key = jax.random.PRNGKey(0) if key is None else key
     parts = [jax.device_put(jax.tree.map(jnp.asarray, p)) for p in strata(data)]
-    mb_hvp = _minibatch_hvp(loss, parts, b)
+    mb_hvp = _minibatch_hvp(loss, parts, batch_size)
     vnorm = float(T.norm(v))
     limit = 1e3 * max(vnorm, 1e-30) / max(d, 1e-12)
 
@@ -144,7 +143,8 @@ def solve(loss, params, data, v, *, d: float, scale: float = 25.0, steps: int = 
             bad = ~np.isfinite(norms) | (norms > limit)
             if bad.any():
                 bar.close()
-                _diverged(loss, params, parts, b, rkey, scale, d, t - norms.size + int(np.argmax(bad)),
+                _diverged(loss, params, parts, batch_size, rkey, scale, d,
+                          t - norms.size + int(np.argmax(bad)),
                           float(norms[np.argmax(bad)]))
             if rtol is not None and t < steps:
                 change = float(T.norm(T.axpy(-1.0, h_prev, h))) / max(float(T.norm(h)), 1e-30)

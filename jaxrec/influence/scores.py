@@ -8,16 +8,15 @@ built, and memory stays O(params + batch).
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxrec.errors import UserError
-from jaxrec.influence.batching import (_disable, data_mesh, data_size, num_batches,
-                                       padded_batches, replicate, strata, total_size)
+from jaxrec.influence.batching import data_mesh, replicate, strata_batches, total_size
 from jaxrec.influence.inverse import inverse_hvp
 
 
@@ -28,26 +27,18 @@ def _check_finite(array, what: str):
                         f"(first at index {int(np.argmax(bad))}); check the model and data")
 
 
-_JITTED = {}
-
-
+@functools.cache
 def _jit(fn):
-    """``jax.jit(fn)``, cached by ``fn`` so repeated calls reuse compilations."""
-    if fn not in _JITTED:
-        _JITTED[fn] = jax.jit(fn)
-    return _JITTED[fn]
+    """``jax.jit(fn)``, one per ``fn``, so repeated calls reuse its compilations."""
+    return jax.jit(fn)
 
 
-_JVPS = {}
-
-
+@functools.cache
 def _jvp_fn(per_sample_loss):
     """``(params, batch, u) -> g . u`` per sample (one JVP), one function per loss."""
-    if per_sample_loss not in _JVPS:
-        def jvp(p, batch, u):
-            return jax.jvp(lambda q: per_sample_loss(q, batch), (p,), (u,))[1]
-        _JVPS[per_sample_loss] = jvp
-    return _JVPS[per_sample_loss]
+    def jvp(p, batch, u):
+        return jax.jvp(lambda q: per_sample_loss(q, batch), (p,), (u,))[1]
+    return jvp
 
 
 def per_sample_map(fn, params, data, batch_size: int = 1024, *, extra=(), desc: str = "batches",
@@ -60,14 +51,9 @@ def per_sample_map(fn, params, data, batch_size: int = 1024, *, extra=(), desc: 
     mesh = data_mesh()
     params, extra = replicate((params, extra), mesh)
     jfn = _jit(fn)
-    out = []
-    total = sum(num_batches(data_size(p), batch_size, mesh.devices.size) for p in strata(data))
-    bar = tqdm(total=total, desc=desc, leave=False, disable=_disable(progress))
-    for part in strata(data):
-        for _, count, batch, _ in padded_batches(part, batch_size, mesh):
-            out.append(np.asarray(jfn(params, batch, *extra))[:count])
-            bar.update(1)
-    bar.close()
+    out = [np.asarray(jfn(params, batch, *extra))[:count]
+           for count, batch, _ in strata_batches(data, batch_size, mesh, desc=desc,
+                                                 progress=progress)]
     return np.concatenate(out)
 
 
@@ -99,13 +85,9 @@ def mean_gradient(per_sample_loss, params, data, batch_size: int = 4096, *,
         return jax.tree.map(jnp.add, acc, g)
 
     acc = jax.tree.map(jnp.zeros_like, params)
-    total = sum(num_batches(data_size(p), batch_size, mesh.devices.size) for p in strata(data))
-    bar = tqdm(total=total, desc="mean gradient", leave=False, disable=_disable(progress))
-    for part in strata(data):
-        for _, _, batch, weight in padded_batches(part, batch_size, mesh):
-            acc = grad_sum(params, batch, weight, acc)
-            bar.update(1)
-    bar.close()
+    for _, batch, weight in strata_batches(data, batch_size, mesh, desc="mean gradient",
+                                           progress=progress):
+        acc = grad_sum(params, batch, weight, acc)
     g = jax.tree.map(lambda x: x / n, acc)
     if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g)):
         raise UserError("mean gradient is not finite; check the model and data")
