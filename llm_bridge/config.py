@@ -83,6 +83,7 @@ class FinetuneConfig:
     schedule: Literal["constant", "cosine"] = field(
         default="constant", metadata={"help": "learning-rate schedule (TIGER: cosine)"})
     max_history: int = 20        # tiger: history items in the input (the last ones)
+    init_seed: int = 0           # tiger: seed of the model's initial parameters (the state `effort` scores)
     batch_size: int = 8          # samples per forward/backward (micro-batch)
     grad_accum: int = 16         # micro-batches per optimizer step (8 x 16 = BIGRec's 128)
     cutoff_len: int = 512
