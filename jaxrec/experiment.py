@@ -1,21 +1,30 @@
-"""``dealrec experiment CONFIG``: several selection methods x seeds through fine-tune and
-evaluation, with a results table, paired t-tests against ``random`` and a bar plot.
+"""``dealrec experiment CONFIG``: selection methods x seeds (x a grid of swept options) through
+fine-tune and evaluation, with a results table, significance tests and a plot.
 
 The config file is a pipeline config (:mod:`jaxrec.pipeline`) plus an ``experiment:`` section
-(:class:`ExperimentConfig`). The shared stages (surrogate, influence, effort) run once; then for
-every (method, seed) the stages select -> finetune -> evaluate run in
-``workdir/runs/METHOD-seedS/`` (reused when already done). The evaluation users are the same
-for every run (``evaluate.seed`` is not varied), so runs are paired and the t-test is paired
-over seeds.
+(:class:`ExperimentConfig`). The shared stages (surrogate, influence, semantic IDs, effort) run
+once; then every *cell* (method, seed, grid point) runs select -> finetune -> evaluate in
+``workdir/runs/CELL/``. A finished cell is reused, so an interrupted experiment continues where
+it stopped, and ``--methods`` / ``--seeds`` run a part of it now and the rest later; the tables
+always cover every finished cell of the config. The evaluation users are the same for every run
+(``evaluate.seed`` is not varied), so runs are paired.
 
-Outputs in ``workdir``: ``results.md``, ``results.csv`` (one row per method: mean and std of
-Recall/NDCG@10/20 over seeds, seconds per stage), ``runs.csv`` (one row per run),
-``ttest.csv`` and ``results.png``.
+Two tests against ``random`` (at the same grid point):
+
+* over seeds: a paired t-test of the run means (pairs = seeds; needs >= 2 seeds);
+* over users: every user's metric averaged over the seeds both methods ran, then a paired
+  t-test and a Wilcoxon signed-rank test over the evaluated users (pairs = users).
+
+Outputs in ``workdir``: ``results.md``, ``results.csv`` (one row per method and grid point:
+mean and std over seeds, seconds per stage), ``runs.csv`` (one row per run), ``ttest.csv``
+(over seeds), ``usertest.csv`` (over users) and ``results.png``.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,15 +34,16 @@ import numpy as np
 
 from jaxrec.config import make_config
 from jaxrec.data import write_json
+from jaxrec.data.ranking import per_user_recall_ndcg
 from jaxrec.errors import UserError
-from jaxrec.pipeline import (PipelineArgs, digest, prepare_workdir, read_experiment_file,
-                             run_stages, wire)
+from jaxrec.pipeline import (PipelineArgs, config_classes, digest, prepare_workdir,
+                             read_experiment_file, run_stages, stages_finished, wire)
 from jaxrec.select import check_method
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
-SHARED = ("surrogate", "influence", "effort")
+SHARED = ("surrogate", "influence", "semantic_ids", "effort")
 PER_RUN = ("select", "finetune", "evaluate")
-# methods that need the LLM effort score / the influence score files
+# methods that need the effort score file
 NEEDS_EFFORT = {"dealrec", "greedy", "effort-only"}
 
 
@@ -42,44 +52,200 @@ class ExperimentConfig:
     """The ``experiment:`` section of a config file."""
     methods: list[str] = field(default_factory=lambda: ["random", "dealrec"])
     seeds: list[int] = field(default_factory=lambda: [0])
+    # grid over per-run options, crossed with methods and seeds:
+    # {"select.n": [128, 256], "select.lamda": [0.1, 0.3]} (keys of select / finetune / evaluate)
+    sweep: dict = field(default_factory=dict)
 
 
-def run_dir(workdir: Path, method: str, seed: int) -> Path:
-    return workdir / "runs" / f"{method}-seed{seed}"
+@dataclass
+class ExperimentArgs(PipelineArgs):
+    """Command line of ``dealrec experiment``: a config file, plus overrides."""
+    methods: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        PipelineArgs.add_arguments(parser)
+        parser.add_argument("--methods", nargs="+", default=[],
+                            help="run only these methods of the config now (the rest later)")
+        parser.add_argument("--seeds", nargs="+", type=int, default=[],
+                            help="run only these seeds of the config now (the rest later)")
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(config=args.config, workdir=args.workdir, stages=list(args.stages),
+                   methods=list(args.methods), seeds=list(args.seeds))
 
 
-def summarise(rows: list[dict], methods: list[str]) -> tuple[list[dict], list[dict]]:
-    """Per-method mean/std table and paired t-tests against ``random``."""
+@dataclass(frozen=True)
+class Cell:
+    """One run of the experiment: a method, a seed and a point of the sweep grid."""
+    method: str
+    seed: int
+    point: tuple = ()            # ((key, value), ...) in the order of the sweep
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-seed{self.seed}" + "".join(f"-{k}={v}" for k, v in self.point)
+
+
+# ----------------------------------------------------------------------------- the grid
+def check_sweep(sweep: dict, sections: dict, source: str) -> list[tuple]:
+    """Check the swept keys and values (before any stage runs); return the grid points.
+
+    Args:
+      sweep: ``{"section.key": [values]}``; sections are the per-run stages.
+      sections: the config file's stage sections (the values are checked against their types).
+      source: names the config in errors.
+    Returns:
+      every point of the grid, as ``((key, value), ...)`` tuples.
+    """
+    if not isinstance(sweep, dict):
+        raise UserError(f"{source}: sweep must be a mapping of 'section.key' to a list of values")
+    classes = config_classes()
+    for key, values in sweep.items():
+        section, _, name = str(key).partition(".")
+        if section not in PER_RUN or not name:
+            raise UserError(f"{source}: cannot sweep {key!r}: sweep keys are "
+                            f"{' / '.join(PER_RUN)} options, as 'select.n'")
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{source}: sweep {key!r} needs a non-empty list of values")
+        for value in values:
+            make_config(classes[section], {**(sections.get(section) or {}), name: value},
+                        f"{source} sweep {key}")
+    keys = list(sweep)
+    return [tuple(zip(keys, combo)) for combo in itertools.product(*sweep.values())]
+
+
+def experiment_cells(exp: ExperimentConfig, points: list[tuple]) -> list[Cell]:
+    return [Cell(m, s, p) for p in points for m in exp.methods for s in exp.seeds]
+
+
+def wire_cell(wired: dict, workdir: Path, cell: Cell) -> tuple[Path, dict]:
+    """The run folder of ``cell`` and its per-run stages' resolved options."""
+    d = workdir / "runs" / cell.name
+    w = {k: dict(v) for k, v in wired.items()}
+    for key, value in cell.point:
+        section, _, name = key.partition(".")
+        w[section][name] = value
+    w["select"].update(method=cell.method, seed=cell.seed, out=str(d / "selected.npy"))
+    w["finetune"].update(seed=cell.seed, selection=str(d / "selected.npy"),
+                         out=str(d / "adapter"))
+    w["evaluate"].update(adapter=str(d / "adapter"), out=str(d / "metrics.json"))
+    return d, w
+
+
+# ----------------------------------------------------------------------------- results
+def per_user_metrics(predictions: Path, ks=(10, 20)) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Every evaluated user's Recall/NDCG@K from an evaluation's ``predictions.jsonl``.
+
+    Returns:
+      ``(rows [n_users], {"recall@K": [n_users], ...})`` in the file's order.
+    """
+    rows, hits, n_truth = [], [], []
+    with open(predictions, encoding="utf-8") as f:
+        for line in f:
+            p = json.loads(line)
+            truth = set(p["truth"])
+            top = [int(i) in truth for i in p["top"][:max(ks)]]
+            rows.append(int(p["row"]))
+            hits.append(top + [False] * (max(ks) - len(top)))
+            n_truth.append(len(truth))
+    return np.asarray(rows), per_user_recall_ndcg(np.asarray(hits), np.asarray(n_truth), ks)
+
+
+def cell_row(cell: Cell, d: Path, seconds: dict) -> dict:
+    metrics = json.loads((d / "metrics.json").read_text())
+    flat = metrics.get("metrics", metrics)
+    return {**dict(cell.point), "method": cell.method, "seed": cell.seed,
+            **{k: float(flat[k]) for k in METRICS}, "n_users": int(flat.get("n_users", 0)),
+            **{f"{s}_seconds": float(seconds.get(s, 0.0)) for s in PER_RUN},
+            "predictions": str(d / "metrics.predictions.jsonl")}
+
+
+def _groups(rows: list[dict], keys: list[str]) -> dict[tuple, dict[str, list[dict]]]:
+    """``{point: {method: [rows sorted by seed]}}``."""
+    out: dict[tuple, dict[str, list[dict]]] = {}
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        point = tuple(r[k] for k in keys)
+        out.setdefault(point, {}).setdefault(r["method"], []).append(r)
+    return out
+
+
+def summarise(rows: list[dict], methods: list[str], keys: list[str] = ()) -> tuple[list, list]:
+    """Per (grid point, method) mean/std table, and paired t-tests against ``random`` over
+    seeds."""
     from scipy import stats
 
     table, tests = [], []
-    by_method = {m: sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"])
-                 for m in methods}
-    for m, runs in by_method.items():
-        row = {"method": m, "runs": len(runs)}
-        for k in METRICS:
-            vals = np.array([r[k] for r in runs], float)
-            row[f"{k}_mean"] = float(vals.mean()) if len(vals) else float("nan")
-            row[f"{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-        for stage in PER_RUN:
-            row[f"{stage}_seconds"] = float(np.mean([r[f"{stage}_seconds"] for r in runs]))
-        table.append(row)
-    base = {r["seed"]: r for r in by_method.get("random", [])}
-    for m, runs in by_method.items():
-        if m == "random" or not base:
-            continue
-        paired = [(r, base[r["seed"]]) for r in runs if r["seed"] in base]
-        for k in METRICS:
-            a = np.array([p[0][k] for p in paired])
-            b = np.array([p[1][k] for p in paired])
-            if len(a) >= 2 and np.any(a - b != 0):
-                t, p = stats.ttest_rel(a, b)
-            else:
-                t, p = float("nan"), float("nan")
-            tests.append({"method": m, "metric": k, "n_pairs": len(a),
-                          "mean_diff": float(np.mean(a - b)) if len(a) else float("nan"),
-                          "t": float(t), "p": float(p)})
+    for point, by_method in _groups(rows, list(keys)).items():
+        base = {r["seed"]: r for r in by_method.get("random", [])}
+        for m in [m for m in methods if m in by_method]:
+            runs = by_method[m]
+            row = {**dict(zip(keys, point)), "method": m, "runs": len(runs)}
+            for k in METRICS:
+                vals = np.array([r[k] for r in runs], float)
+                row[f"{k}_mean"] = float(vals.mean())
+                row[f"{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+            for stage in PER_RUN:
+                row[f"{stage}_seconds"] = float(np.mean([r[f"{stage}_seconds"] for r in runs]))
+            table.append(row)
+            if m == "random" or not base:
+                continue
+            paired = [(r, base[r["seed"]]) for r in runs if r["seed"] in base]
+            for k in METRICS:
+                a = np.array([p[0][k] for p in paired])
+                b = np.array([p[1][k] for p in paired])
+                t, p = (stats.ttest_rel(a, b) if len(a) >= 2 and np.any(a != b)
+                        else (float("nan"), float("nan")))
+                tests.append({**dict(zip(keys, point)), "method": m, "metric": k,
+                              "n_pairs": len(a), "mean_diff": float(np.mean(a - b)),
+                              "t": float(t), "p": float(p)})
     return table, tests
+
+
+def _seed_mean(runs: list[dict], seeds: list[int]) -> tuple[np.ndarray, dict]:
+    """Per-user metrics averaged over ``seeds`` (users in row order)."""
+    total, users = {}, None
+    for r in (r for r in runs if r["seed"] in seeds):
+        rows, values = per_user_metrics(Path(r["predictions"]))
+        order = np.argsort(rows)
+        if users is not None and not np.array_equal(users, rows[order]):
+            raise UserError(f"{r['predictions']}: evaluated other users than the other runs")
+        users = rows[order]
+        for k in METRICS:
+            total[k] = total.get(k, 0.0) + values[k][order] / len(seeds)
+    return users, total
+
+
+def user_tests(rows: list[dict], methods: list[str], keys: list[str] = ()) -> list[dict]:
+    """Per-user paired tests against ``random`` (each user's metric averaged over the seeds
+    both methods ran): paired t-test and Wilcoxon signed-rank test, pairs = users."""
+    from scipy import stats
+
+    out = []
+    for point, by_method in _groups(rows, list(keys)).items():
+        if "random" not in by_method:
+            continue
+        for m in [m for m in methods if m in by_method and m != "random"]:
+            seeds = sorted({r["seed"] for r in by_method[m]}
+                           & {r["seed"] for r in by_method["random"]})
+            if not seeds:
+                continue
+            users, a = _seed_mean(by_method[m], seeds)
+            _, b = _seed_mean(by_method["random"], seeds)
+            for k in METRICS:
+                d = a[k] - b[k]
+                nonzero = np.any(d != 0)
+                t, p_t = stats.ttest_rel(a[k], b[k]) if nonzero else (np.nan, np.nan)
+                p_w = stats.wilcoxon(a[k], b[k]).pvalue if nonzero else np.nan
+                out.append({**dict(zip(keys, point)), "method": m, "metric": k,
+                            "n_users": len(users), "seeds": len(seeds),
+                            "mean": float(a[k].mean()), "random": float(b[k].mean()),
+                            "mean_diff": float(d.mean()), "better": int((d > 0).sum()),
+                            "worse": int((d < 0).sum()), "t": float(t), "p_ttest": float(p_t),
+                            "p_wilcoxon": float(p_w)})
+    return out
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -91,24 +257,42 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def markdown(table: list[dict], tests: list[dict], shared_seconds: dict) -> str:
-    lines = ["| method | runs | " + " | ".join(METRICS) + " | select s | finetune s | evaluate s |",
-             "|---|---|" + "---|" * (len(METRICS) + 3)]
-    for r in table:
-        cells = [f"{r[f'{k}_mean']:.4f} ± {r[f'{k}_std']:.4f}" for k in METRICS]
-        secs = [f"{r[f'{s}_seconds']:.0f}" for s in PER_RUN]
-        lines.append(f"| {r['method']} | {r['runs']} | " + " | ".join(cells + secs) + " |")
+def _md_table(header: list[str], lines: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(map(str, cells)) + " |" for cells in lines]]
+
+
+def markdown(table: list[dict], tests: list[dict], utests: list[dict], shared_seconds: dict,
+             keys: list[str] = ()) -> str:
+    keys = list(keys)
+    lines = _md_table(
+        [*keys, "method", "runs", *METRICS, "select s", "finetune s", "evaluate s"],
+        [[*(r[k] for k in keys), r["method"], r["runs"],
+          *(f"{r[f'{k}_mean']:.4f} ± {r[f'{k}_std']:.4f}" for k in METRICS),
+          *(f"{r[f'{s}_seconds']:.0f}" for s in PER_RUN)] for r in table])
     lines += ["", "Shared stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in
                                                  shared_seconds.items()), ""]
     if tests:
-        lines += ["Paired t-test against random (pairs = seeds):", "",
-                  "| method | metric | pairs | mean diff | t | p |", "|---|---|---|---|---|---|"]
-        lines += [f"| {t['method']} | {t['metric']} | {t['n_pairs']} | {t['mean_diff']:+.4f} | "
-                  f"{t['t']:.3f} | {t['p']:.4f} |" for t in tests]
+        lines += ["Paired t-test against random over seeds (pairs = seeds):", ""]
+        lines += _md_table([*keys, "method", "metric", "pairs", "mean diff", "t", "p"],
+                           [[*(t[k] for k in keys), t["method"], t["metric"], t["n_pairs"],
+                             f"{t['mean_diff']:+.4f}", f"{t['t']:.3f}", f"{t['p']:.4f}"]
+                            for t in tests])
+        lines.append("")
+    if utests:
+        lines += ["Paired tests against random over users (each user's metric averaged over "
+                  "seeds; pairs = users):", ""]
+        lines += _md_table(
+            [*keys, "method", "metric", "users", "seeds", "method mean", "random mean",
+             "diff", "users better / worse", "t-test p", "Wilcoxon p"],
+            [[*(t[k] for k in keys), t["method"], t["metric"], t["n_users"], t["seeds"],
+              f"{t['mean']:.4f}", f"{t['random']:.4f}", f"{t['mean_diff']:+.4f}",
+              f"{t['better']} / {t['worse']}", f"{t['p_ttest']:.4f}", f"{t['p_wilcoxon']:.4f}"]
+             for t in utests])
     return "\n".join(lines) + "\n"
 
 
-def bar_plot(path: Path, table: list[dict]) -> None:
+def bar_plot(path: Path, table: list[dict], keys: list[str] = (), title: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -119,60 +303,94 @@ def bar_plot(path: Path, table: list[dict]) -> None:
     for j, k in enumerate(METRICS):
         ax.bar(x + j * width, [r[f"{k}_mean"] for r in table], width,
                yerr=[r[f"{k}_std"] for r in table], label=k, capsize=2)
-    ax.set_xticks(x + width * (len(METRICS) - 1) / 2, [r["method"] for r in table],
-                  rotation=30, ha="right")
+    labels = [" ".join([r["method"], *(f"{k}={r[k]}" for k in keys)]) for r in table]
+    ax.set_xticks(x + width * (len(METRICS) - 1) / 2, labels, rotation=30, ha="right")
     ax.set_ylabel("metric (mean ± std over seeds)")
     ax.legend(fontsize=8)
-    ax.set_title("Few-shot fine-tuned LLM recommender, by selection method")
+    ax.set_title(title or "Few-shot fine-tuned recommender, by selection method")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main(args: PipelineArgs) -> int:
+# ----------------------------------------------------------------------------- main
+def read_experiment(args: ExperimentArgs) -> tuple[dict, ExperimentConfig, list[Cell]]:
+    """Read and check the whole experiment (config, methods, sweep) before anything runs."""
     data = read_experiment_file(args.config, extra_sections=("experiment",))
-    exp = make_config(ExperimentConfig, data.get("experiment") or {}, f"{args.config} [experiment]")
+    source = f"{args.config} [experiment]"
+    exp = make_config(ExperimentConfig, data.get("experiment") or {}, source)
     if not exp.methods or not exp.seeds:
-        raise UserError(f"{args.config} [experiment]: methods and seeds must not be empty")
+        raise UserError(f"{source}: methods and seeds must not be empty")
     for method in exp.methods:
         try:
             check_method(method)
         except UserError as err:
-            raise UserError(f"{args.config} [experiment]: {err}") from None
+            raise UserError(f"{source}: {err}") from None
+    for name, chosen, known in (("--methods", args.methods, exp.methods),
+                                ("--seeds", args.seeds, exp.seeds)):
+        extra = [c for c in chosen if c not in known]
+        if extra:
+            raise UserError(f"{name}: {extra[0]!r} is not in the config's {name[2:]} {known}")
+    cells = experiment_cells(exp, check_sweep(exp.sweep, data, source))
+    return data, exp, cells
+
+
+def main(args: ExperimentArgs) -> int:
+    data, exp, cells = read_experiment(args)
+    pipe = data["pipeline"]
     workdir, dataset, log = prepare_workdir(data, args)
-    wired = wire(data, workdir, dataset)
-    shared = list(SHARED)
+    wired = wire(data, workdir, dataset, pipe.backend)
+    shared = pipe.active(list(SHARED))
     if not NEEDS_EFFORT & set(exp.methods):
         shared.remove("effort")
-    log.say(f"dealrec experiment {args.config}: {len(exp.methods)} methods x "
-            f"{len(exp.seeds)} seeds in {workdir}")
+    todo = [c for c in cells if (not args.methods or c.method in args.methods)
+            and (not args.seeds or c.seed in args.seeds)]
+    log.say(f"dealrec experiment {args.config} ({pipe.backend}): {len(cells)} runs "
+            f"({len(exp.methods)} methods x {len(exp.seeds)} seeds x "
+            f"{len(cells) // (len(exp.methods) * len(exp.seeds))} grid points), "
+            f"{len(todo)} of them now, in {workdir}")
     shared_seconds = run_stages(shared, wired, workdir, log)
     upstream = digest([wired[s] for s in shared])
     rows = []
-    for method in exp.methods:
-        for seed in exp.seeds:
-            d = run_dir(workdir, method, seed)
+    for cell in cells:
+        d, w = wire_cell(wired, workdir, cell)
+        if cell in todo:
             d.mkdir(parents=True, exist_ok=True)
-            w = {k: dict(v) for k, v in wired.items()}
-            w["select"].update(method=method, seed=seed, out=str(d / "selected.npy"))
-            w["finetune"].update(seed=seed, selection=str(d / "selected.npy"),
-                                 out=str(d / "adapter"))
-            w["evaluate"].update(adapter=str(d / "adapter"), out=str(d / "metrics.json"))
-            log.say(f"run {method} seed {seed}")
+            log.say(f"run {cell.name}")
             seconds = run_stages(list(PER_RUN), w, d, log, state_file=d / "stages.json",
                                  upstream=upstream)
-            metrics = json.loads((d / "metrics.json").read_text())
-            flat = metrics.get("metrics", metrics)
-            rows.append({"method": method, "seed": seed,
-                         **{k: float(flat[k]) for k in METRICS},
-                         **{f"{s}_seconds": seconds[s] for s in PER_RUN}})
-    table, tests = summarise(rows, exp.methods)
+        elif stages_finished(list(PER_RUN), w, d / "stages.json", upstream):
+            state = json.loads((d / "stages.json").read_text())
+            seconds = {s: state[s].get("seconds", 0.0) for s in PER_RUN}
+        else:
+            continue
+        rows.append(cell_row(cell, d, seconds))
+    keys = list(exp.sweep)
+    write_results(workdir, rows, exp.methods, keys, shared_seconds)
+    write_json(workdir / "experiment.json", {
+        "config": str(args.config), "backend": pipe.backend, "methods": exp.methods,
+        "seeds": exp.seeds, "sweep": exp.sweep, "runs_finished": len(rows),
+        "runs_total": len(cells), "finished": time.time()})
+    if len(rows) < len(cells):
+        log.say(f"{len(rows)} of {len(cells)} runs finished; run the command again (without "
+                "--methods/--seeds) to finish the rest")
+    print((workdir / "results.md").read_text())
+    return 0
+
+
+def write_results(workdir: Path, rows: list[dict], methods: list[str], keys: list[str],
+                  shared_seconds: dict) -> None:
+    """The tables (CSV and Markdown), the tests and the plot of the finished runs."""
+    table, tests = summarise(rows, methods, keys)
+    utests = user_tests(rows, methods, keys)
     write_csv(workdir / "runs.csv", rows)
     write_csv(workdir / "results.csv", table)
     write_csv(workdir / "ttest.csv", tests)
-    (workdir / "results.md").write_text(markdown(table, tests, shared_seconds))
-    bar_plot(workdir / "results.png", table)
-    write_json(workdir / "experiment.json", {"config": str(args.config), "methods": exp.methods,
-                                             "seeds": exp.seeds, "finished": time.time()})
-    print((workdir / "results.md").read_text())
-    return 0
+    write_csv(workdir / "usertest.csv", utests)
+    (workdir / "results.md").write_text(markdown(table, tests, utests, shared_seconds, keys))
+    if table:
+        bar_plot(workdir / "results.png", table, keys)
+
+
+__all__ = ["ExperimentConfig", "ExperimentArgs", "Cell", "check_sweep", "per_user_metrics",
+           "summarise", "user_tests", "main"]

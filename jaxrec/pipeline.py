@@ -3,11 +3,15 @@
 Stages, each a ``dealrec`` subcommand run in its own process (so JAX and PyTorch never share
 one, and each frees its accelerator memory when done)::
 
-    surrogate -> influence -> effort -> select -> finetune -> evaluate
+    surrogate -> influence -> [semantic_ids] -> effort -> select -> finetune -> evaluate
+
+``pipeline.backend`` picks the recommender that is fine-tuned: ``bigrec`` (an LLM with LoRA on
+item titles) or ``tiger`` (a small T5 on semantic-ID codes; it adds the ``semantic_ids`` stage,
+and the pipeline passes the backend and the codes to effort, finetune and evaluate).
 
 The config file has a ``pipeline:`` section (:class:`PipelineConfig`) and one section per
-stage (``surrogate:``, ``influence:``, ``effort:``, ``select:``, ``finetune:``,
-``evaluate:``), with the same keys as the subcommands' flags. The pipeline wires the paths
+stage (``surrogate:``, ``influence:``, ``semantic_ids:``, ``effort:``, ``select:``,
+``finetune:``, ``evaluate:``), with the same keys as the subcommands' flags. The pipeline wires the paths
 (every output goes under ``workdir``) and writes the resolved config to
 ``workdir/resolved.yaml``. A stage whose output exists and whose resolved options (and those of
 every stage before it) are unchanged is reused, so a re-run after an interruption continues
@@ -26,13 +30,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from jaxrec.config import load_config_file, make_config
 from jaxrec.errors import UserError
 
-STAGES = ("surrogate", "influence", "effort", "select", "finetune", "evaluate")
-COMMAND = {"surrogate": "train-surrogate", "influence": "influence", "effort": "effort",
-           "select": "select", "finetune": "finetune", "evaluate": "evaluate"}
+STAGES = ("surrogate", "influence", "semantic_ids", "effort", "select", "finetune", "evaluate")
+COMMAND = {"surrogate": "train-surrogate", "influence": "influence",
+           "semantic_ids": "semantic-ids", "effort": "effort", "select": "select",
+           "finetune": "finetune", "evaluate": "evaluate"}
+BACKEND_STAGES = ("effort", "finetune", "evaluate")   # the stages that take ``backend``
 
 
 @dataclass
@@ -40,10 +47,20 @@ class PipelineConfig:
     """The ``pipeline:`` section of a config file."""
     workdir: str = "runs/demo"
     data: str = "../shared/data/games"
+    backend: Literal["bigrec", "tiger"] = field(default="bigrec", metadata={
+        "help": "bigrec: LLM + LoRA on titles; tiger: T5 on semantic IDs (adds semantic_ids)"})
     users: int = 0               # > 0: run on a seeded slice of this many users
     slice_seed: int = 0
     slice_items: bool = False    # with users > 0: keep only the slice's items (renumbered)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
+
+    def active(self, requested: list[str] | None = None) -> list[str]:
+        """The stages to run, in pipeline order: ``requested`` (or ``stages``), without
+        ``semantic_ids`` when the backend does not use it."""
+        wanted = set(requested or self.stages)
+        if self.backend != "tiger":
+            wanted.discard("semantic_ids")
+        return [s for s in STAGES if s in wanted]
 
 
 @dataclass
@@ -86,9 +103,11 @@ class ReportArgs:
 def config_classes() -> dict:
     """The typed config class of each stage (imported lazily: standard library only)."""
     from jaxrec.config import InfluenceConfig, SelectConfig, SurrogateConfig
-    from llm_bridge.config import EffortConfig, EvaluateConfig, FinetuneConfig
-    return {"surrogate": SurrogateConfig, "influence": InfluenceConfig, "effort": EffortConfig,
-            "select": SelectConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig}
+    from llm_bridge.config import (EffortConfig, EvaluateConfig, FinetuneConfig,
+                                   SemanticIdConfig)
+    return {"surrogate": SurrogateConfig, "influence": InfluenceConfig,
+            "semantic_ids": SemanticIdConfig, "effort": EffortConfig, "select": SelectConfig,
+            "finetune": FinetuneConfig, "evaluate": EvaluateConfig}
 
 
 def read_experiment_file(path: str | Path, extra_sections: tuple[str, ...] = ()) -> dict:
@@ -108,12 +127,17 @@ def read_experiment_file(path: str | Path, extra_sections: tuple[str, ...] = ())
     return data
 
 
-def wire(sections: dict, workdir: Path, data: str) -> dict:
-    """Fill in every stage's input and output paths under ``workdir``."""
+def wire(sections: dict, workdir: Path, data: str, backend: str = "bigrec") -> dict:
+    """Fill in every stage's input and output paths under ``workdir``, and the backend."""
     w = str(workdir)
     wired = {stage: dict(sections.get(stage) or {}) for stage in STAGES}
     wired["surrogate"].update(data=data, out=f"{w}/surrogate")
     wired["influence"].update(run=f"{w}/surrogate", out=f"{w}/influence.npy")
+    wired["semantic_ids"].update(data=data, out=f"{w}/semantic_ids.npy")
+    for stage in BACKEND_STAGES:
+        wired[stage]["backend"] = backend
+        if backend == "tiger":
+            wired[stage]["semantic_ids"] = f"{w}/semantic_ids.npy"
     wired["effort"].update(data=data, out=f"{w}/effort.npy")
     wired["select"].update(data=data, influence=f"{w}/influence.npy", effort=f"{w}/effort.npy",
                            run=f"{w}/surrogate", out=f"{w}/selected.npy")
@@ -167,6 +191,22 @@ class RunLog:
                             f"(see {self.path})")
 
 
+def stage_keys(stages: list[str], wired: dict, upstream: str = "") -> dict[str, str]:
+    """The reuse key of each stage: a hash of its resolved options chained over the stages
+    before it (and ``upstream``), so changing any earlier stage invalidates the later ones."""
+    keys, key = {}, upstream
+    for stage in stages:
+        key = keys[stage] = digest([key, stage, wired[stage]])
+    return keys
+
+
+def stages_finished(stages: list[str], wired: dict, state_file: Path, upstream: str = "") -> bool:
+    """Whether every stage's output exists and was made with the current options."""
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    return all(stage_output(s, wired[s]).exists() and state.get(s, {}).get("key") == k
+               for s, k in stage_keys(stages, wired, upstream).items())
+
+
 def run_stages(stages: list[str], wired: dict, workdir: Path, log: RunLog,
                state_file: Path | None = None, upstream: str = "") -> dict:
     """Run (or reuse) ``stages`` in order; return ``{stage: seconds}``."""
@@ -177,9 +217,9 @@ def run_stages(stages: list[str], wired: dict, workdir: Path, log: RunLog,
     resolved = state_file.with_name("resolved.yaml")
     resolved.write_text(yaml.safe_dump(wired, sort_keys=False))
     timings = {}
-    key = upstream
+    keys = stage_keys(stages, wired, upstream)
     for i, stage in enumerate(stages, start=1):
-        key = digest([key, stage, wired[stage]])
+        key = keys[stage]
         output = stage_output(stage, wired[stage])
         if output.exists() and state.get(stage, {}).get("key") == key:
             log.say(f"[{i}/{len(stages)}] {stage}: reusing {output}")
@@ -217,11 +257,12 @@ def prepare_workdir(data: dict, args: PipelineArgs) -> tuple[Path, str, RunLog]:
 def main(args: PipelineArgs) -> int:
     data = read_experiment_file(args.config)
     workdir, dataset, log = prepare_workdir(data, args)
-    stages = args.stages or data["pipeline"].stages
-    wired = wire(data, workdir, dataset)
-    log.say(f"dealrec run {args.config}: stages {', '.join(stages)} in {workdir}")
+    pipe: PipelineConfig = data["pipeline"]
+    stages = pipe.active(args.stages)
+    wired = wire(data, workdir, dataset, pipe.backend)
+    log.say(f"dealrec run {args.config} ({pipe.backend}): stages {', '.join(stages)} in {workdir}")
     t0 = time.perf_counter()
-    timings = run_stages([s for s in STAGES if s in stages], wired, workdir, log)
+    timings = run_stages(stages, wired, workdir, log)
     log.say(f"pipeline done in {time.perf_counter() - t0:.0f} s: "
             + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     metrics = Path(wired["evaluate"]["out"])

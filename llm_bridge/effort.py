@@ -369,6 +369,9 @@ def _dist():
 def main(cfg: EffortConfig) -> int:
     """``dealrec effort``: Eq. 12 for every user's sample (or rows ``--users A:B``), sharded,
     resumable, merged into ``cfg.out`` when every row is scored."""
+    if cfg.backend == "tiger":
+        from llm_bridge.tiger.effort import main as tiger_main
+        return tiger_main(cfg)
     from llm_bridge.model import add_lora, load_tokenizer_and_model
 
     out = Path(cfg.out)

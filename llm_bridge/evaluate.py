@@ -235,6 +235,9 @@ def eval_users(ds, split: str, n: int = 0, seed: int = 0) -> np.ndarray:
 def main(cfg: EvaluateConfig) -> int:
     """Generate for each evaluated user, ground to items by L2 distance of base-model
     embeddings (BIGRec), write Recall/NDCG@{10,20} to ``cfg.out`` and predictions beside it."""
+    if cfg.backend == "tiger":
+        from llm_bridge.tiger.evaluate import main as tiger_main
+        return tiger_main(cfg)
     from llm_bridge.model import add_lora, default_model_path, load_tokenizer_and_model
 
     if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():

@@ -152,6 +152,9 @@ def _load_checkpoint(ckpt: Path, model, optimizer) -> dict:
 def main(cfg: FinetuneConfig) -> int:
     """Fine-tune LoRA on the selection's BIGRec samples (paper Eq. 1), early-stopped on the
     same users' valid-period loss; write the best adapter and ``train_record.json`` to OUT."""
+    if cfg.backend == "tiger":
+        from llm_bridge.tiger.finetune import main as tiger_main
+        return tiger_main(cfg)
     from llm_bridge.model import add_lora, load_tokenizer_and_model
 
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1 or cfg.patience < 1:

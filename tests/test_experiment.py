@@ -1,0 +1,71 @@
+"""The experiment runner's pieces that need no model: per-user metrics (hand-worked), the sweep
+grid and its checks, and the per-user paired tests."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxrec.data.ranking import per_user_recall_ndcg, recall_ndcg
+from jaxrec.errors import UserError
+from jaxrec.experiment import Cell, check_sweep, per_user_metrics, user_tests
+
+
+def test_per_user_metrics_hand_worked():
+    # user 0: truth {a, b}, hits at ranks 1 and 3; user 1: one truth item at rank 2.
+    hits = np.zeros((2, 20), bool)
+    hits[0, [0, 2]] = True
+    hits[1, 1] = True
+    got = per_user_recall_ndcg(hits, np.array([2, 1]), ks=(10,))
+    np.testing.assert_allclose(got["recall@10"], [1.0, 1.0])
+    ndcg0 = (1 + 1 / np.log2(4)) / (1 + 1 / np.log2(3))
+    np.testing.assert_allclose(got["ndcg@10"], [ndcg0, 1 / np.log2(3)])
+    means = recall_ndcg(hits, np.array([2, 1]), ks=(10,))
+    assert means["ndcg@10"] == pytest.approx((ndcg0 + 1 / np.log2(3)) / 2)
+
+
+def test_per_user_metrics_from_predictions(tmp_path):
+    path = tmp_path / "p.jsonl"
+    lines = [{"row": 5, "top": [3, 1, 2], "truth": [1]}, {"row": 2, "top": [4], "truth": [9, 8]}]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    rows, m = per_user_metrics(path)
+    assert rows.tolist() == [5, 2]
+    np.testing.assert_allclose(m["recall@20"], [1.0, 0.0])
+    np.testing.assert_allclose(m["ndcg@20"], [1 / np.log2(3), 0.0])
+
+
+def test_sweep_grid_and_names():
+    points = check_sweep({"select.n": [8, 16], "select.lamda": [0.1, 0.3]}, {}, "cfg")
+    assert len(points) == 4 and points[0] == (("select.n", 8), ("select.lamda", 0.1))
+    assert Cell("dealrec", 1, points[3]).name == "dealrec-seed1-select.n=16-select.lamda=0.3"
+    assert check_sweep({}, {}, "cfg") == [()]
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"select.nn": [1]}, "unknown key 'nn'"),
+    ({"select.n": ["many"]}, "n must be int"),
+    ({"surrogate.epochs": [1]}, "cannot sweep 'surrogate.epochs'"),
+    ({"select.n": []}, "non-empty list"),
+])
+def test_sweep_errors(sweep, message):
+    with pytest.raises(UserError, match=message):
+        check_sweep(sweep, {}, "cfg")
+
+
+def _run(tmp_path, name, method, seed, per_user_hits):
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps({"row": r, "top": [1] if hit else [2], "truth": [1]}) + "\n"
+                            for r, hit in enumerate(per_user_hits)))
+    return {"method": method, "seed": seed, "predictions": str(path)}
+
+
+def test_user_tests_pair_users_over_seeds(tmp_path):
+    n = 40
+    rows = [_run(tmp_path, "r0", "random", 0, [u < 10 for u in range(n)]),
+            _run(tmp_path, "r1", "random", 1, [u < 10 for u in range(n)]),
+            _run(tmp_path, "d0", "dealrec", 0, [u < 30 for u in range(n)]),
+            _run(tmp_path, "d1", "dealrec", 1, [u < 20 for u in range(n)])]
+    (t,) = [t for t in user_tests(rows, ["random", "dealrec"]) if t["metric"] == "recall@10"]
+    assert t["n_users"] == n and t["seeds"] == 2
+    assert t["random"] == pytest.approx(0.25) and t["mean"] == pytest.approx(25 / 40)
+    assert t["better"] == 20 and t["worse"] == 0 and t["p_wilcoxon"] < 1e-3
