@@ -11,6 +11,8 @@ lazily, in :mod:`jaxrec.select.cli`). The one entry point is :func:`select`::
 
 from __future__ import annotations
 
+import numpy as np
+
 from jaxrec.errors import UserError
 from jaxrec.select.baselines import (ccs_select, kmeans, proportional_budgets, random_select,
                                      recranker_select, tfdcon_select)
@@ -30,6 +32,7 @@ REQUIRES = {
     "greedy": ("influence", "effort"),
     "influence-only": ("influence",),
     "effort-only": ("effort",),
+    "all": (),                   # every user: full fine-tuning (paper Table 3); n is ignored
 }
 METHODS = tuple(REQUIRES)
 
@@ -81,6 +84,8 @@ def select(method: str, n: int, *, seed: int = 0, n_total: int | None = None,
                                  hard_prune=hard_prune, seed=seed)
     if method == "random":
         return random_select(total, n, seed=seed)
+    if method == "all":
+        return Selection(np.arange(total, dtype=np.int64), {"all_users": True})
     if method in ("grand", "el2n"):
         return top_n(given[method], n)
     if method == "ccs":

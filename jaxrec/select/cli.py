@@ -143,7 +143,8 @@ def run_select(cfg: SelectConfig):
     check_config(cfg)
     ds = load_dataset(cfg.data)
     fp = ds.fingerprint()
-    check_n(cfg.n, ds.n_users)
+    if cfg.method != "all":
+        check_n(cfg.n, ds.n_users)
     needs = set(REQUIRES[cfg.method])
     arrays, inputs = {}, {}
     for name in ("influence", "effort"):
