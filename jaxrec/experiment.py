@@ -55,6 +55,11 @@ class ExperimentConfig:
     # grid over per-run options, crossed with methods and seeds:
     # {"select.n": [128, 256], "select.lamda": [0.1, 0.3]} (keys of select / finetune / evaluate)
     sweep: dict = field(default_factory=dict)
+    # > 0: also report every metric per user group (paper Fig. 6): the evaluated users split into
+    # this many equal groups by their test loss under the `reference` method's run (same seed
+    # and grid point), easiest (lowest loss) first
+    user_groups: int = 0
+    reference: str = "random"
 
 
 @dataclass
@@ -152,6 +157,55 @@ def per_user_metrics(predictions: Path, ks=(10, 20)) -> tuple[np.ndarray, dict[s
             hits.append(top + [False] * (max(ks) - len(top)))
             n_truth.append(len(truth))
     return np.asarray(rows), per_user_recall_ndcg(np.asarray(hits), np.asarray(n_truth), ks)
+
+
+def per_user_losses(predictions: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, loss)`` of every evaluated user: the fine-tuned model's loss of the user's test
+    target, as the evaluation recorded it (field ``loss`` of ``predictions.jsonl``)."""
+    rows, losses = [], []
+    with open(predictions, encoding="utf-8") as f:
+        for line in f:
+            p = json.loads(line)
+            if "loss" not in p:
+                raise UserError(f"{predictions}: no per-user 'loss'; user groups need an "
+                                "evaluation that records it")
+            rows.append(int(p["row"]))
+            losses.append(float(p["loss"]))
+    return np.asarray(rows), np.asarray(losses)
+
+
+def loss_groups(losses: np.ndarray, n_groups: int = 3) -> np.ndarray:
+    """The group of each user, 0 (lowest loss: easiest) .. ``n_groups - 1`` (hardest): equal
+    sizes (differing by at most one user), ties kept in input order (paper Fig. 6)."""
+    order = np.argsort(np.asarray(losses), kind="stable")
+    groups = np.empty(len(order), dtype=np.int64)
+    for g, part in enumerate(np.array_split(order, n_groups)):
+        groups[part] = g
+    return groups
+
+
+def group_rows(rows: list[dict], keys: list[str], reference: str, n_groups: int) -> list[dict]:
+    """Every run's metrics within each user group of the ``reference`` run with the same seed
+    and grid point (a run without its reference is left out): rows with a ``group`` column
+    (1 = easiest)."""
+    index = {(tuple(r[k] for k in keys), r["method"], r["seed"]): r for r in rows}
+    out = []
+    for r in rows:
+        point = tuple(r[k] for k in keys)
+        ref = index.get((point, reference, r["seed"]))
+        if ref is None:
+            continue
+        ref_users, ref_loss = per_user_losses(Path(ref["predictions"]))
+        where = {int(u): g for u, g in zip(ref_users, loss_groups(ref_loss, n_groups))}
+        users, metrics = per_user_metrics(Path(r["predictions"]))
+        group = np.array([where[int(u)] for u in users])
+        for g in range(n_groups):
+            mask = group == g
+            out.append({**dict(zip(keys, point)), "group": g + 1, "method": r["method"],
+                        "seed": r["seed"], **{k: float(metrics[k][mask].mean()) for k in METRICS},
+                        "n_users": int(mask.sum()),
+                        **{f"{s}_seconds": r[f"{s}_seconds"] for s in PER_RUN}})
+    return out
 
 
 def cell_row(cell: Cell, d: Path, seconds: dict) -> dict:
@@ -321,6 +375,9 @@ def read_experiment(args: ExperimentArgs) -> tuple[dict, ExperimentConfig, list[
     exp = make_config(ExperimentConfig, data.get("experiment") or {}, source)
     if not exp.methods or not exp.seeds:
         raise UserError(f"{source}: methods and seeds must not be empty")
+    if exp.user_groups < 0 or (exp.user_groups and exp.reference not in exp.methods):
+        raise UserError(f"{source}: user_groups must be >= 0 and the reference method "
+                        f"{exp.reference!r} one of the methods")
     for method in exp.methods:
         try:
             check_method(method)
@@ -367,6 +424,14 @@ def main(args: ExperimentArgs) -> int:
         rows.append(cell_row(cell, d, seconds))
     keys = list(exp.sweep)
     write_results(workdir, rows, exp.methods, keys, shared_seconds)
+    if exp.user_groups > 0:
+        groups = group_rows(rows, keys, exp.reference, exp.user_groups)
+        table, tests = summarise(groups, exp.methods, [*keys, "group"])
+        write_csv(workdir / "groups.csv", table)
+        (workdir / "groups.md").write_text(
+            f"Users split into {exp.user_groups} equal groups by their test loss under the "
+            f"{exp.reference!r} run of the same seed (group 1: lowest loss)\n\n"
+            + markdown(table, tests, [], {}, [*keys, "group"]))
     write_json(workdir / "experiment.json", {
         "config": str(args.config), "backend": pipe.backend, "methods": exp.methods,
         "seeds": exp.seeds, "sweep": exp.sweep, "runs_finished": len(rows),
@@ -393,4 +458,4 @@ def write_results(workdir: Path, rows: list[dict], methods: list[str], keys: lis
 
 
 __all__ = ["ExperimentConfig", "ExperimentArgs", "Cell", "check_sweep", "per_user_metrics",
-           "summarise", "user_tests", "main"]
+           "per_user_losses", "loss_groups", "group_rows", "summarise", "user_tests", "main"]

@@ -8,7 +8,8 @@ import pytest
 
 from jaxrec.data.ranking import per_user_recall_ndcg, recall_ndcg
 from jaxrec.errors import UserError
-from jaxrec.experiment import Cell, check_sweep, per_user_metrics, user_tests
+from jaxrec.experiment import (Cell, check_sweep, group_rows, loss_groups, per_user_metrics,
+                               user_tests)
 
 
 def test_per_user_metrics_hand_worked():
@@ -69,3 +70,30 @@ def test_user_tests_pair_users_over_seeds(tmp_path):
     assert t["n_users"] == n and t["seeds"] == 2
     assert t["random"] == pytest.approx(0.25) and t["mean"] == pytest.approx(25 / 40)
     assert t["better"] == 20 and t["worse"] == 0 and t["p_wilcoxon"] < 1e-3
+
+
+def test_loss_groups_partition_equal_and_ordered():
+    rng = np.random.default_rng(0)
+    losses = rng.random(31)
+    groups = loss_groups(losses, 3)
+    sizes = np.bincount(groups)
+    assert sizes.sum() == 31 and sizes.max() - sizes.min() <= 1 and len(sizes) == 3
+    assert losses[groups == 0].max() <= losses[groups == 1].min()
+    assert losses[groups == 1].max() <= losses[groups == 2].min()
+
+
+def test_group_rows_use_the_reference_runs_groups(tmp_path):
+    def run(name, method, hits, losses):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"row": r, "top": [1] if h else [2], "truth": [1],
+                                            "loss": l}) + "\n"
+                                for r, (h, l) in enumerate(zip(hits, losses))))
+        return {"method": method, "seed": 0, "predictions": str(path), "select_seconds": 0,
+                "finetune_seconds": 0, "evaluate_seconds": 0}
+    # random's losses put users 3,4,5 in the easiest group; dealrec hits exactly users 0,1,2
+    ref = run("r", "random", [1, 0, 0, 1, 1, 1], [9, 8, 7, 1, 2, 3])
+    other = run("d", "dealrec", [1, 1, 1, 0, 0, 0], [0] * 6)
+    rows = group_rows([ref, other], [], "random", 2)
+    got = {(r["method"], r["group"]): r["recall@10"] for r in rows}
+    assert got == {("random", 1): 1.0, ("random", 2): 1 / 3,
+                   ("dealrec", 1): 0.0, ("dealrec", 2): 1.0}
