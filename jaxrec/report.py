@@ -1,4 +1,5 @@
-"""``dealrec report RUN_DIR``: PNG plots of a pipeline run's scores and selection.
+"""``dealrec report RUN_DIR``: PNG plots of a pipeline run's scores and selection (and, for a
+``dealrec experiment`` folder, the paper's figures: :mod:`jaxrec.figures`).
 
 Reads what the pipeline wrote in ``RUN_DIR`` (``influence.npy``, ``effort.npy``,
 ``selected.npy`` with their manifests, and the LiSSA norm trace ``influence_trace.npy``) and
@@ -117,6 +118,17 @@ def _save(fig, path: Path, plt) -> Path:
 
 
 def main(args) -> int:
-    for path in make_report(args.run_dir, args.out):
+    """Plots of a run; for an experiment folder also the paper's figures
+    (:mod:`jaxrec.figures`)."""
+    paths = []
+    if (Path(args.run_dir) / "experiment.json").is_file():
+        from jaxrec.figures import experiment_figures
+        paths += experiment_figures(args.run_dir, args.out)
+    try:
+        paths += make_report(args.run_dir, args.out)
+    except UserError:
+        if not paths:
+            raise
+    for path in paths:
         print(path)
     return 0

@@ -97,3 +97,25 @@ def test_group_rows_use_the_reference_runs_groups(tmp_path):
     got = {(r["method"], r["group"]): r["recall@10"] for r in rows}
     assert got == {("random", 1): 1.0, ("random", 2): 1 / 3,
                    ("dealrec", 1): 0.0, ("dealrec", 2): 1.0}
+
+
+def test_figures_from_a_sweep_and_groups(tmp_path):
+    from jaxrec.experiment import summarise, write_csv
+    from jaxrec.figures import experiment_figures, read_table
+    rows = []
+    for n in (8, 16):
+        for method in ("random", "dealrec", "all"):
+            for seed in (0, 1):
+                rows.append({"select.n": n, "method": method, "seed": seed,
+                             **{k: 0.01 * n + seed * 0.001 for k in
+                                ("recall@10", "recall@20", "ndcg@10", "ndcg@20")},
+                             "select_seconds": 1, "finetune_seconds": n, "evaluate_seconds": 2})
+    table, _ = summarise(rows, ["random", "dealrec", "all"], ["select.n"])
+    write_csv(tmp_path / "results.csv", table)
+    groups = [dict(r, group=g) for r in table for g in (1, 2, 3)]
+    write_csv(tmp_path / "groups.csv", groups)
+    (tmp_path / "experiment.json").write_text(json.dumps({"sweep": {"select.n": [8, 16]}}))
+    assert read_table(tmp_path / "results.csv")[0]["recall@20_mean"] == pytest.approx(0.0805)
+    written = experiment_figures(tmp_path)
+    assert {p.name for p in written} == {"sweep_select.n.png", "groups.png"}
+    assert all(p.stat().st_size > 5000 for p in written)
