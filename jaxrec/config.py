@@ -134,7 +134,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def load_config_file(path: str | Path) -> dict:
-    """Read a YAML config file into a dict of sections."""
+    """Read a YAML config file into a dict of sections. A top-level ``base: FILE`` (relative to
+    this file) is read first; this file's keys override it, section by section."""
     import yaml
 
     path = Path(path)
@@ -146,7 +147,16 @@ def load_config_file(path: str | Path) -> dict:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config file must be a mapping of sections")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = load_config_file(path.parent / str(base))
+    merged = {name: dict(section or {}) for name, section in parent.items()}
+    for name, section in data.items():
+        if not isinstance(section, dict):
+            raise UserError(f"{path}: section {name!r} must be a mapping of keys")
+        merged[name] = {**merged.get(name, {}), **section}
+    return merged
 
 
 def make_config(cls, values: dict | None = None, source: str = "config"):

@@ -60,6 +60,9 @@ class ExperimentConfig:
     # and grid point), easiest (lowest loss) first
     user_groups: int = 0
     reference: str = "random"
+    # "" = tables and figures in the workdir; NAME = in workdir/studies/NAME (so several studies
+    # share one workdir: its shared stages and any run with the same options)
+    name: str = ""
 
 
 @dataclass
@@ -423,23 +426,25 @@ def main(args: ExperimentArgs) -> int:
             continue
         rows.append(cell_row(cell, d, seconds))
     keys = list(exp.sweep)
-    write_results(workdir, rows, exp.methods, keys, shared_seconds)
+    results = workdir / "studies" / exp.name if exp.name else workdir
+    results.mkdir(parents=True, exist_ok=True)
+    write_results(results, rows, exp.methods, keys, shared_seconds)
     if exp.user_groups > 0:
         groups = group_rows(rows, keys, exp.reference, exp.user_groups)
         table, tests = summarise(groups, exp.methods, [*keys, "group"])
-        write_csv(workdir / "groups.csv", table)
-        (workdir / "groups.md").write_text(
+        write_csv(results / "groups.csv", table)
+        (results / "groups.md").write_text(
             f"Users split into {exp.user_groups} equal groups by their test loss under the "
             f"{exp.reference!r} run of the same seed (group 1: lowest loss)\n\n"
             + markdown(table, tests, [], {}, [*keys, "group"]))
-    write_json(workdir / "experiment.json", {
+    write_json(results / "experiment.json", {
         "config": str(args.config), "backend": pipe.backend, "methods": exp.methods,
         "seeds": exp.seeds, "sweep": exp.sweep, "runs_finished": len(rows),
         "runs_total": len(cells), "finished": time.time()})
     if len(rows) < len(cells):
         log.say(f"{len(rows)} of {len(cells)} runs finished; run the command again (without "
                 "--methods/--seeds) to finish the rest")
-    print((workdir / "results.md").read_text())
+    print((results / "results.md").read_text())
     return 0
 
 
