@@ -217,6 +217,25 @@ def generate(model, tokenizer, ids: list[list[int]], *, beams: int = 4, max_new_
     return out
 
 
+@torch.no_grad()
+def target_losses(model, tokenizer, histories: list[list[str]], targets: list[str], *,
+                  cutoff_len: int = 512, batch_size: int = 8) -> np.ndarray:
+    """``[n]`` the fine-tuned model's Eq. 1 loss of each user's first split item's title given
+    the prompt (the per-user difficulty of paper Fig. 6)."""
+    from llm_bridge.effort import per_sample_losses
+
+    samples = [encode_sample(tokenizer, h, t, cutoff_len=cutoff_len)
+               for h, t in zip(histories, targets)]
+    device = next(model.parameters()).device
+    out = np.zeros(len(samples))
+    for start in range(0, len(samples), batch_size):
+        batch = collate(samples[start:start + batch_size], tokenizer.pad_token_id, "right")
+        batch = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
+        out[start:start + batch_size] = per_sample_losses(
+            model, batch["input_ids"], batch["attention_mask"], batch["labels"]).float().cpu()
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 def eval_users(ds, split: str, n: int = 0, seed: int = 0) -> np.ndarray:
     """Rows of users with items in ``split``; ``n > 0`` draws a seeded subsample (sorted)."""
@@ -268,6 +287,9 @@ def main(cfg: EvaluateConfig) -> int:
     texts = generate(model, tokenizer, prompts, beams=cfg.beams,
                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     t2 = time.perf_counter()
+    losses = target_losses(model, tokenizer, [[ds.titles[i] for i in hist[r]] for r in rows],
+                           [ds.titles[int(ds.split(cfg.split)[r][0])] for r in rows],
+                           cutoff_len=cfg.cutoff_len, batch_size=cfg.batch_size)
     pred_emb = embed_texts(model, tokenizer, texts, batch_size=max(cfg.batch_size, 32),
                            desc="embed predictions")
     ranked = rank_items(pred_emb, item_emb, max(KS))
@@ -289,8 +311,9 @@ def main(cfg: EvaluateConfig) -> int:
         "predictions": str(out.with_suffix(".predictions.jsonl")),
     }
     lines = [json.dumps({"row": int(r), "user_id": int(ds.user_ids[r]), "prediction": t,
-                         "top": [int(i) for i in ranked[j]],
-                         "truth": sorted(truth[j])}) for j, (r, t) in enumerate(zip(rows, texts))]
+                         "top": [int(i) for i in ranked[j]], "truth": sorted(truth[j]),
+                         "loss": round(float(losses[j]), 6)})
+             for j, (r, t) in enumerate(zip(rows, texts))]
     blob = ("\n".join(lines) + "\n").encode()
     atomic_write_bytes(out.with_suffix(".predictions.jsonl"), lambda f: f.write(blob))
     write_json(out, result)

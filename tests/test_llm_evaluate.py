@@ -151,6 +151,18 @@ def test_evaluate_end_to_end(env, adapter):
         # allow float-level reordering of near ties only
         assert p["top"][:5] == list(want[:5]) or np.allclose(
             np.sort(dist[np.asarray(p["top"][:5]) - 1]), np.sort(dist)[:5], atol=1e-5)
+    # per-user loss (paper Fig. 6 groups): the tuned model's plain loss of the first test item
+    from llm_bridge.model import add_lora as _add, load_tokenizer_and_model as _load
+    from llm_bridge.prompts import encode_sample
+    _, ref_model, _ = _load(env["model"], device="cpu", dtype="float32")
+    ref_model = _add(ref_model, adapter=adapter, trainable=False).eval()
+    for p in preds[:3]:
+        hist = [ds.titles[i] for i in np.concatenate([ds.train[p["row"]], ds.valid[p["row"]]])]
+        s = encode_sample(env["tok"], hist, ds.titles[int(ds.test[p["row"]][0])], cutoff_len=512)
+        with torch.no_grad():
+            ref = ref_model(input_ids=torch.tensor([s["input_ids"]]),
+                            labels=torch.tensor([s["labels"]])).loss.item()
+        assert p["loss"] == pytest.approx(ref, rel=1e-4)
     again = evaluate.rank_metrics([p["top"] for p in preds], [set(p["truth"]) for p in preds])
     for k, v in again.items():
         assert m[k] == pytest.approx(v)
