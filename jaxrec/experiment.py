@@ -400,17 +400,19 @@ def main(args: ExperimentArgs) -> int:
     pipe = data["pipeline"]
     workdir, dataset, log = prepare_workdir(data, args)
     wired = wire(data, workdir, dataset, pipe.backend)
-    shared = pipe.active(list(SHARED))
-    if not NEEDS_EFFORT & set(exp.methods):
-        shared.remove("effort")
     todo = [c for c in cells if (not args.methods or c.method in args.methods)
             and (not args.seeds or c.seed in args.seeds)]
+    shared = pipe.active(list(SHARED))
+    if not NEEDS_EFFORT & {c.method for c in todo}:
+        shared.remove("effort")                  # nothing to run now reads it
     log.say(f"dealrec experiment {args.config} ({pipe.backend}): {len(cells)} runs "
             f"({len(exp.methods)} methods x {len(exp.seeds)} seeds x "
             f"{len(cells) // (len(exp.methods) * len(exp.seeds))} grid points), "
             f"{len(todo)} of them now, in {workdir}")
     shared_seconds = run_stages(shared, wired, workdir, log)
-    upstream = digest([wired[s] for s in shared])
+    # a run depends on the shared stages it reads: effort only for the methods that use it
+    upstream = {m: digest([wired[s] for s in shared if s != "effort" or m in NEEDS_EFFORT])
+                for m in exp.methods}
     rows = []
     for cell in cells:
         d, w = wire_cell(wired, workdir, cell)
@@ -418,8 +420,8 @@ def main(args: ExperimentArgs) -> int:
             d.mkdir(parents=True, exist_ok=True)
             log.say(f"run {cell.name}")
             seconds = run_stages(list(PER_RUN), w, d, log, state_file=d / "stages.json",
-                                 upstream=upstream)
-        elif stages_finished(list(PER_RUN), w, d / "stages.json", upstream):
+                                 upstream=upstream[cell.method])
+        elif stages_finished(list(PER_RUN), w, d / "stages.json", upstream[cell.method]):
             state = json.loads((d / "stages.json").read_text())
             seconds = {s: state[s].get("seconds", 0.0) for s in PER_RUN}
         else:

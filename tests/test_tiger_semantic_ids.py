@@ -3,10 +3,6 @@ the file format and the command's error handling (small synthetic catalogues).""
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -14,10 +10,22 @@ from jaxrec.data import load_dataset, save_scores
 from jaxrec.data.synthetic import make_synthetic
 from jaxrec.errors import ScoreFileError, UserError
 from llm_bridge.config import SemanticIdConfig
-from llm_bridge.tiger import content, semantic_ids as sid
+from llm_bridge.tiger import content
+from llm_bridge.tiger import semantic_ids as sid
 
 
 # ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: these ops are tiny, and extra threads only contend on a shared CPU."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory):
     """A 60-user, 50-item synthetic dataset."""
@@ -61,8 +69,8 @@ def clustered(n=400, d=24, clusters=12, dup=(), seed=0):
 
 
 def small_cfg(**kw):
-    base = dict(levels=3, codebook_size=8, code_dim=8, hidden=[32, 16], epochs=40,
-                batch_size=64, lr=3e-3, seed=0, device="cpu")
+    base = {"levels": 3, "codebook_size": 8, "code_dim": 8, "hidden": [32, 16], "epochs": 40,
+            "batch_size": 64, "lr": 3e-3, "seed": 0, "device": "cpu"}
     return SemanticIdConfig(**{**base, **kw})
 
 
@@ -159,6 +167,20 @@ def test_encoder_folder_and_cache_reuse(syn, tiny_encoder, tmp_path, monkeypatch
     other = load_dataset(make_synthetic(tmp_path / "other", n_users=61, n_items=50, seed=1))
     with pytest.raises(AssertionError, match="recomputed"):          # another dataset: a miss
         content.item_embeddings(other, encoder=str(tiny_encoder), cache_dir=tmp_path)
+    with pytest.raises(AssertionError, match="recomputed"):          # another precision: a miss
+        content.item_embeddings(ds, encoder=str(tiny_encoder), cache_dir=tmp_path,
+                                precision="bfloat16")
+
+
+def test_bfloat16_precision_is_close_to_float32(minilm):
+    tok, model, _, _ = minilm
+    texts = ["Anno 2070 - PC. Video Games, PC, Games", "Super Mario Bros", "Zelda"]
+    exact = content.encode_texts(tok, model, texts, progress=False)
+    fast = content.encode_texts(tok, model, texts, progress=False, precision="bfloat16")
+    cos = (exact * fast).sum(1)
+    assert cos.min() > 0.999 and not np.array_equal(exact, fast)
+    with pytest.raises(UserError, match="precision"):
+        content.encode_texts(tok, model, texts, precision="int8")
 
 
 def test_missing_package_gives_install_hint(monkeypatch):
