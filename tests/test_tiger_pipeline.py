@@ -10,7 +10,7 @@ import yaml
 from jaxrec.cli import main as cli
 from jaxrec.data.synthetic import make_synthetic
 
-pytest.importorskip("llm_bridge.tiger.finetune")
+pytest.importorskip("llm_bridge.tiger.effort")
 
 
 @pytest.fixture(scope="module")

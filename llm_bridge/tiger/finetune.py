@@ -1,0 +1,316 @@
+"""``dealrec finetune --backend tiger``: TIGER's T5 fully fine-tuned on the selected users.
+
+Every parameter of the randomly initialised T5 (:mod:`llm_bridge.tiger.model`, seed
+``init_seed``) trains on the selected users' training samples (input: the codes of the last
+``max_history`` history items then EOS; target: the last train item's codes then EOS; loss:
+the mean token cross-entropy of the target tokens, as in TIGER) with AdamW (``lr``,
+``weight_decay``; no decay on the layer-norm weights, as the HF Trainer of TIGER's few-shot
+code does), a per-step cosine schedule from ``lr`` to 0 over ``epochs`` epochs (or a constant
+rate), micro-batches of ``batch_size`` with ``grad_accum`` micro-batches per step, dropout 0.1,
+and a seeded sample order (``seed``; also the dropout RNG). After every epoch the same users'
+valid samples (history = all train items, target = the first valid item) are scored in eval
+mode; training stops when that loss has not improved for ``patience`` epochs and the best
+epoch's model is kept. When no selected user has a valid item, a fixed ``fallback_epochs`` are
+trained and the last model is kept.
+
+Output folder ``OUT``: ``config.json`` + ``model.safetensors`` (the best model,
+``save_pretrained``), ``checkpoint/`` (the last finished epoch's model, optimizer, scheduler and
+RNG state: a killed run continues where it stopped with the same result), and, written last,
+``train_record.json`` (settings, the semantic IDs' digest that evaluation checks, per-epoch
+losses, best epoch, seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from jaxrec.data import load_dataset, load_scores, write_json
+from jaxrec.data.dataset import sha256_file
+from jaxrec.data.scorefiles import atomic_write_bytes
+from jaxrec.errors import UserError
+from llm_bridge.config import FinetuneConfig
+from llm_bridge.tiger.model import (
+    build_model,
+    codes_digest,
+    cpu_threads,
+    item_tokens,
+    pad_inputs,
+    user_samples,
+)
+
+# Settings that must match for a checkpoint to be continued (``patience`` may change).
+_RESUME_KEYS = ("lr", "weight_decay", "schedule", "epochs", "fallback_epochs", "batch_size",
+                "grad_accum", "max_history", "init_seed", "seed")
+MICRO_TOKENS = 4096     # padded input tokens per forward/backward chunk (see length_chunks)
+
+
+# ----------------------------------------------------------------------------- inputs
+def load_codes(path: str, ds) -> tuple[np.ndarray, list[int]]:
+    """The semantic IDs of ``ds`` from ``path`` (``dealrec semantic-ids``) and their codebook
+    sizes; one-line :class:`UserError` when missing or made for another dataset."""
+    from llm_bridge.tiger.semantic_ids import load_semantic_ids, vocab_sizes
+
+    if not path:
+        raise UserError("--backend tiger needs --semantic-ids (the file of `dealrec semantic-ids`)")
+    codes, manifest = load_semantic_ids(path, ds)
+    return codes, vocab_sizes(manifest)
+
+
+def _check(cfg: FinetuneConfig) -> None:
+    if min(cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.patience, cfg.fallback_epochs) < 1:
+        raise UserError("batch_size, grad_accum, epochs, patience and fallback_epochs must be >= 1")
+    if cfg.max_history < 1 or cfg.lr <= 0 or cfg.weight_decay < 0:
+        raise UserError("max_history must be >= 1, lr > 0 and weight_decay >= 0")
+    if cfg.schedule not in ("constant", "cosine"):
+        raise UserError(f"--schedule {cfg.schedule!r}: expected constant or cosine")
+
+
+def _tensors(inputs, targets, rows, device):
+    ids, mask = pad_inputs([inputs[r] for r in rows], device)
+    return ids, mask, torch.as_tensor(targets[rows], device=device)
+
+
+def length_chunks(rows, inputs, max_tokens: int = MICRO_TOKENS) -> list[np.ndarray]:
+    """``rows`` sorted by input length and cut into chunks of at most ``max_tokens`` padded
+    tokens (at least one row each): a batch's gradient is the sum of its chunks' gradients,
+    with far less padding than one ``[B, longest]`` batch."""
+    rows = np.asarray(rows)[np.argsort([len(inputs[r]) for r in rows], kind="stable")]
+    chunks, start = [], 0
+    for end in range(1, len(rows) + 1):
+        if end == len(rows) or len(inputs[rows[end]]) * (end + 1 - start) > max_tokens:
+            chunks.append(rows[start:end])
+            start = end
+    return chunks
+
+
+@torch.no_grad()
+def dataset_loss(model, inputs, targets, batch_size: int = 256) -> float:
+    """Mean over samples (= over target tokens: all samples have ``L + 1``) of the loss, eval
+    mode; ``nan`` for no samples."""
+    if not len(inputs):
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    for rows in length_chunks(range(len(inputs)), inputs, max(MICRO_TOKENS, batch_size)):
+        ids, mask, tgt = _tensors(inputs, targets, rows, device)
+        total += float(model(input_ids=ids, attention_mask=mask, labels=tgt).loss) * len(ids)
+    model.train(was_training)
+    return total / len(inputs)
+
+
+# ----------------------------------------------------------------------------- optimisation
+def make_optimizer(model, cfg: FinetuneConfig, total_steps: int):
+    """AdamW over all parameters (no weight decay on layer norms) and a per-step ``LambdaLR``:
+    cosine from ``lr`` to 0 over ``total_steps``, or constant."""
+    decay = [p for n, p in model.named_parameters() if "layer_norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if "layer_norm" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    if cfg.schedule == "cosine":
+        def factor(step):
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    else:
+        def factor(step):
+            return 1.0
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_epoch(model, inputs, targets, order, opt, sched, batch_size: int,
+                grad_accum: int) -> tuple[float, int]:
+    """One epoch over ``order`` in batches of ``batch_size`` samples, ``grad_accum`` batches
+    per optimizer step (the last step may take fewer). Each batch runs as length-sorted chunks
+    (:func:`length_chunks`) whose losses are weighted by their share of the batch, so the
+    gradient is that of the batch's mean loss. Returns the mean batch loss and the number of
+    optimizer steps."""
+    model.train()
+    device = next(model.parameters()).device
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    losses, steps = [], 0
+    opt.zero_grad(set_to_none=True)
+    for i, batch in enumerate(batches):
+        group_start = (i // grad_accum) * grad_accum
+        in_group = min(grad_accum, len(batches) - group_start)
+        total = 0.0
+        for rows in length_chunks(batch, inputs):
+            ids, mask, tgt = _tensors(inputs, targets, rows, device)
+            loss = model(input_ids=ids, attention_mask=mask, labels=tgt).loss * (len(rows) / len(batch))
+            (loss / in_group).backward()
+            total += loss.item()
+        losses.append(total)
+        if i - group_start + 1 == in_group:
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            steps += 1
+    return float(np.mean(losses)), steps
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _weights(model) -> dict[str, torch.Tensor]:
+    """Parameters by name, tied weights once (safetensors refuses shared tensors)."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
+
+
+def save_best(model, out: Path) -> None:
+    """``save_pretrained`` (safetensors) into ``out``, file by file atomically."""
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".best-"))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(ckpt: Path, epoch: int, model, opt, sched, state: dict) -> None:
+    """Epoch-numbered model and optimizer files, then ``state.json`` (the commit point)."""
+    from safetensors.torch import save as st_save
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    blob = st_save(_weights(model))
+    atomic_write_bytes(ckpt / f"model-{epoch}.safetensors", lambda f: f.write(blob))
+    extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        extra["cuda_rng"] = torch.cuda.get_rng_state_all()
+    atomic_write_bytes(ckpt / f"optimizer-{epoch}.pt", lambda f: torch.save(extra, f))
+    write_json(ckpt / "state.json", {**state, "epoch": epoch})
+    for f in ckpt.iterdir():        # older epochs are no longer needed
+        if f.name.startswith(("model-", "optimizer-")) and f.stem.split("-")[-1] != str(epoch):
+            f.unlink(missing_ok=True)
+
+
+def load_checkpoint(ckpt: Path, model, opt, sched) -> dict:
+    """Restore model, optimizer, scheduler and RNG state; returns ``state.json``."""
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / "state.json").read_text())
+    epoch = state["epoch"]
+    device = next(model.parameters()).device
+    weights = load_file(str(ckpt / f"model-{epoch}.safetensors"), device=str(device))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+    extra = torch.load(ckpt / f"optimizer-{epoch}.pt", map_location=device, weights_only=True)
+    opt.load_state_dict(extra["optimizer"])
+    sched.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["torch_rng"].cpu())
+    if "cuda_rng" in extra and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in extra["cuda_rng"]])
+    return state
+
+
+# ----------------------------------------------------------------------------- main
+def _resume_state(cfg: FinetuneConfig, ckpt: Path, settings: dict) -> dict | None:
+    """The checkpoint's ``state.json`` when resuming; :class:`UserError` if made otherwise."""
+    if not (cfg.resume and (ckpt / "state.json").is_file()):
+        return None
+    state = json.loads((ckpt / "state.json").read_text())
+    if state.get("settings") != settings:
+        diff = sorted(k for k in settings if state.get("settings", {}).get(k) != settings[k])
+        raise UserError(f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)}); "
+                        "use --no-resume to start over or another --out")
+    return state
+
+
+def _fit(model, opt, sched, cfg, train, valid, record: dict, out: Path, resume) -> dict:
+    """The epoch loop with early stopping, best-model saving and per-epoch checkpoints."""
+    ckpt, early = out / "checkpoint", record["early_stopping"]
+    max_epochs, n_train = record["max_epochs"], len(train[0])
+    start_epoch, bad = 1, 0
+    if resume is not None:
+        state = load_checkpoint(ckpt, model, opt, sched)
+        record.update({k: state["record"][k] for k in ("epochs", "best_epoch",
+                                                        "best_valid_loss", "seconds")})
+        start_epoch, bad = state["epoch"] + 1, state["bad_epochs"]
+        print(f"finetune: resuming after epoch {state['epoch']} from {ckpt}")
+    t_run, seconds_before = time.perf_counter(), record["seconds"]
+    bar = tqdm(range(start_epoch, max_epochs + 1), initial=start_epoch - 1, total=max_epochs,
+               desc="finetune tiger", unit="epoch")
+    for epoch in bar:
+        if early and bad >= cfg.patience:
+            break
+        t0 = time.perf_counter()
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)
+        loss, steps = train_epoch(model, *train, order, opt, sched, cfg.batch_size, cfg.grad_accum)
+        train_seconds = time.perf_counter() - t0
+        vloss = dataset_loss(model, *valid, batch_size=max(cfg.batch_size, 256)) if early else None
+        record["epochs"].append({"epoch": epoch, "train_loss": loss, "valid_loss": vloss,
+                                 "optimizer_steps": steps, "lr": sched.get_last_lr()[0],
+                                 "train_seconds": round(train_seconds, 3),
+                                 "seconds": round(time.perf_counter() - t0, 3)})
+        improved = not early or record["best_valid_loss"] is None or vloss < record["best_valid_loss"]
+        if improved:
+            record["best_epoch"], record["best_valid_loss"], bad = epoch, vloss, 0
+            save_best(model, out)
+        else:
+            bad += 1
+        record["seconds"] = round(seconds_before + time.perf_counter() - t_run, 3)
+        bar.set_postfix(loss=f"{loss:.4f}", valid=f"{vloss:.4f}" if early else "-",
+                        best=record["best_epoch"])
+        save_checkpoint(ckpt, epoch, model, opt, sched,
+                        {"settings": record["settings"], "bad_epochs": bad, "record": record})
+    bar.close()
+    return record
+
+
+def main(cfg: FinetuneConfig) -> int:
+    """Fine-tune all T5 parameters on the selection's samples, early-stopped on the same
+    users' valid loss; write the best model, then ``train_record.json``, to ``cfg.out``."""
+    from llm_bridge.finetune import check_selection
+    from llm_bridge.model import resolve_device_dtype
+
+    _check(cfg)
+    ds = load_dataset(cfg.data)
+    codes, sizes = load_codes(cfg.semantic_ids, ds)
+    selection, _ = load_scores(cfg.selection, kind="selection", dataset=ds.fingerprint())
+    selection = check_selection(selection, ds.n_users, cfg.selection)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    settings = {"dataset": ds.fingerprint(), "selection_sha256": sha256_file(Path(cfg.selection)),
+                "semantic_ids": codes_digest(codes, sizes),
+                **{k: getattr(cfg, k) for k in _RESUME_KEYS}}
+    resume = _resume_state(cfg, out / "checkpoint", settings)
+    device, _ = resolve_device_dtype(cfg.device, "float32")
+    model = build_model(sizes, cfg.init_seed, device)
+    torch.manual_seed(cfg.seed)                     # sample order is numpy; this is dropout
+    tokens = item_tokens(codes, sizes)
+    train = user_samples(ds, selection, tokens, cfg.max_history, "train")[:2]
+    valid = user_samples(ds, selection, tokens, cfg.max_history, "valid")[:2]
+    early = len(valid[0]) > 0
+    max_epochs = cfg.epochs if early else min(cfg.epochs, cfg.fallback_epochs)
+    if not early:
+        print(f"finetune: none of the {len(selection)} selected users has a valid item; "
+              f"no early stopping, training a fixed {max_epochs} epochs")
+    steps = max_epochs * math.ceil(math.ceil(len(train[0]) / cfg.batch_size) / cfg.grad_accum)
+    opt, sched = make_optimizer(model, cfg, steps)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"backend": "tiger", "settings": settings, "config": asdict(cfg),
+              "semantic_ids_path": str(cfg.semantic_ids), "device": str(device),
+              "n_params": sum(p.numel() for p in model.parameters()),
+              "n_train_samples": len(train[0]), "n_valid_samples": len(valid[0]),
+              "early_stopping": early, "max_epochs": max_epochs, "epochs": [],
+              "best_epoch": None, "best_valid_loss": None, "seconds": 0.0}
+    with cpu_threads(device):
+        record = _fit(model, opt, sched, cfg, train, valid, record, out, resume)
+    n_epochs = len(record["epochs"])
+    record["stopped_early"] = early and n_epochs < max_epochs
+    record["seconds_per_epoch"] = round(record["seconds"] / max(n_epochs, 1), 3)
+    record["finished"] = True
+    write_json(out / "train_record.json", record)
+    print(f"finetune: best epoch {record['best_epoch']} of {n_epochs}; model in {out}")
+    return 0
