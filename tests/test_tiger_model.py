@@ -231,7 +231,7 @@ def test_finetune_other_settings_do_not_resume(syn, tmp_path):
 
 
 def test_finetune_codes_of_another_dataset_fail_before_writing(syn, tmp_path):
-    root, path, ds, codes, sizes = syn
+    root, path, _ds, codes, sizes = syn
     other = load_dataset(make_synthetic(tmp_path / "other", n_users=50, n_items=40, seed=9))
     write_codes(tmp_path / "other_codes.npy", other, codes, sizes)
     out = tmp_path / "model"
@@ -266,7 +266,7 @@ def test_evaluate_writes_metrics_and_predictions(syn, finetuned, tmp_path):
 
 
 def test_evaluate_with_other_codes_fails_in_one_line(syn, finetuned, tmp_path):
-    root, path, ds, codes, sizes = syn
+    root, path, ds, _codes, sizes = syn
     write_codes(tmp_path / "codes2.npy", ds, random_codes(ds.n_items, sizes, seed=99), sizes)
     out = tmp_path / "metrics.json"
     with pytest.raises(UserError, match="other semantic IDs") as err:

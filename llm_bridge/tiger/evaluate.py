@@ -88,10 +88,13 @@ def target_losses(model, inputs: list[list[int]], targets: np.ndarray,
     return out
 
 
-def _predictions(ds, rows, items, scores, truth, losses) -> bytes:
-    lines = [json.dumps({"row": int(r), "user_id": int(ds.user_ids[r]), "loss": round(float(losses[j]), 6),
-                         "top": [int(i) for i in items[j] if i > 0],
-                         "scores": [round(float(s), 5) for i, s in zip(items[j], scores[j]) if i > 0],
+def _predictions(ds, rows, items, scores, truth, losses, k: int) -> bytes:
+    """One JSON line per user: its top ``k`` items and their beam log-probs, best first."""
+    lines = [json.dumps({"row": int(r), "user_id": int(ds.user_ids[r]),
+                         "loss": round(float(losses[j]), 6),
+                         "top": [int(i) for i in items[j, :k] if i > 0],
+                         "scores": [round(float(s), 5) for i, s in zip(items[j, :k], scores[j, :k])
+                                    if i > 0],
                          "truth": sorted(truth[j])}) for j, r in enumerate(rows)]
     return ("\n".join(lines) + "\n").encode()
 
@@ -136,7 +139,7 @@ def main(cfg: EvaluateConfig) -> int:
         "semantic_ids": cfg.semantic_ids, "config": asdict(cfg),
         "predictions": str(out.with_suffix(".predictions.jsonl")),
     }
-    blob = _predictions(ds, rows, items, scores, truth, losses)
+    blob = _predictions(ds, rows, items, scores, truth, losses, max(KS))
     atomic_write_bytes(out.with_suffix(".predictions.jsonl"), lambda f: f.write(blob))
     write_json(out, result)
     print(f"evaluate {cfg.split} ({len(rows)} users, tiger): "

@@ -52,7 +52,7 @@ from llm_bridge.tiger.model import (
 # Settings that must match for a checkpoint to be continued (``patience`` may change).
 _RESUME_KEYS = ("lr", "weight_decay", "schedule", "epochs", "fallback_epochs", "batch_size",
                 "grad_accum", "max_history", "init_seed", "seed")
-MICRO_TOKENS = 4096     # padded input tokens per forward/backward chunk (see length_chunks)
+MICRO_TOKENS = 2048     # padded input tokens per forward/backward chunk (see length_chunks)
 
 
 # ----------------------------------------------------------------------------- inputs

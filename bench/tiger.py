@@ -1,0 +1,234 @@
+"""Benchmark: the TIGER backend's effort, fine-tune and evaluation on full Games.
+
+Measures, each with wall and CPU seconds (on a shared machine the wall time depends on the load;
+the load average is recorded before and after each part):
+  1. ``effort``: Eq. 12 over all T5 parameters for every user (target <= 10 min), and side by
+     side on the same sample of users, in the same run: the batched exact method, a batch-1
+     autograd loop on the ``transformers`` module (target ratio >= 3x), the vmap(grad) reference,
+     and the batched method with 2 torch threads instead of 1; the largest relative difference
+     between the batched scores and the loop's;
+  2. ``finetune``: ``dealrec finetune --backend tiger`` on 1,024 seeded random users to early
+     stopping (target <= 10 min), for each ``--batch-sizes``;
+  3. ``evaluate``: ``dealrec evaluate --backend tiger`` on all 8,696 test users, beam 20
+     (target <= 10 min), and on a sample the beam search with and without the decoder cache.
+
+Usage::
+
+    nice -n 10 python bench/tiger.py [--data ../shared/data/games] [--semantic-ids FILE]
+        [--parts effort,finetune,evaluate] [--sample 256] [--batch-sizes 256] [--out DIR]
+
+Without ``--semantic-ids`` the codes are random and unique, codebook sizes ``[256, 256, 256, c]``
+(``c`` separates the few collisions of the first three), so the timings do not wait for an
+RQ-VAE. Results go to ``OUT/bench_tiger.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed(fn, *args, **kw):
+    """``(result, wall seconds, CPU seconds of this process)``."""
+    w, c = time.perf_counter(), time.process_time()
+    out = fn(*args, **kw)
+    return out, round(time.perf_counter() - w, 2), round(time.process_time() - c, 2)
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def random_codes_file(ds, path: Path, seed: int = 0) -> Path:
+    """Random unique codes ``[n_items, 4]`` (3 x 256 + a collision code) as a semantic-ID file."""
+    from jaxrec.data import save_scores
+
+    rng = np.random.default_rng(seed)
+    head = rng.integers(0, 256, (ds.n_items, 3))
+    _, group = np.unique(head, axis=0, return_inverse=True)
+    last, seen = np.zeros(ds.n_items, dtype=np.int64), {}
+    for i, g in enumerate(group.reshape(-1)):
+        last[i] = seen.get(g, 0)
+        seen[g] = last[i] + 1
+    codes = np.concatenate([head, last[:, None]], 1)
+    save_scores(path, codes, kind="semantic_ids", dataset=ds.fingerprint(),
+                codebook_sizes=[256, 256, 256, int(last.max()) + 1], method="random (bench)")
+    return path
+
+
+# ----------------------------------------------------------------------------- effort
+def bench_effort_sample(ds, codes, sizes, n: int, batch_size: int) -> dict:
+    """Batched vs batch-1 loop vs vmap (and 2 threads) on the same ``n`` users."""
+    import torch
+
+    from llm_bridge.tiger import effort as eff
+    from llm_bridge.tiger.model import (
+        Spec,
+        build_model,
+        item_tokens,
+        pad_inputs,
+        params_of,
+        user_samples,
+    )
+
+    rows = np.sort(np.random.default_rng(0).choice(ds.n_users, n, replace=False))
+    inputs, targets, _ = user_samples(ds, rows, item_tokens(codes, sizes), eff.MAX_HISTORY)
+    model = build_model(sizes, 0).eval()
+    torch.set_num_threads(1)
+    batched, w_b, c_b = timed(eff.score_samples, model, inputs, targets, batch_size=batch_size)
+    loop, w_l, c_l = timed(eff.loop_grad_norms, model, inputs, targets)
+    p, spec = params_of(model), Spec.of(model.config)
+
+    def vmap_all():
+        for idx in eff.length_batches([len(x) for x in inputs], 16):
+            ids, mask = pad_inputs([inputs[i] for i in idx])
+            eff.vmap_grad_norms(p, spec, ids, mask, torch.as_tensor(targets[idx]))
+    _, w_v, c_v = timed(vmap_all)
+    torch.set_num_threads(2)
+    _, w_2, c_2 = timed(eff.score_samples, model, inputs, targets, batch_size=batch_size)
+    torch.set_num_threads(1)
+    return {"n_users": n, "batch_size": batch_size,
+            "batched_1thread": {"wall_s": w_b, "cpu_s": c_b},
+            "loop_batch1_1thread": {"wall_s": w_l, "cpu_s": c_l},
+            "vmap_grad_bs16_1thread": {"wall_s": w_v, "cpu_s": c_v},
+            "batched_2threads": {"wall_s": w_2, "cpu_s": c_2},
+            "speedup_vs_loop_wall": round(w_l / w_b, 2), "speedup_vs_loop_cpu": round(c_l / c_b, 2),
+            "speedup_vs_vmap_wall": round(w_v / w_b, 2),
+            "max_rel_diff_vs_loop": float(np.max(np.abs(batched / loop - 1)))}
+
+
+def bench_effort(ds, args, codes_path: str, out: Path) -> dict:
+    from llm_bridge.config import EffortConfig
+    from llm_bridge.tiger.effort import main
+    from llm_bridge.tiger.finetune import load_codes
+
+    codes, sizes = load_codes(codes_path, ds)
+    result = {"load_before": load(),
+              "sample": bench_effort_sample(ds, codes, sizes, args.sample, args.effort_batch)}
+    cfg = EffortConfig(data=args.data, backend="tiger", semantic_ids=codes_path,
+                       out=str(out / "effort_tiger.npy"), batch_size=args.effort_batch,
+                       shard_size=4096, seed=0, resume=False)
+    _, wall, cpu = timed(main, cfg)
+    result["all_users"] = {"n_users": ds.n_users, "wall_s": wall, "cpu_s": cpu,
+                           "users_per_s": round(ds.n_users / wall, 1)}
+    result["load_after"] = load()
+    return result
+
+
+# ----------------------------------------------------------------------------- finetune, evaluate
+def bench_finetune(ds, args, codes_path: str, out: Path, batch_size: int) -> dict:
+    from jaxrec.data import save_scores
+    from llm_bridge.config import FinetuneConfig
+    from llm_bridge.tiger.finetune import main
+
+    sel = np.sort(np.random.default_rng(0).choice(ds.n_users, args.shots, replace=False))
+    save_scores(out / "selected.npy", sel, kind="selection", dataset=ds.fingerprint())
+    folder = out / f"tiger_bs{batch_size}"
+    cfg = FinetuneConfig(data=args.data, backend="tiger", semantic_ids=codes_path,
+                         selection=str(out / "selected.npy"), out=str(folder),
+                         epochs=args.max_epochs, patience=5, lr=1e-3, weight_decay=0.01, schedule="cosine",
+                         batch_size=batch_size, grad_accum=1, init_seed=0, seed=0, resume=False)
+    before = load()
+    _, wall, cpu = timed(main, cfg)
+    rec = json.loads((folder / "train_record.json").read_text())
+    return {"batch_size": batch_size, "shots": args.shots, "wall_s": wall, "cpu_s": cpu, "load_before": before,
+            "load_after": load(), "epochs": len(rec["epochs"]), "best_epoch": rec["best_epoch"],
+            "best_valid_loss": rec["best_valid_loss"], "seconds_per_epoch": rec["seconds_per_epoch"],
+            "n_valid_samples": rec["n_valid_samples"], "model": str(folder)}
+
+
+def bench_beam_cache(ds, codes, sizes, model_dir: str, n: int) -> dict:
+    import torch
+
+    from jaxrec.data import history
+    from llm_bridge.evaluate import eval_users
+    from llm_bridge.tiger.generate import build_trie, generate
+    from llm_bridge.tiger.model import history_input, item_tokens, load_model
+
+    torch.set_num_threads(1)
+    rows = eval_users(ds, "test", n, 0)
+    tokens, hist = item_tokens(codes, sizes), history(ds, "test")
+    inputs = [history_input(hist[r], tokens, 20) for r in rows]
+    model, trie = load_model(model_dir), build_trie(codes, sizes)
+    res = {}
+    for cache in (True, False):
+        (items, _), wall, cpu = timed(generate, model, inputs, trie, beams=20, batch_size=16,
+                                      cache=cache, desc=None)
+        res[f"cache_{cache}"] = {"wall_s": wall, "cpu_s": cpu}
+        res.setdefault("items", items)
+    same = bool((res.pop("items") == items).all())
+    return {"n_users": n, **res, "same_result": same}
+
+
+def bench_evaluate(ds, args, codes_path: str, out: Path, model_dir: str) -> dict:
+    from llm_bridge.config import EvaluateConfig
+    from llm_bridge.tiger.evaluate import main
+    from llm_bridge.tiger.finetune import load_codes
+
+    codes, sizes = load_codes(codes_path, ds)
+    result = {"load_before": load(),
+              "cache_vs_recompute": bench_beam_cache(ds, codes, sizes, model_dir, args.sample)}
+    cfg = EvaluateConfig(data=args.data, backend="tiger", semantic_ids=codes_path,
+                         adapter=model_dir, out=str(out / "metrics_tiger.json"), beams=20,
+                         batch_size=args.eval_batch, split="test")
+    _, wall, cpu = timed(main, cfg)
+    metrics = json.loads((out / "metrics_tiger.json").read_text())
+    result["all_test_users"] = {"n_users": metrics["n_users"], "wall_s": wall, "cpu_s": cpu,
+                                **{k: metrics[k] for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")}}
+    result["load_after"] = load()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "games"))
+    ap.add_argument("--semantic-ids", default="")
+    ap.add_argument("--parts", default="effort,finetune,evaluate")
+    ap.add_argument("--sample", type=int, default=256)
+    ap.add_argument("--effort-batch", type=int, default=64)
+    ap.add_argument("--eval-batch", type=int, default=16)
+    ap.add_argument("--batch-sizes", default="256")
+    ap.add_argument("--shots", type=int, default=1024)
+    ap.add_argument("--max-epochs", type=int, default=200)
+    ap.add_argument("--model", default="", help="evaluate this model folder (skips finetune)")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench_tiger"))
+    args = ap.parse_args()
+
+    from jaxrec.data import load_dataset
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(args.data)
+    codes_path = args.semantic_ids or str(random_codes_file(ds, out / "random_codes.npy"))
+    parts = [p for p in args.parts.split(",") if p]
+    path = out / "bench_tiger.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}   # parts add up
+    report.setdefault("runs", []).append({
+        "command": "nice -n 10 python bench/tiger.py " + " ".join(os.sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "date": time.strftime("%Y-%m-%d %H:%M"), "semantic_ids": codes_path, "parts": parts})
+    if "effort" in parts:
+        report["effort"] = bench_effort(ds, args, codes_path, out)
+        path.write_text(json.dumps(report, indent=2))
+    model_dir = args.model
+    if "finetune" in parts:
+        report["finetune"] = [bench_finetune(ds, args, codes_path, out, int(b))
+                              for b in args.batch_sizes.split(",")]
+        model_dir = model_dir or report["finetune"][0]["model"]
+        path.write_text(json.dumps(report, indent=2))
+    if "evaluate" in parts and model_dir:
+        report["evaluate"] = bench_evaluate(ds, args, codes_path, out, model_dir)
+    path.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
