@@ -33,7 +33,7 @@ def config(tmp_path_factory):
 
 def _write(root, cfg, name):
     path = root / name
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return str(path)
 
 
