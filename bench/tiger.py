@@ -15,7 +15,12 @@ the load average is recorded before and after each part):
 Usage::
 
     nice -n 10 python bench/tiger.py [--data ../shared/data/games] [--semantic-ids FILE]
-        [--parts effort,finetune,evaluate] [--sample 256] [--batch-sizes 256] [--out DIR]
+        [--parts effort-sample,finetune-chunks,finetune,evaluate,effort] [--sample 256] [--batch-sizes 256]
+        [--model DIR] [--out DIR]
+
+``--model DIR`` evaluates an existing fine-tuned folder instead of the one ``finetune`` makes.
+Parts run in the order given and add up in ``bench_tiger.json``; ``effort`` (all users) is
+resumable by shard, so a killed run continues.
 
 Without ``--semantic-ids`` the codes are random and unique, codebook sizes ``[256, 256, 256, c]``
 (``c`` separates the few collisions of the first three), so the timings do not wait for an
@@ -105,22 +110,24 @@ def bench_effort_sample(ds, codes, sizes, n: int, batch_size: int) -> dict:
             "max_rel_diff_vs_loop": float(np.max(np.abs(batched / loop - 1)))}
 
 
-def bench_effort(ds, args, codes_path: str, out: Path) -> dict:
+def bench_effort(ds, args, codes_path: str, out: Path, sample: bool) -> dict:
+    """``sample``: the side-by-side comparison on ``--sample`` users; else all users."""
     from llm_bridge.config import EffortConfig
     from llm_bridge.tiger.effort import main
     from llm_bridge.tiger.finetune import load_codes
 
     codes, sizes = load_codes(codes_path, ds)
-    result = {"load_before": load(),
-              "sample": bench_effort_sample(ds, codes, sizes, args.sample, args.effort_batch)}
+    if sample:
+        return {"load_before": load(),
+                **bench_effort_sample(ds, codes, sizes, args.sample, args.effort_batch),
+                "load_after": load()}
     cfg = EffortConfig(data=args.data, backend="tiger", semantic_ids=codes_path,
                        out=str(out / "effort_tiger.npy"), batch_size=args.effort_batch,
-                       shard_size=4096, seed=0, resume=False)
+                       shard_size=4096, seed=0, resume=True)
+    before = load()
     _, wall, cpu = timed(main, cfg)
-    result["all_users"] = {"n_users": ds.n_users, "wall_s": wall, "cpu_s": cpu,
-                           "users_per_s": round(ds.n_users / wall, 1)}
-    result["load_after"] = load()
-    return result
+    return {"n_users": ds.n_users, "wall_s": wall, "cpu_s": cpu, "load_before": before,
+            "load_after": load(), "note": "resumable: wall/CPU of this call only"}
 
 
 # ----------------------------------------------------------------------------- finetune, evaluate
@@ -143,6 +150,39 @@ def bench_finetune(ds, args, codes_path: str, out: Path, batch_size: int) -> dic
             "load_after": load(), "epochs": len(rec["epochs"]), "best_epoch": rec["best_epoch"],
             "best_valid_loss": rec["best_valid_loss"], "seconds_per_epoch": rec["seconds_per_epoch"],
             "n_valid_samples": rec["n_valid_samples"], "model": str(folder)}
+
+
+def bench_chunks(ds, codes_path: str, shots: int) -> dict:
+    """One epoch's forward/backward passes (batches of 256, train mode) over ``shots`` users:
+    length-sorted chunks of ``MICRO_TOKENS`` vs one padded ``[256, longest]`` batch."""
+    import torch
+
+    from llm_bridge.tiger.finetune import (
+        MICRO_TOKENS,
+        _tensors,
+        length_chunks,
+        load_codes,
+    )
+    from llm_bridge.tiger.model import build_model, item_tokens, user_samples
+
+    torch.set_num_threads(1)
+    codes, sizes = load_codes(codes_path, ds)
+    sel = np.random.default_rng(0).choice(ds.n_users, shots, replace=False)
+    inputs, targets, _ = user_samples(ds, sel, item_tokens(codes, sizes), 20)
+    model = build_model(sizes, 0).train()
+
+    def epoch(max_tokens):
+        for start in range(0, len(inputs), 256):
+            batch = np.arange(start, min(start + 256, len(inputs)))
+            for rows in length_chunks(batch, inputs, max_tokens):
+                ids, mask, tgt = _tensors(inputs, targets, rows, "cpu")
+                model(input_ids=ids, attention_mask=mask, labels=tgt).loss.backward()
+    res = {}
+    for name, budget in (("chunked", MICRO_TOKENS), ("padded", 10 ** 9)):
+        _, wall, cpu = timed(epoch, budget)
+        res[name] = {"wall_s": wall, "cpu_s": cpu}
+    res["speedup_cpu"] = round(res["padded"]["cpu_s"] / res["chunked"]["cpu_s"], 2)
+    return {"shots": shots, "micro_tokens": MICRO_TOKENS, **res}
 
 
 def bench_beam_cache(ds, codes, sizes, model_dir: str, n: int) -> dict:
@@ -191,7 +231,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "games"))
     ap.add_argument("--semantic-ids", default="")
-    ap.add_argument("--parts", default="effort,finetune,evaluate")
+    ap.add_argument("--parts", default="effort-sample,finetune-chunks,finetune,evaluate,effort")
     ap.add_argument("--sample", type=int, default=256)
     ap.add_argument("--effort-batch", type=int, default=64)
     ap.add_argument("--eval-batch", type=int, default=16)
@@ -215,18 +255,19 @@ def main() -> None:
         "command": "nice -n 10 python bench/tiger.py " + " ".join(os.sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "date": time.strftime("%Y-%m-%d %H:%M"), "semantic_ids": codes_path, "parts": parts})
-    if "effort" in parts:
-        report["effort"] = bench_effort(ds, args, codes_path, out)
-        path.write_text(json.dumps(report, indent=2))
     model_dir = args.model
-    if "finetune" in parts:
-        report["finetune"] = [bench_finetune(ds, args, codes_path, out, int(b))
-                              for b in args.batch_sizes.split(",")]
-        model_dir = model_dir or report["finetune"][0]["model"]
+    for part in parts:
+        if part in ("effort-sample", "effort"):
+            report[part] = bench_effort(ds, args, codes_path, out, part == "effort-sample")
+        elif part == "finetune-chunks":
+            report[part] = bench_chunks(ds, codes_path, args.shots)
+        elif part == "finetune":
+            report["finetune"] = [bench_finetune(ds, args, codes_path, out, int(b))
+                                  for b in args.batch_sizes.split(",")]
+            model_dir = model_dir or report["finetune"][0]["model"]
+        elif part == "evaluate" and model_dir:
+            report["evaluate"] = bench_evaluate(ds, args, codes_path, out, model_dir)
         path.write_text(json.dumps(report, indent=2))
-    if "evaluate" in parts and model_dir:
-        report["evaluate"] = bench_evaluate(ds, args, codes_path, out, model_dir)
-    path.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
 

@@ -410,9 +410,10 @@ def main(args: ExperimentArgs) -> int:
             f"{len(cells) // (len(exp.methods) * len(exp.seeds))} grid points), "
             f"{len(todo)} of them now, in {workdir}")
     shared_seconds = run_stages(shared, wired, workdir, log)
-    # a run depends on the shared stages it reads: effort only for the methods that use it
-    upstream = {m: digest([wired[s] for s in shared if s != "effort" or m in NEEDS_EFFORT])
-                for m in exp.methods}
+    # a run depends on the shared stages it reads (run now or earlier): effort only for the
+    # methods that use it
+    upstream = {m: digest([wired[s] for s in pipe.active(list(SHARED))
+                           if s != "effort" or m in NEEDS_EFFORT]) for m in exp.methods}
     rows = []
     for cell in cells:
         d, w = wire_cell(wired, workdir, cell)
