@@ -6,8 +6,9 @@ checkpoint and the latest one (so a killed run resumes where it stopped), and wr
 ``loss`` / ``per_sample_loss`` pair the influence engine works on.
 
 Speed: users are bucketed by sequence length and each batch is cut to the narrowest width in
-``WIDTHS`` that holds it (exact: positions count from the right and padding is masked), so a
-Games epoch does not pay for 50 positions per user when the mean sequence has 6.
+``TRAIN_WIDTHS`` that holds it (``jaxrec.data.buckets``; exact: positions count from the right
+and padding is masked), so a Games epoch does not pay for 50 positions per user when the mean
+sequence has 6.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxrec.config import SurrogateConfig, SurrogateEvalConfig, make_config
-from jaxrec.data import Dataset, evaluation_arrays, load_dataset, training_arrays, write_json
+from jaxrec.data import (Dataset, evaluation_arrays, left_pad, load_dataset, training_arrays,
+                         write_json)
+from jaxrec.data.buckets import TRAIN_WIDTHS, width_of
 from jaxrec.errors import UserError
 from jaxrec.data.ranking import recall_ndcg
 from jaxrec.metrics import mask_seen, topk_metrics
 from jaxrec.models import sasrec
-
-WIDTHS = (8, 16, 32, 50)
 
 
 @dataclass
@@ -52,6 +53,22 @@ class Surrogate:
         return sasrec.user_representations(self.model, params, inputs)
 
 
+def user_representations(sur: Surrogate, batch_size: int = 1024) -> np.ndarray:
+    """The surrogate's representation of every user ``[n_users, hidden]`` (float32): its
+    hidden state at the newest position of the user's whole training sequence."""
+    inputs = left_pad(sur.dataset.train, sur.config.max_len)
+    batch_size = max(1, min(batch_size, len(inputs)))
+    apply = jax.jit(sur.user_representations)
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start:start + batch_size]
+        pad = batch_size - len(batch)
+        if pad:  # one compiled shape
+            batch = np.concatenate([batch, np.zeros((pad, batch.shape[1]), batch.dtype)])
+        out.append(np.asarray(apply(sur.params, batch))[:batch_size - pad])
+    return np.concatenate(out).astype(np.float32)
+
+
 def build_model(cfg: SurrogateConfig, n_items: int) -> sasrec.SASRec:
     return sasrec.SASRec(n_items=n_items, hidden=cfg.hidden, blocks=cfg.blocks, heads=cfg.heads,
                          max_len=cfg.max_len, dropout=cfg.dropout)
@@ -63,10 +80,6 @@ def with_negatives(arrays: dict, seed: int, epoch: int, n_items: int) -> dict:
     return {**arrays, "negatives": np.asarray(neg)}
 
 
-def _width(length: int, max_len: int) -> int:
-    return next((w for w in WIDTHS if w >= length and w <= max_len), max_len)
-
-
 def epoch_batches(lengths: np.ndarray, batch_size: int, max_len: int,
                   rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
     """Shuffled batches of row indices, bucketed by length: ``[(rows, width), ...]``.
@@ -75,7 +88,7 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, max_len: int,
     rows (-1 pads the last batch of a bucket), so jit compiles once per width.
     """
     batches = []
-    widths = np.array([_width(int(n), max_len) for n in lengths])
+    widths = width_of(lengths, max_len, TRAIN_WIDTHS)
     for width in sorted(set(widths[lengths > 0])):
         rows = rng.permutation(np.flatnonzero((widths == width) & (lengths > 0)))
         for start in range(0, len(rows), batch_size):
@@ -287,4 +300,5 @@ def evaluate_main(cfg: SurrogateEvalConfig) -> int:
     return 0
 
 
-__all__ = ["Surrogate", "build_model", "evaluate", "load_surrogate", "train"]
+__all__ = ["Surrogate", "build_model", "evaluate", "load_surrogate", "train",
+           "user_representations"]

@@ -73,7 +73,7 @@ def padded_batches(data, batch_size: int, mesh: Mesh | None = None):
         count = min(b, n - start)
         idx = np.arange(start, start + b)
         idx[count:] = start
-        batch = jax.tree.map(lambda x: x[idx], host)
+        batch = jax.tree.map(lambda x, idx=idx: x[idx], host)
         weight = (np.arange(b) < count).astype(np.float32)
         if mesh is not None:
             batch, weight = shard((batch, weight), mesh)
@@ -117,5 +117,5 @@ def full_batches(data, batch_size: int):
         for start in range(0, m, b):
             stop = min(m, start + b)
             out.append(((stop - start) / n,
-                        jax.device_put(jax.tree.map(lambda x: x[start:stop], host))))
+                        jax.device_put(jax.tree.map(lambda x, s=slice(start, stop): x[s], host))))
     return out
