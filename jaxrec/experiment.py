@@ -26,8 +26,8 @@ import numpy as np
 from jaxrec.config import make_config
 from jaxrec.data import write_json
 from jaxrec.errors import UserError
-from jaxrec.pipeline import (PipelineArgs, digest, prepare_workdir, read_experiment_file,
-                             run_stages, wire)
+from jaxrec.pipeline import (PipelineArgs, add_score_stages, digest, prepare_workdir,
+                             read_experiment_file, run_stages, wire)
 from jaxrec.select import check_method
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
@@ -144,6 +144,7 @@ def main(args: PipelineArgs) -> int:
     shared = list(SHARED)
     if not NEEDS_EFFORT & set(exp.methods):
         shared.remove("effort")
+    shared += add_score_stages(wired, exp.methods)
     log.say(f"dealrec experiment {args.config}: {len(exp.methods)} methods x "
             f"{len(exp.seeds)} seeds in {workdir}")
     shared_seconds = run_stages(shared, wired, workdir, log)
