@@ -207,26 +207,11 @@ def train(cfg: SurrogateConfig, *, progress: bool = True) -> dict:
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run / "checkpoints"
-    state_file = run / "train_state.json"
-    config_dict = dataclasses.asdict(cfg)
     model = build_model(cfg, ds.n_items)
     optimizer = optax.adam(cfg.lr)
-    params = sasrec.init_params(model, jax.random.PRNGKey(cfg.seed))
-    opt_state = optimizer.init(params)
-    state = {"epoch": 0, "best_epoch": 0, "best_recall@20": -1.0, "history": [],
-             "seconds_train": 0.0, "dataset": ds.fingerprint()}
-    if cfg.resume and state_file.is_file() and (ckpt_dir / "latest").exists():
-        old = json.loads(state_file.read_text())
-        if old.get("dataset") == ds.fingerprint() and old.get("config", {}) == config_dict:
-            restored = restore_checkpoint(ckpt_dir / "latest",
-                                          {"params": params, "opt_state": opt_state})
-            params, opt_state = restored["params"], restored["opt_state"]
-            state = old
-            print(f"resuming {run} after epoch {state['epoch']}", file=sys.stderr)
-    write_json(run / "config.json", config_dict)
-
+    params, opt_state, state = _start_or_resume(cfg, ds, model, optimizer, run)
+    write_json(run / "config.json", dataclasses.asdict(cfg))
     arrays = training_arrays(ds, cfg.max_len)
-    lengths = (arrays["targets"] > 0).sum(1)
     step = make_train_step(model, optimizer)
     rng = np.random.default_rng([cfg.seed, state["epoch"]])
     key = jax.random.PRNGKey(cfg.seed + 1)
@@ -236,18 +221,12 @@ def train(cfg: SurrogateConfig, *, progress: bool = True) -> dict:
     for epoch in epochs:
         t0 = time.perf_counter()
         data = with_negatives(arrays, cfg.seed, epoch, ds.n_items)
-        losses = []
-        for rows, width in epoch_batches(lengths, cfg.batch_size, cfg.max_len, rng):
-            batch = take_batch(data, rows, width)
-            weights = (rows >= 0).astype(np.float32)
-            key, sub = jax.random.split(key)
-            params, opt_state, value = step(params, opt_state, batch, weights, sub)
-            losses.append(value)
-        epoch_loss = float(np.mean(jax.device_get(losses)))
+        params, opt_state, key, epoch_loss = _train_epoch(step, params, opt_state, key, data,
+                                                          cfg, rng)
         if not np.isfinite(epoch_loss):
             raise UserError(f"training diverged at epoch {epoch} (loss {epoch_loss}); lower --lr")
-        seconds = time.perf_counter() - t0
-        record = {"epoch": epoch, "loss": epoch_loss, "seconds": round(seconds, 3)}
+        record = {"epoch": epoch, "loss": epoch_loss,
+                  "seconds": round(time.perf_counter() - t0, 3)}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             record["valid"] = evaluate(model, params, ds, "valid", max_len=cfg.max_len)
             if record["valid"]["recall@20"] > state["best_recall@20"]:
@@ -259,16 +238,55 @@ def train(cfg: SurrogateConfig, *, progress: bool = True) -> dict:
                 bad_epochs += cfg.eval_every
         state["history"].append(record)
         state["epoch"] = epoch
-        state["seconds_train"] += seconds
-        state["config"] = config_dict
+        state["seconds_train"] += record["seconds"]
+        state["config"] = dataclasses.asdict(cfg)
         save_checkpoint(ckpt_dir / "latest", {"params": params, "opt_state": opt_state})
-        write_json(state_file, state)
+        write_json(run / "train_state.json", state)
         epochs.set_postfix(loss=f"{epoch_loss:.4f}",
                            r20=f"{record.get('valid', {}).get('recall@20', float('nan')):.4f}",
                            best=state["best_epoch"])
         if bad_epochs >= cfg.patience:
             break
-    best = restore_checkpoint(ckpt_dir / "best", params)
+    return _final_metrics(model, restore_checkpoint(ckpt_dir / "best", params), ds, cfg, state,
+                          run)
+
+
+def _start_or_resume(cfg: SurrogateConfig, ds: Dataset, model, optimizer, run: Path):
+    """``(params, opt_state, state)``: fresh, or from ``RUN/checkpoints/latest`` when the run
+    was made from the same dataset and config (and ``cfg.resume``)."""
+    params = sasrec.init_params(model, jax.random.PRNGKey(cfg.seed))
+    opt_state = optimizer.init(params)
+    state = {"epoch": 0, "best_epoch": 0, "best_recall@20": -1.0, "history": [],
+             "seconds_train": 0.0, "dataset": ds.fingerprint()}
+    state_file, latest = run / "train_state.json", run / "checkpoints" / "latest"
+    if cfg.resume and state_file.is_file() and latest.exists():
+        old = json.loads(state_file.read_text())
+        if old.get("dataset") == ds.fingerprint() and \
+                old.get("config", {}) == dataclasses.asdict(cfg):
+            restored = restore_checkpoint(latest, {"params": params, "opt_state": opt_state})
+            params, opt_state = restored["params"], restored["opt_state"]
+            state = old
+            print(f"resuming {run} after epoch {state['epoch']}", file=sys.stderr)
+    return params, opt_state, state
+
+
+def _train_epoch(step, params, opt_state, key, data: dict, cfg: SurrogateConfig, rng):
+    """One pass over length-bucketed shuffled batches. Returns the new
+    ``(params, opt_state, key, mean loss)``."""
+    lengths = (data["targets"] > 0).sum(1)
+    losses = []
+    for rows, width in epoch_batches(lengths, cfg.batch_size, cfg.max_len, rng):
+        batch = take_batch(data, rows, width)
+        weights = (rows >= 0).astype(np.float32)
+        key, sub = jax.random.split(key)
+        params, opt_state, value = step(params, opt_state, batch, weights, sub)
+        losses.append(value)
+    return params, opt_state, key, float(np.mean(jax.device_get(losses)))
+
+
+def _final_metrics(model, best, ds: Dataset, cfg: SurrogateConfig, state: dict,
+                   run: Path) -> dict:
+    """Valid/test metrics of the best checkpoint, written to ``RUN/metrics.json``."""
     trained = [h["seconds"] for h in state["history"]]
     metrics = {
         "valid": evaluate(model, best, ds, "valid", max_len=cfg.max_len),

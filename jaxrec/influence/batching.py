@@ -47,7 +47,13 @@ def replicate(tree, mesh: Mesh):
 
 
 def shard(tree, mesh: Mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P("data")))
+    """Place a host batch split along the mesh's ``data`` axis. Under JAX's multi-process
+    runtime each process passes its own rows and gets the global batch
+    (``make_array_from_process_local_data``; see docs/benchmarks.md, "Several hosts")."""
+    sharding = NamedSharding(mesh, P("data"))
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
 
 
 def round_batch(batch_size: int, n: int, n_devices: int) -> int:
