@@ -38,7 +38,8 @@ def main() -> None:
 
     from jaxrec.config import InfluenceConfig
     from jaxrec.influence import sample_scores
-    from jaxrec.influence.cli import compute, width_strata
+    from jaxrec.data.buckets import width_strata
+    from jaxrec.influence.cli import compute
     from jaxrec.train import load_surrogate
 
     t = time.perf_counter()

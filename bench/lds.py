@@ -36,7 +36,7 @@ from jaxrec.config import SurrogateConfig
 from jaxrec.data import load_dataset, training_arrays
 from jaxrec.data.subset import write_user_subset
 from jaxrec.influence import inverse_hvp, mean_gradient, sample_scores
-from jaxrec.influence.cli import width_strata
+from jaxrec.data.buckets import width_strata
 from jaxrec.models import sasrec
 from jaxrec.train import build_model, epoch_batches, make_train_step, take_batch, with_negatives
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 from jaxrec.errors import UserError
@@ -59,30 +60,116 @@ class SurrogateEvalConfig:
     out: str = ""                # also write the metrics to this JSON file
 
 
+# ----------------------------------------------------------------------------- solver options
+def _opt(default, text: str, flag: str = ""):
+    """A documented option field; ``flag`` names the ``InfluenceConfig`` field (and so the
+    command-line flag) that sets it, when that name differs from the option's own."""
+    return field(default=default, metadata={"help": text, **({"flag": flag} if flag else {})})
+
+
+@dataclass(frozen=True)
+class LissaOptions:
+    """LiSSA (paper Algorithm 1): ``h <- v + (1 - d) h - H_t h / scale`` on PRNG minibatches."""
+    steps: int = _opt(5000, "most LiSSA steps (minibatch HVPs per repeat)")
+    batch_size: int = _opt(16, "samples per LiSSA minibatch HVP (all rows when >= n: the "
+                               "deterministic full-data recursion)", "lissa_batch_size")
+    repeats: int = _opt(1, "independent LiSSA runs, averaged (their spread gives rel_std)")
+    seed: int = _opt(0, "PRNG seed of the minibatch draws")
+    tol: float = _opt(1e-3, "convergence stop: once (1 - d)^t, the bound on what is left of the "
+                            "start-up transient, is below tol and the change of h per chunk "
+                            "has stopped shrinking (LiSSA's own noise floor); 0 = run all steps",
+                      "lissa_tol")
+    rtol: float = _opt(0.0, "also stop when the relative change of h over a chunk is below "
+                            "rtol; 0 = off")
+    chunk: int = _opt(250, "steps per compiled lax.scan chunk (checks run between chunks)")
+
+
+@dataclass(frozen=True)
+class CGOptions:
+    """Conjugate gradient on full-data HVPs."""
+    tol: float = _opt(1e-6, "CG stops at relative residual ||r|| / ||v|| <= tol")
+    maxiter: int = _opt(100, "most CG iterations")
+    batch_size: int = _opt(4096, "samples per full-data HVP batch")
+
+
+@dataclass(frozen=True)
+class ExactOptions:
+    """Dense Hessian from HVPs, float64 NumPy solve (at most 20,000 parameters)."""
+    batch_size: int = _opt(4096, "samples per full-data HVP batch")
+    chunk: int = _opt(256, "basis vectors per batched HVP while building the Hessian",
+                      "exact_chunk")
+
+
+@dataclass(frozen=True)
+class ArnoldiOptions:
+    """Arnoldi low-rank inverse (Schioppa et al. 2022) on full-data HVPs."""
+    rank: int = _opt(20, "Arnoldi eigenpairs kept")
+    iterations: int = _opt(60, "Arnoldi iterations (Krylov basis size)")
+    seed: int = _opt(0, "PRNG seed of the start vector")
+    batch_size: int = _opt(4096, "samples per full-data HVP batch")
+
+
+SOLVER_OPTIONS = {"lissa": LissaOptions, "cg": CGOptions, "exact": ExactOptions,
+                  "arnoldi": ArnoldiOptions}
+Solver = Literal["lissa", "cg", "exact", "arnoldi"]
+Convention = Literal["dealrec", "standard"]
+Score = Literal["influence", "grand", "el2n", "representation"]
+
+
+def _same(cls, name: str):
+    """An ``InfluenceConfig`` field with the default and help of option ``cls.name``."""
+    f = cls.__dataclass_fields__[name]
+    return field(default=f.default, metadata={"help": f.metadata["help"]})
+
+
+def solver_options(cfg: InfluenceConfig):
+    """The option dataclass of ``cfg.solver``, filled from ``cfg``'s matching fields."""
+    cls = SOLVER_OPTIONS[cfg.solver]
+    return cls(**{f.name: getattr(cfg, f.metadata.get("flag", f.name))
+                  for f in dataclasses.fields(cls)})
+
+
 @dataclass
 class InfluenceConfig:
     """``dealrec influence``: DEALRec influence scores (paper Eq. 9-11) of every user, or the
     GraNd / EL2N baselines' scores, from a trained surrogate (see docs/influence.md)."""
-    run: str = "runs/surrogate"
-    out: str = "runs/surrogate/influence.npy"
-    data: str = ""               # dataset folder; empty = the one recorded in the run
-    score: str = "influence"     # influence | grand | el2n
-    solver: str = "lissa"        # lissa | cg | exact | arnoldi
-    convention: str = "dealrec"  # dealrec: s (H + s d I)^-1 v as the paper code | standard: (H + d I)^-1 v
-    params: str = ""             # regex on parameter paths (e.g. '^ffn_2_1/kernel$'); empty = all
-    damping: float = 0.01
-    scale: float = 25.0          # LiSSA step 1/scale (and the dealrec convention's factor)
-    steps: int = 5000            # LiSSA steps
-    lissa_batch_size: int = 16   # samples per LiSSA minibatch HVP
-    repeats: int = 1             # independent LiSSA runs, averaged
-    rtol: float = 0.0            # LiSSA early stop on relative change per 250 steps; 0 = off
-    tol: float = 1e-6            # CG relative residual
-    maxiter: int = 100           # CG iterations
-    rank: int = 20               # Arnoldi eigenpairs kept
-    iterations: int = 60         # Arnoldi iterations
-    batch_size: int = 4096       # samples per JVP / gradient / full-data HVP batch
-    grand_batch_size: int = 64   # samples per vmapped per-sample gradient batch (GraNd)
-    seed: int = 0
+    run: str = field(default="runs/surrogate", metadata={"help": "trained surrogate run folder"})
+    out: str = field(default="runs/surrogate/influence.npy",
+                     metadata={"help": "score file to write (.npy, plus a .json manifest)"})
+    data: str = field(default="", metadata={
+        "help": "dataset folder; empty = the one recorded in the run"})
+    score: Score = field(default="influence", metadata={
+        "help": "influence (Eq. 11), a baseline's per-sample score (grand: gradient norm, "
+                "el2n: error norm), or representation: the surrogate's user vectors [n, hidden]"})
+    solver: Solver = field(default="lissa", metadata={"help": "inverse-HVP solver"})
+    convention: Convention = field(default="dealrec", metadata={
+        "help": "dealrec: scale (H + scale*damping I)^-1 v, what the paper's LiSSA converges "
+                "to; standard: (H + damping I)^-1 v"})
+    params: str = field(default="", metadata={
+        "help": "regex on parameter paths, e.g. '^ffn_2_1/kernel$' (the paper's 64x64 block); "
+                "empty = all parameters"})
+    damping: float = field(default=0.01, metadata={"help": "damping d of the inverse"})
+    scale: float = field(default=25.0, metadata={
+        "help": "LiSSA step 1/scale, and the dealrec convention's factor"})
+    steps: int = _same(LissaOptions, "steps")
+    lissa_batch_size: int = _same(LissaOptions, "batch_size")
+    repeats: int = _same(LissaOptions, "repeats")
+    lissa_tol: float = _same(LissaOptions, "tol")
+    rtol: float = _same(LissaOptions, "rtol")
+    chunk: int = _same(LissaOptions, "chunk")
+    tol: float = _same(CGOptions, "tol")
+    maxiter: int = _same(CGOptions, "maxiter")
+    exact_chunk: int = _same(ExactOptions, "chunk")
+    rank: int = _same(ArnoldiOptions, "rank")
+    iterations: int = _same(ArnoldiOptions, "iterations")
+    batch_size: int = field(default=4096, metadata={
+        "help": "samples per JVP / mean-gradient / full-data HVP batch"})
+    grand_batch_size: int = field(default=64, metadata={
+        "help": "samples per vmapped per-sample gradient batch (GraNd; memory batch x params)"})
+    seed: int = field(default=0, metadata={"help": "PRNG seed (LiSSA minibatches, Arnoldi)"})
+    compile_cache: str = field(default="~/.cache/dealrec/jax", metadata={
+        "help": "JAX persistent compilation cache folder (repeat runs skip compiling); "
+                "empty = off"})
 
 
 @dataclass
@@ -93,7 +180,7 @@ class SelectConfig:
     influence: str = ""
     effort: str = ""
     run: str = ""                # trained surrogate, for grand / el2n / ccs / tfdcon / recranker
-    scores: str = ""             # grand / el2n / ccs: this score file instead of RUN/{grand,el2n}.npy
+    scores: str = ""             # grand / el2n / ccs: this file instead of RUN/{grand,el2n}.npy
     llm_reps: str = ""           # tfdcon: optional LLM user representations [n_users, D] (.npy)
     n: int = 1024
     lamda: float = 0.3
@@ -203,6 +290,8 @@ def to_dict(cfg) -> dict:
 
 
 __all__ = [
-    "PrepareConfig", "SurrogateConfig", "SurrogateEvalConfig", "InfluenceConfig", "SelectConfig", "GAMES",
+    "PrepareConfig", "SurrogateConfig", "SurrogateEvalConfig", "InfluenceConfig", "SelectConfig",
+    "GAMES", "LissaOptions", "CGOptions", "ExactOptions", "ArnoldiOptions", "SOLVER_OPTIONS",
+    "solver_options",
     "add_config_arguments", "config_from_args", "load_config_file", "make_config", "to_dict",
 ]

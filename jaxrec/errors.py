@@ -5,8 +5,11 @@ Anything the user can fix (a bad file, a bad flag, a mismatched score file) rais
 """
 
 
-class UserError(Exception):
-    """An error caused by the user's input; its message is one line that says what to fix."""
+class UserError(ValueError):
+    """An error caused by the user's input; its message is one line that says what to fix.
+
+    A ``ValueError``, so library callers can catch it as one. Library code names Python
+    arguments (``damping=``); the command line translates those to its flags."""
 
 
 class DataError(UserError):

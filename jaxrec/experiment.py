@@ -36,8 +36,9 @@ from jaxrec.config import make_config
 from jaxrec.data import write_json
 from jaxrec.data.ranking import per_user_recall_ndcg
 from jaxrec.errors import UserError
-from jaxrec.pipeline import (PipelineArgs, config_classes, digest, prepare_workdir,
-                             read_experiment_file, run_stages, stages_finished, wire)
+from jaxrec.pipeline import (PipelineArgs, add_score_stages, config_classes, digest,
+                             prepare_workdir, read_experiment_file, run_stages, stages_finished,
+                             wire)
 from jaxrec.select import check_method
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
@@ -405,6 +406,7 @@ def main(args: ExperimentArgs) -> int:
     shared = pipe.active(list(SHARED))
     if not NEEDS_EFFORT & {c.method for c in todo}:
         shared.remove("effort")                  # nothing to run now reads it
+    shared += add_score_stages(wired, sorted({c.method for c in todo}))
     log.say(f"dealrec experiment {args.config} ({pipe.backend}): {len(cells)} runs "
             f"({len(exp.methods)} methods x {len(exp.seeds)} seeds x "
             f"{len(cells) // (len(exp.methods) * len(exp.seeds))} grid points), "

@@ -146,6 +146,30 @@ def wire(sections: dict, workdir: Path, data: str, backend: str = "bigrec") -> d
     return wired
 
 
+def add_score_stages(wired: dict, methods) -> list[str]:
+    """Add a stage to ``wired`` for every surrogate score file ``methods`` need (GraNd, EL2N,
+    representations; see :func:`jaxrec.select.score_stages`): ``dealrec influence --score KIND
+    --out SURROGATE/FILE``, where ``dealrec select`` reads it. Returns their stage names."""
+    from jaxrec.select import score_stages
+
+    names = []
+    for kind, filename in score_stages(methods):
+        name = f"influence:{kind}"
+        wired[name] = {**wired["influence"], "score": kind,
+                       "out": f"{wired['influence']['run']}/{filename}"}
+        names.append(name)
+    return names
+
+
+def stage_argv(stage: str, section: dict, resolved: Path) -> list[str]:
+    """``dealrec`` arguments of ``stage``: its command reading ``resolved``; a score stage
+    (``influence:KIND``) sets its score and output by flags."""
+    if stage.startswith("influence:"):
+        return ["influence", "--config", str(resolved), "--score", section["score"],
+                "--out", section["out"]]
+    return [COMMAND[stage], "--config", str(resolved)]
+
+
 def stage_output(stage: str, section: dict) -> Path:
     """The file whose presence means ``stage`` finished."""
     if stage == "surrogate":
@@ -225,9 +249,10 @@ def run_stages(stages: list[str], wired: dict, workdir: Path, log: RunLog,
             log.say(f"[{i}/{len(stages)}] {stage}: reusing {output}")
             timings[stage] = state[stage].get("seconds", 0.0)
             continue
-        log.say(f"[{i}/{len(stages)}] {stage}: dealrec {COMMAND[stage]}")
+        argv = stage_argv(stage, wired[stage], resolved)
+        log.say(f"[{i}/{len(stages)}] {stage}: dealrec {argv[0]}")
         t0 = time.perf_counter()
-        log.run([COMMAND[stage], "--config", str(resolved)])
+        log.run(argv)
         timings[stage] = round(time.perf_counter() - t0, 1)
         state[stage] = {"key": key, "seconds": timings[stage], "output": str(output)}
         state_file.write_text(json.dumps(state, indent=2))
@@ -262,7 +287,11 @@ def main(args: PipelineArgs) -> int:
     wired = wire(data, workdir, dataset, pipe.backend)
     log.say(f"dealrec run {args.config} ({pipe.backend}): stages {', '.join(stages)} in {workdir}")
     t0 = time.perf_counter()
-    timings = run_stages(stages, wired, workdir, log)
+    order = list(stages)
+    if "select" in order:
+        order[order.index("select"):order.index("select")] = add_score_stages(
+            wired, [wired["select"].get("method", "dealrec")])
+    timings = run_stages(order, wired, workdir, log)
     log.say(f"pipeline done in {time.perf_counter() - t0:.0f} s: "
             + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     metrics = Path(wired["evaluate"]["out"])

@@ -47,68 +47,79 @@ def make_report(run_dir: str | Path, out: str | Path = "") -> list[Path]:
     if (run / "selected.npy").is_file():
         selected, sel_manifest = load_scores(run / "selected.npy", kind="selection")
     written = []
-
     if scores:
-        fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 3.5), squeeze=False)
-        for ax, (kind, s) in zip(axes[0], scores.items()):
-            ax.hist(s, bins=80, color="tab:blue" if kind == "influence" else "tab:orange")
-            ax.set_yscale("log")
-            ax.set_title(f"{kind} score ({len(s)} users)")
-            ax.set_xlabel("score")
-            ax.set_ylabel("users (log)")
-        fig.tight_layout()
-        written.append(_save(fig, out / "scores_hist.png", plt))
-
+        written.append(_plot_hist(plt, scores, out / "scores_hist.png"))
     if len(scores) == 2:
-        fig, ax = plt.subplots(figsize=(5, 4.5))
-        inf, eff = _minmax(scores["influence"]), _minmax(scores["effort"])
-        ax.scatter(inf, eff, s=2, alpha=0.3, color="grey", label="all users")
-        if selected is not None:
-            ax.scatter(inf[selected], eff[selected], s=6, color="tab:red",
-                       label=f"selected ({len(selected)})")
-        ax.set_xlabel("influence (min-max)")
-        ax.set_ylabel("effort (min-max)")
-        ax.legend(markerscale=3)
-        ax.set_title("Influence vs effort")
-        fig.tight_layout()
-        written.append(_save(fig, out / "scores_scatter.png", plt))
-
+        written.append(_plot_scatter(plt, scores, selected, out / "scores_scatter.png"))
     info = sel_manifest.get("selection") or {}
     if info.get("group_sizes"):
-        sizes = np.asarray(info["group_sizes"])
-        chosen = np.asarray(info.get("group_selected") or np.zeros_like(sizes))
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        x = np.arange(len(sizes))
-        ax.bar(x, sizes, color="lightgrey", label="group size")
-        ax.bar(x, chosen, color="tab:red", label="selected")
-        ax.set_yscale("log")
-        ax.set_xlabel("score group (low -> high overall score)")
-        ax.set_ylabel("users (log)")
-        ax.set_title(f"Coverage-enhanced sampling: {int(chosen.sum())} selected, "
-                     f"{info.get('n_pruned', 0)} hard-pruned")
-        ax.legend()
-        fig.tight_layout()
-        written.append(_save(fig, out / "groups.png", plt))
-
-    trace_file = run / "influence_trace.npy"
-    if trace_file.is_file():
-        trace = np.atleast_2d(np.load(trace_file, allow_pickle=False))
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for r, row in enumerate(trace):
-            ax.plot(np.arange(1, len(row) + 1), row, lw=1, label=f"repeat {r}")
-        ax.set_xlabel("LiSSA step t")
-        ax.set_ylabel("||h_t||")
-        options = read_manifest(run / "influence.npy").get("options", {}) \
-            if (run / "influence.npy").is_file() else {}
-        ax.set_title(f"LiSSA norm trace (scale {options.get('scale')}, "
-                     f"damping {options.get('damping')})")
-        if len(trace) > 1:
-            ax.legend()
-        fig.tight_layout()
-        written.append(_save(fig, out / "lissa_trace.png", plt))
+        written.append(_plot_groups(plt, info, out / "groups.png"))
+    if (run / "influence_trace.npy").is_file():
+        written.append(_plot_trace(plt, run, out / "lissa_trace.png"))
     if not written:
         raise UserError(f"{run}: nothing to plot (no influence.npy, effort.npy or selected.npy)")
     return written
+
+
+def _plot_hist(plt, scores: dict, path: Path) -> Path:
+    fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 3.5), squeeze=False)
+    for ax, (kind, s) in zip(axes[0], scores.items()):
+        ax.hist(s, bins=80, color="tab:blue" if kind == "influence" else "tab:orange")
+        ax.set_yscale("log")
+        ax.set_title(f"{kind} score ({len(s)} users)")
+        ax.set_xlabel("score")
+        ax.set_ylabel("users (log)")
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def _plot_scatter(plt, scores: dict, selected, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    inf, eff = _minmax(scores["influence"]), _minmax(scores["effort"])
+    ax.scatter(inf, eff, s=2, alpha=0.3, color="grey", label="all users")
+    if selected is not None:
+        ax.scatter(inf[selected], eff[selected], s=6, color="tab:red",
+                   label=f"selected ({len(selected)})")
+    ax.set_xlabel("influence (min-max)")
+    ax.set_ylabel("effort (min-max)")
+    ax.legend(markerscale=3)
+    ax.set_title("Influence vs effort")
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def _plot_groups(plt, info: dict, path: Path) -> Path:
+    sizes = np.asarray(info["group_sizes"])
+    chosen = np.asarray(info.get("group_selected") or np.zeros_like(sizes))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    x = np.arange(len(sizes))
+    ax.bar(x, sizes, color="lightgrey", label="group size")
+    ax.bar(x, chosen, color="tab:red", label="selected")
+    ax.set_yscale("log")
+    ax.set_xlabel("score group (low -> high overall score)")
+    ax.set_ylabel("users (log)")
+    ax.set_title(f"Coverage-enhanced sampling: {int(chosen.sum())} selected, "
+                 f"{info.get('n_pruned', 0)} hard-pruned")
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def _plot_trace(plt, run: Path, path: Path) -> Path:
+    trace = np.atleast_2d(np.load(run / "influence_trace.npy", allow_pickle=False))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for r, row in enumerate(trace):
+        ax.plot(np.arange(1, len(row) + 1), row, lw=1, label=f"repeat {r}")
+    ax.set_xlabel("LiSSA step t")
+    ax.set_ylabel("||h_t||")
+    options = read_manifest(run / "influence.npy").get("options", {}) \
+        if (run / "influence.npy").is_file() else {}
+    ax.set_title(f"LiSSA norm trace (scale {options.get('scale')}, "
+                 f"damping {options.get('damping')})")
+    if len(trace) > 1:
+        ax.legend()
+    fig.tight_layout()
+    return _save(fig, path, plt)
 
 
 def _save(fig, path: Path, plt) -> Path:

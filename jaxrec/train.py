@@ -6,8 +6,9 @@ checkpoint and the latest one (so a killed run resumes where it stopped), and wr
 ``loss`` / ``per_sample_loss`` pair the influence engine works on.
 
 Speed: users are bucketed by sequence length and each batch is cut to the narrowest width in
-``WIDTHS`` that holds it (exact: positions count from the right and padding is masked), so a
-Games epoch does not pay for 50 positions per user when the mean sequence has 6.
+``TRAIN_WIDTHS`` that holds it (``jaxrec.data.buckets``; exact: positions count from the right
+and padding is masked), so a Games epoch does not pay for 50 positions per user when the mean
+sequence has 6.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxrec.config import SurrogateConfig, SurrogateEvalConfig, make_config
-from jaxrec.data import Dataset, evaluation_arrays, load_dataset, training_arrays, write_json
+from jaxrec.data import (Dataset, evaluation_arrays, left_pad, load_dataset, training_arrays,
+                         write_json)
+from jaxrec.data.buckets import TRAIN_WIDTHS, width_of
 from jaxrec.errors import UserError
 from jaxrec.data.ranking import recall_ndcg
 from jaxrec.metrics import mask_seen, topk_metrics
 from jaxrec.models import sasrec
-
-WIDTHS = (8, 16, 32, 50)
 
 
 @dataclass
@@ -52,6 +53,22 @@ class Surrogate:
         return sasrec.user_representations(self.model, params, inputs)
 
 
+def user_representations(sur: Surrogate, batch_size: int = 1024) -> np.ndarray:
+    """The surrogate's representation of every user ``[n_users, hidden]`` (float32): its
+    hidden state at the newest position of the user's whole training sequence."""
+    inputs = left_pad(sur.dataset.train, sur.config.max_len)
+    batch_size = max(1, min(batch_size, len(inputs)))
+    apply = jax.jit(sur.user_representations)
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start:start + batch_size]
+        pad = batch_size - len(batch)
+        if pad:  # one compiled shape
+            batch = np.concatenate([batch, np.zeros((pad, batch.shape[1]), batch.dtype)])
+        out.append(np.asarray(apply(sur.params, batch))[:batch_size - pad])
+    return np.concatenate(out).astype(np.float32)
+
+
 def build_model(cfg: SurrogateConfig, n_items: int) -> sasrec.SASRec:
     return sasrec.SASRec(n_items=n_items, hidden=cfg.hidden, blocks=cfg.blocks, heads=cfg.heads,
                          max_len=cfg.max_len, dropout=cfg.dropout)
@@ -63,10 +80,6 @@ def with_negatives(arrays: dict, seed: int, epoch: int, n_items: int) -> dict:
     return {**arrays, "negatives": np.asarray(neg)}
 
 
-def _width(length: int, max_len: int) -> int:
-    return next((w for w in WIDTHS if w >= length and w <= max_len), max_len)
-
-
 def epoch_batches(lengths: np.ndarray, batch_size: int, max_len: int,
                   rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
     """Shuffled batches of row indices, bucketed by length: ``[(rows, width), ...]``.
@@ -75,7 +88,7 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, max_len: int,
     rows (-1 pads the last batch of a bucket), so jit compiles once per width.
     """
     batches = []
-    widths = np.array([_width(int(n), max_len) for n in lengths])
+    widths = width_of(lengths, max_len, TRAIN_WIDTHS)
     for width in sorted(set(widths[lengths > 0])):
         rows = rng.permutation(np.flatnonzero((widths == width) & (lengths > 0)))
         for start in range(0, len(rows), batch_size):
@@ -194,26 +207,11 @@ def train(cfg: SurrogateConfig, *, progress: bool = True) -> dict:
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run / "checkpoints"
-    state_file = run / "train_state.json"
-    config_dict = dataclasses.asdict(cfg)
     model = build_model(cfg, ds.n_items)
     optimizer = optax.adam(cfg.lr)
-    params = sasrec.init_params(model, jax.random.PRNGKey(cfg.seed))
-    opt_state = optimizer.init(params)
-    state = {"epoch": 0, "best_epoch": 0, "best_recall@20": -1.0, "history": [],
-             "seconds_train": 0.0, "dataset": ds.fingerprint()}
-    if cfg.resume and state_file.is_file() and (ckpt_dir / "latest").exists():
-        old = json.loads(state_file.read_text())
-        if old.get("dataset") == ds.fingerprint() and old.get("config", {}) == config_dict:
-            restored = restore_checkpoint(ckpt_dir / "latest",
-                                          {"params": params, "opt_state": opt_state})
-            params, opt_state = restored["params"], restored["opt_state"]
-            state = old
-            print(f"resuming {run} after epoch {state['epoch']}", file=sys.stderr)
-    write_json(run / "config.json", config_dict)
-
+    params, opt_state, state = _start_or_resume(cfg, ds, model, optimizer, run)
+    write_json(run / "config.json", dataclasses.asdict(cfg))
     arrays = training_arrays(ds, cfg.max_len)
-    lengths = (arrays["targets"] > 0).sum(1)
     step = make_train_step(model, optimizer)
     rng = np.random.default_rng([cfg.seed, state["epoch"]])
     key = jax.random.PRNGKey(cfg.seed + 1)
@@ -223,18 +221,12 @@ def train(cfg: SurrogateConfig, *, progress: bool = True) -> dict:
     for epoch in epochs:
         t0 = time.perf_counter()
         data = with_negatives(arrays, cfg.seed, epoch, ds.n_items)
-        losses = []
-        for rows, width in epoch_batches(lengths, cfg.batch_size, cfg.max_len, rng):
-            batch = take_batch(data, rows, width)
-            weights = (rows >= 0).astype(np.float32)
-            key, sub = jax.random.split(key)
-            params, opt_state, value = step(params, opt_state, batch, weights, sub)
-            losses.append(value)
-        epoch_loss = float(np.mean(jax.device_get(losses)))
+        params, opt_state, key, epoch_loss = _train_epoch(step, params, opt_state, key, data,
+                                                          cfg, rng)
         if not np.isfinite(epoch_loss):
             raise UserError(f"training diverged at epoch {epoch} (loss {epoch_loss}); lower --lr")
-        seconds = time.perf_counter() - t0
-        record = {"epoch": epoch, "loss": epoch_loss, "seconds": round(seconds, 3)}
+        record = {"epoch": epoch, "loss": epoch_loss,
+                  "seconds": round(time.perf_counter() - t0, 3)}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             record["valid"] = evaluate(model, params, ds, "valid", max_len=cfg.max_len)
             if record["valid"]["recall@20"] > state["best_recall@20"]:
@@ -246,16 +238,55 @@ def train(cfg: SurrogateConfig, *, progress: bool = True) -> dict:
                 bad_epochs += cfg.eval_every
         state["history"].append(record)
         state["epoch"] = epoch
-        state["seconds_train"] += seconds
-        state["config"] = config_dict
+        state["seconds_train"] += record["seconds"]
+        state["config"] = dataclasses.asdict(cfg)
         save_checkpoint(ckpt_dir / "latest", {"params": params, "opt_state": opt_state})
-        write_json(state_file, state)
+        write_json(run / "train_state.json", state)
         epochs.set_postfix(loss=f"{epoch_loss:.4f}",
                            r20=f"{record.get('valid', {}).get('recall@20', float('nan')):.4f}",
                            best=state["best_epoch"])
         if bad_epochs >= cfg.patience:
             break
-    best = restore_checkpoint(ckpt_dir / "best", params)
+    return _final_metrics(model, restore_checkpoint(ckpt_dir / "best", params), ds, cfg, state,
+                          run)
+
+
+def _start_or_resume(cfg: SurrogateConfig, ds: Dataset, model, optimizer, run: Path):
+    """``(params, opt_state, state)``: fresh, or from ``RUN/checkpoints/latest`` when the run
+    was made from the same dataset and config (and ``cfg.resume``)."""
+    params = sasrec.init_params(model, jax.random.PRNGKey(cfg.seed))
+    opt_state = optimizer.init(params)
+    state = {"epoch": 0, "best_epoch": 0, "best_recall@20": -1.0, "history": [],
+             "seconds_train": 0.0, "dataset": ds.fingerprint()}
+    state_file, latest = run / "train_state.json", run / "checkpoints" / "latest"
+    if cfg.resume and state_file.is_file() and latest.exists():
+        old = json.loads(state_file.read_text())
+        if old.get("dataset") == ds.fingerprint() and \
+                old.get("config", {}) == dataclasses.asdict(cfg):
+            restored = restore_checkpoint(latest, {"params": params, "opt_state": opt_state})
+            params, opt_state = restored["params"], restored["opt_state"]
+            state = old
+            print(f"resuming {run} after epoch {state['epoch']}", file=sys.stderr)
+    return params, opt_state, state
+
+
+def _train_epoch(step, params, opt_state, key, data: dict, cfg: SurrogateConfig, rng):
+    """One pass over length-bucketed shuffled batches. Returns the new
+    ``(params, opt_state, key, mean loss)``."""
+    lengths = (data["targets"] > 0).sum(1)
+    losses = []
+    for rows, width in epoch_batches(lengths, cfg.batch_size, cfg.max_len, rng):
+        batch = take_batch(data, rows, width)
+        weights = (rows >= 0).astype(np.float32)
+        key, sub = jax.random.split(key)
+        params, opt_state, value = step(params, opt_state, batch, weights, sub)
+        losses.append(value)
+    return params, opt_state, key, float(np.mean(jax.device_get(losses)))
+
+
+def _final_metrics(model, best, ds: Dataset, cfg: SurrogateConfig, state: dict,
+                   run: Path) -> dict:
+    """Valid/test metrics of the best checkpoint, written to ``RUN/metrics.json``."""
     trained = [h["seconds"] for h in state["history"]]
     metrics = {
         "valid": evaluate(model, best, ds, "valid", max_len=cfg.max_len),
@@ -287,4 +318,5 @@ def evaluate_main(cfg: SurrogateEvalConfig) -> int:
     return 0
 
 
-__all__ = ["Surrogate", "build_model", "evaluate", "load_surrogate", "train"]
+__all__ = ["Surrogate", "build_model", "evaluate", "load_surrogate", "train",
+           "user_representations"]

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from jaxrec.data import load_dataset, load_scores, read_manifest, save_scores
 from jaxrec.errors import ScoreFileError, UserError
 from llm_bridge.config import EffortConfig
+from llm_bridge.model import position_ids, unwrap
 from llm_bridge.prompts import IGNORE, collate, encode_users
 
 LOSS = ("Eq. 1: per sample, mean token cross-entropy over its own label tokens (the response "
@@ -66,7 +67,7 @@ def select_params(model, params: str | None = None) -> dict[str, torch.nn.Parame
 
 def _split_lm(model):
     """``(decoder, lm_head)`` of a (peft-wrapped) causal LM."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = unwrap(model)
     return lm.get_decoder(), lm.get_output_embeddings()
 
 
@@ -76,14 +77,14 @@ def per_sample_losses(model, input_ids, attention_mask, labels) -> torch.Tensor:
     transformers); 0 for a sample without label tokens. Positions come from the attention
     mask, so left or right padding gives each sample the result of a batch of one."""
     decoder, head = _split_lm(model)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(attention_mask)
     lengths = attention_mask.long().sum(-1, keepdim=True)
     steps = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     right_padded = bool(torch.equal(attention_mask.long(), (steps < lengths).long()))
     # Right padding: a real token never sees a later pad under the causal mask, so the plain
     # causal attention (no T x T mask; fused kernels) is exact for every real token.
     hidden = decoder(input_ids=input_ids, attention_mask=None if right_padded else attention_mask,
-                     position_ids=position_ids, use_cache=False).last_hidden_state
+                     position_ids=positions, use_cache=False).last_hidden_state
     target = labels[:, 1:]
     # a label is predicted from the previous real token (never from a left pad)
     rows, cols = torch.nonzero((target != IGNORE) & attention_mask[:, :-1].bool(), as_tuple=True)
@@ -125,22 +126,53 @@ def _sq_norm_linear(xs, gs, with_weight: bool, with_bias: bool) -> torch.Tensor:
         if d_in * d_out <= t * t:           # explicit per-sample gradient [B, out, in]
             out = out + torch.einsum("bto,bti->boi", g, x).pow(2).sum((1, 2))
         else:                               # ghost norm: <X X^T, G G^T>
-            out = out + (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+            xx, gg = torch.bmm(x, x.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
+            out = out + (xx * gg).sum((1, 2))
     if with_bias:
         out = out + g.sum(1).pow(2).sum(1)
     return out
 
 
-def per_sample_grad_norms(model, input_ids, attention_mask, labels, params=None) -> torch.Tensor:
+MAX_TOKENS = 1024   # padded tokens per pass: on 2 CPU cores, larger passes got slower per sample
+
+
+def per_sample_grad_norms(model, input_ids, attention_mask, labels, params=None, *,
+                          max_tokens: int = MAX_TOKENS, autocast: str = "") -> torch.Tensor:
     """Paper Eq. 12 for a padded batch: ``[B]`` exact L2 norms of each sample's own loss
     gradient (Eq. 1 loss of the sample alone, see :func:`per_sample_losses`) w.r.t. the
     model's trainable parameters, or those whose name matches the regex ``params``.
 
-    One forward and one backward pass for the whole batch (hooks on the selected ``nn.Linear``
-    layers, see the module docstring). The model's train/eval mode is kept (use eval mode for
-    deterministic scores: LoRA dropout). No ``.grad`` is written; ``requires_grad`` flags are
-    restored on return. A sample without label tokens scores 0.
+    The batch is cut by length into passes of at most ``max_tokens`` padded tokens (a longer
+    sample goes alone; 0 = one pass), each with its own padding stripped, so a big batch is
+    never slower per sample than a batch-1 loop. Each pass is one forward and one backward
+    (hooks on the selected ``nn.Linear`` layers, see the module docstring).
+    ``autocast="bf16"`` runs them under bfloat16 autocast (logits, loss and norms stay
+    float32; not exact, see docs/benchmarks.md). The model's train/eval mode is kept (use
+    eval mode for deterministic scores: LoRA dropout). No ``.grad`` is written;
+    ``requires_grad`` flags are restored on return. A sample without label tokens scores 0.
     """
+    lengths = attention_mask.long().sum(-1).tolist()
+    out = torch.zeros(len(input_ids), device=input_ids.device)
+    with _autocast(input_ids.device, autocast):
+        for idx in length_batches(lengths, len(lengths) or 1, max_tokens):
+            rows = torch.as_tensor(idx, device=input_ids.device)
+            cols = attention_mask[rows].bool().any(0)       # drop the pass's all-pad columns
+            out[rows] = _grad_norms_pass(model, input_ids[rows][:, cols],
+                                         attention_mask[rows][:, cols], labels[rows][:, cols],
+                                         params).to(out.dtype)
+    return out
+
+
+def _autocast(device: torch.device, autocast: str):
+    if autocast not in ("", "bf16"):
+        raise UserError(f"autocast={autocast!r}: expected '' (off) or 'bf16'")
+    if not autocast:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _grad_norms_pass(model, input_ids, attention_mask, labels, params=None) -> torch.Tensor:
+    """:func:`per_sample_grad_norms` of one batch in one forward and one backward pass."""
     chosen = select_params(model, params)
     targets, others = _linear_targets(model, chosen)
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -256,7 +288,8 @@ def existing_shards(folder: Path, ds, settings: dict | None = None) -> dict[tupl
             continue                        # not committed (killed between the two writes)
         manifest = read_manifest(path)
         if manifest.get("kind") != SHARD_KIND:
-            raise ScoreFileError(f"{path}: kind is {manifest.get('kind')!r}, expected {SHARD_KIND!r}")
+            raise ScoreFileError(f"{path}: kind is {manifest.get('kind')!r}, "
+                                 f"expected {SHARD_KIND!r}")
         if manifest.get("dataset") != ds.fingerprint():
             raise ScoreFileError(f"{path}: shard made from another dataset (fingerprint "
                                  f"mismatch); use another --out or remove {folder}")
@@ -328,17 +361,14 @@ def score_samples(model, samples: list[dict], *, pad_id: int, batch_size: int, p
     norms stay float32): about 3x faster on a CPU with AVX512-BF16, not exact (see
     ``docs/benchmarks.md`` for the measured deviation).
     """
-    if autocast not in ("", "bf16"):
-        raise UserError(f"--autocast {autocast!r}: expected '' (off) or 'bf16'")
     device = next(model.parameters()).device
-    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast \
-        else contextlib.nullcontext
+    _autocast(device, autocast)                 # a bad value fails before any work
     scores = np.zeros(len(samples), dtype=np.float32)
     for idx in length_batches([len(s["input_ids"]) for s in samples], batch_size, max_tokens):
         batch = {k: v.to(device) for k, v in collate([samples[j] for j in idx], pad_id).items()}
-        with ctx():
-            norms = per_sample_grad_norms(model, batch["input_ids"], batch["attention_mask"],
-                                          batch["labels"], params=params)
+        norms = per_sample_grad_norms(model, batch["input_ids"], batch["attention_mask"],
+                                      batch["labels"], params=params, max_tokens=0,
+                                      autocast=autocast)
         scores[idx] = norms.float().cpu().numpy()
         if bar is not None:
             bar.update(len(idx))
@@ -372,8 +402,6 @@ def main(cfg: EffortConfig) -> int:
     if cfg.backend == "tiger":
         from llm_bridge.tiger.effort import main as tiger_main
         return tiger_main(cfg)
-    from llm_bridge.model import add_lora, load_tokenizer_and_model
-
     out = Path(cfg.out)
     if out.suffix != ".npy":
         raise UserError(f"{out}: the effort file name must end in .npy")
@@ -387,54 +415,68 @@ def main(cfg: EffortConfig) -> int:
     device = cfg.device
     if device == "auto" and dist_device is not None:
         device = str(dist_device)
-
-    tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=device, dtype=cfg.dtype)
-    torch.manual_seed(cfg.seed)               # the fresh LoRA's init
-    model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     adapter=cfg.adapter, trainable=True)
-    model.eval()                              # deterministic: no LoRA dropout
+    tokenizer, model, info = _scoring_model(cfg, device)
     chosen = select_params(model, cfg.params or None)
     settings = _settings(cfg, ds, info)
     done = existing_shards(folder, ds, settings)
-
     units = shard_ranges(start, stop, cfg.shard_size)[rank::world]   # split before resuming
     todo = [u for u in units if not (cfg.resume and u in done)]
-    n_todo = sum(b - a for a, b in todo)
     if rank == 0:
         skipped = sum(b - a for a, b in units if cfg.resume and (a, b) in done)
-        print(f"effort: rows {start}..{stop - 1} in {len(shard_ranges(start, stop, cfg.shard_size))}"
-              f" shards over {world} process(es); {len(chosen)} parameter tensors "
+        print(f"effort: rows {start}..{stop - 1} in "
+              f"{len(shard_ranges(start, stop, cfg.shard_size))} shards over {world} "
+              f"process(es); {len(chosen)} parameter tensors "
               f"({sum(p.numel() for p in chosen.values()):,} values)"
               + (f"; resuming, {skipped} rows of this process already scored" if skipped else ""))
-    pad_id = tokenizer.pad_token_id
-    bar = tqdm(total=n_todo, desc=f"effort[{rank}]" if world > 1 else "effort", unit="sample",
-               position=rank, dynamic_ncols=True)
-    for a, b in todo:
-        t0 = time.perf_counter()
-        samples = encode_users(tokenizer, ds, range(a, b), cutoff_len=cfg.cutoff_len,
-                               train_on_inputs=cfg.train_on_inputs)
-        scores = score_samples(model, samples, pad_id=pad_id, batch_size=cfg.batch_size,
-                               params=cfg.params or None, max_tokens=cfg.max_tokens,
-                               autocast=cfg.autocast, bar=bar)
-        save_scores(shard_path(folder, a, b), scores, kind=SHARD_KIND, dataset=ds.fingerprint(),
-                    seconds=time.perf_counter() - t0, rows=[a, b], settings=settings,
-                    batch_size=cfg.batch_size, device=info["device"])
-    bar.close()
+    _score_shards(cfg, ds, tokenizer, model, todo, folder, settings, info, rank, world)
     barrier()
     if rank != 0:
         return 0
     options = {**asdict(cfg), "model_info": info, "n_param_tensors": len(chosen),
                "n_param_values": int(sum(p.numel() for p in chosen.values())),
                "param_names": sorted(chosen), "processes": world}
+    _merge_and_report(folder, out, ds, options)
+    return 0
+
+
+def _scoring_model(cfg: EffortConfig, device: str):
+    """``(tokenizer, model, info)``: the base LLM with a fresh seeded LoRA (or ``cfg.adapter``),
+    in eval mode (deterministic: no LoRA dropout)."""
+    from llm_bridge.model import add_lora, load_tokenizer_and_model
+
+    tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=device, dtype=cfg.dtype)
+    torch.manual_seed(cfg.seed)               # the fresh LoRA's init
+    model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                     adapter=cfg.adapter, trainable=True)
+    model.eval()
+    return tokenizer, model, info
+
+
+def _score_shards(cfg, ds, tokenizer, model, todo, folder, settings, info, rank, world):
+    """Score each shard ``(a, b)`` of ``todo`` and commit it (atomic write + manifest)."""
+    bar = tqdm(total=sum(b - a for a, b in todo), desc=f"effort[{rank}]" if world > 1
+               else "effort", unit="sample", position=rank, dynamic_ncols=True)
+    for a, b in todo:
+        t0 = time.perf_counter()
+        samples = encode_users(tokenizer, ds, range(a, b), cutoff_len=cfg.cutoff_len,
+                               train_on_inputs=cfg.train_on_inputs)
+        scores = score_samples(model, samples, pad_id=tokenizer.pad_token_id,
+                               batch_size=cfg.batch_size, params=cfg.params or None,
+                               max_tokens=cfg.max_tokens, autocast=cfg.autocast, bar=bar)
+        save_scores(shard_path(folder, a, b), scores, kind=SHARD_KIND, dataset=ds.fingerprint(),
+                    seconds=time.perf_counter() - t0, rows=[a, b], settings=settings,
+                    batch_size=cfg.batch_size, device=info["device"])
+    bar.close()
+
+
+def _merge_and_report(folder: Path, out: Path, ds, options: dict) -> None:
     merged = merge_shards(folder, out, ds, options=options)
     if merged is None:
-        have = existing_shards(folder, ds)
-        n = sum(b - a for a, b in have)
+        n = sum(b - a for a, b in existing_shards(folder, ds))
         print(f"effort: {n} of {ds.n_users} rows scored in {folder}; {out} is written when all "
               "rows are (run the other --users ranges with the same --out)")
-    else:
-        m = read_manifest(merged)
-        rate = ds.n_users / m["seconds"] if m["seconds"] else float("nan")
-        print(f"effort: wrote {merged} ({ds.n_users} rows, {m['seconds']:.1f} s of scoring, "
-              f"{rate:.1f} samples/s)")
-    return 0
+        return
+    m = read_manifest(merged)
+    rate = ds.n_users / m["seconds"] if m["seconds"] else float("nan")
+    print(f"effort: wrote {merged} ({ds.n_users} rows, {m['seconds']:.1f} s of scoring, "
+          f"{rate:.1f} samples/s)")

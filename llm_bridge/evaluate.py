@@ -35,6 +35,7 @@ from jaxrec.data.ranking import recall_ndcg
 from jaxrec.data.scorefiles import atomic_write_bytes
 from jaxrec.errors import UserError
 from llm_bridge.config import EvaluateConfig
+from llm_bridge.model import check_adapter_folder, eval_mode, jsonable, position_ids, unwrap
 from llm_bridge.prompts import IGNORE, collate, encode_sample
 
 KS = (10, 20)
@@ -94,9 +95,9 @@ def _left_padded(ids: list[list[int]], pad: int) -> dict:
 
 def _base(model):
     """The underlying ``LlamaForCausalLM`` and a context that switches the adapter off."""
-    if hasattr(model, "disable_adapter"):
-        return model.get_base_model(), model.disable_adapter()
-    return model, contextlib.nullcontext()
+    no_adapter = model.disable_adapter() if hasattr(model, "disable_adapter") \
+        else contextlib.nullcontext()
+    return unwrap(model), no_adapter
 
 
 @torch.no_grad()
@@ -115,21 +116,17 @@ def embed_texts(model, tokenizer, texts: list[str], *, batch_size: int = 32,
     index = {t: i for i, t in enumerate(unique)}
     hidden = base.config.hidden_size
     emb = np.zeros((len(unique), hidden), dtype=np.float32)
-    was_training = model.training
-    model.eval()
-    with no_adapter:
+    with eval_mode(model), no_adapter:
         for start in tqdm(range(0, len(unique), batch_size), desc=desc, unit="batch",
                           disable=desc is None, leave=False):
             chunk = unique[start:start + batch_size]
             ids = [tokenizer(t)["input_ids"] or [tokenizer.eos_token_id] for t in chunk]
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            batch = _left_padded(ids, pad)
+            batch = _left_padded(ids, tokenizer.pad_token_id)
             mask = batch["attention_mask"]
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
             out = base.model(input_ids=batch["input_ids"].to(device),
-                             attention_mask=mask.to(device), position_ids=pos.to(device))
+                             attention_mask=mask.to(device),
+                             position_ids=position_ids(mask).to(device))
             emb[start:start + len(chunk)] = out.last_hidden_state[:, -1].float().cpu().numpy()
-    model.train(was_training)
     return emb[[index[t] for t in texts]]
 
 
@@ -196,7 +193,7 @@ def generate(model, tokenizer, ids: list[list[int]], *, beams: int = 4, max_new_
              batch_size: int = 8, desc: str | None = "generate") -> list[str]:
     """Beam-search responses to the prompts ``ids`` (batched, left-padded), decoded, cleaned."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
     order = np.argsort([len(x) for x in ids], kind="stable")
     out: list[str] = [""] * len(ids)
     model.eval()
@@ -257,29 +254,20 @@ def main(cfg: EvaluateConfig) -> int:
     if cfg.backend == "tiger":
         from llm_bridge.tiger.evaluate import main as tiger_main
         return tiger_main(cfg)
-    from llm_bridge.model import add_lora, default_model_path, load_tokenizer_and_model
+    from llm_bridge.model import default_model_path
 
-    if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
-        raise UserError(f"{cfg.adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    if cfg.adapter:
+        check_adapter_folder(cfg.adapter)
     if cfg.beams < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1:
         raise UserError("beams, max_new_tokens and batch_size must be >= 1")
     ds = load_dataset(cfg.data)
     rows = eval_users(ds, cfg.split, cfg.users, cfg.seed)
-    n_with_items = sum(1 for t in ds.split(cfg.split) if len(t))
-    out = Path(cfg.out)
-
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    if cfg.adapter:
-        model = add_lora(model, adapter=cfg.adapter, trainable=False)
-    model.eval()
+    tokenizer, model, info = _eval_model(cfg)
     load_seconds = time.perf_counter() - t0
-
     item_emb, cache_info = title_embeddings(
         model, tokenizer, ds.titles, model_path=cfg.model or default_model_path(),
         cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 32))
-
     hist = history(ds, cfg.split)
     prompts = [prompt_ids(tokenizer, [ds.titles[i] for i in hist[r]], cfg.cutoff_len)
                for r in rows]
@@ -294,30 +282,50 @@ def main(cfg: EvaluateConfig) -> int:
                            desc="embed predictions")
     ranked = rank_items(pred_emb, item_emb, max(KS))
     t3 = time.perf_counter()
-
     truth = [set(int(i) for i in ds.split(cfg.split)[r]) for r in rows]
     metrics = rank_metrics(ranked, truth, KS)
-    per_user = t3 - t1
+    n_with_items = sum(1 for t in ds.split(cfg.split) if len(t))
+    out = Path(cfg.out)
     result = {
         "split": cfg.split, **metrics,
         "n_users": int(len(rows)), "n_users_with_items": int(n_with_items),
         "subsample": bool(0 < cfg.users < n_with_items), "seed": cfg.seed,
         "seconds": round(time.perf_counter() - t0, 3),
-        "seconds_per_100_users": round(per_user / len(rows) * 100, 3),
+        "seconds_per_100_users": round((t3 - t1) / len(rows) * 100, 3),
         "seconds_generation": round(t2 - t1, 3), "seconds_grounding": round(t3 - t2, 3),
         "seconds_model_load": round(load_seconds, 3), "title_embeddings": cache_info,
         "model": cfg.model or "default (SmolLM2-135M-Instruct GGUF)", "adapter": cfg.adapter,
-        "model_info": json.loads(json.dumps(info, default=str)), "config": asdict(cfg),
+        "model_info": jsonable(info), "config": asdict(cfg),
         "predictions": str(out.with_suffix(".predictions.jsonl")),
     }
-    lines = [json.dumps({"row": int(r), "user_id": int(ds.user_ids[r]), "prediction": t,
-                         "top": [int(i) for i in ranked[j]], "truth": sorted(truth[j]),
-                         "loss": round(float(losses[j]), 6)})
-             for j, (r, t) in enumerate(zip(rows, texts))]
-    blob = ("\n".join(lines) + "\n").encode()
-    atomic_write_bytes(out.with_suffix(".predictions.jsonl"), lambda f: f.write(blob))
+    _write_predictions(out.with_suffix(".predictions.jsonl"), ds, rows, texts, ranked, truth,
+                       losses)
     write_json(out, result)
     print(f"evaluate {cfg.split} ({len(rows)} users): "
           + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
           + f"; {result['seconds_per_100_users']:.1f} s per 100 users")
     return 0
+
+
+def _eval_model(cfg: EvaluateConfig):
+    """``(tokenizer, model, info)``: the base LLM with ``cfg.adapter`` (frozen), eval mode."""
+    from llm_bridge.model import add_lora, load_tokenizer_and_model
+
+    torch.manual_seed(cfg.seed)
+    tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=cfg.device,
+                                                      dtype=cfg.dtype)
+    if cfg.adapter:
+        model = add_lora(model, adapter=cfg.adapter, trainable=False)
+    model.eval()
+    return tokenizer, model, info
+
+
+def _write_predictions(path: Path, ds, rows, texts, ranked, truth, losses) -> None:
+    """One JSON line per evaluated user: its generation, top items, true items and the loss of
+    its first true item."""
+    lines = [json.dumps({"row": int(r), "user_id": int(ds.user_ids[r]), "prediction": t,
+                         "top": [int(i) for i in ranked[j]], "truth": sorted(truth[j]),
+                         "loss": round(float(losses[j]), 6)})
+             for j, (r, t) in enumerate(zip(rows, texts))]
+    blob = ("\n".join(lines) + "\n").encode()
+    atomic_write_bytes(path, lambda f: f.write(blob))

@@ -38,6 +38,7 @@ from jaxrec.data.dataset import sha256_file
 from jaxrec.data.scorefiles import atomic_write_bytes
 from jaxrec.errors import UserError
 from llm_bridge.config import FinetuneConfig
+from llm_bridge.model import check_adapter_folder, eval_mode, jsonable
 from llm_bridge.prompts import IGNORE, collate, encode_users
 
 # Settings that must match for a checkpoint to be continued (``epochs``/``patience`` may grow).
@@ -46,7 +47,8 @@ _RESUME_KEYS = ("model", "adapter", "lr", "batch_size", "grad_accum", "cutoff_le
 
 
 # ----------------------------------------------------------------------------- inputs
-def check_selection(selection: np.ndarray, n_users: int, path: str | Path = "selection") -> np.ndarray:
+def check_selection(selection: np.ndarray, n_users: int,
+                    path: str | Path = "selection") -> np.ndarray:
     """Validate a selection (user rows of ``sequential_train.txt``) and return it as int64.
 
     Raises :class:`UserError` for a non-integer or non-1-D array, an empty selection, a row
@@ -84,19 +86,17 @@ def dataset_loss(model, samples: list[dict], *, pad_id: int, batch_size: int = 8
     """Token-weighted mean of the paper's Eq. 1 loss over ``samples`` (eval mode, no dropout)."""
     if not samples:
         return float("nan")
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     order = np.argsort([len(s["input_ids"]) for s in samples], kind="stable")
     n_batches = math.ceil(len(samples) / batch_size)
-    for batch in tqdm(_batches(samples, order, batch_size, pad_id, device), total=n_batches,
-                      desc=desc, leave=False, disable=desc is None):
-        n = _n_loss_tokens(batch["labels"])
-        if n:
-            total += float(model(**batch).loss) * n
-            count += n
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in tqdm(_batches(samples, order, batch_size, pad_id, device),
+                          total=n_batches, desc=desc, leave=False, disable=desc is None):
+            n = _n_loss_tokens(batch["labels"])
+            if n:
+                total += float(model(**batch).loss) * n
+                count += n
     return total / max(count, 1)
 
 
@@ -155,35 +155,12 @@ def main(cfg: FinetuneConfig) -> int:
     if cfg.backend == "tiger":
         from llm_bridge.tiger.finetune import main as tiger_main
         return tiger_main(cfg)
-    from llm_bridge.model import add_lora, load_tokenizer_and_model
-
-    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1 or cfg.patience < 1:
-        raise UserError("batch_size, grad_accum, epochs and patience must be >= 1")
-    if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
-        raise UserError(f"{cfg.adapter}: not a LoRA adapter folder (no adapter_config.json)")
-    ds = load_dataset(cfg.data)
-    selection, _ = load_scores(cfg.selection, kind="selection", dataset=ds.fingerprint())
-    selection = check_selection(selection, ds.n_users, cfg.selection)
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
+    ds, selection, out = _check_inputs(cfg)
     ckpt = out / "checkpoint"
     settings = {"dataset": ds.fingerprint(), "selection_sha256": sha256_file(Path(cfg.selection)),
                 **{k: getattr(cfg, k) for k in _RESUME_KEYS}}
-    resume_state = None
-    if cfg.resume and (ckpt / "state.json").is_file():
-        resume_state = json.loads((ckpt / "state.json").read_text())
-        if resume_state.get("settings") != settings:
-            diff = sorted(k for k in settings
-                          if resume_state.get("settings", {}).get(k) != settings[k])
-            raise UserError(f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)});"
-                            " use --no-resume to start over or another --out")
-
-    torch.manual_seed(cfg.seed)
-    tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     adapter=cfg.adapter, trainable=True)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    resuming = _can_resume(cfg, ckpt, settings)
+    tokenizer, model, info = _lora_model(cfg)
     enc = dict(cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs)
     train = encode_users(tokenizer, ds, selection, split="train", **enc)
     valid = encode_users(tokenizer, ds, selection, split="valid", **enc)
@@ -192,57 +169,29 @@ def main(cfg: FinetuneConfig) -> int:
     if not early_stopping:
         print(f"finetune: none of the {len(selection)} selected users has a valid item; "
               f"no early stopping, training a fixed {max_epochs} epochs")
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     out.mkdir(parents=True, exist_ok=True)
-
-    record = {"settings": settings, "config": asdict(cfg), "model_info": json.loads(json.dumps(info, default=str)),
+    record = {"settings": settings, "config": asdict(cfg), "model_info": jsonable(info),
               "n_train_samples": len(train), "n_valid_samples": len(valid),
               "early_stopping": early_stopping, "max_epochs": max_epochs,
               "epochs": [], "best_epoch": None, "best_valid_loss": None,
               "seconds": 0.0, "finished": False}
     start_epoch, bad_epochs = 1, 0
-    if resume_state is not None:
+    if resuming:
         state = _load_checkpoint(ckpt, model, optimizer)
         record.update({k: state["record"][k] for k in ("epochs", "best_epoch",
                                                         "best_valid_loss", "seconds")})
         start_epoch, bad_epochs = state["epoch"] + 1, state["bad_epochs"]
         print(f"finetune: resuming after epoch {state['epoch']} from {ckpt}")
-
-    n_micro = math.ceil(len(train) / cfg.batch_size)
-    t_run = time.perf_counter()
-    seconds_before = record["seconds"]
+    t_run, seconds_before = time.perf_counter(), record["seconds"]
     model.train()
     for epoch in range(start_epoch, max_epochs + 1):
         if early_stopping and bad_epochs >= cfg.patience:
             break
-        t0 = time.perf_counter()
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
-        losses, steps = [], 0
-        optimizer.zero_grad(set_to_none=True)
-        bar = tqdm(_batches(train, order, cfg.batch_size, pad_id, device), total=n_micro,
-                   desc=f"epoch {epoch}/{max_epochs}", unit="batch")
-        for i, batch in enumerate(bar):
-            group_start = (i // cfg.grad_accum) * cfg.grad_accum
-            in_group = min(cfg.grad_accum, n_micro - group_start)   # last group may be short
-            loss = model(**batch).loss
-            (loss / in_group).backward()
-            losses.append(loss.item())
-            if i - group_start + 1 == in_group:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                steps += 1
-            bar.set_postfix(loss=f"{np.mean(losses[-in_group:]):.4f}")
-        train_seconds = time.perf_counter() - t0
-        valid_loss = dataset_loss(model, valid, pad_id=pad_id, batch_size=cfg.batch_size,
-                                  desc="valid loss") if early_stopping else None
-        seconds = time.perf_counter() - t0
-        record["epochs"].append({"epoch": epoch, "train_loss": float(np.mean(losses)),
-                                 "valid_loss": valid_loss, "optimizer_steps": steps,
-                                 "train_seconds": round(train_seconds, 3),
-                                 "seconds": round(seconds, 3)})
+        entry = _run_epoch(cfg, model, optimizer, train, valid, epoch, max_epochs,
+                           tokenizer.pad_token_id)
+        record["epochs"].append(entry)
+        valid_loss = entry["valid_loss"]
         improved = (not early_stopping) or record["best_valid_loss"] is None \
             or valid_loss < record["best_valid_loss"]
         if improved:
@@ -252,20 +201,94 @@ def main(cfg: FinetuneConfig) -> int:
         else:
             bad_epochs += 1
         record["seconds"] = round(seconds_before + time.perf_counter() - t_run, 3)
-        print(f"epoch {epoch}: train loss {np.mean(losses):.4f}"
+        print(f"epoch {epoch}: train loss {entry['train_loss']:.4f}"
               + (f", valid loss {valid_loss:.4f}" if early_stopping else "")
               + (" (best)" if improved and early_stopping else ""))
         _save_checkpoint(ckpt, epoch, model, optimizer,
                          {"settings": settings, "bad_epochs": bad_epochs, "record": record})
         write_json(out / "train_record.json", record)
-
     record["seconds"] = round(seconds_before + time.perf_counter() - t_run, 3)
+    _finish_record(record, len(train), out)
+    return 0
+
+
+def _check_inputs(cfg: FinetuneConfig):
+    """``(dataset, selected rows, output folder)``, every check done before any work."""
+    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1 or cfg.patience < 1:
+        raise UserError("batch_size, grad_accum, epochs and patience must be >= 1")
+    if cfg.adapter:
+        check_adapter_folder(cfg.adapter)
+    ds = load_dataset(cfg.data)
+    selection, _ = load_scores(cfg.selection, kind="selection", dataset=ds.fingerprint())
+    selection = check_selection(selection, ds.n_users, cfg.selection)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    return ds, selection, out
+
+
+def _can_resume(cfg: FinetuneConfig, ckpt: Path, settings: dict) -> bool:
+    """Whether to resume from ``ckpt``; a checkpoint made with other settings is an error."""
+    if not (cfg.resume and (ckpt / "state.json").is_file()):
+        return False
+    old = json.loads((ckpt / "state.json").read_text()).get("settings", {})
+    if old != settings:
+        diff = sorted(k for k in settings if old.get(k) != settings[k])
+        raise UserError(f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)});"
+                        " use --no-resume to start over or another --out")
+    return True
+
+
+def _lora_model(cfg: FinetuneConfig):
+    """``(tokenizer, model with trainable LoRA, info)``, seeded by ``cfg.seed``."""
+    from llm_bridge.model import add_lora, load_tokenizer_and_model
+
+    torch.manual_seed(cfg.seed)
+    tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=cfg.device,
+                                                      dtype=cfg.dtype)
+    model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                     adapter=cfg.adapter, trainable=True)
+    return tokenizer, model, info
+
+
+def _run_epoch(cfg, model, optimizer, train, valid, epoch: int, max_epochs: int,
+               pad_id: int) -> dict:
+    """One epoch of AdamW steps over shuffled micro-batches (gradient accumulation over
+    ``cfg.grad_accum``; the last group may be short), then the valid loss when there is a
+    valid set. Returns the epoch's record entry."""
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    n_micro = math.ceil(len(train) / cfg.batch_size)
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
+    losses, steps = [], 0
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(_batches(train, order, cfg.batch_size, pad_id, device), total=n_micro,
+               desc=f"epoch {epoch}/{max_epochs}", unit="batch")
+    for i, batch in enumerate(bar):
+        group_start = (i // cfg.grad_accum) * cfg.grad_accum
+        in_group = min(cfg.grad_accum, n_micro - group_start)
+        loss = model(**batch).loss
+        (loss / in_group).backward()
+        losses.append(loss.item())
+        if i - group_start + 1 == in_group:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+        bar.set_postfix(loss=f"{np.mean(losses[-in_group:]):.4f}")
+    train_seconds = time.perf_counter() - t0
+    valid_loss = dataset_loss(model, valid, pad_id=pad_id, batch_size=cfg.batch_size,
+                              desc="valid loss") if valid else None
+    return {"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_loss": valid_loss,
+            "optimizer_steps": steps, "train_seconds": round(train_seconds, 3),
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _finish_record(record: dict, n_train: int, out: Path) -> None:
     n_epochs = len(record["epochs"])
-    record["stopped_early"] = early_stopping and n_epochs < max_epochs
+    record["stopped_early"] = record["early_stopping"] and n_epochs < record["max_epochs"]
+    per_epoch = sum(e["train_seconds"] for e in record["epochs"]) / max(n_epochs, 1)
     record["seconds_per_1024_samples_per_epoch"] = (
-        round(sum(e["train_seconds"] for e in record["epochs"]) / n_epochs / max(len(train), 1) * 1024, 3)
-        if n_epochs else None)
+        round(per_epoch / max(n_train, 1) * 1024, 3) if n_epochs else None)
     record["finished"] = True
     write_json(out / "train_record.json", record)
     print(f"finetune: best epoch {record['best_epoch']} of {n_epochs}; adapter in {out}")
-    return 0

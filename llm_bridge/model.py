@@ -13,6 +13,7 @@ puts LoRA) are accepted. LoRA as in the paper (BIGRec): r=8, alpha=16, dropout 0
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import time
@@ -144,6 +145,42 @@ def load_tokenizer_and_model(model: str = "", *, device: str = "auto", dtype: st
     return tokenizer, lm, info
 
 
+# ----------------------------------------------------------------------------- shared helpers
+def check_adapter_folder(adapter: str | Path) -> Path:
+    """``adapter`` as a Path, or a UserError when it is not a peft LoRA adapter folder."""
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    return path
+
+
+def unwrap(model):
+    """The underlying causal LM of a peft-wrapped model (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def position_ids(attention_mask):
+    """Position ids counted over real tokens only, so a left-padded sample gets the positions
+    of a batch of one (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Eval mode (no dropout) inside the block; the previous train/eval mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def jsonable(obj):
+    """``obj`` as plain JSON types (anything else becomes its ``str``)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 def add_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.05, adapter: str = "",
              trainable: bool = True):
     """Wrap ``model`` in a peft LoRA on ``q_proj``/``v_proj`` (paper Sec. 4.1, BIGRec settings).
@@ -155,8 +192,7 @@ def add_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.05, adapt
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise UserError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+        check_adapter_folder(adapter)
         peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     else:
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,

@@ -12,7 +12,9 @@ from scipy import stats
 from jaxrec.cli import main as cli_main
 from jaxrec.config import InfluenceConfig
 from jaxrec.data import load_scores
-from jaxrec.influence.cli import compute, width_strata
+from jaxrec.data.buckets import width_strata
+from jaxrec.influence import LissaOptions, ParamSubset, influence_scores
+from jaxrec.influence.cli import compute
 
 BLOCK = r"^ffn_2_1/kernel$"      # the 64x64 block of the paper's code (4096 parameters)
 
@@ -69,15 +71,44 @@ def test_cli_writes_scores_manifest_and_trace(trained_run, surrogate, tmp_path):
     # GraNd of two users against a direct per-sample gradient norm
     grand, _ = load_scores(tmp_path / "grand.npy")
     for i in (0, 7):
-        one = {k: jnp.asarray(surrogate.data[k][i:i + 1]) for k in ("inputs", "targets", "negatives")}
+        one = {k: jnp.asarray(surrogate.data[k][i:i + 1])
+               for k in ("inputs", "targets", "negatives")}
         g = jax.grad(lambda p: surrogate.per_sample_loss(p, one)[0])(surrogate.params)
         assert grand[i] == pytest.approx(float(jnp.linalg.norm(ravel_pytree(g)[0])), rel=1e-4)
 
 
+def test_cli_equals_library_influence_scores(trained_run, surrogate, tmp_path):
+    """`dealrec influence` is influence_scores(...) on the width buckets, nothing else."""
+    out = tmp_path / "inf.npy"
+    assert cli_main(["influence", "--run", str(trained_run[0]), "--out", str(out),
+                     "--steps", "200", "--lissa-batch-size", "8", "--params", "^ffn_",
+                     "--seed", "3", "--compile-cache", ""]) == 0
+    got, manifest = load_scores(out, kind="influence")
+    sub = ParamSubset(surrogate.params, "^ffn_")
+    order, parts = width_strata(surrogate.data, surrogate.config.max_len)
+    s, info = influence_scores(sub.restrict(surrogate.loss),
+                               sub.restrict(surrogate.per_sample_loss), sub.params, parts,
+                               solver=LissaOptions(steps=200, batch_size=8, seed=3),
+                               damping=0.01, convention="dealrec", scale=25.0)
+    want = np.empty_like(s)
+    want[order] = s
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    assert manifest["solver"]["steps_run"] == info["steps_run"] == [200]
+
+
+def test_cli_translates_library_argument_names(trained_run, tmp_path, capsys):
+    """The library names its arguments (scale=); the command line names its flags."""
+    out = tmp_path / "x.npy"
+    assert cli_main(["influence", "--run", str(trained_run[0]), "--out", str(out),
+                     "--params", "^ffn_2_1/kernel$", "--scale", "0.0001", "--steps", "500",
+                     "--compile-cache", ""]) == 2
+    err = capsys.readouterr().err
+    assert "use --scale " in err and "scale=" not in err and not out.exists()
+
+
 @pytest.mark.parametrize("flags,message", [
-    (["--solver", "newton"], "unknown solver"),
     (["--params", "^no_such_layer"], "matches no parameter"),
-    (["--score", "forgetting"], "unknown score"),
+    (["--steps", "0"], "--steps 0"),
 ])
 def test_cli_bad_input_exit_2_no_file(trained_run, tmp_path, capsys, flags, message):
     out = tmp_path / "x.npy"
@@ -85,6 +116,13 @@ def test_cli_bad_input_exit_2_no_file(trained_run, tmp_path, capsys, flags, mess
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--solver", "--score", "--convention"])
+def test_cli_literal_fields_are_choices(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["influence", flag, "newton"])
+    assert e.value.code == 2 and "invalid choice: 'newton'" in capsys.readouterr().err
 
 
 def test_cli_run_without_checkpoint(tmp_path, capsys):

@@ -93,6 +93,29 @@ def test_batched_norms_equal_batch1_loop(env, side, batch):
         _restore(model, saved)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_token_budget_splits_a_batch_without_changing_norms(env, side):
+    """per_sample_grad_norms cuts a big padded batch into passes of at most max_tokens padded
+    tokens itself (each pass with its own padding stripped); the norms stay the loop's."""
+    model = env["lm"]
+    saved = _randomise_lora_b(model)
+    try:
+        samples = _samples(env, range(9))
+        params = [p for p in model.parameters() if p.requires_grad]
+        ref = reference_norms(model, samples, params)
+        b = collate(samples, env["tok"].pad_token_id, side)
+        longest = int(b["attention_mask"].sum(-1).max())
+        for budget in (0, longest, 2 * longest + 1, 10_000):
+            got = effort.per_sample_grad_norms(model, b["input_ids"], b["attention_mask"],
+                                               b["labels"], max_tokens=budget)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=0)
+        with pytest.raises(ValueError, match="autocast='fp8'"):
+            effort.per_sample_grad_norms(model, b["input_ids"], b["attention_mask"],
+                                         b["labels"], autocast="fp8")
+    finally:
+        _restore(model, saved)
+
+
 def test_fresh_lora_only_lora_b_has_gradient(env):
     model = env["lm"]
     samples = _samples(env, range(4), train_on_inputs=False)

@@ -122,49 +122,59 @@ def test_bad_input_exits_2_without_output(world, tmp_path, capsys, case):
     assert not any(tmp_path.iterdir())
 
 
-def test_stale_cached_scores_are_not_trusted(world, tmp_path, monkeypatch, capsys):
-    """A RUN/grand.npy made from another dataset is never used: it is recomputed by the
-    influence engine (here a stand-in that records its call) and the new file is checked."""
-    import sys
-    import types
-
+def test_stale_or_missing_surrogate_scores_are_errors(world, tmp_path, capsys):
+    """A RUN/grand.npy made from another dataset is never used, and a missing one is an error
+    that names the `dealrec influence` command to run: select computes nothing."""
     run = tmp_path / "run"
     ods = load_dataset(world["root"] / "other")
     save_scores(run / "grand.npy", np.arange(300.0), kind="grand", dataset=ods.fingerprint())
-    calls = []
+    out = tmp_path / "sel.npy"
+    assert main(_args(world, out, "--method", "grand", "--run", run, "--n", 5)) == 2
+    assert "another dataset" in capsys.readouterr().err and not out.exists()
+    assert main(_args(world, out, "--method", "el2n", "--run", run, "--n", 5)) == 2
+    err = capsys.readouterr().err
+    assert f"dealrec influence --score el2n --run {run} --out {run / 'el2n.npy'}" in err
     fresh = np.random.default_rng(9).random(300)
-
-    def fake_influence_main(cfg):
-        calls.append((cfg.score, cfg.run, cfg.out))
-        save_scores(cfg.out, fresh, kind=cfg.score, dataset=world["ds"].fingerprint())
-        return 0
-
-    monkeypatch.setitem(sys.modules, "jaxrec.influence.cli",
-                        types.SimpleNamespace(main=fake_influence_main))
-    out = tmp_path / "sel.npy"
+    save_scores(run / "grand.npy", fresh, kind="grand", dataset=world["ds"].fingerprint())
     assert main(_args(world, out, "--method", "grand", "--run", run, "--n", 5)) == 0
-    assert calls == [("grand", str(run), str(run / "grand.npy"))]
-    assert "recomputing" in capsys.readouterr().err
     np.testing.assert_array_equal(np.load(out), np.sort(np.argsort(-fresh)[:5]))
-    # now the cached file matches: reused, the engine is not called again
-    assert main(_args(world, tmp_path / "sel2.npy", "--method", "grand", "--run", run,
-                      "--n", 5)) == 0
-    assert len(calls) == 1
 
 
-def test_missing_influence_engine_is_a_user_error(world, tmp_path, monkeypatch):
+def test_select_imports_neither_jax_nor_torch(world, tmp_path):
+    """`dealrec select` runs in a process where importing jax or torch fails."""
+    import subprocess
     import sys
-    monkeypatch.setitem(sys.modules, "jaxrec.influence.cli", None)   # import -> ModuleNotFound
+    import textwrap
+
+    run = tmp_path / "run"
+    reps = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    save_scores(run / "user_representations.npy", reps, kind="representation",
+                dataset=world["ds"].fingerprint())
     out = tmp_path / "sel.npy"
-    assert main(_args(world, out, "--method", "el2n", "--run", tmp_path / "run", "--n", 5)) == 2
-    assert not out.exists()
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("jax", "jaxlib", "torch", "flax", "transformers"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        from jaxrec.cli import main
+        code = main(["select", "--data", {str(world['root'] / 'data')!r}, "--method", "tfdcon",
+                     "--run", {str(run)!r}, "--n", "20", "--clusters", "4",
+                     "--out", {str(out)!r}])
+        assert not any(m.split(".")[0] in ("jax", "torch") for m in sys.modules), "imported"
+        sys.exit(code)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(out).size == 20
 
 
-def test_representations_are_computed_once_from_the_surrogate(trained_run, synthetic_dir,
+def test_representation_score_file_from_the_influence_command(trained_run, synthetic_dir,
                                                               tmp_path):
-    """tfdcon / recranker on a real trained surrogate: RUN/user_representations.npy is the
-    hidden state at the newest train item (checked against an unbatched forward pass), saved
-    with a manifest, and reused by the next command."""
+    """tfdcon / recranker on a real trained surrogate: `dealrec influence --score
+    representation` writes RUN/user_representations.npy, the hidden state at the newest train
+    item (checked against an unbatched forward pass), which select then reads."""
     import shutil
 
     from jaxrec.data import left_pad
@@ -172,10 +182,12 @@ def test_representations_are_computed_once_from_the_surrogate(trained_run, synth
 
     run = tmp_path / "run"
     shutil.copytree(trained_run[0], run)
+    reps_path = run / "user_representations.npy"
+    assert main(["influence", "--score", "representation", "--run", str(run), "--out",
+                 str(reps_path), "--batch-size", "64", "--compile-cache", ""]) == 0
     args = ["select", "--data", str(synthetic_dir), "--run", str(run), "--n", "30",
             "--clusters", "4"]
     assert main(args + ["--method", "tfdcon", "--out", str(tmp_path / "t.npy")]) == 0
-    reps_path = run / "user_representations.npy"
     ds = load_dataset(synthetic_dir)
     reps, manifest = load_scores(reps_path, kind="representation", dataset=ds.fingerprint())
     sur = load_surrogate(run)
@@ -184,9 +196,7 @@ def test_representations_are_computed_once_from_the_surrogate(trained_run, synth
     assert reps.shape == (300, sur.config.hidden)
     np.testing.assert_allclose(reps, direct, rtol=1e-4, atol=1e-5)
     assert np.std(reps, axis=0).mean() > 1e-3                  # users differ
-    stamp = reps_path.stat().st_mtime_ns
     assert main(args + ["--method", "recranker", "--out", str(tmp_path / "r.npy")]) == 0
-    assert reps_path.stat().st_mtime_ns == stamp               # reused, not recomputed
     _, sel_manifest = load_scores(tmp_path / "r.npy")
     assert sel_manifest["inputs"]["representations"]["sha256"] == \
         _sha(reps_path)
@@ -195,3 +205,22 @@ def test_representations_are_computed_once_from_the_surrogate(trained_run, synth
 def _sha(path):
     import hashlib
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_run_and_experiment_add_the_score_stages_methods_need():
+    from pathlib import Path
+
+    from jaxrec.pipeline import add_score_stages, stage_argv
+    from jaxrec.select import score_stages
+    assert score_stages(["random", "dealrec", "greedy"]) == []
+    assert score_stages(["recranker", "ccs", "grand", "el2n", "tfdcon"]) == [
+        ("grand", "grand.npy"), ("el2n", "el2n.npy"),
+        ("representation", "user_representations.npy")]
+    wired = {"influence": {"run": "w/surrogate", "out": "w/influence.npy", "steps": 10}}
+    assert add_score_stages(wired, ["ccs"]) == ["influence:el2n"]
+    section = wired["influence:el2n"]
+    assert section == {"run": "w/surrogate", "out": "w/surrogate/el2n.npy", "steps": 10,
+                       "score": "el2n"}
+    assert stage_argv("influence:el2n", section, Path("r.yaml")) == [
+        "influence", "--config", "r.yaml", "--score", "el2n", "--out", "w/surrogate/el2n.npy"]
+    assert stage_argv("select", {}, Path("r.yaml")) == ["select", "--config", "r.yaml"]

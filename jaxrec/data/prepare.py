@@ -97,7 +97,7 @@ def prepare(cfg: PrepareConfig) -> Path:
     periods = split_by_time(interactions, ratios)
     train_users = {u for _, u, _ in periods[0]}
     user_ids, item_ids = {}, {}
-    for t, u, i in sorted(interactions):
+    for _t, u, i in sorted(interactions):
         if u in train_users:
             user_ids.setdefault(u, len(user_ids) + 1)
             item_ids.setdefault(i, len(item_ids) + 1)

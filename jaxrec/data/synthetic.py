@@ -42,7 +42,7 @@ def make_synthetic(out: str | Path, *, n_users: int = 300, n_items: int = 120,
         (out / f"sequential_{name}.txt").write_text("\n".join(rows) + "\n")
     with open(out / "items.jsonl", "w", encoding="utf-8") as f:
         for c, ring in enumerate(clusters):
-            for rank, item in enumerate(ring):
+            for _rank, item in enumerate(ring):
                 f.write(json.dumps({"item_id": int(item), "source_id": f"SYN{item:05d}",
                                     "title": f"Game {item} of series {chr(65 + c % 26)}{c}",
                                     "categories": ["Video Games", f"Series {c}"]}) + "\n")

@@ -3,10 +3,12 @@ model given pure ``loss(params, batch) -> scalar`` and ``per_sample_loss(params,
 
     hv = hvp(loss, params, batch, v)                        # H v, forward-over-reverse
     u  = inverse_hvp(loss, params, data, v, solver="cg", damping=lam)   # (H + lam I)^-1 v
+    u  = inverse_hvp(loss, params, data, v, solver=LissaOptions(steps=2000), damping=lam)
     s  = sample_scores(per_sample_loss, params, data, u)    # g_i . u, one JVP per batch
 """
 
 from jaxrec.influence.hvp import hvp
+from jaxrec.config import ArnoldiOptions, CGOptions, ExactOptions, LissaOptions
 from jaxrec.influence.inverse import CONVENTIONS, SOLVERS, inverse_hvp
 from jaxrec.influence.params import ParamSubset, parameter_paths
 from jaxrec.influence.scores import (el2n_scores, grand_scores, influence_scores,
@@ -15,5 +17,5 @@ from jaxrec.influence.scores import (el2n_scores, grand_scores, influence_scores
 __all__ = [
     "hvp", "inverse_hvp", "SOLVERS", "CONVENTIONS", "ParamSubset", "parameter_paths",
     "sample_scores", "mean_gradient", "influence_scores", "grand_scores", "el2n_scores",
-    "per_sample_map",
+    "per_sample_map", "LissaOptions", "CGOptions", "ExactOptions", "ArnoldiOptions",
 ]

@@ -52,7 +52,7 @@ def solve(op: FullHessian, v, damping: float, *, rank: int = 20, iterations: int
                                     progress=progress)
     if np.any(lam + damping <= 0):
         raise UserError(f"Arnoldi found eigenvalue {lam.min():.3g} <= -damping; increase "
-                        f"--damping above {-lam.min():.3g}")
+                        f"damping= above {-lam.min():.3g}")
     flat_v = ravel_pytree(v)[0]
     coef = (vecs @ flat_v) / jnp.asarray(lam + damping, flat_v.dtype)
     u = unravel(coef @ vecs)

@@ -47,7 +47,13 @@ def replicate(tree, mesh: Mesh):
 
 
 def shard(tree, mesh: Mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P("data")))
+    """Place a host batch split along the mesh's ``data`` axis. Under JAX's multi-process
+    runtime each process passes its own rows and gets the global batch
+    (``make_array_from_process_local_data``; see docs/benchmarks.md, "Several hosts")."""
+    sharding = NamedSharding(mesh, P("data"))
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
 
 
 def round_batch(batch_size: int, n: int, n_devices: int) -> int:
@@ -73,7 +79,7 @@ def padded_batches(data, batch_size: int, mesh: Mesh | None = None):
         count = min(b, n - start)
         idx = np.arange(start, start + b)
         idx[count:] = start
-        batch = jax.tree.map(lambda x: x[idx], host)
+        batch = jax.tree.map(lambda x, idx=idx: x[idx], host)
         weight = (np.arange(b) < count).astype(np.float32)
         if mesh is not None:
             batch, weight = shard((batch, weight), mesh)
@@ -117,5 +123,5 @@ def full_batches(data, batch_size: int):
         for start in range(0, m, b):
             stop = min(m, start + b)
             out.append(((stop - start) / n,
-                        jax.device_put(jax.tree.map(lambda x: x[start:stop], host))))
+                        jax.device_put(jax.tree.map(lambda x, s=slice(start, stop): x[s], host))))
     return out

@@ -31,7 +31,7 @@ def solve(op: FullHessian, v, damping: float, *, tol: float = 1e-6, maxiter: int
         pap = float(T.vdot(p, ap))
         if not np.isfinite(pap) or pap <= 0:
             raise UserError(f"CG met non-positive curvature (p.Ap = {pap:.3g}) at iteration "
-                            f"{it}: H + {damping} I is not positive definite; increase --damping")
+                            f"{it}: H + {damping} I is not positive definite; increase damping=")
         alpha = rr / pap
         x = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, ap, r)

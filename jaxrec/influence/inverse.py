@@ -1,74 +1,100 @@
-"""``inverse_hvp``: one entry point to every solver, with the damping convention explicit."""
+"""``inverse_hvp``: one entry point to every solver, with the damping convention explicit.
+
+Each solver's options are one frozen dataclass (:class:`LissaOptions`, :class:`CGOptions`,
+:class:`ExactOptions`, :class:`ArnoldiOptions`, defined with their documented defaults in
+``jaxrec.config`` so the command line reads the same definitions).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
+from jaxrec.config import (SOLVER_OPTIONS, ArnoldiOptions, CGOptions, ExactOptions,
+                           LissaOptions)
 from jaxrec.errors import UserError
 from jaxrec.influence import arnoldi, cg, exact, lissa
 from jaxrec.influence.operator import FullHessian
 from jaxrec.influence.tree import all_finite
 
-SOLVERS = ("lissa", "cg", "exact", "arnoldi")
+SOLVERS = tuple(SOLVER_OPTIONS)
 CONVENTIONS = ("standard", "dealrec")
-
-_OPTIONS = {
-    "lissa": {"steps", "scale", "batch_size", "repeats", "key", "rtol", "chunk"},
-    "cg": {"tol", "maxiter", "batch_size"},
-    "exact": {"batch_size", "chunk"},
-    "arnoldi": {"rank", "iterations", "key", "batch_size"},
-}
+SolverOptions = LissaOptions | CGOptions | ExactOptions | ArnoldiOptions
 
 
-def inverse_hvp(loss, params, data, v, *, solver: str = "cg", damping: float = 0.0,
-                convention: str = "standard", return_info: bool = False,
-                progress: bool | None = None, **options):
+def solver_options(solver, **overrides) -> SolverOptions:
+    """The option dataclass for ``solver`` (a name or an options instance), with ``overrides``
+    (keyword options, e.g. ``steps=2000``) replacing its fields. An unknown name is an error."""
+    if isinstance(solver, str):
+        if solver not in SOLVER_OPTIONS:
+            raise UserError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
+        solver = SOLVER_OPTIONS[solver]()
+    elif not isinstance(solver, tuple(SOLVER_OPTIONS.values())):
+        raise UserError(f"solver must be a name ({', '.join(SOLVERS)}) or an options "
+                        f"dataclass, got {type(solver).__name__}")
+    names = {f.name for f in dataclasses.fields(solver)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise UserError(f"solver {solver_name(solver)!r} has no option {unknown[0]!r} "
+                        f"(options: {', '.join(sorted(names))})")
+    return dataclasses.replace(solver, **overrides)
+
+
+def solver_name(options: SolverOptions) -> str:
+    return next(k for k, cls in SOLVER_OPTIONS.items() if isinstance(options, cls))
+
+
+def inverse_hvp(loss, params, data, v, *, solver: str | SolverOptions = "cg",
+                damping: float = 0.0, convention: str = "standard", scale: float = 25.0,
+                return_info: bool = False, progress: bool | None = None, **options):
     """``(H + damping I)^-1 v``, ``H`` the Hessian of the mean of ``loss`` over all of ``data``
     (the ``H^-1`` of paper Eq. 10).
 
-    ``convention="dealrec"`` reproduces the paper code instead: its LiSSA recursion
-    ``h <- v + (1 - d) h - H h / s`` (``d = damping``, ``s = scale``, no final division)
-    converges to ``s (H + s d I)^-1 v``; every solver then returns exactly that (with
-    d = 0.01, s = 25: 25 (H + 0.25 I)^-1 v).
+    ``solver``: a name (``lissa``, ``cg``, ``exact``, ``arnoldi``; default options) or an
+    options dataclass, e.g. ``LissaOptions(steps=2000, batch_size=32)``. Keyword ``options``
+    override its fields (``inverse_hvp(..., solver="cg", tol=1e-8)``).
 
-    Options: lissa ``steps, scale, batch_size, repeats, key, rtol, chunk``; cg ``tol, maxiter,
-    batch_size``; exact ``batch_size``; arnoldi ``rank, iterations, key, batch_size``
-    (``batch_size`` of the full-data HVPs). Returns ``u`` or, with ``return_info``, ``(u, info)``.
+    ``scale``: LiSSA's step is ``1/scale``. ``convention="dealrec"`` reproduces the paper code:
+    its LiSSA recursion ``h <- v + (1 - d) h - H h / s`` (``d = damping``, ``s = scale``, no
+    final division) converges to ``s (H + s d I)^-1 v``, and every solver then returns exactly
+    that (with d = 0.01, s = 25: 25 (H + 0.25 I)^-1 v). Under ``"standard"`` the other solvers
+    ignore ``scale``.
+
+    Returns ``u`` or, with ``return_info``, ``(u, info)`` (the solver's report: LiSSA's
+    ``norm_trace`` and ``steps_run``, CG's residuals, eigenvalues, ...).
     """
-    if solver not in SOLVERS:
-        raise UserError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
+    opts = solver_options(solver, **options)
+    name = solver_name(opts)
     if convention not in CONVENTIONS:
         raise UserError(f"unknown convention {convention!r}; expected one of "
                         f"{', '.join(CONVENTIONS)}")
-    allowed = _OPTIONS[solver] | ({"scale"} if convention == "dealrec" else set())
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise UserError(f"solver {solver!r} has no option {unknown[0]!r} "
-                        f"(options: {', '.join(sorted(allowed))})")
     if damping < 0:
-        raise UserError(f"damping must be >= 0, got {damping}")
+        raise UserError(f"damping must be >= 0, got damping={damping}")
     if not all_finite(v):
         raise UserError("the vector to solve for (v) is not finite")
-    scale = float(options.pop("scale", 25.0)) if solver == "lissa" or convention == "dealrec" \
-        else 1.0
-    if solver == "lissa":
-        d = damping if convention == "dealrec" else damping / scale
-        h, info = lissa.solve(loss, params, data, v, d=d, scale=scale, progress=progress,
-                              **options)
-        u = h if convention == "dealrec" else jax.tree.map(lambda x: x / scale, h)
+    dealrec = convention == "dealrec"
+    if name == "lissa":
+        d = damping if dealrec else damping / scale
+        h, info = lissa.solve(loss, params, data, v, d=d, scale=scale, options=opts,
+                              progress=progress)
+        u = h if dealrec else jax.tree.map(lambda x: x / scale, h)
     else:
-        lam = scale * damping if convention == "dealrec" else damping
-        op = FullHessian(loss, params, data, options.pop("batch_size", 4096))
-        if solver == "exact":
-            u, info = exact.solve(op, v, lam, **options)
-        elif solver == "cg":
-            u, info = cg.solve(op, v, lam, progress=progress, **options)
+        lam = scale * damping if dealrec else damping
+        op = FullHessian(loss, params, data, opts.batch_size)
+        if name == "exact":
+            u, info = exact.solve(op, v, lam, chunk=opts.chunk)
+        elif name == "cg":
+            u, info = cg.solve(op, v, lam, tol=opts.tol, maxiter=opts.maxiter,
+                               progress=progress)
         else:
-            u, info = arnoldi.solve(op, v, lam, progress=progress, **options)
-        if convention == "dealrec":
+            u, info = arnoldi.solve(op, v, lam, rank=opts.rank, iterations=opts.iterations,
+                                    key=jax.random.PRNGKey(opts.seed), progress=progress)
+        if dealrec:
             u = jax.tree.map(lambda x: scale * x, u)
     if not all_finite(u):
-        raise UserError(f"solver {solver!r} produced a non-finite result; increase --damping")
-    info = dict(info, solver=solver, convention=convention, damping=damping,
-                **({"scale": scale} if convention == "dealrec" or solver == "lissa" else {}))
+        raise UserError(f"solver {name!r} produced a non-finite result; increase damping= "
+                        f"(now {damping})")
+    info = dict(info, solver=name, convention=convention, damping=damping,
+                **({"scale": scale} if dealrec or name == "lissa" else {}))
     return (u, info) if return_info else u

@@ -24,18 +24,18 @@ class FullHessian:
         """``H v`` (``v`` a parameter pytree); raises UserError if not finite."""
         out = None
         for w, batch in self.batches:
-            hv = jax.tree.map(lambda x: w * x, self._hvp(self.params, batch, v))
+            hv = jax.tree.map(lambda x, w=w: w * x, self._hvp(self.params, batch, v))
             out = hv if out is None else jax.tree.map(lambda a, b: a + b, out, hv)
         self.count += 1
         if not all_finite(out):
             raise UserError("Hessian-vector product is not finite; check the model, data "
-                            "and parameter filter")
+                            "and parameter subset (params=)")
         return out
 
     def matmat(self, vs):
         """``H v`` for a stack of vectors (leading axis k on every leaf)."""
         out = None
         for w, batch in self.batches:
-            hv = jax.tree.map(lambda x: w * x, self._hmm(self.params, batch, vs))
+            hv = jax.tree.map(lambda x, w=w: w * x, self._hmm(self.params, batch, vs))
             out = hv if out is None else jax.tree.map(lambda a, b: a + b, out, hv)
         return out

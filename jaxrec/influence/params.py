@@ -54,6 +54,7 @@ class ParamSubset:
             raise UserError(f"parameter filter {pattern!r} matches no parameter path "
                             f"(paths: {shown})")
         self.paths = [paths[i] for i in self._index]
+        self._restricted = {}
 
     @property
     def params(self) -> dict:
@@ -74,10 +75,13 @@ class ParamSubset:
         return jax.tree_util.tree_unflatten(self._treedef, leaves)
 
     def restrict(self, fn):
-        """``fn(params, batch)`` -> ``fn_sub(sub, batch)`` over the subset only."""
-        full = jax.tree_util.tree_unflatten(self._treedef, self._leaves)
+        """``fn(params, batch)`` -> ``fn_sub(sub, batch)`` over the subset only (the same
+        function object for the same ``fn``, so jit caches keyed on it hit)."""
+        if fn not in self._restricted:
+            full = jax.tree_util.tree_unflatten(self._treedef, self._leaves)
 
-        def fn_sub(sub, batch):
-            return fn(self.combine(sub, full), batch)
+            def fn_sub(sub, batch):
+                return fn(self.combine(sub, full), batch)
 
-        return fn_sub
+            self._restricted[fn] = fn_sub
+        return self._restricted[fn]

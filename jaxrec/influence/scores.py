@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxrec.errors import UserError
 from jaxrec.influence.batching import data_mesh, replicate, strata_batches, total_size
-from jaxrec.influence.inverse import inverse_hvp
+from jaxrec.influence.inverse import SolverOptions, inverse_hvp
 
 
 def _check_finite(array, what: str):
@@ -27,13 +27,31 @@ def _check_finite(array, what: str):
                         f"(first at index {int(np.argmax(bad))}); check the model and data")
 
 
-@functools.cache
+# Bounded: a key is a function, and a jitted closure keeps alive everything its function closes
+# over (e.g. a parameter tree, via ``ParamSubset.restrict``). Calls with the same function
+# (``ParamSubset.restrict`` returns the same closure for the same loss) hit; a loop over fresh
+# closures evicts the oldest instead of keeping every parameter tree.
+_CACHE_SIZE = 8
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def _jit(fn):
     """``jax.jit(fn)``, one per ``fn``, so repeated calls reuse its compilations."""
     return jax.jit(fn)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _grad_sum_fn(per_sample_loss):
+    """Jitted ``(params, batch, weight, acc) -> acc + grad sum_i weight_i loss_i``."""
+    @jax.jit
+    def grad_sum(p, batch, weight, acc):
+        g = jax.grad(lambda q: jnp.sum(weight.astype(jnp.result_type(*jax.tree.leaves(q)))
+                                       * per_sample_loss(q, batch)))(p)
+        return jax.tree.map(jnp.add, acc, g)
+    return grad_sum
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def _jvp_fn(per_sample_loss):
     """``(params, batch, u) -> g . u`` per sample (one JVP), one function per loss."""
     def jvp(p, batch, u):
@@ -77,13 +95,7 @@ def mean_gradient(per_sample_loss, params, data, batch_size: int = 4096, *,
     n = total_size(data)
     mesh = data_mesh()
     params = replicate(params, mesh)
-
-    @jax.jit
-    def grad_sum(p, batch, weight, acc):
-        g = jax.grad(lambda q: jnp.sum(weight.astype(jnp.result_type(*jax.tree.leaves(q)))
-                                       * per_sample_loss(q, batch)))(p)
-        return jax.tree.map(jnp.add, acc, g)
-
+    grad_sum = _grad_sum_fn(per_sample_loss)
     acc = jax.tree.map(jnp.zeros_like, params)
     for _, batch, weight in strata_batches(data, batch_size, mesh, desc="mean gradient",
                                            progress=progress):
@@ -94,13 +106,16 @@ def mean_gradient(per_sample_loss, params, data, batch_size: int = 4096, *,
     return g
 
 
-def influence_scores(loss, per_sample_loss, params, data, *, solver: str = "lissa",
-                     damping: float = 0.01, convention: str = "standard",
+def influence_scores(loss, per_sample_loss, params, data, *,
+                     solver: str | SolverOptions = "lissa", damping: float = 0.01,
+                     convention: str = "standard", scale: float = 25.0,
                      batch_size: int = 4096, progress: bool | None = None, **solver_options):
     """DEALRec influence of removing each sample on the empirical risk (paper Eq. 11):
     ``score_i = g_i . H^-1 g_mean / n^2``.
 
-    ``v = mean_gradient``, ``u = inverse_hvp(loss, ..., v)``, ``s = sample_scores(..., u)``.
+    ``v = mean_gradient``, ``u = inverse_hvp(loss, ..., v)``, ``s = sample_scores(..., u)``;
+    ``solver``, ``damping``, ``convention``, ``scale`` and ``solver_options`` go to
+    :func:`~jaxrec.influence.inverse_hvp`, ``batch_size`` to the gradient and score passes.
     Returns ``(scores [n], info)`` where ``info`` holds the solver's report and timings.
     """
     n = total_size(data)
@@ -109,8 +124,8 @@ def influence_scores(loss, per_sample_loss, params, data, *, solver: str = "liss
     jax.block_until_ready(v)
     t1 = time.perf_counter()
     u, info = inverse_hvp(loss, params, data, v, solver=solver, damping=damping,
-                          convention=convention, return_info=True, progress=progress,
-                          **solver_options)
+                          convention=convention, scale=scale, return_info=True,
+                          progress=progress, **solver_options)
     jax.block_until_ready(u)
     t2 = time.perf_counter()
     s = sample_scores(per_sample_loss, params, data, u, batch_size, progress=progress) / n**2
@@ -141,7 +156,8 @@ def grand_scores(per_sample_loss, params, data, batch_size: int = 64, *,
 def el2n_scores(error_fn, params, data, batch_size: int = 4096, *,
                 progress: bool | None = None) -> np.ndarray:
     """EL2N (Paul et al. 2021): the L2 norm of each sample's prediction error,
-    ``error_fn(params, batch) -> [B]`` (model-specific; see ``jaxrec.influence.cli``)."""
+    ``error_fn(params, batch) -> [B]`` (model-specific; SASRec's is
+    :func:`jaxrec.models.sasrec.el2n_error`)."""
     s = per_sample_map(error_fn, params, data, batch_size, desc="el2n", progress=progress)
     _check_finite(s, "EL2N error")
     return s

@@ -139,3 +139,16 @@ def sample_negatives(seed: int, index, epoch: int, targets, n_items: int):
     shift = jax.vmap(lambda k: jax.random.randint(k, (targets.shape[1],), 1, n_items))(keys)
     neg = (targets - 1 + shift) % n_items + 1
     return jnp.where(targets > 0, neg, 0).astype(jnp.int32)
+
+
+def el2n_error(model: SASRec):
+    """EL2N error (Paul et al. 2021) of a SASRec sample: ``error(params, batch) -> [B]``, the
+    mean over its target positions of the L2 norm of the error vector
+    ``(sigmoid(pos_logit) - 1, sigmoid(neg_logit) - 0)``; 0 for a sample without positions."""
+
+    def error(params, batch):
+        pos, neg, mask = position_logits(model, params, batch)
+        e = jnp.sqrt((jax.nn.sigmoid(pos) - 1.0) ** 2 + jax.nn.sigmoid(neg) ** 2)
+        return jnp.sum(jnp.where(mask, e, 0.0), -1) / jnp.maximum(jnp.sum(mask, -1), 1)
+
+    return error

@@ -1,7 +1,8 @@
 """Few-shot subset selection: DEALRec (paper Eq. 13 + Algorithm 2) and its baselines.
 
-NumPy only: nothing here imports JAX (the CLI computes surrogate scores and representations
-lazily, in :mod:`jaxrec.select.cli`). The one entry point is :func:`select`::
+NumPy only: nothing here (nor in :mod:`jaxrec.select.cli`) imports JAX or PyTorch. Surrogate
+scores and representations are score files that ``dealrec influence --score KIND`` writes
+(:func:`score_stages` lists those a method needs). The one entry point is :func:`select`::
 
     sel = select("dealrec", 1024, influence=infl, effort=eff, lamda=0.3, groups=50,
                  hard_prune=0.1, seed=0)
@@ -35,6 +36,16 @@ REQUIRES = {
     "all": (),                   # every user: full fine-tuning (paper Table 3); n is ignored
 }
 METHODS = tuple(REQUIRES)
+# input -> (score kind of ``dealrec influence --score KIND``, its file name in the surrogate run)
+SURROGATE_FILES = {"grand": ("grand", "grand.npy"), "el2n": ("el2n", "el2n.npy"),
+                   "representations": ("representation", "user_representations.npy")}
+
+
+def score_stages(methods) -> list[tuple[str, str]]:
+    """``[(kind, file name)]`` of the surrogate score files that ``methods`` need, in a fixed
+    order, each once: the ``dealrec influence --score KIND --out RUN/FILE`` runs to make."""
+    needed = {name for m in methods for name in REQUIRES[m]}
+    return [SURROGATE_FILES[name] for name in SURROGATE_FILES if name in needed]
 
 
 def check_method(method: str) -> None:
@@ -97,7 +108,8 @@ def select(method: str, n: int, *, seed: int = 0, n_total: int | None = None,
 
 
 __all__ = [
-    "METHODS", "REQUIRES", "Selection", "select", "check_method", "overall_scores", "minmax",
+    "METHODS", "REQUIRES", "SURROGATE_FILES", "score_stages", "Selection", "select",
+    "check_method", "overall_scores", "minmax",
     "stratified_sample", "smallest_first_budgets", "sample_groups", "dealrec_select",
     "greedy_select", "top_n", "random_select", "ccs_select", "tfdcon_select",
     "recranker_select", "kmeans", "proportional_budgets",

@@ -3,14 +3,13 @@
 Output: ``OUT`` (int64 row indices of ``sequential_train.txt``, sorted) and ``OUT`` with
 ``.json`` (kind ``selection``: method, options, seed, every input's path / sha256 / fingerprint,
 and the group or cluster detail). Everything is checked before anything is written. Surrogate
-scores and representations are reused from ``RUN_DIR`` when their manifest matches the dataset,
-else computed (this is the only place JAX is imported) and saved there.
+scores and representations are score files in ``RUN_DIR`` that ``dealrec influence --score
+KIND`` wrote; this command only reads files and imports neither JAX nor PyTorch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
@@ -20,10 +19,9 @@ from jaxrec.config import SelectConfig
 from jaxrec.data import load_dataset, load_scores, save_scores
 from jaxrec.data.dataset import sha256_file
 from jaxrec.errors import ScoreFileError, UserError
-from jaxrec.select import REQUIRES, check_method, select
+from jaxrec.select import REQUIRES, SURROGATE_FILES, check_method, select
 from jaxrec.select.stratified import check_n
 
-REPRESENTATION_KIND = "representation"
 LLM_REPRESENTATION_KINDS = ("llm_representation", "representation")
 
 
@@ -59,81 +57,23 @@ def check_config(cfg: SelectConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- surrogate inputs
-def _cached(path: Path, kind: str, fingerprint: dict):
-    """``(array, manifest)`` of ``path`` if it exists with a matching manifest, else ``None``."""
+def surrogate_file(cfg: SelectConfig, name: str, fingerprint: dict):
+    """``(array, manifest, path)`` of a surrogate score file (``grand``, ``el2n``,
+    ``representations``): ``--scores`` when given (GraNd / EL2N), else ``RUN/FILE`` as
+    ``dealrec influence --score KIND`` writes it. Missing or made from another dataset is an
+    error that names the command to run; nothing is computed here."""
+    kind, filename = SURROGATE_FILES[name]
+    path = Path(cfg.scores) if cfg.scores and name != "representations" else \
+        Path(cfg.run) / filename
     if not path.is_file():
-        return None
-    try:
-        return load_scores(path, kind=kind, dataset=fingerprint)
-    except ScoreFileError as e:
-        print(f"dealrec select: {e}; recomputing", file=sys.stderr)
-        return None
-
-
-def surrogate_scores(cfg: SelectConfig, kind: str, fingerprint: dict) -> tuple[np.ndarray, dict, Path]:
-    """GraNd / EL2N scores: ``--scores`` (checked strictly), else ``RUN/{kind}.npy`` if its
-    manifest matches, else computed by the influence engine and saved there."""
-    if cfg.scores:
-        path = Path(cfg.scores)
-        array, manifest = load_scores(path, kind=kind, dataset=fingerprint)
-        return array, manifest, path
-    path = Path(cfg.run) / f"{kind}.npy"
-    found = _cached(path, kind, fingerprint)
-    if found is None:
-        from jaxrec.config import InfluenceConfig
-        try:
-            from jaxrec.influence.cli import main as influence_main
-        except ModuleNotFoundError as e:
-            if e.name != "jaxrec.influence.cli":
-                raise
-            raise UserError(f"{path} is missing or stale and this build cannot compute it; run "
-                            f"dealrec influence --score {kind} --run {cfg.run} --out {path}") from None
-        influence_main(InfluenceConfig(run=cfg.run, out=str(path), score=kind, seed=cfg.seed))
-        found = load_scores(path, kind=kind, dataset=fingerprint)
-    return found[0], found[1], path
-
-
-def compute_representations(run: str, data: str, batch_size: int = 1024) -> np.ndarray:
-    """The surrogate's representation of every user ``[n_users, hidden]``: its hidden state at
-    the newest position of the user's whole training sequence (JAX; imported here only)."""
-    import jax
-
-    from jaxrec.data import left_pad
-    from jaxrec.train import load_surrogate
-
-    sur = load_surrogate(run, data=data)
-    inputs = left_pad(sur.dataset.train, sur.config.max_len)
-    apply = jax.jit(sur.user_representations)
-    out = []
-    try:
-        from tqdm.auto import tqdm
-        starts = tqdm(range(0, len(inputs), batch_size), desc="representations", leave=False)
-    except ImportError:  # pragma: no cover
-        starts = range(0, len(inputs), batch_size)
-    for start in starts:
-        batch = inputs[start:start + batch_size]
-        pad = batch_size - len(batch)
-        if pad:  # one compiled shape
-            batch = np.concatenate([batch, np.zeros((pad, batch.shape[1]), batch.dtype)])
-        out.append(np.asarray(apply(sur.params, batch))[:batch_size - pad])
-    return np.concatenate(out).astype(np.float32)
-
-
-def surrogate_representations(cfg: SelectConfig, fingerprint: dict) -> tuple[np.ndarray, dict, Path]:
-    """``RUN/user_representations.npy`` if its manifest matches, else computed and saved."""
-    path = Path(cfg.run) / "user_representations.npy"
-    found = _cached(path, REPRESENTATION_KIND, fingerprint)
-    if found is None:
-        t0 = time.perf_counter()
-        reps = compute_representations(cfg.run, cfg.data)
-        save_scores(path, reps, kind=REPRESENTATION_KIND, dataset=fingerprint,
-                    options={"run": cfg.run, "position": "newest train item"},
-                    seconds=time.perf_counter() - t0)
-        found = load_scores(path, kind=REPRESENTATION_KIND, dataset=fingerprint)
-    if found[0].ndim != 2 or found[0].shape[0] != fingerprint["n_users"]:
-        raise ScoreFileError(f"{path}: shape {found[0].shape}, expected "
+        raise UserError(f"{path} not found; make it with: dealrec influence --score {kind} "
+                        f"--run {cfg.run or 'RUN_DIR'} --out {path}")
+    array, manifest = load_scores(path, kind=kind, dataset=fingerprint)
+    if name == "representations" and (array.ndim != 2
+                                       or array.shape[0] != fingerprint["n_users"]):
+        raise ScoreFileError(f"{path}: shape {array.shape}, expected "
                              f"({fingerprint['n_users']}, hidden)")
-    return found[0], found[1], path
+    return array, manifest, path
 
 
 # ----------------------------------------------------------------------------- main
@@ -152,13 +92,10 @@ def run_select(cfg: SelectConfig):
             path = Path(getattr(cfg, name))
             arrays[name], manifest = load_scores(path, kind=name, dataset=fp)
             inputs[name] = _record(path, manifest)
-    for name in ("grand", "el2n"):
+    for name in SURROGATE_FILES:
         if name in needs:
-            arrays[name], manifest, path = surrogate_scores(cfg, name, fp)
+            arrays[name], manifest, path = surrogate_file(cfg, name, fp)
             inputs[name] = _record(path, manifest)
-    if "representations" in needs:
-        arrays["representations"], manifest, path = surrogate_representations(cfg, fp)
-        inputs["representations"] = _record(path, manifest)
     if cfg.llm_reps:
         if cfg.method != "tfdcon":
             raise UserError(f"--llm-reps is used by tfdcon only, not {cfg.method!r}")

@@ -1,0 +1,127 @@
+"""How cost grows with the data: Games-like synthetic datasets of 1x, 4x, 16x the users.
+
+For each factor k: a synthetic dataset with ``k * 49,156`` users and ``k * 17,332`` items
+(``k * 200`` item clusters; train sequences of 3-9 items, mean 6 as on Games), then, each in
+a fresh process:
+
+* the surrogate epoch time (SASRec as ``dealrec train-surrogate``, two epochs, the second is
+  the steady state; no ranking evaluation, which is not part of an epoch), saved as a run;
+* ``dealrec influence`` (all parameters, defaults, cold: no compilation cache), wall time and
+  peak resident memory (``/usr/bin/time -v``);
+* the peak resident memory of only loading that run (the data itself and the model), so the
+  influence stage's own memory is the difference.
+
+    python bench/scale.py --factors 1 4 16 --out runs/scale [--json runs/scale.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GAMES_USERS, GAMES_ITEMS = 49_156, 17_332
+
+
+def make_data(folder: Path, k: int) -> Path:
+    from jaxrec.data.synthetic import make_synthetic
+
+    if not (folder / "items.jsonl").is_file():
+        make_synthetic(folder, n_users=k * GAMES_USERS, n_items=k * GAMES_ITEMS,
+                       n_clusters=200 * k, min_len=3, max_len=9, seed=k)
+    return folder
+
+
+def train_two_epochs(data: Path, run: Path) -> list[float]:
+    """Two epochs of surrogate training (the CLI's step and batching); saves ``run`` so
+    ``load_surrogate`` reads it. Returns the seconds of each epoch."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+    import optax
+
+    from jaxrec import train as T
+    from jaxrec.config import SurrogateConfig
+    from jaxrec.data import load_dataset, training_arrays, write_json
+    from jaxrec.models import sasrec
+
+    cfg = SurrogateConfig(data=str(data), out=str(run), epochs=2)
+    ds = load_dataset(data)
+    model = T.build_model(cfg, ds.n_items)
+    optimizer = optax.adam(cfg.lr)
+    params = sasrec.init_params(model, jax.random.PRNGKey(0))
+    opt_state = optimizer.init(params)
+    step = T.make_train_step(model, optimizer)
+    arrays = training_arrays(ds, cfg.max_len)
+    rng, key, seconds = np.random.default_rng(0), jax.random.PRNGKey(1), []
+    for epoch in (1, 2):
+        t0 = time.perf_counter()
+        data_e = T.with_negatives(arrays, cfg.seed, epoch, ds.n_items)
+        params, opt_state, key, _ = T._train_epoch(step, params, opt_state, key, data_e, cfg,
+                                                   rng)
+        jax.block_until_ready(params)
+        seconds.append(time.perf_counter() - t0)
+    run.mkdir(parents=True, exist_ok=True)
+    T.save_checkpoint(run / "checkpoints" / "best", params)
+    write_json(run / "config.json", dataclasses.asdict(cfg))
+    return seconds
+
+
+def timed(argv: list[str]) -> dict:
+    """Run ``argv`` under ``/usr/bin/time -v``: wall seconds and peak RSS (MiB)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{argv} failed:\n{proc.stderr[-2000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    return {"wall_s": round(wall, 2), "peak_rss_mib": round(rss / 1024, 1),
+            "stdout": proc.stdout.strip()[-300:]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--out", default="runs/scale")
+    ap.add_argument("--json", default="runs/scale.json")
+    ap.add_argument("--stage", default="", help=argparse.SUPPRESS)   # internal: train in-process
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.stage:                       # child process: python bench/scale.py --stage k
+        k = int(args.stage)
+        print(json.dumps(train_two_epochs(out / f"x{k}" / "data", out / f"x{k}" / "run")))
+        return 0
+    results = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
+    for k in args.factors:
+        folder = out / f"x{k}"
+        t0 = time.perf_counter()
+        make_data(folder / "data", k)
+        r = {"users": k * GAMES_USERS, "items": k * GAMES_ITEMS,
+             "data_seconds": round(time.perf_counter() - t0, 1)}
+        train = timed([sys.executable, __file__, "--out", str(out), "--stage", str(k)])
+        r["epoch_seconds"] = json.loads(train["stdout"].splitlines()[-1])
+        r["train_peak_rss_mib"] = train["peak_rss_mib"]
+        run = folder / "run"
+        load = timed([sys.executable, "-c", "import sys; from jaxrec.train import "
+                      "load_surrogate; load_surrogate(sys.argv[1])", str(run)])
+        r["load_only_peak_rss_mib"] = load["peak_rss_mib"]
+        inf = timed([sys.executable, "-m", "jaxrec.cli", "influence", "--run", str(run),
+                     "--out", str(run / "influence.npy"), "--compile-cache", ""])
+        manifest = json.loads((run / "influence.json").read_text())
+        r["influence"] = {"wall_s": inf["wall_s"], "peak_rss_mib": inf["peak_rss_mib"],
+                          "timing": manifest["timing"], "n_params": manifest["n_params"],
+                          "steps_run": manifest["solver"]["steps_run"]}
+        results[f"x{k}"] = r
+        print(json.dumps({f"x{k}": r}), flush=True)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
