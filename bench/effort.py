@@ -5,7 +5,8 @@ autocast.
 
 Both paths score the same seeded sample of Games users with the real SmolLM2 (fresh seeded LoRA
 on q_proj/v_proj, all LoRA parameters, eval mode), side by side in one run, in alternation
-(loop, batched, batched bf16, loop, ...) so that load from other processes hits both alike. The loop is
+(loop, batched, batched bf16, loop, ...) so that load from other processes hits both alike.
+The loop is
 what one would write by hand: ``model(input_ids, labels).loss`` of one sample, then
 ``torch.autograd.grad`` w.r.t. the LoRA parameters and the L2 norm. Since a fresh LoRA has
 ``lora_B = 0``, the norms are checked with a random ``lora_B`` too (``--random-b``).
@@ -75,12 +76,15 @@ def main() -> int:
                     p.normal_(0.0, 0.02)
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = EffortConfig(data=args.data)
-    samples = encode_users(tok, ds, rows, cutoff_len=cfg.cutoff_len,
-                           train_on_inputs=cfg.train_on_inputs)
+    samples = encode_users(
+        tok, ds, rows, cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs
+    )
     lengths = [len(s["input_ids"]) for s in samples]
-    print(f"{args.n} samples, tokens mean {np.mean(lengths):.0f} max {max(lengths)}; "
-          f"{len(params)} LoRA tensors, {sum(p.numel() for p in params):,} values; "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{args.n} samples, tokens mean {np.mean(lengths):.0f} max {max(lengths)}; "
+        f"{len(params)} LoRA tensors, {sum(p.numel() for p in params):,} values; "
+        f"{torch.get_num_threads()} threads"
+    )
 
     # warm-up (first-call overheads) on two samples each
     loop_norms(model, samples[:2], params)
@@ -89,12 +93,21 @@ def main() -> int:
 
     paths = {
         "loop_fp32": lambda: loop_norms(model, samples, params),
-        "batched_fp32": lambda: score_samples(model, samples, pad_id=tok.pad_token_id,
-                                              batch_size=args.batch_size,
-                                              max_tokens=args.max_tokens),
-        "batched_bf16_autocast": lambda: score_samples(model, samples, pad_id=tok.pad_token_id,
-                                                       batch_size=args.batch_size, autocast="bf16",
-                                                       max_tokens=args.max_tokens),
+        "batched_fp32": lambda: score_samples(
+            model,
+            samples,
+            pad_id=tok.pad_token_id,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+        ),
+        "batched_bf16_autocast": lambda: score_samples(
+            model,
+            samples,
+            pad_id=tok.pad_token_id,
+            batch_size=args.batch_size,
+            autocast="bf16",
+            max_tokens=args.max_tokens,
+        ),
     }
     seconds = {k: [] for k in paths}
     norms = {}
@@ -103,32 +116,56 @@ def main() -> int:
             t0 = time.perf_counter()
             norms[name] = fn()
             seconds[name].append(time.perf_counter() - t0)
-        print(f"round {r + 1}: " + ", ".join(f"{k} {args.n / v[-1]:.2f} samples/s"
-                                             for k, v in seconds.items()))
+        print(
+            f"round {r + 1}: "
+            + ", ".join(f"{k} {args.n / v[-1]:.2f} samples/s" for k, v in seconds.items())
+        )
     ref = norms["loop_fp32"]
 
     def ranks(x):
         return np.argsort(np.argsort(x))
 
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-        "threads": torch.get_num_threads(), "model": info["model"], "n": args.n,
-        "batch_size": args.batch_size, "max_tokens": args.max_tokens, "random_lora_b": args.random_b,
-        "mean_tokens": float(np.mean(lengths)), "longest_sample_tokens": int(max(lengths)),
-        "seconds": seconds, "mean_norm": float(np.mean(ref)),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "model": info["model"],
+        "n": args.n,
+        "batch_size": args.batch_size,
+        "max_tokens": args.max_tokens,
+        "random_lora_b": args.random_b,
+        "mean_tokens": float(np.mean(lengths)),
+        "longest_sample_tokens": int(max(lengths)),
+        "seconds": seconds,
+        "mean_norm": float(np.mean(ref)),
         "samples_per_s": {k: args.n / min(v) for k, v in seconds.items()},
         "speedup_vs_loop": {k: min(seconds["loop_fp32"]) / min(v) for k, v in seconds.items()},
-        "speedup_per_round": {k: [a / b for a, b in zip(seconds["loop_fp32"], v)]
-                              for k, v in seconds.items()},
+        "speedup_per_round": {
+            k: [a / b for a, b in zip(seconds["loop_fp32"], v)] for k, v in seconds.items()
+        },
         "max_rel_diff": {k: float(np.max(np.abs(v - ref) / np.abs(ref))) for k, v in norms.items()},
-        "median_rel_diff": {k: float(np.median(np.abs(v - ref) / np.abs(ref)))
-                            for k, v in norms.items()},
+        "median_rel_diff": {
+            k: float(np.median(np.abs(v - ref) / np.abs(ref))) for k, v in norms.items()
+        },
         "spearman": {k: float(np.corrcoef(ranks(v), ranks(ref))[0, 1]) for k, v in norms.items()},
     }
     write_json(Path(args.out), result)
-    print(json.dumps({k: result[k] for k in ("samples_per_s", "speedup_vs_loop",
-                                             "speedup_per_round", "max_rel_diff",
-                                             "median_rel_diff", "spearman")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "samples_per_s",
+                    "speedup_vs_loop",
+                    "speedup_per_round",
+                    "max_rel_diff",
+                    "median_rel_diff",
+                    "spearman",
+                )
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

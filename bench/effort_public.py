@@ -34,8 +34,9 @@ def loop_norms(model, samples, params) -> np.ndarray:
     """The reference: one sample at a time, HF loss, autograd.grad, L2 norm (float32)."""
     out = np.zeros(len(samples), dtype=np.float32)
     for i, s in enumerate(samples):
-        loss = model(input_ids=torch.tensor([s["input_ids"]]),
-                     labels=torch.tensor([s["labels"]])).loss
+        loss = model(
+            input_ids=torch.tensor([s["input_ids"]]), labels=torch.tensor([s["labels"]])
+        ).loss
         grads = torch.autograd.grad(loss, params)
         out[i] = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
     return out
@@ -80,12 +81,14 @@ def main() -> int:
     paths = {
         "loop": lambda: loop_norms(model, samples, params),
         "public": lambda: per_sample_grad_norms(model, ids, mask, labels).numpy(),
-        "public_bf16": lambda: per_sample_grad_norms(model, ids, mask, labels,
-                                                     autocast="bf16").numpy(),
+        "public_bf16": lambda: per_sample_grad_norms(
+            model, ids, mask, labels, autocast="bf16"
+        ).numpy(),
     }
     if not args.skip_one_pass:
-        paths["one_pass"] = lambda: per_sample_grad_norms(model, ids, mask, labels,
-                                                          max_tokens=0).numpy()
+        paths["one_pass"] = lambda: per_sample_grad_norms(
+            model, ids, mask, labels, max_tokens=0
+        ).numpy()
     seconds = {k: [] for k in paths}
     values = {}
     for r in range(args.rounds):
@@ -95,16 +98,25 @@ def main() -> int:
             seconds[name].append(time.perf_counter() - t)
             print(f"round {r + 1} {name}: {seconds[name][-1]:.2f} s", flush=True)
     ref = values["loop"]
-    result = {"model": info, "n": args.n, "tokens": [len(s["input_ids"]) for s in samples],
-              "padded_shape": list(ids.shape), "threads": torch.get_num_threads(),
-              "machine": platform.platform(), "seconds": seconds, "paths": {}}
+    result = {
+        "model": info,
+        "n": args.n,
+        "tokens": [len(s["input_ids"]) for s in samples],
+        "padded_shape": list(ids.shape),
+        "threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+        "seconds": seconds,
+        "paths": {},
+    }
     for name in paths:
         rel = np.abs(values[name] - ref) / np.abs(ref)
         result["paths"][name] = {
             "best_s": min(seconds[name]),
             "speedup_per_round": [lp / x for lp, x in zip(seconds["loop"], seconds[name])],
-            "max_rel_diff": float(rel.max()), "median_rel_diff": float(np.median(rel)),
-            "spearman": float(stats.spearmanr(values[name], ref)[0])}
+            "max_rel_diff": float(rel.max()),
+            "median_rel_diff": float(np.median(rel)),
+            "spearman": float(stats.spearmanr(values[name], ref)[0]),
+        }
     print(result["paths"])
     write_json(args.out, result)
     return 0

@@ -45,20 +45,34 @@ def main() -> None:
     t = time.perf_counter()
     sur = load_surrogate(args.run)
     n = sur.dataset.n_users
-    print(f"loaded {args.run}: {n} users, "
-          f"{sum(x.size for x in jax.tree.leaves(sur.params))} parameters "
-          f"({time.perf_counter() - t:.1f} s); devices: {jax.devices()}")
+    print(
+        f"loaded {args.run}: {n} users, "
+        f"{sum(x.size for x in jax.tree.leaves(sur.params))} parameters "
+        f"({time.perf_counter() - t:.1f} s); devices: {jax.devices()}"
+    )
     results = {"n_users": n, "steps": args.steps, "lissa_batch_size": args.lissa_batch_size}
 
     def stage(params_regex: str):
-        cfg = InfluenceConfig(run=args.run, params=params_regex, steps=args.steps,
-                              lissa_batch_size=args.lissa_batch_size)
+        cfg = InfluenceConfig(
+            run=args.run,
+            params=params_regex,
+            steps=args.steps,
+            lissa_batch_size=args.lissa_batch_size,
+        )
         t0 = time.perf_counter()
         scores, info = compute(cfg, sur, progress=False)
         total = time.perf_counter() - t0
         sec = {k: round(v, 2) for k, v in info["seconds"].items()}
-        return scores, info, dict(sec, total=round(total, 2), n_params=info["n_params"],
-                                  ms_per_lissa_step=round(1000 * sec["solve"] / args.steps, 2))
+        return (
+            scores,
+            info,
+            dict(
+                sec,
+                total=round(total, 2),
+                n_params=info["n_params"],
+                ms_per_lissa_step=round(1000 * sec["solve"] / args.steps, 2),
+            ),
+        )
 
     scores_all, info_all, results["all_parameters"] = stage("")
     print("all parameters:", results["all_parameters"])
@@ -69,8 +83,9 @@ def main() -> None:
     # --- side by side: per-sample jax.grad loop vs one JVP per batch, same users, same u
     rng = np.random.default_rng(0)
     rows = np.sort(rng.choice(n, args.loop_samples, replace=False))
-    u = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype),
-                     sur.params)
+    u = jax.tree.map(
+        lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype), sur.params
+    )
     keys = ("inputs", "targets", "negatives")
     sub = {k: sur.data[k][rows] for k in keys}
 
@@ -80,10 +95,14 @@ def main() -> None:
         return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(u)))
 
     one = {k: jnp.asarray(sub[k][:1]) for k in keys}
-    jax.block_until_ready(grad_dot(sur.params, one, u))          # compile outside the timing
+    jax.block_until_ready(grad_dot(sur.params, one, u))  # compile outside the timing
     t0 = time.perf_counter()
-    loop = np.array([float(grad_dot(sur.params, {k: jnp.asarray(sub[k][i:i + 1]) for k in keys},
-                                    u)) for i in range(rows.size)])
+    loop = np.array(
+        [
+            float(grad_dot(sur.params, {k: jnp.asarray(sub[k][i : i + 1]) for k in keys}, u))
+            for i in range(rows.size)
+        ]
+    )
     loop_per = (time.perf_counter() - t0) / rows.size
     order, parts = width_strata(sub, sur.config.max_len)
     jvp = np.empty(rows.size)
@@ -103,12 +122,14 @@ def main() -> None:
         "jvp_all_users_s_incl_compile": scoring_all,
         "scoring_speedup_all_users": round(loop_per * n / scoring_all, 1),
         "stage_speedup_vs_loop_scoring": round(
-            (stage_all - scoring_all + loop_per * n) / stage_all, 2),
+            (stage_all - scoring_all + loop_per * n) / stage_all, 2
+        ),
         "max_rel_diff_loop_vs_jvp": err,
     }
     print("per-sample grad loop vs JVP:", results["loop_vs_jvp"])
     if args.json:
         from jaxrec.data import write_json
+
         write_json(args.json, results)
 
 

@@ -47,10 +47,10 @@ def valid_batch(ds, max_len: int) -> dict:
     inputs = np.zeros((len(rows), max_len), np.int32)
     targets = np.zeros_like(inputs)
     for r, u in enumerate(rows):
-        seq = np.concatenate([ds.train[u], ds.valid[u]])[-(max_len + 1):]
+        seq = np.concatenate([ds.train[u], ds.valid[u]])[-(max_len + 1) :]
         n_valid = min(len(ds.valid[u]), len(seq) - 1)
-        inputs[r, max_len - len(seq) + 1:] = seq[:-1]
-        targets[r, max_len - n_valid:] = seq[-n_valid:]
+        inputs[r, max_len - len(seq) + 1 :] = seq[:-1]
+        targets[r, max_len - n_valid :] = seq[-n_valid:]
     arrays = {"inputs": inputs, "targets": targets, "index": np.arange(len(rows), dtype=np.int32)}
     return with_negatives(arrays, 12345, 0, ds.n_items)
 
@@ -67,11 +67,17 @@ def fit(model, arrays, rows, epochs, seed, lr=1e-3, batch_size=128):
     rng, key = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1)
     for epoch in range(1, epochs + 1):
         data = with_negatives(arrays, seed, epoch, model.n_items)
-        for batch_rows, width in epoch_batches(np.where(mask, lengths, 0), batch_size,
-                                               model.max_len, rng):
+        for batch_rows, width in epoch_batches(
+            np.where(mask, lengths, 0), batch_size, model.max_len, rng
+        ):
             key, sub = jax.random.split(key)
-            params, state, _ = step(params, state, take_batch(data, batch_rows, width),
-                                    (batch_rows >= 0).astype(np.float32), sub)
+            params, state, _ = step(
+                params,
+                state,
+                take_batch(data, batch_rows, width),
+                (batch_rows >= 0).astype(np.float32),
+                sub,
+            )
     return params
 
 
@@ -86,8 +92,9 @@ def main():
     t_start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="lds_")
     full = load_dataset(a.data)
-    ds = load_dataset(write_user_subset(full, f"{tmp}/data", n_users=min(a.users, full.n_users),
-                                        seed=a.seed))
+    ds = load_dataset(
+        write_user_subset(full, f"{tmp}/data", n_users=min(a.users, full.n_users), seed=a.seed)
+    )
     cfg = SurrogateConfig(data=str(ds.path), dropout=0.2)
     model = build_model(cfg, ds.n_items)
     arrays = training_arrays(ds, cfg.max_len)
@@ -105,13 +112,25 @@ def main():
         s[order] = sample_scores(per_sample, params, parts, u)
         return s
 
-    lissa_opts = dict(solver="lissa", damping=0.01, convention="dealrec", scale=25.0,
-                      steps=2000, batch_size=16)
+    lissa_opts = dict(
+        solver="lissa", damping=0.01, convention="dealrec", scale=25.0, steps=2000, batch_size=16
+    )
     attributions = {
         "lissa": scores_along(inverse_hvp(loss, params, parts, g_val, **lissa_opts)),
-        "cg": scores_along(inverse_hvp(loss, params, parts, g_val, solver="cg", damping=0.01,
-                                       convention="dealrec", scale=25.0, maxiter=200,
-                                       tol=1e-6)),
+        "cg": scores_along(
+            inverse_hvp(
+                loss,
+                params,
+                parts,
+                g_val,
+                solver="cg",
+                damping=0.01,
+                convention="dealrec",
+                scale=25.0,
+                maxiter=200,
+                tol=1e-6,
+            )
+        ),
         "grad-dot": scores_along(g_val),
         "dealrec": scores_along(inverse_hvp(loss, params, parts, g_mean, **lissa_opts)) / n**2,
     }
@@ -123,15 +142,23 @@ def main():
         measured.append(float(loss(p_s, vb)))
         subsets.append(rows)
         print(f"subset {m + 1}/{a.subsets}: valid loss {measured[-1]:.5f}", flush=True)
-    result = {"users": n, "valid_users": int(vb["inputs"].shape[0]), "subsets": a.subsets,
-              "epochs": a.epochs, "seconds": None, "lds": {}}
+    result = {
+        "users": n,
+        "valid_users": int(vb["inputs"].shape[0]),
+        "subsets": a.subsets,
+        "epochs": a.epochs,
+        "seconds": None,
+        "lds": {},
+    }
     for name, attr in attributions.items():
         pred = [-attr[rows].sum() for rows in subsets]
         result["lds"][name] = round(float(stats.spearmanr(pred, measured).statistic), 4)
     # How far the Hessian term moves each attribution away from plain gradient-dot, per user.
     result["spearman_vs_grad_dot"] = {
         name: round(float(stats.spearmanr(attr, attributions["grad-dot"]).statistic), 4)
-        for name, attr in attributions.items() if name != "grad-dot"}
+        for name, attr in attributions.items()
+        if name != "grad-dot"
+    }
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(result, indent=2))
 

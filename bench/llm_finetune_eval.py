@@ -42,8 +42,12 @@ def main(argv=None) -> dict:
     p.add_argument("--users", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--titles", type=int, default=256,
-                   help="titles embedded to time the one-off (cached) title-embedding pass")
+    p.add_argument(
+        "--titles",
+        type=int,
+        default=256,
+        help="titles embedded to time the one-off (cached) title-embedding pass",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", default="runs/bench_llm")
@@ -54,11 +58,26 @@ def main(argv=None) -> dict:
 
     ds = load_dataset(args.data)
     rows = np.sort(np.random.default_rng(args.seed).choice(ds.n_users, args.samples, replace=False))
-    selection = save_scores(out / "selected.npy", rows, kind="selection",
-                            dataset=ds.fingerprint(), options={"method": "random", "bench": True})
-    ft = FinetuneConfig(data=args.data, selection=str(selection), out=str(out / "adapter"),
-                        model=args.model, epochs=1, batch_size=args.batch_size, grad_accum=16,
-                        device=args.device, dtype=args.dtype, seed=args.seed, resume=False)
+    selection = save_scores(
+        out / "selected.npy",
+        rows,
+        kind="selection",
+        dataset=ds.fingerprint(),
+        options={"method": "random", "bench": True},
+    )
+    ft = FinetuneConfig(
+        data=args.data,
+        selection=str(selection),
+        out=str(out / "adapter"),
+        model=args.model,
+        epochs=1,
+        batch_size=args.batch_size,
+        grad_accum=16,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        resume=False,
+    )
     t0 = time.perf_counter()
     finetune.main(ft)
     ft_wall = time.perf_counter() - t0
@@ -76,15 +95,17 @@ def main(argv=None) -> dict:
     hist = history(ds, "test")
     t0 = time.perf_counter()
     title_rows = np.arange(1, min(args.titles, ds.n_items) + 1)
-    title_emb = evaluate.embed_texts(model, tok, [ds.titles[i] for i in title_rows],
-                                     batch_size=32, desc="embed titles (sample)")
+    title_emb = evaluate.embed_texts(
+        model, tok, [ds.titles[i] for i in title_rows], batch_size=32, desc="embed titles (sample)"
+    )
     title_seconds = time.perf_counter() - t0
     # ranking costs the same against any [n_items, hidden] matrix: tile the measured rows
     item_emb = np.resize(title_emb, (ds.n_items, title_emb.shape[1]))
     t0 = time.perf_counter()
     ids = [evaluate.prompt_ids(tok, [ds.titles[i] for i in hist[u]], 512) for u in users]
-    texts = evaluate.generate(model, tok, ids, beams=4, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size)
+    texts = evaluate.generate(
+        model, tok, ids, beams=4, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
+    )
     t1 = time.perf_counter()
     ranked = evaluate.rank_items(evaluate.embed_texts(model, tok, texts), item_emb, 20)
     t2 = time.perf_counter()
@@ -93,11 +114,13 @@ def main(argv=None) -> dict:
 
     result = {
         "command": "python bench/llm_finetune_eval.py " + " ".join(argv),
-        "machine": platform.platform(), "torch": torch.__version__,
+        "machine": platform.platform(),
+        "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "model_info": record.get("model_info"),
         "finetune": {
-            "samples": record["n_train_samples"], "batch_size": args.batch_size,
+            "samples": record["n_train_samples"],
+            "batch_size": args.batch_size,
             "train_seconds_one_epoch": epoch["train_seconds"],
             "seconds_per_1024_samples_per_epoch": record["seconds_per_1024_samples_per_epoch"],
             "valid_samples": record["n_valid_samples"],
@@ -105,14 +128,18 @@ def main(argv=None) -> dict:
             "wall_seconds_incl_load": round(ft_wall, 3),
         },
         "evaluate": {
-            "users": len(users), "beams": 4, "max_new_tokens": args.max_new_tokens,
-            "seconds_generation": round(t1 - t0, 3), "seconds_grounding": round(t2 - t1, 3),
+            "users": len(users),
+            "beams": 4,
+            "max_new_tokens": args.max_new_tokens,
+            "seconds_generation": round(t1 - t0, 3),
+            "seconds_grounding": round(t2 - t1, 3),
             "seconds_per_100_users": round(per_100, 3),
             "predictions": texts[:3],
             "title_embedding_titles_measured": len(title_rows),
             "title_embedding_seconds_measured": round(title_seconds, 3),
-            "title_embedding_seconds_all_items_est": round(title_seconds / len(title_rows)
-                                                           * ds.n_items, 1),
+            "title_embedding_seconds_all_items_est": round(
+                title_seconds / len(title_rows) * ds.n_items, 1
+            ),
             "seconds_model_load": round(load_seconds, 3),
         },
     }

@@ -31,8 +31,15 @@ def make_data(folder: Path, k: int) -> Path:
     from jaxrec.data.synthetic import make_synthetic
 
     if not (folder / "items.jsonl").is_file():
-        make_synthetic(folder, n_users=k * GAMES_USERS, n_items=k * GAMES_ITEMS,
-                       n_clusters=200 * k, min_len=3, max_len=9, seed=k)
+        make_synthetic(
+            folder,
+            n_users=k * GAMES_USERS,
+            n_items=k * GAMES_ITEMS,
+            n_clusters=200 * k,
+            min_len=3,
+            max_len=9,
+            seed=k,
+        )
     return folder
 
 
@@ -62,8 +69,7 @@ def train_two_epochs(data: Path, run: Path) -> list[float]:
     for epoch in (1, 2):
         t0 = time.perf_counter()
         data_e = T.with_negatives(arrays, cfg.seed, epoch, ds.n_items)
-        params, opt_state, key, _ = T._train_epoch(step, params, opt_state, key, data_e, cfg,
-                                                   rng)
+        params, opt_state, key, _ = T._train_epoch(step, params, opt_state, key, data_e, cfg, rng)
         jax.block_until_ready(params)
         seconds.append(time.perf_counter() - t0)
     run.mkdir(parents=True, exist_ok=True)
@@ -80,8 +86,11 @@ def timed(argv: list[str]) -> dict:
     if proc.returncode:
         raise SystemExit(f"{argv} failed:\n{proc.stderr[-2000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return {"wall_s": round(wall, 2), "peak_rss_mib": round(rss / 1024, 1),
-            "stdout": proc.stdout.strip()[-300:]}
+    return {
+        "wall_s": round(wall, 2),
+        "peak_rss_mib": round(rss / 1024, 1),
+        "stdout": proc.stdout.strip()[-300:],
+    }
 
 
 def main() -> int:
@@ -89,10 +98,10 @@ def main() -> int:
     ap.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--out", default="runs/scale")
     ap.add_argument("--json", default="runs/scale.json")
-    ap.add_argument("--stage", default="", help=argparse.SUPPRESS)   # internal: train in-process
+    ap.add_argument("--stage", default="", help=argparse.SUPPRESS)  # internal: train in-process
     args = ap.parse_args()
     out = Path(args.out)
-    if args.stage:                       # child process: python bench/scale.py --stage k
+    if args.stage:  # child process: python bench/scale.py --stage k
         k = int(args.stage)
         print(json.dumps(train_two_epochs(out / f"x{k}" / "data", out / f"x{k}" / "run")))
         return 0
@@ -101,21 +110,46 @@ def main() -> int:
         folder = out / f"x{k}"
         t0 = time.perf_counter()
         make_data(folder / "data", k)
-        r = {"users": k * GAMES_USERS, "items": k * GAMES_ITEMS,
-             "data_seconds": round(time.perf_counter() - t0, 1)}
+        r = {
+            "users": k * GAMES_USERS,
+            "items": k * GAMES_ITEMS,
+            "data_seconds": round(time.perf_counter() - t0, 1),
+        }
         train = timed([sys.executable, __file__, "--out", str(out), "--stage", str(k)])
         r["epoch_seconds"] = json.loads(train["stdout"].splitlines()[-1])
         r["train_peak_rss_mib"] = train["peak_rss_mib"]
         run = folder / "run"
-        load = timed([sys.executable, "-c", "import sys; from jaxrec.train import "
-                      "load_surrogate; load_surrogate(sys.argv[1])", str(run)])
+        load = timed(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from jaxrec.train import load_surrogate; load_surrogate(sys.argv[1])",
+                str(run),
+            ]
+        )
         r["load_only_peak_rss_mib"] = load["peak_rss_mib"]
-        inf = timed([sys.executable, "-m", "jaxrec.cli", "influence", "--run", str(run),
-                     "--out", str(run / "influence.npy"), "--compile-cache", ""])
+        inf = timed(
+            [
+                sys.executable,
+                "-m",
+                "jaxrec.cli",
+                "influence",
+                "--run",
+                str(run),
+                "--out",
+                str(run / "influence.npy"),
+                "--compile-cache",
+                "",
+            ]
+        )
         manifest = json.loads((run / "influence.json").read_text())
-        r["influence"] = {"wall_s": inf["wall_s"], "peak_rss_mib": inf["peak_rss_mib"],
-                          "timing": manifest["timing"], "n_params": manifest["n_params"],
-                          "steps_run": manifest["solver"]["steps_run"]}
+        r["influence"] = {
+            "wall_s": inf["wall_s"],
+            "peak_rss_mib": inf["peak_rss_mib"],
+            "timing": manifest["timing"],
+            "n_params": manifest["n_params"],
+            "steps_run": manifest["solver"]["steps_run"],
+        }
         results[f"x{k}"] = r
         print(json.dumps({f"x{k}": r}), flush=True)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -27,18 +27,33 @@ def main():
     p.add_argument("--out", default="")
     a = p.parse_args()
     out = a.out or tempfile.mkdtemp(prefix="bench_surrogate_")
-    cfg = SurrogateConfig(data=a.data, out=out, epochs=200 if a.full else a.epochs,
-                          patience=10 if a.full else 1000, resume=False)
+    cfg = SurrogateConfig(
+        data=a.data,
+        out=out,
+        epochs=200 if a.full else a.epochs,
+        patience=10 if a.full else 1000,
+        resume=False,
+    )
     t0 = time.perf_counter()
     metrics = train(cfg, progress=False)
     total = time.perf_counter() - t0
     state = json.load(open(f"{out}/train_state.json"))
     per_epoch = [h["seconds"] for h in state["history"]]
-    print(json.dumps({
-        "device": str(jax.devices()[0]), "machine": platform.processor() or platform.machine(),
-        "epoch_seconds": per_epoch, "steady_median_s": metrics["seconds_per_epoch"],
-        "wall_s": round(total, 1), "best_epoch": metrics["best_epoch"],
-        "test": metrics["test"], "valid": metrics["valid"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "device": str(jax.devices()[0]),
+                "machine": platform.processor() or platform.machine(),
+                "epoch_seconds": per_epoch,
+                "steady_median_s": metrics["seconds_per_epoch"],
+                "wall_s": round(total, 1),
+                "best_epoch": metrics["best_epoch"],
+                "test": metrics["test"],
+                "valid": metrics["valid"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ the load average is recorded before and after each part):
 Usage::
 
     nice -n 10 python bench/tiger.py [--data ../shared/data/games] [--semantic-ids FILE]
-        [--parts effort-sample,finetune-chunks,finetune,evaluate,effort] [--sample 256] [--batch-sizes 256]
+        [--parts effort-sample,finetune-chunks,finetune,evaluate,effort]
+        [--sample 256] [--batch-sizes 256]
         [--model DIR] [--out DIR]
 
 ``--model DIR`` evaluates an existing fine-tuned folder instead of the one ``finetune`` makes.
@@ -64,8 +65,14 @@ def random_codes_file(ds, path: Path, seed: int = 0) -> Path:
         last[i] = seen.get(g, 0)
         seen[g] = last[i] + 1
     codes = np.concatenate([head, last[:, None]], 1)
-    save_scores(path, codes, kind="semantic_ids", dataset=ds.fingerprint(),
-                codebook_sizes=[256, 256, 256, int(last.max()) + 1], method="random (bench)")
+    save_scores(
+        path,
+        codes,
+        kind="semantic_ids",
+        dataset=ds.fingerprint(),
+        codebook_sizes=[256, 256, 256, int(last.max()) + 1],
+        method="random (bench)",
+    )
     return path
 
 
@@ -96,18 +103,23 @@ def bench_effort_sample(ds, codes, sizes, n: int, batch_size: int) -> dict:
         for idx in eff.length_batches([len(x) for x in inputs], 16):
             ids, mask = pad_inputs([inputs[i] for i in idx])
             eff.vmap_grad_norms(p, spec, ids, mask, torch.as_tensor(targets[idx]))
+
     _, w_v, c_v = timed(vmap_all)
     torch.set_num_threads(2)
     _, w_2, c_2 = timed(eff.score_samples, model, inputs, targets, batch_size=batch_size)
     torch.set_num_threads(1)
-    return {"n_users": n, "batch_size": batch_size,
-            "batched_1thread": {"wall_s": w_b, "cpu_s": c_b},
-            "loop_batch1_1thread": {"wall_s": w_l, "cpu_s": c_l},
-            "vmap_grad_bs16_1thread": {"wall_s": w_v, "cpu_s": c_v},
-            "batched_2threads": {"wall_s": w_2, "cpu_s": c_2},
-            "speedup_vs_loop_wall": round(w_l / w_b, 2), "speedup_vs_loop_cpu": round(c_l / c_b, 2),
-            "speedup_vs_vmap_wall": round(w_v / w_b, 2),
-            "max_rel_diff_vs_loop": float(np.max(np.abs(batched / loop - 1)))}
+    return {
+        "n_users": n,
+        "batch_size": batch_size,
+        "batched_1thread": {"wall_s": w_b, "cpu_s": c_b},
+        "loop_batch1_1thread": {"wall_s": w_l, "cpu_s": c_l},
+        "vmap_grad_bs16_1thread": {"wall_s": w_v, "cpu_s": c_v},
+        "batched_2threads": {"wall_s": w_2, "cpu_s": c_2},
+        "speedup_vs_loop_wall": round(w_l / w_b, 2),
+        "speedup_vs_loop_cpu": round(c_l / c_b, 2),
+        "speedup_vs_vmap_wall": round(w_v / w_b, 2),
+        "max_rel_diff_vs_loop": float(np.max(np.abs(batched / loop - 1))),
+    }
 
 
 def bench_effort(ds, args, codes_path: str, out: Path, sample: bool) -> dict:
@@ -118,16 +130,31 @@ def bench_effort(ds, args, codes_path: str, out: Path, sample: bool) -> dict:
 
     codes, sizes = load_codes(codes_path, ds)
     if sample:
-        return {"load_before": load(),
-                **bench_effort_sample(ds, codes, sizes, args.sample, args.effort_batch),
-                "load_after": load()}
-    cfg = EffortConfig(data=args.data, backend="tiger", semantic_ids=codes_path,
-                       out=str(out / "effort_tiger.npy"), batch_size=args.effort_batch,
-                       shard_size=4096, seed=0, resume=True)
+        return {
+            "load_before": load(),
+            **bench_effort_sample(ds, codes, sizes, args.sample, args.effort_batch),
+            "load_after": load(),
+        }
+    cfg = EffortConfig(
+        data=args.data,
+        backend="tiger",
+        semantic_ids=codes_path,
+        out=str(out / "effort_tiger.npy"),
+        batch_size=args.effort_batch,
+        shard_size=4096,
+        seed=0,
+        resume=True,
+    )
     before = load()
     _, wall, cpu = timed(main, cfg)
-    return {"n_users": ds.n_users, "wall_s": wall, "cpu_s": cpu, "load_before": before,
-            "load_after": load(), "note": "resumable: wall/CPU of this call only"}
+    return {
+        "n_users": ds.n_users,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "load_before": before,
+        "load_after": load(),
+        "note": "resumable: wall/CPU of this call only",
+    }
 
 
 # ----------------------------------------------------------------------------- finetune, evaluate
@@ -139,17 +166,40 @@ def bench_finetune(ds, args, codes_path: str, out: Path, batch_size: int) -> dic
     sel = np.sort(np.random.default_rng(0).choice(ds.n_users, args.shots, replace=False))
     save_scores(out / "selected.npy", sel, kind="selection", dataset=ds.fingerprint())
     folder = out / f"tiger_bs{batch_size}"
-    cfg = FinetuneConfig(data=args.data, backend="tiger", semantic_ids=codes_path,
-                         selection=str(out / "selected.npy"), out=str(folder),
-                         epochs=args.max_epochs, patience=5, lr=1e-3, weight_decay=0.01, schedule="cosine",
-                         batch_size=batch_size, grad_accum=1, init_seed=0, seed=0, resume=False)
+    cfg = FinetuneConfig(
+        data=args.data,
+        backend="tiger",
+        semantic_ids=codes_path,
+        selection=str(out / "selected.npy"),
+        out=str(folder),
+        epochs=args.max_epochs,
+        patience=5,
+        lr=1e-3,
+        weight_decay=0.01,
+        schedule="cosine",
+        batch_size=batch_size,
+        grad_accum=1,
+        init_seed=0,
+        seed=0,
+        resume=False,
+    )
     before = load()
     _, wall, cpu = timed(main, cfg)
     rec = json.loads((folder / "train_record.json").read_text())
-    return {"batch_size": batch_size, "shots": args.shots, "wall_s": wall, "cpu_s": cpu, "load_before": before,
-            "load_after": load(), "epochs": len(rec["epochs"]), "best_epoch": rec["best_epoch"],
-            "best_valid_loss": rec["best_valid_loss"], "seconds_per_epoch": rec["seconds_per_epoch"],
-            "n_valid_samples": rec["n_valid_samples"], "model": str(folder)}
+    return {
+        "batch_size": batch_size,
+        "shots": args.shots,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "load_before": before,
+        "load_after": load(),
+        "epochs": len(rec["epochs"]),
+        "best_epoch": rec["best_epoch"],
+        "best_valid_loss": rec["best_valid_loss"],
+        "seconds_per_epoch": rec["seconds_per_epoch"],
+        "n_valid_samples": rec["n_valid_samples"],
+        "model": str(folder),
+    }
 
 
 def bench_chunks(ds, codes_path: str, shots: int) -> dict:
@@ -177,8 +227,9 @@ def bench_chunks(ds, codes_path: str, shots: int) -> dict:
             for rows in length_chunks(batch, inputs, max_tokens):
                 ids, mask, tgt = _tensors(inputs, targets, rows, "cpu")
                 model(input_ids=ids, attention_mask=mask, labels=tgt).loss.backward()
+
     res = {}
-    for name, budget in (("chunked", MICRO_TOKENS), ("padded", 10 ** 9)):
+    for name, budget in (("chunked", MICRO_TOKENS), ("padded", 10**9)):
         _, wall, cpu = timed(epoch, budget)
         res[name] = {"wall_s": wall, "cpu_s": cpu}
     res["speedup_cpu"] = round(res["padded"]["cpu_s"] / res["chunked"]["cpu_s"], 2)
@@ -200,8 +251,9 @@ def bench_beam_cache(ds, codes, sizes, model_dir: str, n: int) -> dict:
     model, trie = load_model(model_dir), build_trie(codes, sizes)
     res = {}
     for cache in (True, False):
-        (items, _), wall, cpu = timed(generate, model, inputs, trie, beams=20, batch_size=16,
-                                      cache=cache, desc=None)
+        (items, _), wall, cpu = timed(
+            generate, model, inputs, trie, beams=20, batch_size=16, cache=cache, desc=None
+        )
         res[f"cache_{cache}"] = {"wall_s": wall, "cpu_s": cpu}
         res.setdefault("items", items)
     same = bool((res.pop("items") == items).all())
@@ -214,15 +266,28 @@ def bench_evaluate(ds, args, codes_path: str, out: Path, model_dir: str) -> dict
     from llm_bridge.tiger.finetune import load_codes
 
     codes, sizes = load_codes(codes_path, ds)
-    result = {"load_before": load(),
-              "cache_vs_recompute": bench_beam_cache(ds, codes, sizes, model_dir, args.sample)}
-    cfg = EvaluateConfig(data=args.data, backend="tiger", semantic_ids=codes_path,
-                         adapter=model_dir, out=str(out / "metrics_tiger.json"), beams=20,
-                         batch_size=args.eval_batch, split="test")
+    result = {
+        "load_before": load(),
+        "cache_vs_recompute": bench_beam_cache(ds, codes, sizes, model_dir, args.sample),
+    }
+    cfg = EvaluateConfig(
+        data=args.data,
+        backend="tiger",
+        semantic_ids=codes_path,
+        adapter=model_dir,
+        out=str(out / "metrics_tiger.json"),
+        beams=20,
+        batch_size=args.eval_batch,
+        split="test",
+    )
     _, wall, cpu = timed(main, cfg)
     metrics = json.loads((out / "metrics_tiger.json").read_text())
-    result["all_test_users"] = {"n_users": metrics["n_users"], "wall_s": wall, "cpu_s": cpu,
-                                **{k: metrics[k] for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")}}
+    result["all_test_users"] = {
+        "n_users": metrics["n_users"],
+        "wall_s": wall,
+        "cpu_s": cpu,
+        **{k: metrics[k] for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")},
+    }
     result["load_after"] = load()
     return result
 
@@ -250,11 +315,16 @@ def main() -> None:
     codes_path = args.semantic_ids or str(random_codes_file(ds, out / "random_codes.npy"))
     parts = [p for p in args.parts.split(",") if p]
     path = out / "bench_tiger.json"
-    report = json.loads(path.read_text()) if path.is_file() else {}   # parts add up
-    report.setdefault("runs", []).append({
-        "command": "nice -n 10 python bench/tiger.py " + " ".join(os.sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "date": time.strftime("%Y-%m-%d %H:%M"), "semantic_ids": codes_path, "parts": parts})
+    report = json.loads(path.read_text()) if path.is_file() else {}  # parts add up
+    report.setdefault("runs", []).append(
+        {
+            "command": "nice -n 10 python bench/tiger.py " + " ".join(os.sys.argv[1:]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "semantic_ids": codes_path,
+            "parts": parts,
+        }
+    )
     model_dir = args.model
     for part in parts:
         if part in ("effort-sample", "effort"):
@@ -262,8 +332,10 @@ def main() -> None:
         elif part == "finetune-chunks":
             report[part] = bench_chunks(ds, codes_path, args.shots)
         elif part == "finetune":
-            report["finetune"] = [bench_finetune(ds, args, codes_path, out, int(b))
-                                  for b in args.batch_sizes.split(",")]
+            report["finetune"] = [
+                bench_finetune(ds, args, codes_path, out, int(b))
+                for b in args.batch_sizes.split(",")
+            ]
             model_dir = model_dir or report["finetune"][0]["model"]
         elif part == "evaluate" and model_dir:
             report["evaluate"] = bench_evaluate(ds, args, codes_path, out, model_dir)

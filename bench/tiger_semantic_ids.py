@@ -46,15 +46,23 @@ def bench_embeddings(ds, cache_dir: str, threads: int, precision: str) -> dict:
 
     if threads:
         torch.set_num_threads(threads)
-    (emb, info), wall, cpu = timed(item_embeddings, ds, cache_dir=cache_dir, progress=True,
-                                   precision=precision)
-    (_, info2), wall2, _ = timed(item_embeddings, ds, cache_dir=cache_dir, progress=False,
-                                 precision=precision)
+    (emb, info), wall, cpu = timed(
+        item_embeddings, ds, cache_dir=cache_dir, progress=True, precision=precision
+    )
+    (_, info2), wall2, _ = timed(
+        item_embeddings, ds, cache_dir=cache_dir, progress=False, precision=precision
+    )
     assert info2["cached"], "the second call should reuse the cache"
-    return {"n_items": len(emb), "dim": emb.shape[1], "wall_s": round(wall, 1),
-            "cpu_s": round(cpu, 1), "cached_wall_s": round(wall2, 2),
-            "torch_threads": torch.get_num_threads(), "precision": precision,
-            "cached_before": info["cached"]}
+    return {
+        "n_items": len(emb),
+        "dim": emb.shape[1],
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "cached_wall_s": round(wall2, 2),
+        "torch_threads": torch.get_num_threads(),
+        "precision": precision,
+        "cached_before": info["cached"],
+    }
 
 
 def bench_method(ds, method: str, args, out_dir: Path) -> dict:
@@ -62,19 +70,32 @@ def bench_method(ds, method: str, args, out_dir: Path) -> dict:
     from llm_bridge.config import SemanticIdConfig
     from llm_bridge.tiger.semantic_ids import load_semantic_ids, main
 
-    cfg = SemanticIdConfig(data=args.data, out=str(out_dir / f"{method}.npy"), method=method,
-                           cache_dir=args.cache_dir, seed=0)
+    cfg = SemanticIdConfig(
+        data=args.data,
+        out=str(out_dir / f"{method}.npy"),
+        method=method,
+        cache_dir=args.cache_dir,
+        seed=0,
+    )
     if args.epochs:
         cfg.epochs = args.epochs
     _, wall, cpu = timed(main, cfg)
     _, m = load_semantic_ids(cfg.out, ds)
     hist = m.get("training", {}).get("history", [])
-    return {"method": method, "epochs": cfg.epochs if method == "rqvae" else None,
-            "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "fit_s": m["fit_seconds"],
-            "codebook_sizes": m["codebook_sizes"], "collision_rate": m["collision_rate"],
-            "max_collisions": m["max_collisions"], "perplexity": m["perplexity"],
-            "usage": m["usage"], "reconstruction_mse": m["reconstruction_mse"],
-            "recon_history": [hist[i] for i in range(0, len(hist), max(1, len(hist) // 10))]}
+    return {
+        "method": method,
+        "epochs": cfg.epochs if method == "rqvae" else None,
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "fit_s": m["fit_seconds"],
+        "codebook_sizes": m["codebook_sizes"],
+        "collision_rate": m["collision_rate"],
+        "max_collisions": m["max_collisions"],
+        "perplexity": m["perplexity"],
+        "usage": m["usage"],
+        "reconstruction_mse": m["reconstruction_mse"],
+        "recon_history": [hist[i] for i in range(0, len(hist), max(1, len(hist) // 10))],
+    }
 
 
 def main() -> None:
@@ -94,11 +115,14 @@ def main() -> None:
     args.cache_dir = args.cache_dir or tmp.name
     out_dir = Path(args.out or tmp.name)
     ds = load_dataset(args.data)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}; date {time.strftime('%Y-%m-%d %H:%M')}")
-    result = {"embeddings": bench_embeddings(ds, args.cache_dir, args.embed_threads,
-                                                 args.precision),
-              "methods": []}
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}; date {time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    result = {
+        "embeddings": bench_embeddings(ds, args.cache_dir, args.embed_threads, args.precision),
+        "methods": [],
+    }
     print("embeddings:", json.dumps(result["embeddings"]))
     for method in filter(None, args.methods.split(",")):
         row = bench_method(ds, method, args, out_dir)

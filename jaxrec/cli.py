@@ -16,32 +16,78 @@ from jaxrec.errors import UserError
 
 # name: (config class, config-file section, runner, help)
 COMMANDS = {
-    "prepare": ("jaxrec.config:PrepareConfig", "prepare", "jaxrec.data.prepare:main",
-                "raw Amazon reviews -> a dataset folder (ratings >= 4, k-core, 8:1:1 by time)"),
-    "train-surrogate": ("jaxrec.config:SurrogateConfig", "surrogate", "jaxrec.train:main",
-                        "train the Flax SASRec surrogate"),
-    "evaluate-surrogate": ("jaxrec.config:SurrogateEvalConfig", "surrogate_eval",
-                           "jaxrec.train:evaluate_main",
-                           "full-ranking Recall/NDCG of a trained surrogate"),
-    "influence": ("jaxrec.config:InfluenceConfig", "influence", "jaxrec.influence.cli:main",
-                  "influence (or GraNd / EL2N) score of every training sample"),
-    "select": ("jaxrec.config:SelectConfig", "select", "jaxrec.select.cli:main",
-               "choose a few-shot subset (DEALRec or a baseline)"),
-    "semantic-ids": ("llm_bridge.config:SemanticIdConfig", "semantic_ids",
-                     "llm_bridge.tiger.semantic_ids:main",
-                     "TIGER's item codes: content embeddings -> RQ-VAE (or residual k-means)"),
-    "effort": ("llm_bridge.config:EffortConfig", "effort", "llm_bridge.effort:main",
-               "effort score (gradient norm of the backend's loss) of every training sample"),
-    "finetune": ("llm_bridge.config:FinetuneConfig", "finetune", "llm_bridge.finetune:main",
-                 "few-shot fine-tune of the backend (BIGRec LoRA or TIGER) on a selection"),
-    "evaluate": ("llm_bridge.config:EvaluateConfig", "evaluate", "llm_bridge.evaluate:main",
-                 "generate, map to items, Recall/NDCG@K of the fine-tuned backend"),
-    "run": ("jaxrec.pipeline:PipelineArgs", None, "jaxrec.pipeline:main",
-            "the whole pipeline from one config file"),
-    "experiment": ("jaxrec.experiment:ExperimentArgs", None, "jaxrec.experiment:main",
-                   "selection methods x seeds (x a sweep grid) through finetune + evaluate"),
-    "report": ("jaxrec.pipeline:ReportArgs", None, "jaxrec.report:main",
-               "PNG plots of a run's scores and selection"),
+    "prepare": (
+        "jaxrec.config:PrepareConfig",
+        "prepare",
+        "jaxrec.data.prepare:main",
+        "raw Amazon reviews -> a dataset folder (ratings >= 4, k-core, 8:1:1 by time)",
+    ),
+    "train-surrogate": (
+        "jaxrec.config:SurrogateConfig",
+        "surrogate",
+        "jaxrec.train:main",
+        "train the Flax SASRec surrogate",
+    ),
+    "evaluate-surrogate": (
+        "jaxrec.config:SurrogateEvalConfig",
+        "surrogate_eval",
+        "jaxrec.train:evaluate_main",
+        "full-ranking Recall/NDCG of a trained surrogate",
+    ),
+    "influence": (
+        "jaxrec.config:InfluenceConfig",
+        "influence",
+        "jaxrec.influence.cli:main",
+        "influence (or GraNd / EL2N) score of every training sample",
+    ),
+    "select": (
+        "jaxrec.config:SelectConfig",
+        "select",
+        "jaxrec.select.cli:main",
+        "choose a few-shot subset (DEALRec or a baseline)",
+    ),
+    "semantic-ids": (
+        "llm_bridge.config:SemanticIdConfig",
+        "semantic_ids",
+        "llm_bridge.tiger.semantic_ids:main",
+        "TIGER's item codes: content embeddings -> RQ-VAE (or residual k-means)",
+    ),
+    "effort": (
+        "llm_bridge.config:EffortConfig",
+        "effort",
+        "llm_bridge.effort:main",
+        "effort score (gradient norm of the backend's loss) of every training sample",
+    ),
+    "finetune": (
+        "llm_bridge.config:FinetuneConfig",
+        "finetune",
+        "llm_bridge.finetune:main",
+        "few-shot fine-tune of the backend (BIGRec LoRA or TIGER) on a selection",
+    ),
+    "evaluate": (
+        "llm_bridge.config:EvaluateConfig",
+        "evaluate",
+        "llm_bridge.evaluate:main",
+        "generate, map to items, Recall/NDCG@K of the fine-tuned backend",
+    ),
+    "run": (
+        "jaxrec.pipeline:PipelineArgs",
+        None,
+        "jaxrec.pipeline:main",
+        "the whole pipeline from one config file",
+    ),
+    "experiment": (
+        "jaxrec.experiment:ExperimentArgs",
+        None,
+        "jaxrec.experiment:main",
+        "selection methods x seeds (x a sweep grid) through finetune + evaluate",
+    ),
+    "report": (
+        "jaxrec.pipeline:ReportArgs",
+        None,
+        "jaxrec.report:main",
+        "PNG plots of a run's scores and selection",
+    ),
 }
 
 
@@ -78,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cls.from_args(args)
         else:
             from jaxrec.config import config_from_args
+
             cfg = config_from_args(cls, args, section)
         runner = _load(runner_ref)
         return int(runner(cfg) or 0)

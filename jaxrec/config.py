@@ -24,17 +24,19 @@ GAMES = "../shared/data/games"
 @dataclass
 class PrepareConfig:
     """``dealrec prepare``: raw Amazon review files -> a dataset folder."""
-    reviews: str = ""            # reviews JSON lines (reviewerID, asin, overall, unixReviewTime)
-    meta: str = ""               # metadata JSON lines (asin, title, categories)
+
+    reviews: str = ""  # reviews JSON lines (reviewerID, asin, overall, unixReviewTime)
+    meta: str = ""  # metadata JSON lines (asin, title, categories)
     out: str = "data/prepared"
-    min_rating: float = 4.0      # drop ratings below this
-    k_core: int = 5              # users and items with fewer interactions are filtered, repeatedly
-    split: str = "8:1:1"         # train:valid:test by global time
+    min_rating: float = 4.0  # drop ratings below this
+    k_core: int = 5  # users and items with fewer interactions are filtered, repeatedly
+    split: str = "8:1:1"  # train:valid:test by global time
 
 
 @dataclass
 class SurrogateConfig:
     """``dealrec train-surrogate`` / ``evaluate-surrogate``: the Flax SASRec surrogate."""
+
     data: str = GAMES
     out: str = "runs/surrogate"
     max_len: int = 50
@@ -45,19 +47,20 @@ class SurrogateConfig:
     lr: float = 1e-3
     batch_size: int = 500
     epochs: int = 200
-    patience: int = 10           # epochs without a better valid Recall@20 before stopping
+    patience: int = 10  # epochs without a better valid Recall@20 before stopping
     eval_every: int = 1
     seed: int = 0
-    resume: bool = True          # continue from RUN_DIR's latest checkpoint if there is one
+    resume: bool = True  # continue from RUN_DIR's latest checkpoint if there is one
 
 
 @dataclass
 class SurrogateEvalConfig:
     """``dealrec evaluate-surrogate``: full-ranking metrics of a trained surrogate."""
+
     run: str = "runs/surrogate"
-    data: str = ""               # "" = the dataset the run was trained on
+    data: str = ""  # "" = the dataset the run was trained on
     splits: str = "valid,test"
-    out: str = ""                # also write the metrics to this JSON file
+    out: str = ""  # also write the metrics to this JSON file
 
 
 # ----------------------------------------------------------------------------- solver options
@@ -70,23 +73,33 @@ def _opt(default, text: str, flag: str = ""):
 @dataclass(frozen=True)
 class LissaOptions:
     """LiSSA (paper Algorithm 1): ``h <- v + (1 - d) h - H_t h / scale`` on PRNG minibatches."""
+
     steps: int = _opt(5000, "most LiSSA steps (minibatch HVPs per repeat)")
-    batch_size: int = _opt(16, "samples per LiSSA minibatch HVP (all rows when >= n: the "
-                               "deterministic full-data recursion)", "lissa_batch_size")
+    batch_size: int = _opt(
+        16,
+        "samples per LiSSA minibatch HVP (all rows when >= n: the "
+        "deterministic full-data recursion)",
+        "lissa_batch_size",
+    )
     repeats: int = _opt(1, "independent LiSSA runs, averaged (their spread gives rel_std)")
     seed: int = _opt(0, "PRNG seed of the minibatch draws")
-    tol: float = _opt(1e-3, "convergence stop: once (1 - d)^t, the bound on what is left of the "
-                            "start-up transient, is below tol and the change of h per chunk "
-                            "has stopped shrinking (LiSSA's own noise floor); 0 = run all steps",
-                      "lissa_tol")
-    rtol: float = _opt(0.0, "also stop when the relative change of h over a chunk is below "
-                            "rtol; 0 = off")
+    tol: float = _opt(
+        1e-3,
+        "convergence stop: once (1 - d)^t, the bound on what is left of the "
+        "start-up transient, is below tol and the change of h per chunk "
+        "has stopped shrinking (LiSSA's own noise floor); 0 = run all steps",
+        "lissa_tol",
+    )
+    rtol: float = _opt(
+        0.0, "also stop when the relative change of h over a chunk is below rtol; 0 = off"
+    )
     chunk: int = _opt(250, "steps per compiled lax.scan chunk (checks run between chunks)")
 
 
 @dataclass(frozen=True)
 class CGOptions:
     """Conjugate gradient on full-data HVPs."""
+
     tol: float = _opt(1e-6, "CG stops at relative residual ||r|| / ||v|| <= tol")
     maxiter: int = _opt(100, "most CG iterations")
     batch_size: int = _opt(4096, "samples per full-data HVP batch")
@@ -95,22 +108,29 @@ class CGOptions:
 @dataclass(frozen=True)
 class ExactOptions:
     """Dense Hessian from HVPs, float64 NumPy solve (at most 20,000 parameters)."""
+
     batch_size: int = _opt(4096, "samples per full-data HVP batch")
-    chunk: int = _opt(256, "basis vectors per batched HVP while building the Hessian",
-                      "exact_chunk")
+    chunk: int = _opt(
+        256, "basis vectors per batched HVP while building the Hessian", "exact_chunk"
+    )
 
 
 @dataclass(frozen=True)
 class ArnoldiOptions:
     """Arnoldi low-rank inverse (Schioppa et al. 2022) on full-data HVPs."""
+
     rank: int = _opt(20, "Arnoldi eigenpairs kept")
     iterations: int = _opt(60, "Arnoldi iterations (Krylov basis size)")
     seed: int = _opt(0, "PRNG seed of the start vector")
     batch_size: int = _opt(4096, "samples per full-data HVP batch")
 
 
-SOLVER_OPTIONS = {"lissa": LissaOptions, "cg": CGOptions, "exact": ExactOptions,
-                  "arnoldi": ArnoldiOptions}
+SOLVER_OPTIONS = {
+    "lissa": LissaOptions,
+    "cg": CGOptions,
+    "exact": ExactOptions,
+    "arnoldi": ArnoldiOptions,
+}
 Solver = Literal["lissa", "cg", "exact", "arnoldi"]
 Convention = Literal["dealrec", "standard"]
 Score = Literal["influence", "grand", "el2n", "representation"]
@@ -125,32 +145,50 @@ def _same(cls, name: str):
 def solver_options(cfg: InfluenceConfig):
     """The option dataclass of ``cfg.solver``, filled from ``cfg``'s matching fields."""
     cls = SOLVER_OPTIONS[cfg.solver]
-    return cls(**{f.name: getattr(cfg, f.metadata.get("flag", f.name))
-                  for f in dataclasses.fields(cls)})
+    return cls(
+        **{f.name: getattr(cfg, f.metadata.get("flag", f.name)) for f in dataclasses.fields(cls)}
+    )
 
 
 @dataclass
 class InfluenceConfig:
     """``dealrec influence``: DEALRec influence scores (paper Eq. 9-11) of every user, or the
     GraNd / EL2N baselines' scores, from a trained surrogate (see docs/influence.md)."""
+
     run: str = field(default="runs/surrogate", metadata={"help": "trained surrogate run folder"})
-    out: str = field(default="runs/surrogate/influence.npy",
-                     metadata={"help": "score file to write (.npy, plus a .json manifest)"})
-    data: str = field(default="", metadata={
-        "help": "dataset folder; empty = the one recorded in the run"})
-    score: Score = field(default="influence", metadata={
-        "help": "influence (Eq. 11), a baseline's per-sample score (grand: gradient norm, "
-                "el2n: error norm), or representation: the surrogate's user vectors [n, hidden]"})
+    out: str = field(
+        default="runs/surrogate/influence.npy",
+        metadata={"help": "score file to write (.npy, plus a .json manifest)"},
+    )
+    data: str = field(
+        default="", metadata={"help": "dataset folder; empty = the one recorded in the run"}
+    )
+    score: Score = field(
+        default="influence",
+        metadata={
+            "help": "influence (Eq. 11), a baseline's per-sample score (grand: gradient norm, "
+            "el2n: error norm), or representation: the surrogate's user vectors [n, hidden]"
+        },
+    )
     solver: Solver = field(default="lissa", metadata={"help": "inverse-HVP solver"})
-    convention: Convention = field(default="dealrec", metadata={
-        "help": "dealrec: scale (H + scale*damping I)^-1 v, what the paper's LiSSA converges "
-                "to; standard: (H + damping I)^-1 v"})
-    params: str = field(default="", metadata={
-        "help": "regex on parameter paths, e.g. '^ffn_2_1/kernel$' (the paper's 64x64 block); "
-                "empty = all parameters"})
+    convention: Convention = field(
+        default="dealrec",
+        metadata={
+            "help": "dealrec: scale (H + scale*damping I)^-1 v, what the paper's LiSSA converges "
+            "to; standard: (H + damping I)^-1 v"
+        },
+    )
+    params: str = field(
+        default="",
+        metadata={
+            "help": "regex on parameter paths, e.g. '^ffn_2_1/kernel$' (the paper's 64x64 block); "
+            "empty = all parameters"
+        },
+    )
     damping: float = field(default=0.01, metadata={"help": "damping d of the inverse"})
-    scale: float = field(default=25.0, metadata={
-        "help": "LiSSA step 1/scale, and the dealrec convention's factor"})
+    scale: float = field(
+        default=25.0, metadata={"help": "LiSSA step 1/scale, and the dealrec convention's factor"}
+    )
     steps: int = _same(LissaOptions, "steps")
     lissa_batch_size: int = _same(LissaOptions, "batch_size")
     repeats: int = _same(LissaOptions, "repeats")
@@ -162,32 +200,42 @@ class InfluenceConfig:
     exact_chunk: int = _same(ExactOptions, "chunk")
     rank: int = _same(ArnoldiOptions, "rank")
     iterations: int = _same(ArnoldiOptions, "iterations")
-    batch_size: int = field(default=4096, metadata={
-        "help": "samples per JVP / mean-gradient / full-data HVP batch"})
-    grand_batch_size: int = field(default=64, metadata={
-        "help": "samples per vmapped per-sample gradient batch (GraNd; memory batch x params)"})
+    batch_size: int = field(
+        default=4096, metadata={"help": "samples per JVP / mean-gradient / full-data HVP batch"}
+    )
+    grand_batch_size: int = field(
+        default=64,
+        metadata={
+            "help": "samples per vmapped per-sample gradient batch (GraNd; memory batch x params)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "PRNG seed (LiSSA minibatches, Arnoldi)"})
-    compile_cache: str = field(default="~/.cache/dealrec/jax", metadata={
-        "help": "JAX persistent compilation cache folder (repeat runs skip compiling); "
-                "empty = off"})
+    compile_cache: str = field(
+        default="~/.cache/dealrec/jax",
+        metadata={
+            "help": "JAX persistent compilation cache folder (repeat runs skip compiling); "
+            "empty = off"
+        },
+    )
 
 
 @dataclass
 class SelectConfig:
     """``dealrec select``: a few-shot subset (paper Eq. 13, Algorithm 2, and baselines)."""
+
     method: str = "dealrec"
     data: str = GAMES
     influence: str = ""
     effort: str = ""
-    run: str = ""                # trained surrogate, for grand / el2n / ccs / tfdcon / recranker
-    scores: str = ""             # grand / el2n / ccs: this file instead of RUN/{grand,el2n}.npy
-    llm_reps: str = ""           # tfdcon: optional LLM user representations [n_users, D] (.npy)
+    run: str = ""  # trained surrogate, for grand / el2n / ccs / tfdcon / recranker
+    scores: str = ""  # grand / el2n / ccs: this file instead of RUN/{grand,el2n}.npy
+    llm_reps: str = ""  # tfdcon: optional LLM user representations [n_users, D] (.npy)
     n: int = 1024
     lamda: float = 0.3
-    groups: int = 50             # K strata (dealrec, ccs, influence-only, effort-only)
-    hard_prune: float = 0.1      # dealrec / ablations: drop this top fraction by score
-    beta: float = 0.1            # ccs: drop this hardest (top EL2N) fraction
-    clusters: int = 50           # tfdcon / recranker: k-means clusters
+    groups: int = 50  # K strata (dealrec, ccs, influence-only, effort-only)
+    hard_prune: float = 0.1  # dealrec / ablations: drop this top fraction by score
+    beta: float = 0.1  # ccs: drop this hardest (top EL2N) fraction
+    clusters: int = 50  # tfdcon / recranker: k-means clusters
     seed: int = 0
     out: str = "runs/selected.npy"
 
@@ -208,14 +256,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         text = f.metadata.get("help", "")
         text = f"{text} (default: {default!r})" if text else f"(default: {default!r})"
         if typ is bool:
-            parser.add_argument(flag, dest=f.name, default=None,
-                                action=argparse.BooleanOptionalAction, help=text)
+            parser.add_argument(
+                flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text
+            )
         elif typing.get_origin(typ) is list:
-            parser.add_argument(flag, dest=f.name, default=None, nargs="+",
-                                type=typing.get_args(typ)[0], help=text)
+            parser.add_argument(
+                flag, dest=f.name, default=None, nargs="+", type=typing.get_args(typ)[0], help=text
+            )
         elif typing.get_origin(typ) is typing.Literal:
-            parser.add_argument(flag, dest=f.name, default=None, choices=typing.get_args(typ),
-                                help=text)
+            parser.add_argument(
+                flag, dest=f.name, default=None, choices=typing.get_args(typ), help=text
+            )
         else:
             parser.add_argument(flag, dest=f.name, default=None, type=typ, help=text)
 
@@ -290,8 +341,21 @@ def to_dict(cfg) -> dict:
 
 
 __all__ = [
-    "PrepareConfig", "SurrogateConfig", "SurrogateEvalConfig", "InfluenceConfig", "SelectConfig",
-    "GAMES", "LissaOptions", "CGOptions", "ExactOptions", "ArnoldiOptions", "SOLVER_OPTIONS",
+    "PrepareConfig",
+    "SurrogateConfig",
+    "SurrogateEvalConfig",
+    "InfluenceConfig",
+    "SelectConfig",
+    "GAMES",
+    "LissaOptions",
+    "CGOptions",
+    "ExactOptions",
+    "ArnoldiOptions",
+    "SOLVER_OPTIONS",
     "solver_options",
-    "add_config_arguments", "config_from_args", "load_config_file", "make_config", "to_dict",
+    "add_config_arguments",
+    "config_from_args",
+    "load_config_file",
+    "make_config",
+    "to_dict",
 ]

@@ -36,9 +36,17 @@ from jaxrec.config import make_config
 from jaxrec.data import write_json
 from jaxrec.data.ranking import per_user_recall_ndcg
 from jaxrec.errors import UserError
-from jaxrec.pipeline import (PipelineArgs, add_score_stages, config_classes, digest,
-                             prepare_workdir, read_experiment_file, run_stages, stages_finished,
-                             wire)
+from jaxrec.pipeline import (
+    PipelineArgs,
+    add_score_stages,
+    config_classes,
+    digest,
+    prepare_workdir,
+    read_experiment_file,
+    run_stages,
+    stages_finished,
+    wire,
+)
 from jaxrec.select import check_method
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
@@ -51,6 +59,7 @@ NEEDS_EFFORT = {"dealrec", "greedy", "effort-only"}
 @dataclass
 class ExperimentConfig:
     """The ``experiment:`` section of a config file."""
+
     methods: list[str] = field(default_factory=lambda: ["random", "dealrec"])
     seeds: list[int] = field(default_factory=lambda: [0])
     # grid over per-run options, crossed with methods and seeds:
@@ -69,29 +78,45 @@ class ExperimentConfig:
 @dataclass
 class ExperimentArgs(PipelineArgs):
     """Command line of ``dealrec experiment``: a config file, plus overrides."""
+
     methods: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         PipelineArgs.add_arguments(parser)
-        parser.add_argument("--methods", nargs="+", default=[],
-                            help="run only these methods of the config now (the rest later)")
-        parser.add_argument("--seeds", nargs="+", type=int, default=[],
-                            help="run only these seeds of the config now (the rest later)")
+        parser.add_argument(
+            "--methods",
+            nargs="+",
+            default=[],
+            help="run only these methods of the config now (the rest later)",
+        )
+        parser.add_argument(
+            "--seeds",
+            nargs="+",
+            type=int,
+            default=[],
+            help="run only these seeds of the config now (the rest later)",
+        )
 
     @classmethod
     def from_args(cls, args):
-        return cls(config=args.config, workdir=args.workdir, stages=list(args.stages),
-                   methods=list(args.methods), seeds=list(args.seeds))
+        return cls(
+            config=args.config,
+            workdir=args.workdir,
+            stages=list(args.stages),
+            methods=list(args.methods),
+            seeds=list(args.seeds),
+        )
 
 
 @dataclass(frozen=True)
 class Cell:
     """One run of the experiment: a method, a seed and a point of the sweep grid."""
+
     method: str
     seed: int
-    point: tuple = ()            # ((key, value), ...) in the order of the sweep
+    point: tuple = ()  # ((key, value), ...) in the order of the sweep
 
     @property
     def name(self) -> str:
@@ -115,13 +140,18 @@ def check_sweep(sweep: dict, sections: dict, source: str) -> list[tuple]:
     for key, values in sweep.items():
         section, _, name = str(key).partition(".")
         if section not in PER_RUN or not name:
-            raise UserError(f"{source}: cannot sweep {key!r}: sweep keys are "
-                            f"{' / '.join(PER_RUN)} options, as 'select.n'")
+            raise UserError(
+                f"{source}: cannot sweep {key!r}: sweep keys are "
+                f"{' / '.join(PER_RUN)} options, as 'select.n'"
+            )
         if not isinstance(values, list) or not values:
             raise UserError(f"{source}: sweep {key!r} needs a non-empty list of values")
         for value in values:
-            make_config(classes[section], {**(sections.get(section) or {}), name: value},
-                        f"{source} sweep {key}")
+            make_config(
+                classes[section],
+                {**(sections.get(section) or {}), name: value},
+                f"{source} sweep {key}",
+            )
     keys = list(sweep)
     return [tuple(zip(keys, combo)) for combo in itertools.product(*sweep.values())]
 
@@ -138,8 +168,7 @@ def wire_cell(wired: dict, workdir: Path, cell: Cell) -> tuple[Path, dict]:
         section, _, name = key.partition(".")
         w[section][name] = value
     w["select"].update(method=cell.method, seed=cell.seed, out=str(d / "selected.npy"))
-    w["finetune"].update(seed=cell.seed, selection=str(d / "selected.npy"),
-                         out=str(d / "adapter"))
+    w["finetune"].update(seed=cell.seed, selection=str(d / "selected.npy"), out=str(d / "adapter"))
     w["evaluate"].update(adapter=str(d / "adapter"), out=str(d / "metrics.json"))
     return d, w
 
@@ -156,7 +185,7 @@ def per_user_metrics(predictions: Path, ks=(10, 20)) -> tuple[np.ndarray, dict[s
         for line in f:
             p = json.loads(line)
             truth = set(p["truth"])
-            top = [int(i) in truth for i in p["top"][:max(ks)]]
+            top = [int(i) in truth for i in p["top"][: max(ks)]]
             rows.append(int(p["row"]))
             hits.append(top + [False] * (max(ks) - len(top)))
             n_truth.append(len(truth))
@@ -171,8 +200,10 @@ def per_user_losses(predictions: Path) -> tuple[np.ndarray, np.ndarray]:
         for line in f:
             p = json.loads(line)
             if "loss" not in p:
-                raise UserError(f"{predictions}: no per-user 'loss'; user groups need an "
-                                "evaluation that records it")
+                raise UserError(
+                    f"{predictions}: no per-user 'loss'; user groups need an "
+                    "evaluation that records it"
+                )
             rows.append(int(p["row"]))
             losses.append(float(p["loss"]))
     return np.asarray(rows), np.asarray(losses)
@@ -205,20 +236,32 @@ def group_rows(rows: list[dict], keys: list[str], reference: str, n_groups: int)
         group = np.array([where[int(u)] for u in users])
         for g in range(n_groups):
             mask = group == g
-            out.append({**dict(zip(keys, point)), "group": g + 1, "method": r["method"],
-                        "seed": r["seed"], **{k: float(metrics[k][mask].mean()) for k in METRICS},
-                        "n_users": int(mask.sum()),
-                        **{f"{s}_seconds": r[f"{s}_seconds"] for s in PER_RUN}})
+            out.append(
+                {
+                    **dict(zip(keys, point)),
+                    "group": g + 1,
+                    "method": r["method"],
+                    "seed": r["seed"],
+                    **{k: float(metrics[k][mask].mean()) for k in METRICS},
+                    "n_users": int(mask.sum()),
+                    **{f"{s}_seconds": r[f"{s}_seconds"] for s in PER_RUN},
+                }
+            )
     return out
 
 
 def cell_row(cell: Cell, d: Path, seconds: dict) -> dict:
     metrics = json.loads((d / "metrics.json").read_text())
     flat = metrics.get("metrics", metrics)
-    return {**dict(cell.point), "method": cell.method, "seed": cell.seed,
-            **{k: float(flat[k]) for k in METRICS}, "n_users": int(flat.get("n_users", 0)),
-            **{f"{s}_seconds": float(seconds.get(s, 0.0)) for s in PER_RUN},
-            "predictions": str(d / "metrics.predictions.jsonl")}
+    return {
+        **dict(cell.point),
+        "method": cell.method,
+        "seed": cell.seed,
+        **{k: float(flat[k]) for k in METRICS},
+        "n_users": int(flat.get("n_users", 0)),
+        **{f"{s}_seconds": float(seconds.get(s, 0.0)) for s in PER_RUN},
+        "predictions": str(d / "metrics.predictions.jsonl"),
+    }
 
 
 def _groups(rows: list[dict], keys: list[str]) -> dict[tuple, dict[str, list[dict]]]:
@@ -254,11 +297,22 @@ def summarise(rows: list[dict], methods: list[str], keys: list[str] = ()) -> tup
             for k in METRICS:
                 a = np.array([p[0][k] for p in paired])
                 b = np.array([p[1][k] for p in paired])
-                t, p = (stats.ttest_rel(a, b) if len(a) >= 2 and np.any(a != b)
-                        else (float("nan"), float("nan")))
-                tests.append({**dict(zip(keys, point)), "method": m, "metric": k,
-                              "n_pairs": len(a), "mean_diff": float(np.mean(a - b)),
-                              "t": float(t), "p": float(p)})
+                t, p = (
+                    stats.ttest_rel(a, b)
+                    if len(a) >= 2 and np.any(a != b)
+                    else (float("nan"), float("nan"))
+                )
+                tests.append(
+                    {
+                        **dict(zip(keys, point)),
+                        "method": m,
+                        "metric": k,
+                        "n_pairs": len(a),
+                        "mean_diff": float(np.mean(a - b)),
+                        "t": float(t),
+                        "p": float(p),
+                    }
+                )
     return table, tests
 
 
@@ -286,8 +340,9 @@ def user_tests(rows: list[dict], methods: list[str], keys: list[str] = ()) -> li
         if "random" not in by_method:
             continue
         for m in [m for m in methods if m in by_method and m != "random"]:
-            seeds = sorted({r["seed"] for r in by_method[m]}
-                           & {r["seed"] for r in by_method["random"]})
+            seeds = sorted(
+                {r["seed"] for r in by_method[m]} & {r["seed"] for r in by_method["random"]}
+            )
             if not seeds:
                 continue
             users, a = _seed_mean(by_method[m], seeds)
@@ -297,12 +352,23 @@ def user_tests(rows: list[dict], methods: list[str], keys: list[str] = ()) -> li
                 nonzero = np.any(d != 0)
                 t, p_t = stats.ttest_rel(a[k], b[k]) if nonzero else (np.nan, np.nan)
                 p_w = stats.wilcoxon(a[k], b[k]).pvalue if nonzero else np.nan
-                out.append({**dict(zip(keys, point)), "method": m, "metric": k,
-                            "n_users": len(users), "seeds": len(seeds),
-                            "mean": float(a[k].mean()), "random": float(b[k].mean()),
-                            "mean_diff": float(d.mean()), "better": int((d > 0).sum()),
-                            "worse": int((d < 0).sum()), "t": float(t), "p_ttest": float(p_t),
-                            "p_wilcoxon": float(p_w)})
+                out.append(
+                    {
+                        **dict(zip(keys, point)),
+                        "method": m,
+                        "metric": k,
+                        "n_users": len(users),
+                        "seeds": len(seeds),
+                        "mean": float(a[k].mean()),
+                        "random": float(b[k].mean()),
+                        "mean_diff": float(d.mean()),
+                        "better": int((d > 0).sum()),
+                        "worse": int((d < 0).sum()),
+                        "t": float(t),
+                        "p_ttest": float(p_t),
+                        "p_wilcoxon": float(p_w),
+                    }
+                )
     return out
 
 
@@ -316,42 +382,100 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _md_table(header: list[str], lines: list[list]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *["| " + " | ".join(map(str, cells)) + " |" for cells in lines]]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *["| " + " | ".join(map(str, cells)) + " |" for cells in lines],
+    ]
 
 
-def markdown(table: list[dict], tests: list[dict], utests: list[dict], shared_seconds: dict,
-             keys: list[str] = ()) -> str:
+def markdown(
+    table: list[dict],
+    tests: list[dict],
+    utests: list[dict],
+    shared_seconds: dict,
+    keys: list[str] = (),
+) -> str:
     keys = list(keys)
     lines = _md_table(
         [*keys, "method", "runs", *METRICS, "select s", "finetune s", "evaluate s"],
-        [[*(r[k] for k in keys), r["method"], r["runs"],
-          *(f"{r[f'{k}_mean']:.4f} ± {r[f'{k}_std']:.4f}" for k in METRICS),
-          *(f"{r[f'{s}_seconds']:.0f}" for s in PER_RUN)] for r in table])
-    lines += ["", "Shared stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in
-                                                 shared_seconds.items()), ""]
+        [
+            [
+                *(r[k] for k in keys),
+                r["method"],
+                r["runs"],
+                *(f"{r[f'{k}_mean']:.4f} ± {r[f'{k}_std']:.4f}" for k in METRICS),
+                *(f"{r[f'{s}_seconds']:.0f}" for s in PER_RUN),
+            ]
+            for r in table
+        ],
+    )
+    lines += [
+        "",
+        "Shared stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in shared_seconds.items()),
+        "",
+    ]
     if tests:
         lines += ["Paired t-test against random over seeds (pairs = seeds):", ""]
-        lines += _md_table([*keys, "method", "metric", "pairs", "mean diff", "t", "p"],
-                           [[*(t[k] for k in keys), t["method"], t["metric"], t["n_pairs"],
-                             f"{t['mean_diff']:+.4f}", f"{t['t']:.3f}", f"{t['p']:.4f}"]
-                            for t in tests])
+        lines += _md_table(
+            [*keys, "method", "metric", "pairs", "mean diff", "t", "p"],
+            [
+                [
+                    *(t[k] for k in keys),
+                    t["method"],
+                    t["metric"],
+                    t["n_pairs"],
+                    f"{t['mean_diff']:+.4f}",
+                    f"{t['t']:.3f}",
+                    f"{t['p']:.4f}",
+                ]
+                for t in tests
+            ],
+        )
         lines.append("")
     if utests:
-        lines += ["Paired tests against random over users (each user's metric averaged over "
-                  "seeds; pairs = users):", ""]
+        lines += [
+            "Paired tests against random over users (each user's metric averaged over "
+            "seeds; pairs = users):",
+            "",
+        ]
         lines += _md_table(
-            [*keys, "method", "metric", "users", "seeds", "method mean", "random mean",
-             "diff", "users better / worse", "t-test p", "Wilcoxon p"],
-            [[*(t[k] for k in keys), t["method"], t["metric"], t["n_users"], t["seeds"],
-              f"{t['mean']:.4f}", f"{t['random']:.4f}", f"{t['mean_diff']:+.4f}",
-              f"{t['better']} / {t['worse']}", f"{t['p_ttest']:.4f}", f"{t['p_wilcoxon']:.4f}"]
-             for t in utests])
+            [
+                *keys,
+                "method",
+                "metric",
+                "users",
+                "seeds",
+                "method mean",
+                "random mean",
+                "diff",
+                "users better / worse",
+                "t-test p",
+                "Wilcoxon p",
+            ],
+            [
+                [
+                    *(t[k] for k in keys),
+                    t["method"],
+                    t["metric"],
+                    t["n_users"],
+                    t["seeds"],
+                    f"{t['mean']:.4f}",
+                    f"{t['random']:.4f}",
+                    f"{t['mean_diff']:+.4f}",
+                    f"{t['better']} / {t['worse']}",
+                    f"{t['p_ttest']:.4f}",
+                    f"{t['p_wilcoxon']:.4f}",
+                ]
+                for t in utests
+            ],
+        )
     return "\n".join(lines) + "\n"
 
 
 def bar_plot(path: Path, table: list[dict], keys: list[str] = (), title: str = "") -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -359,8 +483,14 @@ def bar_plot(path: Path, table: list[dict], keys: list[str] = (), title: str = "
     x = np.arange(len(table))
     width = 0.8 / len(METRICS)
     for j, k in enumerate(METRICS):
-        ax.bar(x + j * width, [r[f"{k}_mean"] for r in table], width,
-               yerr=[r[f"{k}_std"] for r in table], label=k, capsize=2)
+        ax.bar(
+            x + j * width,
+            [r[f"{k}_mean"] for r in table],
+            width,
+            yerr=[r[f"{k}_std"] for r in table],
+            label=k,
+            capsize=2,
+        )
     labels = [" ".join([r["method"], *(f"{k}={r[k]}" for k in keys)]) for r in table]
     ax.set_xticks(x + width * (len(METRICS) - 1) / 2, labels, rotation=30, ha="right")
     ax.set_ylabel("metric (mean ± std over seeds)")
@@ -380,15 +510,19 @@ def read_experiment(args: ExperimentArgs) -> tuple[dict, ExperimentConfig, list[
     if not exp.methods or not exp.seeds:
         raise UserError(f"{source}: methods and seeds must not be empty")
     if exp.user_groups < 0 or (exp.user_groups and exp.reference not in exp.methods):
-        raise UserError(f"{source}: user_groups must be >= 0 and the reference method "
-                        f"{exp.reference!r} one of the methods")
+        raise UserError(
+            f"{source}: user_groups must be >= 0 and the reference method "
+            f"{exp.reference!r} one of the methods"
+        )
     for method in exp.methods:
         try:
             check_method(method)
         except UserError as err:
             raise UserError(f"{source}: {err}") from None
-    for name, chosen, known in (("--methods", args.methods, exp.methods),
-                                ("--seeds", args.seeds, exp.seeds)):
+    for name, chosen, known in (
+        ("--methods", args.methods, exp.methods),
+        ("--seeds", args.seeds, exp.seeds),
+    ):
         extra = [c for c in chosen if c not in known]
         if extra:
             raise UserError(f"{name}: {extra[0]!r} is not in the config's {name[2:]} {known}")
@@ -401,29 +535,45 @@ def main(args: ExperimentArgs) -> int:
     pipe = data["pipeline"]
     workdir, dataset, log = prepare_workdir(data, args)
     wired = wire(data, workdir, dataset, pipe.backend)
-    todo = [c for c in cells if (not args.methods or c.method in args.methods)
-            and (not args.seeds or c.seed in args.seeds)]
+    todo = [
+        c
+        for c in cells
+        if (not args.methods or c.method in args.methods)
+        and (not args.seeds or c.seed in args.seeds)
+    ]
     shared = pipe.active(list(SHARED))
     if not NEEDS_EFFORT & {c.method for c in todo}:
-        shared.remove("effort")                  # nothing to run now reads it
+        shared.remove("effort")  # nothing to run now reads it
     shared += add_score_stages(wired, sorted({c.method for c in todo}))
-    log.say(f"dealrec experiment {args.config} ({pipe.backend}): {len(cells)} runs "
-            f"({len(exp.methods)} methods x {len(exp.seeds)} seeds x "
-            f"{len(cells) // (len(exp.methods) * len(exp.seeds))} grid points), "
-            f"{len(todo)} of them now, in {workdir}")
+    log.say(
+        f"dealrec experiment {args.config} ({pipe.backend}): {len(cells)} runs "
+        f"({len(exp.methods)} methods x {len(exp.seeds)} seeds x "
+        f"{len(cells) // (len(exp.methods) * len(exp.seeds))} grid points), "
+        f"{len(todo)} of them now, in {workdir}"
+    )
     shared_seconds = run_stages(shared, wired, workdir, log)
     # a run depends on the shared stages it reads (run now or earlier): effort only for the
     # methods that use it
-    upstream = {m: digest([wired[s] for s in pipe.active(list(SHARED))
-                           if s != "effort" or m in NEEDS_EFFORT]) for m in exp.methods}
+    upstream = {
+        m: digest(
+            [wired[s] for s in pipe.active(list(SHARED)) if s != "effort" or m in NEEDS_EFFORT]
+        )
+        for m in exp.methods
+    }
     rows = []
     for cell in cells:
         d, w = wire_cell(wired, workdir, cell)
         if cell in todo:
             d.mkdir(parents=True, exist_ok=True)
             log.say(f"run {cell.name}")
-            seconds = run_stages(list(PER_RUN), w, d, log, state_file=d / "stages.json",
-                                 upstream=upstream[cell.method])
+            seconds = run_stages(
+                list(PER_RUN),
+                w,
+                d,
+                log,
+                state_file=d / "stages.json",
+                upstream=upstream[cell.method],
+            )
         elif stages_finished(list(PER_RUN), w, d / "stages.json", upstream[cell.method]):
             state = json.loads((d / "stages.json").read_text())
             seconds = {s: state[s].get("seconds", 0.0) for s in PER_RUN}
@@ -441,20 +591,33 @@ def main(args: ExperimentArgs) -> int:
         (results / "groups.md").write_text(
             f"Users split into {exp.user_groups} equal groups by their test loss under the "
             f"{exp.reference!r} run of the same seed (group 1: lowest loss)\n\n"
-            + markdown(table, tests, [], {}, [*keys, "group"]))
-    write_json(results / "experiment.json", {
-        "config": str(args.config), "backend": pipe.backend, "methods": exp.methods,
-        "seeds": exp.seeds, "sweep": exp.sweep, "runs_finished": len(rows),
-        "runs_total": len(cells), "finished": time.time()})
+            + markdown(table, tests, [], {}, [*keys, "group"])
+        )
+    write_json(
+        results / "experiment.json",
+        {
+            "config": str(args.config),
+            "backend": pipe.backend,
+            "methods": exp.methods,
+            "seeds": exp.seeds,
+            "sweep": exp.sweep,
+            "runs_finished": len(rows),
+            "runs_total": len(cells),
+            "finished": time.time(),
+        },
+    )
     if len(rows) < len(cells):
-        log.say(f"{len(rows)} of {len(cells)} runs finished; run the command again (without "
-                "--methods/--seeds) to finish the rest")
+        log.say(
+            f"{len(rows)} of {len(cells)} runs finished; run the command again (without "
+            "--methods/--seeds) to finish the rest"
+        )
     print((results / "results.md").read_text())
     return 0
 
 
-def write_results(workdir: Path, rows: list[dict], methods: list[str], keys: list[str],
-                  shared_seconds: dict) -> None:
+def write_results(
+    workdir: Path, rows: list[dict], methods: list[str], keys: list[str], shared_seconds: dict
+) -> None:
     """The tables (CSV and Markdown), the tests and the plot of the finished runs."""
     table, tests = summarise(rows, methods, keys)
     utests = user_tests(rows, methods, keys)
@@ -467,5 +630,16 @@ def write_results(workdir: Path, rows: list[dict], methods: list[str], keys: lis
         bar_plot(workdir / "results.png", table, keys)
 
 
-__all__ = ["ExperimentConfig", "ExperimentArgs", "Cell", "check_sweep", "per_user_metrics",
-           "per_user_losses", "loss_groups", "group_rows", "summarise", "user_tests", "main"]
+__all__ = [
+    "ExperimentConfig",
+    "ExperimentArgs",
+    "Cell",
+    "check_sweep",
+    "per_user_metrics",
+    "per_user_losses",
+    "loss_groups",
+    "group_rows",
+    "summarise",
+    "user_tests",
+    "main",
+]

@@ -28,19 +28,23 @@ METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
 def read_table(path: Path) -> list[dict]:
     """A CSV written by the experiment, numbers parsed."""
+
     def parse(v: str):
         try:
             return float(v) if any(c in v for c in ".en") else int(v)
         except ValueError:
             return v
+
     with open(path, newline="") as f:
         return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -50,9 +54,13 @@ def methods_figure(table: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.4))
     names = [r["method"] for r in table]
     for ax, k in zip(axes, METRICS):
-        ax.bar(range(len(table)), [r[f"{k}_mean"] for r in table],
-               yerr=[r[f"{k}_std"] for r in table], capsize=3,
-               color=["#d62728" if n == "dealrec" else "#7f7f7f" for n in names])
+        ax.bar(
+            range(len(table)),
+            [r[f"{k}_mean"] for r in table],
+            yerr=[r[f"{k}_std"] for r in table],
+            capsize=3,
+            color=["#d62728" if n == "dealrec" else "#7f7f7f" for n in names],
+        )
         ax.set_xticks(range(len(table)), names, rotation=45, ha="right", fontsize=8)
         ax.set_title(k)
     fig.tight_layout()
@@ -70,8 +78,14 @@ def sweep_figure(table: list[dict], key: str, path: Path) -> Path:
     for ax, k in zip(axes, METRICS):
         for m in methods:
             rows = sorted((r for r in table if r["method"] == m), key=lambda r: r[key])
-            ax.errorbar([r[key] for r in rows], [r[f"{k}_mean"] for r in rows],
-                        yerr=[r[f"{k}_std"] for r in rows], marker="o", capsize=3, label=m)
+            ax.errorbar(
+                [r[key] for r in rows],
+                [r[f"{k}_mean"] for r in rows],
+                yerr=[r[f"{k}_std"] for r in rows],
+                marker="o",
+                capsize=3,
+                label=m,
+            )
         ax.set_xlabel(key)
         ax.set_title(k)
         if key == "select.n":
@@ -79,8 +93,12 @@ def sweep_figure(table: list[dict], key: str, path: Path) -> Path:
             twin = ax.twinx()
             for m in methods:
                 rows = sorted((r for r in table if r["method"] == m), key=lambda r: r[key])
-                twin.plot([r[key] for r in rows], [r["finetune_seconds"] for r in rows],
-                          ls="--", alpha=0.5)
+                twin.plot(
+                    [r[key] for r in rows],
+                    [r["finetune_seconds"] for r in rows],
+                    ls="--",
+                    alpha=0.5,
+                )
             twin.set_ylabel("fine-tune s (dashed)", fontsize=8)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -99,10 +117,17 @@ def groups_figure(table: list[dict], path: Path) -> Path:
     for ax, k in zip(axes, ("recall@20", "ndcg@20")):
         for j, m in enumerate(methods):
             rows = {int(r["group"]): r for r in table if r["method"] == m}
-            ax.bar(np.arange(len(groups)) + j * width, [rows[g][f"{k}_mean"] for g in groups],
-                   width, yerr=[rows[g][f"{k}_std"] for g in groups], capsize=3, label=m)
-        ax.set_xticks(np.arange(len(groups)) + width * (len(methods) - 1) / 2,
-                      [f"group {g}" for g in groups])
+            ax.bar(
+                np.arange(len(groups)) + j * width,
+                [rows[g][f"{k}_mean"] for g in groups],
+                width,
+                yerr=[rows[g][f"{k}_std"] for g in groups],
+                capsize=3,
+                label=m,
+            )
+        ax.set_xticks(
+            np.arange(len(groups)) + width * (len(methods) - 1) / 2, [f"group {g}" for g in groups]
+        )
         ax.set_title(k)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -114,13 +139,18 @@ def groups_figure(table: list[dict], path: Path) -> Path:
 def full_table(table: list[dict]) -> str:
     """Table 3: each method beside full fine-tuning (method ``all``), with the time ratio."""
     full = next(r for r in table if r["method"] == "all")
-    lines = ["| method | " + " | ".join(METRICS) + " | fine-tune s | time / full |",
-             "|---|" + "---|" * (len(METRICS) + 2)]
+    lines = [
+        "| method | " + " | ".join(METRICS) + " | fine-tune s | time / full |",
+        "|---|" + "---|" * (len(METRICS) + 2),
+    ]
     for r in table:
         cells = [f"{r[f'{k}_mean']:.4f} ± {r[f'{k}_std']:.4f}" for k in METRICS]
         ratio = r["finetune_seconds"] / full["finetune_seconds"] if full["finetune_seconds"] else 0
-        lines.append(f"| {r['method']} | " + " | ".join(cells)
-                     + f" | {r['finetune_seconds']:.0f} | {ratio:.3f} |")
+        lines.append(
+            f"| {r['method']} | "
+            + " | ".join(cells)
+            + f" | {r['finetune_seconds']:.0f} | {ratio:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

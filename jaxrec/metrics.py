@@ -19,7 +19,7 @@ def mask_seen(scores, seen):
     """Set the score of padding (column 0) and of each user's seen items (``seen`` ``[B, S]``,
     0-padded) to -inf."""
     rows = jnp.arange(scores.shape[0])[:, None]
-    scores = scores.at[rows, seen].set(-jnp.inf)      # seen 0-padding hits column 0: fine
+    scores = scores.at[rows, seen].set(-jnp.inf)  # seen 0-padding hits column 0: fine
     return scores.at[:, 0].set(-jnp.inf)
 
 
@@ -29,6 +29,6 @@ def topk_metrics(scores, truth, k_max: int = 20):
 
     ``truth`` ``[B, T]`` holds the split's items, 0-padded.
     """
-    _, top = jax.lax.top_k(scores, k_max)                                   # [B, k_max]
+    _, top = jax.lax.top_k(scores, k_max)  # [B, k_max]
     hits = jnp.any((top[:, :, None] == truth[:, None, :]) & (truth[:, None, :] > 0), -1)
     return hits, jnp.sum(truth > 0, -1)

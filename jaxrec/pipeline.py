@@ -11,7 +11,8 @@ and the pipeline passes the backend and the codes to effort, finetune and evalua
 
 The config file has a ``pipeline:`` section (:class:`PipelineConfig`) and one section per
 stage (``surrogate:``, ``influence:``, ``semantic_ids:``, ``effort:``, ``select:``,
-``finetune:``, ``evaluate:``), with the same keys as the subcommands' flags. The pipeline wires the paths
+``finetune:``, ``evaluate:``), with the same keys as the subcommands' flags. The pipeline wires
+the paths
 (every output goes under ``workdir``) and writes the resolved config to
 ``workdir/resolved.yaml``. A stage whose output exists and whose resolved options (and those of
 every stage before it) are unchanged is reused, so a re-run after an interruption continues
@@ -36,22 +37,33 @@ from jaxrec.config import load_config_file, make_config
 from jaxrec.errors import UserError
 
 STAGES = ("surrogate", "influence", "semantic_ids", "effort", "select", "finetune", "evaluate")
-COMMAND = {"surrogate": "train-surrogate", "influence": "influence",
-           "semantic_ids": "semantic-ids", "effort": "effort", "select": "select",
-           "finetune": "finetune", "evaluate": "evaluate"}
-BACKEND_STAGES = ("effort", "finetune", "evaluate")   # the stages that take ``backend``
+COMMAND = {
+    "surrogate": "train-surrogate",
+    "influence": "influence",
+    "semantic_ids": "semantic-ids",
+    "effort": "effort",
+    "select": "select",
+    "finetune": "finetune",
+    "evaluate": "evaluate",
+}
+BACKEND_STAGES = ("effort", "finetune", "evaluate")  # the stages that take ``backend``
 
 
 @dataclass
 class PipelineConfig:
     """The ``pipeline:`` section of a config file."""
+
     workdir: str = "runs/demo"
     data: str = "../shared/data/games"
-    backend: Literal["bigrec", "tiger"] = field(default="bigrec", metadata={
-        "help": "bigrec: LLM + LoRA on titles; tiger: T5 on semantic IDs (adds semantic_ids)"})
-    users: int = 0               # > 0: run on a seeded slice of this many users
+    backend: Literal["bigrec", "tiger"] = field(
+        default="bigrec",
+        metadata={
+            "help": "bigrec: LLM + LoRA on titles; tiger: T5 on semantic IDs (adds semantic_ids)"
+        },
+    )
+    users: int = 0  # > 0: run on a seeded slice of this many users
     slice_seed: int = 0
-    slice_items: bool = False    # with users > 0: keep only the slice's items (renumbered)
+    slice_items: bool = False  # with users > 0: keep only the slice's items (renumbered)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
 
     def active(self, requested: list[str] | None = None) -> list[str]:
@@ -67,6 +79,7 @@ class PipelineConfig:
 class PipelineArgs:
     """Command line of ``dealrec run`` / ``dealrec experiment``: a config file, plus
     overrides."""
+
     config: str
     workdir: str = ""
     stages: list[str] = field(default_factory=list)
@@ -75,8 +88,13 @@ class PipelineArgs:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("config", help="YAML config file (see configs/)")
         parser.add_argument("--workdir", default="", help="override pipeline.workdir")
-        parser.add_argument("--stages", nargs="+", default=[], choices=STAGES,
-                            help="run only these stages (their inputs must exist)")
+        parser.add_argument(
+            "--stages",
+            nargs="+",
+            default=[],
+            choices=STAGES,
+            help="run only these stages (their inputs must exist)",
+        )
 
     @classmethod
     def from_args(cls, args):
@@ -86,13 +104,16 @@ class PipelineArgs:
 @dataclass
 class ReportArgs:
     """Command line of ``dealrec report RUN_DIR``."""
+
     run_dir: str
     out: str = ""
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("run_dir", help="a pipeline workdir (holds influence.npy, ...)")
-        parser.add_argument("--out", default="", help="folder for the PNGs (default RUN_DIR/report)")
+        parser.add_argument(
+            "--out", default="", help="folder for the PNGs (default RUN_DIR/report)"
+        )
 
     @classmethod
     def from_args(cls, args):
@@ -103,11 +124,17 @@ class ReportArgs:
 def config_classes() -> dict:
     """The typed config class of each stage (imported lazily: standard library only)."""
     from jaxrec.config import InfluenceConfig, SelectConfig, SurrogateConfig
-    from llm_bridge.config import (EffortConfig, EvaluateConfig, FinetuneConfig,
-                                   SemanticIdConfig)
-    return {"surrogate": SurrogateConfig, "influence": InfluenceConfig,
-            "semantic_ids": SemanticIdConfig, "effort": EffortConfig, "select": SelectConfig,
-            "finetune": FinetuneConfig, "evaluate": EvaluateConfig}
+    from llm_bridge.config import EffortConfig, EvaluateConfig, FinetuneConfig, SemanticIdConfig
+
+    return {
+        "surrogate": SurrogateConfig,
+        "influence": InfluenceConfig,
+        "semantic_ids": SemanticIdConfig,
+        "effort": EffortConfig,
+        "select": SelectConfig,
+        "finetune": FinetuneConfig,
+        "evaluate": EvaluateConfig,
+    }
 
 
 def read_experiment_file(path: str | Path, extra_sections: tuple[str, ...] = ()) -> dict:
@@ -116,7 +143,9 @@ def read_experiment_file(path: str | Path, extra_sections: tuple[str, ...] = ())
     known = {"pipeline", *STAGES, *extra_sections}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise UserError(f"{path}: unknown section {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        raise UserError(
+            f"{path}: unknown section {unknown[0]!r} (known: {', '.join(sorted(known))})"
+        )
     classes = config_classes()
     for stage in STAGES:
         make_config(classes[stage], data.get(stage) or {}, f"{path} [{stage}]")
@@ -139,8 +168,13 @@ def wire(sections: dict, workdir: Path, data: str, backend: str = "bigrec") -> d
         if backend == "tiger":
             wired[stage]["semantic_ids"] = f"{w}/semantic_ids.npy"
     wired["effort"].update(data=data, out=f"{w}/effort.npy")
-    wired["select"].update(data=data, influence=f"{w}/influence.npy", effort=f"{w}/effort.npy",
-                           run=f"{w}/surrogate", out=f"{w}/selected.npy")
+    wired["select"].update(
+        data=data,
+        influence=f"{w}/influence.npy",
+        effort=f"{w}/effort.npy",
+        run=f"{w}/surrogate",
+        out=f"{w}/selected.npy",
+    )
     wired["finetune"].update(data=data, selection=f"{w}/selected.npy", out=f"{w}/adapter")
     wired["evaluate"].update(data=data, adapter=f"{w}/adapter", out=f"{w}/metrics.json")
     return wired
@@ -155,8 +189,11 @@ def add_score_stages(wired: dict, methods) -> list[str]:
     names = []
     for kind, filename in score_stages(methods):
         name = f"influence:{kind}"
-        wired[name] = {**wired["influence"], "score": kind,
-                       "out": f"{wired['influence']['run']}/{filename}"}
+        wired[name] = {
+            **wired["influence"],
+            "score": kind,
+            "out": f"{wired['influence']['run']}/{filename}",
+        }
         names.append(name)
     return names
 
@@ -165,8 +202,15 @@ def stage_argv(stage: str, section: dict, resolved: Path) -> list[str]:
     """``dealrec`` arguments of ``stage``: its command reading ``resolved``; a score stage
     (``influence:KIND``) sets its score and output by flags."""
     if stage.startswith("influence:"):
-        return ["influence", "--config", str(resolved), "--score", section["score"],
-                "--out", section["out"]]
+        return [
+            "influence",
+            "--config",
+            str(resolved),
+            "--score",
+            section["score"],
+            "--out",
+            section["out"],
+        ]
     return [COMMAND[stage], "--config", str(resolved)]
 
 
@@ -203,16 +247,21 @@ class RunLog:
         with open(self.path, "a", encoding="utf-8") as log:
             log.write("$ dealrec " + " ".join(argv) + "\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
             for chunk in iter(lambda: proc.stdout.read1(4096), b""):
                 sys.stderr.buffer.write(chunk)
                 sys.stderr.flush()
                 log.write(chunk.decode(errors="replace"))
             code = proc.wait()
         if code != 0:
-            raise UserError(f"stage 'dealrec {argv[0]}' failed with exit status {code} "
-                            f"(see {self.path})")
+            raise UserError(
+                f"stage 'dealrec {argv[0]}' failed with exit status {code} (see {self.path})"
+            )
 
 
 def stage_keys(stages: list[str], wired: dict, upstream: str = "") -> dict[str, str]:
@@ -227,12 +276,20 @@ def stage_keys(stages: list[str], wired: dict, upstream: str = "") -> dict[str, 
 def stages_finished(stages: list[str], wired: dict, state_file: Path, upstream: str = "") -> bool:
     """Whether every stage's output exists and was made with the current options."""
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    return all(stage_output(s, wired[s]).exists() and state.get(s, {}).get("key") == k
-               for s, k in stage_keys(stages, wired, upstream).items())
+    return all(
+        stage_output(s, wired[s]).exists() and state.get(s, {}).get("key") == k
+        for s, k in stage_keys(stages, wired, upstream).items()
+    )
 
 
-def run_stages(stages: list[str], wired: dict, workdir: Path, log: RunLog,
-               state_file: Path | None = None, upstream: str = "") -> dict:
+def run_stages(
+    stages: list[str],
+    wired: dict,
+    workdir: Path,
+    log: RunLog,
+    state_file: Path | None = None,
+    upstream: str = "",
+) -> dict:
     """Run (or reuse) ``stages`` in order; return ``{stage: seconds}``."""
     import yaml
 
@@ -270,11 +327,17 @@ def prepare_workdir(data: dict, args: PipelineArgs) -> tuple[Path, str, RunLog]:
     if pipe.users > 0:
         from jaxrec.data import load_dataset
         from jaxrec.data.subset import write_user_subset
+
         sliced = workdir / "data"
         if not (sliced / "items.jsonl").is_file():
             log.say(f"slicing {pipe.users} users of {pipe.data} (seed {pipe.slice_seed})")
-            write_user_subset(load_dataset(pipe.data), sliced, n_users=pipe.users,
-                              seed=pipe.slice_seed, only_their_items=pipe.slice_items)
+            write_user_subset(
+                load_dataset(pipe.data),
+                sliced,
+                n_users=pipe.users,
+                seed=pipe.slice_seed,
+                only_their_items=pipe.slice_items,
+            )
         dataset = str(sliced)
     return workdir, dataset, log
 
@@ -289,11 +352,14 @@ def main(args: PipelineArgs) -> int:
     t0 = time.perf_counter()
     order = list(stages)
     if "select" in order:
-        order[order.index("select"):order.index("select")] = add_score_stages(
-            wired, [wired["select"].get("method", "dealrec")])
+        order[order.index("select") : order.index("select")] = add_score_stages(
+            wired, [wired["select"].get("method", "dealrec")]
+        )
     timings = run_stages(order, wired, workdir, log)
-    log.say(f"pipeline done in {time.perf_counter() - t0:.0f} s: "
-            + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    log.say(
+        f"pipeline done in {time.perf_counter() - t0:.0f} s: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+    )
     metrics = Path(wired["evaluate"]["out"])
     if metrics.is_file():
         print(metrics.read_text())

@@ -31,6 +31,7 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 def make_report(run_dir: str | Path, out: str | Path = "") -> list[Path]:
     """Write the report's PNGs and return their paths."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -78,8 +79,9 @@ def _plot_scatter(plt, scores: dict, selected, path: Path) -> Path:
     inf, eff = _minmax(scores["influence"]), _minmax(scores["effort"])
     ax.scatter(inf, eff, s=2, alpha=0.3, color="grey", label="all users")
     if selected is not None:
-        ax.scatter(inf[selected], eff[selected], s=6, color="tab:red",
-                   label=f"selected ({len(selected)})")
+        ax.scatter(
+            inf[selected], eff[selected], s=6, color="tab:red", label=f"selected ({len(selected)})"
+        )
     ax.set_xlabel("influence (min-max)")
     ax.set_ylabel("effort (min-max)")
     ax.legend(markerscale=3)
@@ -98,8 +100,10 @@ def _plot_groups(plt, info: dict, path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("score group (low -> high overall score)")
     ax.set_ylabel("users (log)")
-    ax.set_title(f"Coverage-enhanced sampling: {int(chosen.sum())} selected, "
-                 f"{info.get('n_pruned', 0)} hard-pruned")
+    ax.set_title(
+        f"Coverage-enhanced sampling: {int(chosen.sum())} selected, "
+        f"{info.get('n_pruned', 0)} hard-pruned"
+    )
     ax.legend()
     fig.tight_layout()
     return _save(fig, path, plt)
@@ -112,10 +116,14 @@ def _plot_trace(plt, run: Path, path: Path) -> Path:
         ax.plot(np.arange(1, len(row) + 1), row, lw=1, label=f"repeat {r}")
     ax.set_xlabel("LiSSA step t")
     ax.set_ylabel("||h_t||")
-    options = read_manifest(run / "influence.npy").get("options", {}) \
-        if (run / "influence.npy").is_file() else {}
-    ax.set_title(f"LiSSA norm trace (scale {options.get('scale')}, "
-                 f"damping {options.get('damping')})")
+    options = (
+        read_manifest(run / "influence.npy").get("options", {})
+        if (run / "influence.npy").is_file()
+        else {}
+    )
+    ax.set_title(
+        f"LiSSA norm trace (scale {options.get('scale')}, damping {options.get('damping')})"
+    )
     if len(trace) > 1:
         ax.legend()
     fig.tight_layout()
@@ -134,6 +142,7 @@ def main(args) -> int:
     paths = []
     if (Path(args.run_dir) / "experiment.json").is_file():
         from jaxrec.figures import experiment_figures
+
         paths += experiment_figures(args.run_dir, args.out)
     try:
         paths += make_report(args.run_dir, args.out)

@@ -28,8 +28,14 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxrec.config import SurrogateConfig, SurrogateEvalConfig, make_config
-from jaxrec.data import (Dataset, evaluation_arrays, left_pad, load_dataset, training_arrays,
-                         write_json)
+from jaxrec.data import (
+    Dataset,
+    evaluation_arrays,
+    left_pad,
+    load_dataset,
+    training_arrays,
+    write_json,
+)
 from jaxrec.data.buckets import TRAIN_WIDTHS, width_of
 from jaxrec.errors import UserError
 from jaxrec.data.ranking import recall_ndcg
@@ -40,11 +46,12 @@ from jaxrec.models import sasrec
 @dataclass
 class Surrogate:
     """A trained surrogate: the model, its parameters and the data it was trained on."""
+
     model: sasrec.SASRec
     params: dict
     config: SurrogateConfig
     dataset: Dataset
-    data: dict          # inputs / targets / negatives / index, one row per user (NumPy)
+    data: dict  # inputs / targets / negatives / index, one row per user (NumPy)
     loss: callable
     per_sample_loss: callable
 
@@ -61,17 +68,23 @@ def user_representations(sur: Surrogate, batch_size: int = 1024) -> np.ndarray:
     apply = jax.jit(sur.user_representations)
     out = []
     for start in range(0, len(inputs), batch_size):
-        batch = inputs[start:start + batch_size]
+        batch = inputs[start : start + batch_size]
         pad = batch_size - len(batch)
         if pad:  # one compiled shape
             batch = np.concatenate([batch, np.zeros((pad, batch.shape[1]), batch.dtype)])
-        out.append(np.asarray(apply(sur.params, batch))[:batch_size - pad])
+        out.append(np.asarray(apply(sur.params, batch))[: batch_size - pad])
     return np.concatenate(out).astype(np.float32)
 
 
 def build_model(cfg: SurrogateConfig, n_items: int) -> sasrec.SASRec:
-    return sasrec.SASRec(n_items=n_items, hidden=cfg.hidden, blocks=cfg.blocks, heads=cfg.heads,
-                         max_len=cfg.max_len, dropout=cfg.dropout)
+    return sasrec.SASRec(
+        n_items=n_items,
+        hidden=cfg.hidden,
+        blocks=cfg.blocks,
+        heads=cfg.heads,
+        max_len=cfg.max_len,
+        dropout=cfg.dropout,
+    )
 
 
 def with_negatives(arrays: dict, seed: int, epoch: int, n_items: int) -> dict:
@@ -80,8 +93,9 @@ def with_negatives(arrays: dict, seed: int, epoch: int, n_items: int) -> dict:
     return {**arrays, "negatives": np.asarray(neg)}
 
 
-def epoch_batches(lengths: np.ndarray, batch_size: int, max_len: int,
-                  rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
+def epoch_batches(
+    lengths: np.ndarray, batch_size: int, max_len: int, rng: np.random.Generator
+) -> list[tuple[np.ndarray, int]]:
     """Shuffled batches of row indices, bucketed by length: ``[(rows, width), ...]``.
 
     Rows with no target are skipped (their loss is 0). Each batch has exactly ``batch_size``
@@ -92,7 +106,7 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, max_len: int,
     for width in sorted(set(widths[lengths > 0])):
         rows = rng.permutation(np.flatnonzero((widths == width) & (lengths > 0)))
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+            chunk = rows[start : start + batch_size]
             chunk = np.concatenate([chunk, -np.ones(batch_size - len(chunk), chunk.dtype)])
             batches.append((chunk, int(width)))
     order = rng.permutation(len(batches))
@@ -104,8 +118,9 @@ def take_batch(arrays: dict, rows: np.ndarray, width: int) -> dict:
     columns."""
     safe = np.maximum(rows, 0)
     real = (rows >= 0)[:, None]
-    return {k: np.where(real, arrays[k][safe, -width:], 0)
-            for k in ("inputs", "targets", "negatives")}
+    return {
+        k: np.where(real, arrays[k][safe, -width:], 0) for k in ("inputs", "targets", "negatives")
+    }
 
 
 def make_train_step(model: sasrec.SASRec, optimizer):
@@ -131,8 +146,15 @@ def _rank_batch(model, params, inputs, seen, truth):
     return topk_metrics(mask_seen(scores, seen), truth, 20)
 
 
-def evaluate(model: sasrec.SASRec, params, ds: Dataset, split: str, *,
-             batch_size: int = 1024, max_len: int | None = None) -> dict[str, float]:
+def evaluate(
+    model: sasrec.SASRec,
+    params,
+    ds: Dataset,
+    split: str,
+    *,
+    batch_size: int = 1024,
+    max_len: int | None = None,
+) -> dict[str, float]:
     """Full-ranking Recall@10/20 and NDCG@10/20 on ``split`` (train items masked; for test,
     valid items too)."""
     arrays = evaluation_arrays(ds, split, max_len or model.max_len)
@@ -140,9 +162,10 @@ def evaluate(model: sasrec.SASRec, params, ds: Dataset, split: str, *,
     hits, n_truth = [], []
     for start in range(0, n, batch_size):
         rows = np.arange(start, start + batch_size)
-        rows = np.where(rows < n, rows, n - 1)          # pad the last batch: one compile
-        h, t = _rank_batch(model, params, arrays["inputs"][rows], arrays["seen"][rows],
-                           arrays["truth"][rows])
+        rows = np.where(rows < n, rows, n - 1)  # pad the last batch: one compile
+        h, t = _rank_batch(
+            model, params, arrays["inputs"][rows], arrays["seen"][rows], arrays["truth"][rows]
+        )
         keep = min(batch_size, n - start)
         hits.append(np.asarray(h)[:keep])
         n_truth.append(np.asarray(t)[:keep])
@@ -152,6 +175,7 @@ def evaluate(model: sasrec.SASRec, params, ds: Dataset, split: str, *,
 # ----------------------------------------------------------------------------- checkpoints
 def _checkpointer():
     import orbax.checkpoint as ocp
+
     return ocp.StandardCheckpointer()
 
 
@@ -165,8 +189,7 @@ def save_checkpoint(path: Path, tree) -> None:
 
 def restore_checkpoint(path: Path, like):
     ckpt = _checkpointer()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype),
-                            like)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), like)
     return ckpt.restore(path.absolute(), abstract)
 
 
@@ -216,17 +239,23 @@ def train(cfg: SurrogateConfig, *, progress: bool = True) -> dict:
     rng = np.random.default_rng([cfg.seed, state["epoch"]])
     key = jax.random.PRNGKey(cfg.seed + 1)
     bad_epochs = state["epoch"] - state["best_epoch"]
-    epochs = tqdm(range(state["epoch"] + 1, cfg.epochs + 1), desc="surrogate", unit="epoch",
-                  disable=not progress, initial=state["epoch"], total=cfg.epochs)
+    epochs = tqdm(
+        range(state["epoch"] + 1, cfg.epochs + 1),
+        desc="surrogate",
+        unit="epoch",
+        disable=not progress,
+        initial=state["epoch"],
+        total=cfg.epochs,
+    )
     for epoch in epochs:
         t0 = time.perf_counter()
         data = with_negatives(arrays, cfg.seed, epoch, ds.n_items)
-        params, opt_state, key, epoch_loss = _train_epoch(step, params, opt_state, key, data,
-                                                          cfg, rng)
+        params, opt_state, key, epoch_loss = _train_epoch(
+            step, params, opt_state, key, data, cfg, rng
+        )
         if not np.isfinite(epoch_loss):
             raise UserError(f"training diverged at epoch {epoch} (loss {epoch_loss}); lower --lr")
-        record = {"epoch": epoch, "loss": epoch_loss,
-                  "seconds": round(time.perf_counter() - t0, 3)}
+        record = {"epoch": epoch, "loss": epoch_loss, "seconds": round(time.perf_counter() - t0, 3)}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             record["valid"] = evaluate(model, params, ds, "valid", max_len=cfg.max_len)
             if record["valid"]["recall@20"] > state["best_recall@20"]:
@@ -242,13 +271,14 @@ def train(cfg: SurrogateConfig, *, progress: bool = True) -> dict:
         state["config"] = dataclasses.asdict(cfg)
         save_checkpoint(ckpt_dir / "latest", {"params": params, "opt_state": opt_state})
         write_json(run / "train_state.json", state)
-        epochs.set_postfix(loss=f"{epoch_loss:.4f}",
-                           r20=f"{record.get('valid', {}).get('recall@20', float('nan')):.4f}",
-                           best=state["best_epoch"])
+        epochs.set_postfix(
+            loss=f"{epoch_loss:.4f}",
+            r20=f"{record.get('valid', {}).get('recall@20', float('nan')):.4f}",
+            best=state["best_epoch"],
+        )
         if bad_epochs >= cfg.patience:
             break
-    return _final_metrics(model, restore_checkpoint(ckpt_dir / "best", params), ds, cfg, state,
-                          run)
+    return _final_metrics(model, restore_checkpoint(ckpt_dir / "best", params), ds, cfg, state, run)
 
 
 def _start_or_resume(cfg: SurrogateConfig, ds: Dataset, model, optimizer, run: Path):
@@ -256,13 +286,20 @@ def _start_or_resume(cfg: SurrogateConfig, ds: Dataset, model, optimizer, run: P
     was made from the same dataset and config (and ``cfg.resume``)."""
     params = sasrec.init_params(model, jax.random.PRNGKey(cfg.seed))
     opt_state = optimizer.init(params)
-    state = {"epoch": 0, "best_epoch": 0, "best_recall@20": -1.0, "history": [],
-             "seconds_train": 0.0, "dataset": ds.fingerprint()}
+    state = {
+        "epoch": 0,
+        "best_epoch": 0,
+        "best_recall@20": -1.0,
+        "history": [],
+        "seconds_train": 0.0,
+        "dataset": ds.fingerprint(),
+    }
     state_file, latest = run / "train_state.json", run / "checkpoints" / "latest"
     if cfg.resume and state_file.is_file() and latest.exists():
         old = json.loads(state_file.read_text())
-        if old.get("dataset") == ds.fingerprint() and \
-                old.get("config", {}) == dataclasses.asdict(cfg):
+        if old.get("dataset") == ds.fingerprint() and old.get("config", {}) == dataclasses.asdict(
+            cfg
+        ):
             restored = restore_checkpoint(latest, {"params": params, "opt_state": opt_state})
             params, opt_state = restored["params"], restored["opt_state"]
             state = old
@@ -284,8 +321,7 @@ def _train_epoch(step, params, opt_state, key, data: dict, cfg: SurrogateConfig,
     return params, opt_state, key, float(np.mean(jax.device_get(losses)))
 
 
-def _final_metrics(model, best, ds: Dataset, cfg: SurrogateConfig, state: dict,
-                   run: Path) -> dict:
+def _final_metrics(model, best, ds: Dataset, cfg: SurrogateConfig, state: dict, run: Path) -> dict:
     """Valid/test metrics of the best checkpoint, written to ``RUN/metrics.json``."""
     trained = [h["seconds"] for h in state["history"]]
     metrics = {
@@ -310,13 +346,21 @@ def main(cfg: SurrogateConfig) -> int:
 def evaluate_main(cfg: SurrogateEvalConfig) -> int:
     """``dealrec evaluate-surrogate``: metrics of a run's best checkpoint."""
     sur = load_surrogate(cfg.run, cfg.data or None)
-    out = {split: evaluate(sur.model, sur.params, sur.dataset, split,
-                           max_len=sur.config.max_len) for split in cfg.splits.split(",")}
+    out = {
+        split: evaluate(sur.model, sur.params, sur.dataset, split, max_len=sur.config.max_len)
+        for split in cfg.splits.split(",")
+    }
     print(json.dumps(out, indent=2))
     if cfg.out:
         write_json(cfg.out, out)
     return 0
 
 
-__all__ = ["Surrogate", "build_model", "evaluate", "load_surrogate", "train",
-           "user_representations"]
+__all__ = [
+    "Surrogate",
+    "build_model",
+    "evaluate",
+    "load_surrogate",
+    "train",
+    "user_representations",
+]

@@ -44,9 +44,11 @@ from llm_bridge.config import EffortConfig
 from llm_bridge.model import position_ids, unwrap
 from llm_bridge.prompts import IGNORE, collate, encode_users
 
-LOSS = ("Eq. 1: per sample, mean token cross-entropy over its own label tokens (the response "
-        "and EOS; every token with train_on_inputs), as a batch of one; effort = L2 norm of its "
-        "gradient w.r.t. the selected LoRA parameters (Eq. 12)")
+LOSS = (
+    "Eq. 1: per sample, mean token cross-entropy over its own label tokens (the response "
+    "and EOS; every token with train_on_inputs), as a batch of one; effort = L2 norm of its "
+    "gradient w.r.t. the selected LoRA parameters (Eq. 12)"
+)
 SHARD_KIND = "effort-shard"
 
 
@@ -60,8 +62,11 @@ def select_params(model, params: str | None = None) -> dict[str, torch.nn.Parame
     else:
         chosen = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not chosen:
-        raise UserError(f"no parameter matches {params!r}" if params else
-                        "the model has no trainable parameter (add a LoRA adapter first)")
+        raise UserError(
+            f"no parameter matches {params!r}"
+            if params
+            else "the model has no trainable parameter (add a LoRA adapter first)"
+        )
     return chosen
 
 
@@ -83,17 +88,22 @@ def per_sample_losses(model, input_ids, attention_mask, labels) -> torch.Tensor:
     right_padded = bool(torch.equal(attention_mask.long(), (steps < lengths).long()))
     # Right padding: a real token never sees a later pad under the causal mask, so the plain
     # causal attention (no T x T mask; fused kernels) is exact for every real token.
-    hidden = decoder(input_ids=input_ids, attention_mask=None if right_padded else attention_mask,
-                     position_ids=positions, use_cache=False).last_hidden_state
+    hidden = decoder(
+        input_ids=input_ids,
+        attention_mask=None if right_padded else attention_mask,
+        position_ids=positions,
+        use_cache=False,
+    ).last_hidden_state
     target = labels[:, 1:]
     # a label is predicted from the previous real token (never from a left pad)
     rows, cols = torch.nonzero((target != IGNORE) & attention_mask[:, :-1].bool(), as_tuple=True)
-    picked = hidden[:, :-1][rows, cols]                         # only where there is a label
-    with torch.autocast(hidden.device.type, enabled=False):     # logits and loss in float32
+    picked = hidden[:, :-1][rows, cols]  # only where there is a label
+    with torch.autocast(hidden.device.type, enabled=False):  # logits and loss in float32
         logits = head(picked.to(head.weight.dtype)).float()
     tok_loss = torch.nn.functional.cross_entropy(logits, target[rows, cols], reduction="none")
     count = torch.zeros(len(input_ids), device=hidden.device).index_add_(
-        0, rows, torch.ones_like(tok_loss))
+        0, rows, torch.ones_like(tok_loss)
+    )
     total = torch.zeros(len(input_ids), device=hidden.device).index_add_(0, rows, tok_loss)
     return total / count.clamp(min=1)
 
@@ -123,9 +133,9 @@ def _sq_norm_linear(xs, gs, with_weight: bool, with_bias: bool) -> torch.Tensor:
     out = torch.zeros(x.shape[0], device=x.device)
     if with_weight:
         t, d_in, d_out = x.shape[1], x.shape[2], g.shape[2]
-        if d_in * d_out <= t * t:           # explicit per-sample gradient [B, out, in]
+        if d_in * d_out <= t * t:  # explicit per-sample gradient [B, out, in]
             out = out + torch.einsum("bto,bti->boi", g, x).pow(2).sum((1, 2))
-        else:                               # ghost norm: <X X^T, G G^T>
+        else:  # ghost norm: <X X^T, G G^T>
             xx, gg = torch.bmm(x, x.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
             out = out + (xx * gg).sum((1, 2))
     if with_bias:
@@ -133,11 +143,19 @@ def _sq_norm_linear(xs, gs, with_weight: bool, with_bias: bool) -> torch.Tensor:
     return out
 
 
-MAX_TOKENS = 1024   # padded tokens per pass: on 2 CPU cores, larger passes got slower per sample
+MAX_TOKENS = 1024  # padded tokens per pass: on 2 CPU cores, larger passes got slower per sample
 
 
-def per_sample_grad_norms(model, input_ids, attention_mask, labels, params=None, *,
-                          max_tokens: int = MAX_TOKENS, autocast: str = "") -> torch.Tensor:
+def per_sample_grad_norms(
+    model,
+    input_ids,
+    attention_mask,
+    labels,
+    params=None,
+    *,
+    max_tokens: int = MAX_TOKENS,
+    autocast: str = "",
+) -> torch.Tensor:
     """Paper Eq. 12 for a padded batch: ``[B]`` exact L2 norms of each sample's own loss
     gradient (Eq. 1 loss of the sample alone, see :func:`per_sample_losses`) w.r.t. the
     model's trainable parameters, or those whose name matches the regex ``params``.
@@ -156,10 +174,14 @@ def per_sample_grad_norms(model, input_ids, attention_mask, labels, params=None,
     with _autocast(input_ids.device, autocast):
         for idx in length_batches(lengths, len(lengths) or 1, max_tokens):
             rows = torch.as_tensor(idx, device=input_ids.device)
-            cols = attention_mask[rows].bool().any(0)       # drop the pass's all-pad columns
-            out[rows] = _grad_norms_pass(model, input_ids[rows][:, cols],
-                                         attention_mask[rows][:, cols], labels[rows][:, cols],
-                                         params).to(out.dtype)
+            cols = attention_mask[rows].bool().any(0)  # drop the pass's all-pad columns
+            out[rows] = _grad_norms_pass(
+                model,
+                input_ids[rows][:, cols],
+                attention_mask[rows][:, cols],
+                labels[rows][:, cols],
+                params,
+            ).to(out.dtype)
     return out
 
 
@@ -176,7 +198,7 @@ def _grad_norms_pass(model, input_ids, attention_mask, labels, params=None) -> t
     chosen = select_params(model, params)
     targets, others = _linear_targets(model, chosen)
     flags = {p: p.requires_grad for p in model.parameters()}
-    records: dict = {m: ([], []) for m in targets}             # module -> (inputs, outputs)
+    records: dict = {m: ([], []) for m in targets}  # module -> (inputs, outputs)
     mask = attention_mask.to(torch.bool)
 
     def hook(module, args, output):
@@ -201,16 +223,19 @@ def _grad_norms_pass(model, input_ids, attention_mask, labels, params=None) -> t
                 k = 0
                 for m, (w, b) in targets.items():
                     n = len(records[m][1])
-                    gs = [torch.zeros_like(o) if g is None else g
-                          for o, g in zip(records[m][1], grads[k:k + n])]
+                    gs = [
+                        torch.zeros_like(o) if g is None else g
+                        for o, g in zip(records[m][1], grads[k : k + n])
+                    ]
                     k += n
                     if n:
                         sq = sq + _sq_norm_linear(records[m][0], gs, w, b)
             records.clear()
             del outputs, losses
             if others:
-                sq = sq + _loop_sq_norms(model, input_ids, attention_mask, labels,
-                                         [chosen[n] for n in others])
+                sq = sq + _loop_sq_norms(
+                    model, input_ids, attention_mask, labels, [chosen[n] for n in others]
+                )
     finally:
         for h in handles:
             h.remove()
@@ -225,8 +250,12 @@ def _loop_sq_norms(model, input_ids, attention_mask, labels, params) -> torch.Te
     out = torch.zeros(len(input_ids), device=input_ids.device)
     for b in range(len(input_ids)):
         keep = attention_mask[b].bool()
-        loss = per_sample_losses(model, input_ids[b:b + 1, keep], attention_mask[b:b + 1, keep],
-                                 labels[b:b + 1, keep])[0]
+        loss = per_sample_losses(
+            model,
+            input_ids[b : b + 1, keep],
+            attention_mask[b : b + 1, keep],
+            labels[b : b + 1, keep],
+        )[0]
         if loss.requires_grad:
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             out[b] = sum(g.float().pow(2).sum() for g in grads if g is not None)
@@ -267,11 +296,19 @@ def shard_path(folder: Path, a: int, b: int) -> Path:
 
 def _settings(cfg: EffortConfig, ds, model_info: dict) -> dict:
     """What must match for shards to be combined."""
-    return {"dataset": ds.fingerprint(), "model": model_info["model"], "adapter": cfg.adapter,
-            "params": cfg.params, "cutoff_len": cfg.cutoff_len,
-            "train_on_inputs": cfg.train_on_inputs, "lora_r": cfg.lora_r,
-            "lora_alpha": cfg.lora_alpha, "seed": cfg.seed, "dtype": model_info["dtype"],
-            "autocast": cfg.autocast}
+    return {
+        "dataset": ds.fingerprint(),
+        "model": model_info["model"],
+        "adapter": cfg.adapter,
+        "params": cfg.params,
+        "cutoff_len": cfg.cutoff_len,
+        "train_on_inputs": cfg.train_on_inputs,
+        "lora_r": cfg.lora_r,
+        "lora_alpha": cfg.lora_alpha,
+        "seed": cfg.seed,
+        "dtype": model_info["dtype"],
+        "autocast": cfg.autocast,
+    }
 
 
 def existing_shards(folder: Path, ds, settings: dict | None = None) -> dict[tuple[int, int], Path]:
@@ -285,25 +322,31 @@ def existing_shards(folder: Path, ds, settings: dict | None = None) -> dict[tupl
         return found
     for path in sorted(folder.glob("rows-*-*.npy")):
         if not path.with_suffix(".json").is_file():
-            continue                        # not committed (killed between the two writes)
+            continue  # not committed (killed between the two writes)
         manifest = read_manifest(path)
         if manifest.get("kind") != SHARD_KIND:
-            raise ScoreFileError(f"{path}: kind is {manifest.get('kind')!r}, "
-                                 f"expected {SHARD_KIND!r}")
+            raise ScoreFileError(
+                f"{path}: kind is {manifest.get('kind')!r}, expected {SHARD_KIND!r}"
+            )
         if manifest.get("dataset") != ds.fingerprint():
-            raise ScoreFileError(f"{path}: shard made from another dataset (fingerprint "
-                                 f"mismatch); use another --out or remove {folder}")
+            raise ScoreFileError(
+                f"{path}: shard made from another dataset (fingerprint "
+                f"mismatch); use another --out or remove {folder}"
+            )
         if settings is not None and manifest.get("settings") != settings:
             diff = sorted(k for k in settings if manifest.get("settings", {}).get(k) != settings[k])
-            raise UserError(f"{path}: shard made with other settings ({', '.join(diff)}); "
-                            f"use another --out or remove {folder}")
+            raise UserError(
+                f"{path}: shard made with other settings ({', '.join(diff)}); "
+                f"use another --out or remove {folder}"
+            )
         a, b = manifest["rows"]
         found[(int(a), int(b))] = path
     return found
 
 
-def merge_shards(folder: Path, out: Path, ds, *, options: dict | None = None,
-                 extra: dict | None = None) -> Path | None:
+def merge_shards(
+    folder: Path, out: Path, ds, *, options: dict | None = None, extra: dict | None = None
+) -> Path | None:
     """Join the shards in ``folder`` into ``out`` (float32, one score per line of
     ``sequential_train.txt``) with its manifest, when they cover every row exactly once.
 
@@ -329,9 +372,17 @@ def merge_shards(folder: Path, out: Path, ds, *, options: dict | None = None,
         raise UserError(f"{folder}: row {int(np.flatnonzero(covered > 1)[0])} is in two shards")
     if (covered == 0).any():
         return None
-    save_scores(out, scores, kind="effort", dataset=ds.fingerprint(),
-                options={**(options or {}), "settings": settings}, seconds=seconds,
-                shards=len(shards), loss=LOSS, **(extra or {}))
+    save_scores(
+        out,
+        scores,
+        kind="effort",
+        dataset=ds.fingerprint(),
+        options={**(options or {}), "settings": settings},
+        seconds=seconds,
+        shards=len(shards),
+        loss=LOSS,
+        **(extra or {}),
+    )
     return out
 
 
@@ -352,8 +403,17 @@ def length_batches(lengths, batch_size: int, max_tokens: int = 0) -> list[np.nda
     return batches
 
 
-def score_samples(model, samples: list[dict], *, pad_id: int, batch_size: int, params=None,
-                  max_tokens: int = 0, autocast: str = "", bar=None) -> np.ndarray:
+def score_samples(
+    model,
+    samples: list[dict],
+    *,
+    pad_id: int,
+    batch_size: int,
+    params=None,
+    max_tokens: int = 0,
+    autocast: str = "",
+    bar=None,
+) -> np.ndarray:
     """Effort of each encoded sample (length-bucketed batches, see :func:`length_batches`),
     float32.
 
@@ -362,13 +422,19 @@ def score_samples(model, samples: list[dict], *, pad_id: int, batch_size: int, p
     ``docs/benchmarks.md`` for the measured deviation).
     """
     device = next(model.parameters()).device
-    _autocast(device, autocast)                 # a bad value fails before any work
+    _autocast(device, autocast)  # a bad value fails before any work
     scores = np.zeros(len(samples), dtype=np.float32)
     for idx in length_batches([len(s["input_ids"]) for s in samples], batch_size, max_tokens):
         batch = {k: v.to(device) for k, v in collate([samples[j] for j in idx], pad_id).items()}
-        norms = per_sample_grad_norms(model, batch["input_ids"], batch["attention_mask"],
-                                      batch["labels"], params=params, max_tokens=0,
-                                      autocast=autocast)
+        norms = per_sample_grad_norms(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            params=params,
+            max_tokens=0,
+            autocast=autocast,
+        )
         scores[idx] = norms.float().cpu().numpy()
         if bar is not None:
             bar.update(len(idx))
@@ -401,6 +467,7 @@ def main(cfg: EffortConfig) -> int:
     resumable, merged into ``cfg.out`` when every row is scored."""
     if cfg.backend == "tiger":
         from llm_bridge.tiger.effort import main as tiger_main
+
         return tiger_main(cfg)
     out = Path(cfg.out)
     if out.suffix != ".npy":
@@ -410,7 +477,7 @@ def main(cfg: EffortConfig) -> int:
     ds = load_dataset(cfg.data)
     start, stop = parse_users(cfg.users, ds.n_users)
     folder = shard_folder(out)
-    existing_shards(folder, ds)               # another dataset's shards: fail before any work
+    existing_shards(folder, ds)  # another dataset's shards: fail before any work
     rank, world, barrier, dist_device = _dist()
     device = cfg.device
     if device == "auto" and dist_device is not None:
@@ -419,22 +486,29 @@ def main(cfg: EffortConfig) -> int:
     chosen = select_params(model, cfg.params or None)
     settings = _settings(cfg, ds, info)
     done = existing_shards(folder, ds, settings)
-    units = shard_ranges(start, stop, cfg.shard_size)[rank::world]   # split before resuming
+    units = shard_ranges(start, stop, cfg.shard_size)[rank::world]  # split before resuming
     todo = [u for u in units if not (cfg.resume and u in done)]
     if rank == 0:
         skipped = sum(b - a for a, b in units if cfg.resume and (a, b) in done)
-        print(f"effort: rows {start}..{stop - 1} in "
-              f"{len(shard_ranges(start, stop, cfg.shard_size))} shards over {world} "
-              f"process(es); {len(chosen)} parameter tensors "
-              f"({sum(p.numel() for p in chosen.values()):,} values)"
-              + (f"; resuming, {skipped} rows of this process already scored" if skipped else ""))
+        print(
+            f"effort: rows {start}..{stop - 1} in "
+            f"{len(shard_ranges(start, stop, cfg.shard_size))} shards over {world} "
+            f"process(es); {len(chosen)} parameter tensors "
+            f"({sum(p.numel() for p in chosen.values()):,} values)"
+            + (f"; resuming, {skipped} rows of this process already scored" if skipped else "")
+        )
     _score_shards(cfg, ds, tokenizer, model, todo, folder, settings, info, rank, world)
     barrier()
     if rank != 0:
         return 0
-    options = {**asdict(cfg), "model_info": info, "n_param_tensors": len(chosen),
-               "n_param_values": int(sum(p.numel() for p in chosen.values())),
-               "param_names": sorted(chosen), "processes": world}
+    options = {
+        **asdict(cfg),
+        "model_info": info,
+        "n_param_tensors": len(chosen),
+        "n_param_values": int(sum(p.numel() for p in chosen.values())),
+        "param_names": sorted(chosen),
+        "processes": world,
+    }
     _merge_and_report(folder, out, ds, options)
     return 0
 
@@ -445,27 +519,58 @@ def _scoring_model(cfg: EffortConfig, device: str):
     from llm_bridge.model import add_lora, load_tokenizer_and_model
 
     tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=device, dtype=cfg.dtype)
-    torch.manual_seed(cfg.seed)               # the fresh LoRA's init
-    model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     adapter=cfg.adapter, trainable=True)
+    torch.manual_seed(cfg.seed)  # the fresh LoRA's init
+    model = add_lora(
+        model,
+        r=cfg.lora_r,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        adapter=cfg.adapter,
+        trainable=True,
+    )
     model.eval()
     return tokenizer, model, info
 
 
 def _score_shards(cfg, ds, tokenizer, model, todo, folder, settings, info, rank, world):
     """Score each shard ``(a, b)`` of ``todo`` and commit it (atomic write + manifest)."""
-    bar = tqdm(total=sum(b - a for a, b in todo), desc=f"effort[{rank}]" if world > 1
-               else "effort", unit="sample", position=rank, dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(b - a for a, b in todo),
+        desc=f"effort[{rank}]" if world > 1 else "effort",
+        unit="sample",
+        position=rank,
+        dynamic_ncols=True,
+    )
     for a, b in todo:
         t0 = time.perf_counter()
-        samples = encode_users(tokenizer, ds, range(a, b), cutoff_len=cfg.cutoff_len,
-                               train_on_inputs=cfg.train_on_inputs)
-        scores = score_samples(model, samples, pad_id=tokenizer.pad_token_id,
-                               batch_size=cfg.batch_size, params=cfg.params or None,
-                               max_tokens=cfg.max_tokens, autocast=cfg.autocast, bar=bar)
-        save_scores(shard_path(folder, a, b), scores, kind=SHARD_KIND, dataset=ds.fingerprint(),
-                    seconds=time.perf_counter() - t0, rows=[a, b], settings=settings,
-                    batch_size=cfg.batch_size, device=info["device"])
+        samples = encode_users(
+            tokenizer,
+            ds,
+            range(a, b),
+            cutoff_len=cfg.cutoff_len,
+            train_on_inputs=cfg.train_on_inputs,
+        )
+        scores = score_samples(
+            model,
+            samples,
+            pad_id=tokenizer.pad_token_id,
+            batch_size=cfg.batch_size,
+            params=cfg.params or None,
+            max_tokens=cfg.max_tokens,
+            autocast=cfg.autocast,
+            bar=bar,
+        )
+        save_scores(
+            shard_path(folder, a, b),
+            scores,
+            kind=SHARD_KIND,
+            dataset=ds.fingerprint(),
+            seconds=time.perf_counter() - t0,
+            rows=[a, b],
+            settings=settings,
+            batch_size=cfg.batch_size,
+            device=info["device"],
+        )
     bar.close()
 
 
@@ -473,10 +578,14 @@ def _merge_and_report(folder: Path, out: Path, ds, options: dict) -> None:
     merged = merge_shards(folder, out, ds, options=options)
     if merged is None:
         n = sum(b - a for a, b in existing_shards(folder, ds))
-        print(f"effort: {n} of {ds.n_users} rows scored in {folder}; {out} is written when all "
-              "rows are (run the other --users ranges with the same --out)")
+        print(
+            f"effort: {n} of {ds.n_users} rows scored in {folder}; {out} is written when all "
+            "rows are (run the other --users ranges with the same --out)"
+        )
         return
     m = read_manifest(merged)
     rate = ds.n_users / m["seconds"] if m["seconds"] else float("nan")
-    print(f"effort: wrote {merged} ({ds.n_users} rows, {m['seconds']:.1f} s of scoring, "
-          f"{rate:.1f} samples/s)")
+    print(
+        f"effort: wrote {merged} ({ds.n_users} rows, {m['seconds']:.1f} s of scoring, "
+        f"{rate:.1f} samples/s)"
+    )

@@ -63,7 +63,7 @@ def rank_metrics(ranked_item_ids, truth_sets, ks=KS) -> dict[str, float]:
         if not truth:
             raise ValueError("every user needs at least one ground-truth item")
         top = [int(i) in truth for i in list(ranked)[:k_max]]
-        hits[row, :len(top)] = top
+        hits[row, : len(top)] = top
         n_truth[row] = len(truth)
     return recall_ndcg(hits, n_truth, ks)
 
@@ -75,13 +75,13 @@ def rank_items(query: np.ndarray, item_emb: np.ndarray, k: int) -> np.ndarray:
     query = np.asarray(query, dtype=np.float64)
     items = np.asarray(item_emb, dtype=np.float64)
     k = min(k, len(items))
-    sq = (items ** 2).sum(1)
+    sq = (items**2).sum(1)
     out = np.empty((len(query), k), dtype=np.int64)
     for u, q in enumerate(query):
         dist = np.sqrt(np.maximum(sq - 2.0 * items @ q + q @ q, 0.0))
         kth = np.partition(dist, k - 1)[k - 1]
-        cand = np.flatnonzero(dist <= kth)                    # all items tied at the boundary
-        cand = cand[np.lexsort((cand, dist[cand]))][:k]       # distance, then item id
+        cand = np.flatnonzero(dist <= kth)  # all items tied at the boundary
+        cand = cand[np.lexsort((cand, dist[cand]))][:k]  # distance, then item id
         out[u] = cand + 1
     return out
 
@@ -95,14 +95,16 @@ def _left_padded(ids: list[list[int]], pad: int) -> dict:
 
 def _base(model):
     """The underlying ``LlamaForCausalLM`` and a context that switches the adapter off."""
-    no_adapter = model.disable_adapter() if hasattr(model, "disable_adapter") \
-        else contextlib.nullcontext()
+    no_adapter = (
+        model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    )
     return unwrap(model), no_adapter
 
 
 @torch.no_grad()
-def embed_texts(model, tokenizer, texts: list[str], *, batch_size: int = 32,
-                desc: str | None = None) -> np.ndarray:
+def embed_texts(
+    model, tokenizer, texts: list[str], *, batch_size: int = 32, desc: str | None = None
+) -> np.ndarray:
     """BIGRec's text embedding: the base model's last-layer hidden state (after the final norm)
     at the last token of each text, ``[len(texts), hidden]`` float32.
 
@@ -117,16 +119,23 @@ def embed_texts(model, tokenizer, texts: list[str], *, batch_size: int = 32,
     hidden = base.config.hidden_size
     emb = np.zeros((len(unique), hidden), dtype=np.float32)
     with eval_mode(model), no_adapter:
-        for start in tqdm(range(0, len(unique), batch_size), desc=desc, unit="batch",
-                          disable=desc is None, leave=False):
-            chunk = unique[start:start + batch_size]
+        for start in tqdm(
+            range(0, len(unique), batch_size),
+            desc=desc,
+            unit="batch",
+            disable=desc is None,
+            leave=False,
+        ):
+            chunk = unique[start : start + batch_size]
             ids = [tokenizer(t)["input_ids"] or [tokenizer.eos_token_id] for t in chunk]
             batch = _left_padded(ids, tokenizer.pad_token_id)
             mask = batch["attention_mask"]
-            out = base.model(input_ids=batch["input_ids"].to(device),
-                             attention_mask=mask.to(device),
-                             position_ids=position_ids(mask).to(device))
-            emb[start:start + len(chunk)] = out.last_hidden_state[:, -1].float().cpu().numpy()
+            out = base.model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=mask.to(device),
+                position_ids=position_ids(mask).to(device),
+            )
+            emb[start : start + len(chunk)] = out.last_hidden_state[:, -1].float().cpu().numpy()
     return emb[[index[t] for t in texts]]
 
 
@@ -146,8 +155,15 @@ def _path_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def title_embeddings(model, tokenizer, titles: list[str], *, model_path: str | Path,
-                     cache_dir: str | Path, batch_size: int = 32) -> tuple[np.ndarray, dict]:
+def title_embeddings(
+    model,
+    tokenizer,
+    titles: list[str],
+    *,
+    model_path: str | Path,
+    cache_dir: str | Path,
+    batch_size: int = 32,
+) -> tuple[np.ndarray, dict]:
     """Embeddings ``[n_items, hidden]`` of ``titles[1:]`` by the base model, cached as ``.npy``.
 
     The cache key is the model file(s) (names, sizes, head/tail sha256), the dtype and the
@@ -155,19 +171,22 @@ def title_embeddings(model, tokenizer, titles: list[str], *, model_path: str | P
     """
     base, _ = _base(model)
     dtype = str(next(base.parameters()).dtype)
-    key = hashlib.sha256(json.dumps({"model": _path_digest(Path(model_path)), "dtype": dtype,
-                                     "titles": titles[1:]}).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps(
+            {"model": _path_digest(Path(model_path)), "dtype": dtype, "titles": titles[1:]}
+        ).encode()
+    ).hexdigest()[:24]
     path = Path(cache_dir) / f"title-emb-{key}.npy"
     if path.is_file():
         emb = np.load(path, allow_pickle=False)
         if emb.shape[0] == len(titles) - 1:
             return emb, {"cache": str(path), "cached": True, "seconds": 0.0}
     t0 = time.perf_counter()
-    emb = embed_texts(model, tokenizer, list(titles[1:]), batch_size=batch_size,
-                      desc="embed item titles")
+    emb = embed_texts(
+        model, tokenizer, list(titles[1:]), batch_size=batch_size, desc="embed item titles"
+    )
     atomic_write_bytes(path, lambda f: np.save(f, emb, allow_pickle=False))
-    return emb, {"cache": str(path), "cached": False,
-                 "seconds": round(time.perf_counter() - t0, 3)}
+    return emb, {"cache": str(path), "cached": False, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 # ----------------------------------------------------------------------------- generation
@@ -181,16 +200,23 @@ def prompt_ids(tokenizer, history_titles: list[str], cutoff_len: int = 512) -> l
     """Token ids of the inference prompt: the training template and truncation rule of
     :func:`llm_bridge.prompts.encode_sample` (oldest titles dropped to fit ``cutoff_len``) with
     an empty response; the ids are the sample's prompt part (its ``-100`` labels)."""
-    enc = encode_sample(tokenizer, history_titles, "", cutoff_len=cutoff_len,
-                        train_on_inputs=False)
+    enc = encode_sample(tokenizer, history_titles, "", cutoff_len=cutoff_len, train_on_inputs=False)
     ids, labels = list(enc["input_ids"]), list(enc["labels"])
     n = next((i for i, lab in enumerate(labels) if lab != IGNORE), len(ids))
     return ids[:n]
 
 
 @torch.no_grad()
-def generate(model, tokenizer, ids: list[list[int]], *, beams: int = 4, max_new_tokens: int = 64,
-             batch_size: int = 8, desc: str | None = "generate") -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    ids: list[list[int]],
+    *,
+    beams: int = 4,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    desc: str | None = "generate",
+) -> list[str]:
     """Beam-search responses to the prompts ``ids`` (batched, left-padded), decoded, cleaned."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
@@ -199,14 +225,19 @@ def generate(model, tokenizer, ids: list[list[int]], *, beams: int = 4, max_new_
     model.eval()
     bar = tqdm(total=len(ids), desc=desc, unit="user", disable=desc is None)
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         batch = _left_padded([ids[r] for r in rows], pad)
         width = batch["input_ids"].shape[1]
-        gen = model.generate(input_ids=batch["input_ids"].to(device),
-                             attention_mask=batch["attention_mask"].to(device),
-                             num_beams=beams, num_return_sequences=1, do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id)
+        gen = model.generate(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            num_beams=beams,
+            num_return_sequences=1,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         for r, seq in zip(rows, gen[:, width:]):
             out[r] = clean_response(tokenizer.decode(seq, skip_special_tokens=True))
         bar.update(len(rows))
@@ -215,21 +246,32 @@ def generate(model, tokenizer, ids: list[list[int]], *, beams: int = 4, max_new_
 
 
 @torch.no_grad()
-def target_losses(model, tokenizer, histories: list[list[str]], targets: list[str], *,
-                  cutoff_len: int = 512, batch_size: int = 8) -> np.ndarray:
+def target_losses(
+    model,
+    tokenizer,
+    histories: list[list[str]],
+    targets: list[str],
+    *,
+    cutoff_len: int = 512,
+    batch_size: int = 8,
+) -> np.ndarray:
     """``[n]`` the fine-tuned model's Eq. 1 loss of each user's first split item's title given
     the prompt (the per-user difficulty of paper Fig. 6)."""
     from llm_bridge.effort import per_sample_losses
 
-    samples = [encode_sample(tokenizer, h, t, cutoff_len=cutoff_len)
-               for h, t in zip(histories, targets)]
+    samples = [
+        encode_sample(tokenizer, h, t, cutoff_len=cutoff_len) for h, t in zip(histories, targets)
+    ]
     device = next(model.parameters()).device
     out = np.zeros(len(samples))
     for start in range(0, len(samples), batch_size):
-        batch = collate(samples[start:start + batch_size], tokenizer.pad_token_id, "right")
+        batch = collate(samples[start : start + batch_size], tokenizer.pad_token_id, "right")
         batch = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
-        out[start:start + batch_size] = per_sample_losses(
-            model, batch["input_ids"], batch["attention_mask"], batch["labels"]).float().cpu()
+        out[start : start + batch_size] = (
+            per_sample_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            .float()
+            .cpu()
+        )
     return out
 
 
@@ -253,6 +295,7 @@ def main(cfg: EvaluateConfig) -> int:
     embeddings (BIGRec), write Recall/NDCG@{10,20} to ``cfg.out`` and predictions beside it."""
     if cfg.backend == "tiger":
         from llm_bridge.tiger.evaluate import main as tiger_main
+
         return tiger_main(cfg)
     from llm_bridge.model import default_model_path
 
@@ -266,20 +309,36 @@ def main(cfg: EvaluateConfig) -> int:
     tokenizer, model, info = _eval_model(cfg)
     load_seconds = time.perf_counter() - t0
     item_emb, cache_info = title_embeddings(
-        model, tokenizer, ds.titles, model_path=cfg.model or default_model_path(),
-        cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 32))
+        model,
+        tokenizer,
+        ds.titles,
+        model_path=cfg.model or default_model_path(),
+        cache_dir=cfg.cache_dir,
+        batch_size=max(cfg.batch_size, 32),
+    )
     hist = history(ds, cfg.split)
-    prompts = [prompt_ids(tokenizer, [ds.titles[i] for i in hist[r]], cfg.cutoff_len)
-               for r in rows]
+    prompts = [prompt_ids(tokenizer, [ds.titles[i] for i in hist[r]], cfg.cutoff_len) for r in rows]
     t1 = time.perf_counter()
-    texts = generate(model, tokenizer, prompts, beams=cfg.beams,
-                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    texts = generate(
+        model,
+        tokenizer,
+        prompts,
+        beams=cfg.beams,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+    )
     t2 = time.perf_counter()
-    losses = target_losses(model, tokenizer, [[ds.titles[i] for i in hist[r]] for r in rows],
-                           [ds.titles[int(ds.split(cfg.split)[r][0])] for r in rows],
-                           cutoff_len=cfg.cutoff_len, batch_size=cfg.batch_size)
-    pred_emb = embed_texts(model, tokenizer, texts, batch_size=max(cfg.batch_size, 32),
-                           desc="embed predictions")
+    losses = target_losses(
+        model,
+        tokenizer,
+        [[ds.titles[i] for i in hist[r]] for r in rows],
+        [ds.titles[int(ds.split(cfg.split)[r][0])] for r in rows],
+        cutoff_len=cfg.cutoff_len,
+        batch_size=cfg.batch_size,
+    )
+    pred_emb = embed_texts(
+        model, tokenizer, texts, batch_size=max(cfg.batch_size, 32), desc="embed predictions"
+    )
     ranked = rank_items(pred_emb, item_emb, max(KS))
     t3 = time.perf_counter()
     truth = [set(int(i) for i in ds.split(cfg.split)[r]) for r in rows]
@@ -287,23 +346,33 @@ def main(cfg: EvaluateConfig) -> int:
     n_with_items = sum(1 for t in ds.split(cfg.split) if len(t))
     out = Path(cfg.out)
     result = {
-        "split": cfg.split, **metrics,
-        "n_users": int(len(rows)), "n_users_with_items": int(n_with_items),
-        "subsample": bool(0 < cfg.users < n_with_items), "seed": cfg.seed,
+        "split": cfg.split,
+        **metrics,
+        "n_users": int(len(rows)),
+        "n_users_with_items": int(n_with_items),
+        "subsample": bool(0 < cfg.users < n_with_items),
+        "seed": cfg.seed,
         "seconds": round(time.perf_counter() - t0, 3),
         "seconds_per_100_users": round((t3 - t1) / len(rows) * 100, 3),
-        "seconds_generation": round(t2 - t1, 3), "seconds_grounding": round(t3 - t2, 3),
-        "seconds_model_load": round(load_seconds, 3), "title_embeddings": cache_info,
-        "model": cfg.model or "default (SmolLM2-135M-Instruct GGUF)", "adapter": cfg.adapter,
-        "model_info": jsonable(info), "config": asdict(cfg),
+        "seconds_generation": round(t2 - t1, 3),
+        "seconds_grounding": round(t3 - t2, 3),
+        "seconds_model_load": round(load_seconds, 3),
+        "title_embeddings": cache_info,
+        "model": cfg.model or "default (SmolLM2-135M-Instruct GGUF)",
+        "adapter": cfg.adapter,
+        "model_info": jsonable(info),
+        "config": asdict(cfg),
         "predictions": str(out.with_suffix(".predictions.jsonl")),
     }
-    _write_predictions(out.with_suffix(".predictions.jsonl"), ds, rows, texts, ranked, truth,
-                       losses)
+    _write_predictions(
+        out.with_suffix(".predictions.jsonl"), ds, rows, texts, ranked, truth, losses
+    )
     write_json(out, result)
-    print(f"evaluate {cfg.split} ({len(rows)} users): "
-          + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-          + f"; {result['seconds_per_100_users']:.1f} s per 100 users")
+    print(
+        f"evaluate {cfg.split} ({len(rows)} users): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        + f"; {result['seconds_per_100_users']:.1f} s per 100 users"
+    )
     return 0
 
 
@@ -312,8 +381,7 @@ def _eval_model(cfg: EvaluateConfig):
     from llm_bridge.model import add_lora, load_tokenizer_and_model
 
     torch.manual_seed(cfg.seed)
-    tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=cfg.device,
-                                                      dtype=cfg.dtype)
+    tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     if cfg.adapter:
         model = add_lora(model, adapter=cfg.adapter, trainable=False)
     model.eval()
@@ -323,9 +391,18 @@ def _eval_model(cfg: EvaluateConfig):
 def _write_predictions(path: Path, ds, rows, texts, ranked, truth, losses) -> None:
     """One JSON line per evaluated user: its generation, top items, true items and the loss of
     its first true item."""
-    lines = [json.dumps({"row": int(r), "user_id": int(ds.user_ids[r]), "prediction": t,
-                         "top": [int(i) for i in ranked[j]], "truth": sorted(truth[j]),
-                         "loss": round(float(losses[j]), 6)})
-             for j, (r, t) in enumerate(zip(rows, texts))]
+    lines = [
+        json.dumps(
+            {
+                "row": int(r),
+                "user_id": int(ds.user_ids[r]),
+                "prediction": t,
+                "top": [int(i) for i in ranked[j]],
+                "truth": sorted(truth[j]),
+                "loss": round(float(losses[j]), 6),
+            }
+        )
+        for j, (r, t) in enumerate(zip(rows, texts))
+    ]
     blob = ("\n".join(lines) + "\n").encode()
     atomic_write_bytes(path, lambda f: f.write(blob))

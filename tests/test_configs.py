@@ -1,4 +1,5 @@
-"""Every config shipped in configs/ parses: known sections, known keys, right types, known methods."""
+"""Every config shipped in configs/ parses: known sections, known keys, right types, known
+methods."""
 
 from pathlib import Path
 
@@ -15,8 +16,14 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {"demo.yaml", "games.yaml", "table2_smoke.yaml", "table2_gpu.yaml",
-            "tiger_demo.yaml", "table2_tiger.yaml"} <= names
+    assert {
+        "demo.yaml",
+        "games.yaml",
+        "table2_smoke.yaml",
+        "table2_gpu.yaml",
+        "tiger_demo.yaml",
+        "table2_tiger.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -31,9 +38,12 @@ def test_shipped_config_parses(path):
 
 def test_experiment_rejects_unknown_method_before_running(tmp_path):
     from jaxrec.experiment import ExperimentArgs, main
+
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(f"pipeline:\n  workdir: {tmp_path / 'w'}\n  data: {tmp_path / 'nodata'}\n"
-                   "experiment:\n  methods: [random, best]\n  seeds: [0]\n")
+    cfg.write_text(
+        f"pipeline:\n  workdir: {tmp_path / 'w'}\n  data: {tmp_path / 'nodata'}\n"
+        "experiment:\n  methods: [random, best]\n  seeds: [0]\n"
+    )
     with pytest.raises(UserError, match="unknown method 'best'"):
         main(ExperimentArgs(config=str(cfg)))
     assert not (tmp_path / "w").exists()

@@ -8,8 +8,14 @@ import pytest
 
 from jaxrec.data.ranking import per_user_recall_ndcg, recall_ndcg
 from jaxrec.errors import UserError
-from jaxrec.experiment import (Cell, check_sweep, group_rows, loss_groups, per_user_metrics,
-                               user_tests)
+from jaxrec.experiment import (
+    Cell,
+    check_sweep,
+    group_rows,
+    loss_groups,
+    per_user_metrics,
+    user_tests,
+)
 
 
 def test_per_user_metrics_hand_worked():
@@ -42,12 +48,15 @@ def test_sweep_grid_and_names():
     assert check_sweep({}, {}, "cfg") == [()]
 
 
-@pytest.mark.parametrize("sweep, message", [
-    ({"select.nn": [1]}, "unknown key 'nn'"),
-    ({"select.n": ["many"]}, "n must be int"),
-    ({"surrogate.epochs": [1]}, "cannot sweep 'surrogate.epochs'"),
-    ({"select.n": []}, "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        ({"select.nn": [1]}, "unknown key 'nn'"),
+        ({"select.n": ["many"]}, "n must be int"),
+        ({"surrogate.epochs": [1]}, "cannot sweep 'surrogate.epochs'"),
+        ({"select.n": []}, "non-empty list"),
+    ],
+)
 def test_sweep_errors(sweep, message):
     with pytest.raises(UserError, match=message):
         check_sweep(sweep, {}, "cfg")
@@ -55,17 +64,23 @@ def test_sweep_errors(sweep, message):
 
 def _run(tmp_path, name, method, seed, per_user_hits):
     path = tmp_path / f"{name}.jsonl"
-    path.write_text("".join(json.dumps({"row": r, "top": [1] if hit else [2], "truth": [1]}) + "\n"
-                            for r, hit in enumerate(per_user_hits)))
+    path.write_text(
+        "".join(
+            json.dumps({"row": r, "top": [1] if hit else [2], "truth": [1]}) + "\n"
+            for r, hit in enumerate(per_user_hits)
+        )
+    )
     return {"method": method, "seed": seed, "predictions": str(path)}
 
 
 def test_user_tests_pair_users_over_seeds(tmp_path):
     n = 40
-    rows = [_run(tmp_path, "r0", "random", 0, [u < 10 for u in range(n)]),
-            _run(tmp_path, "r1", "random", 1, [u < 10 for u in range(n)]),
-            _run(tmp_path, "d0", "dealrec", 0, [u < 30 for u in range(n)]),
-            _run(tmp_path, "d1", "dealrec", 1, [u < 20 for u in range(n)])]
+    rows = [
+        _run(tmp_path, "r0", "random", 0, [u < 10 for u in range(n)]),
+        _run(tmp_path, "r1", "random", 1, [u < 10 for u in range(n)]),
+        _run(tmp_path, "d0", "dealrec", 0, [u < 30 for u in range(n)]),
+        _run(tmp_path, "d1", "dealrec", 1, [u < 20 for u in range(n)]),
+    ]
     (t,) = [t for t in user_tests(rows, ["random", "dealrec"]) if t["metric"] == "recall@10"]
     assert t["n_users"] == n and t["seeds"] == 2
     assert t["random"] == pytest.approx(0.25) and t["mean"] == pytest.approx(25 / 40)
@@ -85,31 +100,56 @@ def test_loss_groups_partition_equal_and_ordered():
 def test_group_rows_use_the_reference_runs_groups(tmp_path):
     def run(name, method, hits, losses):
         path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"row": r, "top": [1] if h else [2], "truth": [1],
-                                            "loss": l}) + "\n"
-                                for r, (h, l) in enumerate(zip(hits, losses))))
-        return {"method": method, "seed": 0, "predictions": str(path), "select_seconds": 0,
-                "finetune_seconds": 0, "evaluate_seconds": 0}
+        path.write_text(
+            "".join(
+                json.dumps({"row": r, "top": [1] if h else [2], "truth": [1], "loss": l}) + "\n"
+                for r, (h, l) in enumerate(zip(hits, losses))
+            )
+        )
+        return {
+            "method": method,
+            "seed": 0,
+            "predictions": str(path),
+            "select_seconds": 0,
+            "finetune_seconds": 0,
+            "evaluate_seconds": 0,
+        }
+
     # random's losses put users 3,4,5 in the easiest group; dealrec hits exactly users 0,1,2
     ref = run("r", "random", [1, 0, 0, 1, 1, 1], [9, 8, 7, 1, 2, 3])
     other = run("d", "dealrec", [1, 1, 1, 0, 0, 0], [0] * 6)
     rows = group_rows([ref, other], [], "random", 2)
     got = {(r["method"], r["group"]): r["recall@10"] for r in rows}
-    assert got == {("random", 1): 1.0, ("random", 2): 1 / 3,
-                   ("dealrec", 1): 0.0, ("dealrec", 2): 1.0}
+    assert got == {
+        ("random", 1): 1.0,
+        ("random", 2): 1 / 3,
+        ("dealrec", 1): 0.0,
+        ("dealrec", 2): 1.0,
+    }
 
 
 def test_figures_from_a_sweep_and_groups(tmp_path):
     from jaxrec.experiment import summarise, write_csv
     from jaxrec.figures import experiment_figures, read_table
+
     rows = []
     for n in (8, 16):
         for method in ("random", "dealrec", "all"):
             for seed in (0, 1):
-                rows.append({"select.n": n, "method": method, "seed": seed,
-                             **{k: 0.01 * n + seed * 0.001 for k in
-                                ("recall@10", "recall@20", "ndcg@10", "ndcg@20")},
-                             "select_seconds": 1, "finetune_seconds": n, "evaluate_seconds": 2})
+                rows.append(
+                    {
+                        "select.n": n,
+                        "method": method,
+                        "seed": seed,
+                        **{
+                            k: 0.01 * n + seed * 0.001
+                            for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+                        },
+                        "select_seconds": 1,
+                        "finetune_seconds": n,
+                        "evaluate_seconds": 2,
+                    }
+                )
     table, _ = summarise(rows, ["random", "dealrec", "all"], ["select.n"])
     write_csv(tmp_path / "results.csv", table)
     groups = [dict(r, group=g) for r in table for g in (1, 2, 3)]

@@ -1,7 +1,6 @@
 """The influence engine on a trained SASRec surrogate (issue 2, validation item 5) and the
 ``dealrec influence`` command end to end, including its bad-input behaviour."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,22 +15,27 @@ from jaxrec.data.buckets import width_strata
 from jaxrec.influence import LissaOptions, ParamSubset, influence_scores
 from jaxrec.influence.cli import compute
 
-BLOCK = r"^ffn_2_1/kernel$"      # the 64x64 block of the paper's code (4096 parameters)
+BLOCK = r"^ffn_2_1/kernel$"  # the 64x64 block of the paper's code (4096 parameters)
 
 
 @pytest.fixture(scope="module")
 def surrogate(trained_run):
     from jaxrec.train import load_surrogate
+
     return load_surrogate(trained_run[0])
 
 
 def test_width_strata_keep_every_user_and_the_loss(surrogate):
     order, parts = width_strata(surrogate.data, surrogate.config.max_len)
     assert sorted(order.tolist()) == list(range(surrogate.dataset.n_users))
-    cut = np.concatenate([np.asarray(surrogate.per_sample_loss(surrogate.params, p))
-                          for p in parts])
-    full = np.asarray(surrogate.per_sample_loss(
-        surrogate.params, {k: surrogate.data[k] for k in ("inputs", "targets", "negatives")}))
+    cut = np.concatenate(
+        [np.asarray(surrogate.per_sample_loss(surrogate.params, p)) for p in parts]
+    )
+    full = np.asarray(
+        surrogate.per_sample_loss(
+            surrogate.params, {k: surrogate.data[k] for k in ("inputs", "targets", "negatives")}
+        )
+    )
     np.testing.assert_allclose(cut, full[order], atol=1e-5)
 
 
@@ -41,21 +45,40 @@ def test_lissa_vs_exact_on_trained_sasrec_block(surrogate):
     float64 solve of the 4096 x 4096 Hessian built from HVPs, on the paper's block."""
     common = dict(params=BLOCK, convention="dealrec", damping=0.01, scale=25.0)
     exact, info_e = compute(InfluenceConfig(solver="exact", **common), surrogate, progress=False)
-    lissa, info_l = compute(InfluenceConfig(solver="lissa", steps=2000, lissa_batch_size=32,
-                                            **common), surrogate, progress=False)
+    lissa, info_l = compute(
+        InfluenceConfig(solver="lissa", steps=2000, lissa_batch_size=32, **common),
+        surrogate,
+        progress=False,
+    )
     assert info_e["n_params"] == 4096 and info_e["solver"]["dim"] == 4096
     rel = np.linalg.norm(lissa - exact) / np.linalg.norm(exact)
     rho = stats.spearmanr(lissa, exact)[0]
-    print(f"\nSASRec 64x64 block: LiSSA vs exact relative error {rel:.4f}, Spearman {rho:.4f}, "
-          f"Hessian eigenvalues [{info_e['solver']['eig_min']:.3g}, "
-          f"{info_e['solver']['eig_max']:.3g}]")
+    print(
+        f"\nSASRec 64x64 block: LiSSA vs exact relative error {rel:.4f}, Spearman {rho:.4f}, "
+        f"Hessian eigenvalues [{info_e['solver']['eig_min']:.3g}, "
+        f"{info_e['solver']['eig_max']:.3g}]"
+    )
     assert rel < 0.1 and rho > 0.95
 
 
 def test_cli_writes_scores_manifest_and_trace(trained_run, surrogate, tmp_path):
     out = tmp_path / "inf.npy"
-    assert cli_main(["influence", "--run", str(trained_run[0]), "--out", str(out),
-                     "--steps", "300", "--params", "^ffn_"]) == 0
+    assert (
+        cli_main(
+            [
+                "influence",
+                "--run",
+                str(trained_run[0]),
+                "--out",
+                str(out),
+                "--steps",
+                "300",
+                "--params",
+                "^ffn_",
+            ]
+        )
+        == 0
+    )
     scores, manifest = load_scores(out, kind="influence", dataset=surrogate.dataset.fingerprint())
     assert scores.dtype == np.float32 and np.isfinite(scores).all() and np.abs(scores).max() > 0
     assert manifest["solver"]["solver"] == "lissa" and manifest["param_filter"] == "^ffn_"
@@ -64,15 +87,20 @@ def test_cli_writes_scores_manifest_and_trace(trained_run, surrogate, tmp_path):
     assert trace.shape == (1, 300) and np.isfinite(trace).all()
     for score in ("grand", "el2n"):
         path = tmp_path / f"{score}.npy"
-        assert cli_main(["influence", "--run", str(trained_run[0]), "--out", str(path),
-                         "--score", score]) == 0
+        assert (
+            cli_main(
+                ["influence", "--run", str(trained_run[0]), "--out", str(path), "--score", score]
+            )
+            == 0
+        )
         s, _ = load_scores(path, kind=score, dataset=surrogate.dataset.fingerprint())
         assert np.isfinite(s).all() and (s >= 0).all()
     # GraNd of two users against a direct per-sample gradient norm
     grand, _ = load_scores(tmp_path / "grand.npy")
     for i in (0, 7):
-        one = {k: jnp.asarray(surrogate.data[k][i:i + 1])
-               for k in ("inputs", "targets", "negatives")}
+        one = {
+            k: jnp.asarray(surrogate.data[k][i : i + 1]) for k in ("inputs", "targets", "negatives")
+        }
         g = jax.grad(lambda p: surrogate.per_sample_loss(p, one)[0])(surrogate.params)
         assert grand[i] == pytest.approx(float(jnp.linalg.norm(ravel_pytree(g)[0])), rel=1e-4)
 
@@ -80,16 +108,41 @@ def test_cli_writes_scores_manifest_and_trace(trained_run, surrogate, tmp_path):
 def test_cli_equals_library_influence_scores(trained_run, surrogate, tmp_path):
     """`dealrec influence` is influence_scores(...) on the width buckets, nothing else."""
     out = tmp_path / "inf.npy"
-    assert cli_main(["influence", "--run", str(trained_run[0]), "--out", str(out),
-                     "--steps", "200", "--lissa-batch-size", "8", "--params", "^ffn_",
-                     "--seed", "3", "--compile-cache", ""]) == 0
+    assert (
+        cli_main(
+            [
+                "influence",
+                "--run",
+                str(trained_run[0]),
+                "--out",
+                str(out),
+                "--steps",
+                "200",
+                "--lissa-batch-size",
+                "8",
+                "--params",
+                "^ffn_",
+                "--seed",
+                "3",
+                "--compile-cache",
+                "",
+            ]
+        )
+        == 0
+    )
     got, manifest = load_scores(out, kind="influence")
     sub = ParamSubset(surrogate.params, "^ffn_")
     order, parts = width_strata(surrogate.data, surrogate.config.max_len)
-    s, info = influence_scores(sub.restrict(surrogate.loss),
-                               sub.restrict(surrogate.per_sample_loss), sub.params, parts,
-                               solver=LissaOptions(steps=200, batch_size=8, seed=3),
-                               damping=0.01, convention="dealrec", scale=25.0)
+    s, info = influence_scores(
+        sub.restrict(surrogate.loss),
+        sub.restrict(surrogate.per_sample_loss),
+        sub.params,
+        parts,
+        solver=LissaOptions(steps=200, batch_size=8, seed=3),
+        damping=0.01,
+        convention="dealrec",
+        scale=25.0,
+    )
     want = np.empty_like(s)
     want[order] = s
     np.testing.assert_array_equal(got, want.astype(np.float32))
@@ -99,17 +152,37 @@ def test_cli_equals_library_influence_scores(trained_run, surrogate, tmp_path):
 def test_cli_translates_library_argument_names(trained_run, tmp_path, capsys):
     """The library names its arguments (scale=); the command line names its flags."""
     out = tmp_path / "x.npy"
-    assert cli_main(["influence", "--run", str(trained_run[0]), "--out", str(out),
-                     "--params", "^ffn_2_1/kernel$", "--scale", "0.0001", "--steps", "500",
-                     "--compile-cache", ""]) == 2
+    assert (
+        cli_main(
+            [
+                "influence",
+                "--run",
+                str(trained_run[0]),
+                "--out",
+                str(out),
+                "--params",
+                "^ffn_2_1/kernel$",
+                "--scale",
+                "0.0001",
+                "--steps",
+                "500",
+                "--compile-cache",
+                "",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "use --scale " in err and "scale=" not in err and not out.exists()
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--params", "^no_such_layer"], "matches no parameter"),
-    (["--steps", "0"], "--steps 0"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--params", "^no_such_layer"], "matches no parameter"),
+        (["--steps", "0"], "--steps 0"),
+    ],
+)
 def test_cli_bad_input_exit_2_no_file(trained_run, tmp_path, capsys, flags, message):
     out = tmp_path / "x.npy"
     assert cli_main(["influence", "--run", str(trained_run[0]), "--out", str(out), *flags]) == 2

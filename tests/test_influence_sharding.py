@@ -38,10 +38,14 @@ print(json.dumps(out))
 
 
 def run(devices: int) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -49,8 +53,8 @@ def run(devices: int) -> dict:
 def test_four_devices_equal_one():
     one, four = run(1), run(4)
     assert one["devices"] == 1 and four["devices"] == 4
-    assert four["batch_devices"] == 4 and four["batch_rows"] == 12   # 10 rounded up to 4 x 3
+    assert four["batch_devices"] == 4 and four["batch_rows"] == 12  # 10 rounded up to 4 x 3
     assert len(four["scores"]) == 103
     np.testing.assert_allclose(four["scores"], one["scores"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(four["grad"], one["grad"], atol=1e-5, rtol=0)
-    assert np.abs(one["scores"]).max() > 0.1         # not trivially zero
+    assert np.abs(one["scores"]).max() > 0.1  # not trivially zero

@@ -23,23 +23,31 @@ from tests.llm_fixtures import tiny_llama
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("effort")
-    data = make_synthetic(root / "data", n_users=23, n_items=30, n_clusters=3, min_len=1,
-                          max_len=8, seed=2)
+    data = make_synthetic(
+        root / "data", n_users=23, n_items=30, n_clusters=3, min_len=1, max_len=8, seed=2
+    )
     model_dir = tiny_llama(root / "model")
     tok, lm, _ = load_tokenizer_and_model(str(model_dir), device="cpu", dtype="float32")
     torch.manual_seed(0)
     lm = add_lora(lm)
     lm.eval()
-    return {"root": root, "data": data, "ds": load_dataset(data), "model": str(model_dir),
-            "tok": tok, "lm": lm}
+    return {
+        "root": root,
+        "data": data,
+        "ds": load_dataset(data),
+        "model": str(model_dir),
+        "tok": tok,
+        "lm": lm,
+    }
 
 
 def reference_norms(model, samples, params) -> torch.Tensor:
     """The independent reference: one sample at a time, transformers' own loss, autograd."""
     out = []
     for s in samples:
-        loss = model(input_ids=torch.tensor([s["input_ids"]]),
-                     labels=torch.tensor([s["labels"]])).loss
+        loss = model(
+            input_ids=torch.tensor([s["input_ids"]]), labels=torch.tensor([s["labels"]])
+        ).loss
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         out.append(torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)))
     return torch.stack(out)
@@ -77,7 +85,7 @@ def _restore(model, saved):
 @pytest.mark.parametrize("batch", [1, 3, 7])
 def test_batched_norms_equal_batch1_loop(env, side, batch):
     model = env["lm"]
-    saved = _randomise_lora_b(model)          # nonzero lora_B: lora_A gradients are nonzero too
+    saved = _randomise_lora_b(model)  # nonzero lora_B: lora_A gradients are nonzero too
     try:
         samples = _samples(env, range(batch))
         params = [p for p in model.parameters() if p.requires_grad]
@@ -86,9 +94,10 @@ def test_batched_norms_equal_batch1_loop(env, side, batch):
         got = effort.per_sample_grad_norms(model, b["input_ids"], b["attention_mask"], b["labels"])
         assert got.shape == (batch,) and torch.all(ref > 1e-3)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=0)
-        assert all(p.grad is None for p in model.parameters())   # nothing accumulated
-        assert [n for n, p in model.named_parameters() if p.requires_grad] == \
-            [n for n, p in model.named_parameters() if "lora_" in n]
+        assert all(p.grad is None for p in model.parameters())  # nothing accumulated
+        assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+            n for n, p in model.named_parameters() if "lora_" in n
+        ]
     finally:
         _restore(model, saved)
 
@@ -106,12 +115,14 @@ def test_token_budget_splits_a_batch_without_changing_norms(env, side):
         b = collate(samples, env["tok"].pad_token_id, side)
         longest = int(b["attention_mask"].sum(-1).max())
         for budget in (0, longest, 2 * longest + 1, 10_000):
-            got = effort.per_sample_grad_norms(model, b["input_ids"], b["attention_mask"],
-                                               b["labels"], max_tokens=budget)
+            got = effort.per_sample_grad_norms(
+                model, b["input_ids"], b["attention_mask"], b["labels"], max_tokens=budget
+            )
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=0)
         with pytest.raises(ValueError, match="autocast='fp8'"):
-            effort.per_sample_grad_norms(model, b["input_ids"], b["attention_mask"],
-                                         b["labels"], autocast="fp8")
+            effort.per_sample_grad_norms(
+                model, b["input_ids"], b["attention_mask"], b["labels"], autocast="fp8"
+            )
     finally:
         _restore(model, saved)
 
@@ -121,10 +132,12 @@ def test_fresh_lora_only_lora_b_has_gradient(env):
     samples = _samples(env, range(4), train_on_inputs=False)
     b = collate(samples, env["tok"].pad_token_id)
     all_ = effort.per_sample_grad_norms(model, b["input_ids"], b["attention_mask"], b["labels"])
-    only_b = effort.per_sample_grad_norms(model, b["input_ids"], b["attention_mask"], b["labels"],
-                                          params=r"lora_B")
-    only_a = effort.per_sample_grad_norms(model, b["input_ids"], b["attention_mask"], b["labels"],
-                                          params=r"lora_A")
+    only_b = effort.per_sample_grad_norms(
+        model, b["input_ids"], b["attention_mask"], b["labels"], params=r"lora_B"
+    )
+    only_a = effort.per_sample_grad_norms(
+        model, b["input_ids"], b["attention_mask"], b["labels"], params=r"lora_A"
+    )
     torch.testing.assert_close(all_, only_b, rtol=1e-6, atol=0)
     assert float(only_a.abs().max()) == 0.0 and float(all_.min()) > 0
     ref = reference_norms(model, samples, [p for p in model.parameters() if p.requires_grad])
@@ -148,14 +161,17 @@ def test_params_regex_including_non_linear_parameters(env):
             ref = reference_norms(model, samples, chosen)
             for n, p in named.items():
                 p.requires_grad_(flags[n])
-            got = effort.per_sample_grad_norms(model, b["input_ids"], b["attention_mask"],
-                                               b["labels"], params=regex)
+            got = effort.per_sample_grad_norms(
+                model, b["input_ids"], b["attention_mask"], b["labels"], params=regex
+            )
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=0)
-            assert {n for n, p in named.items() if p.requires_grad} == \
-                {n for n, f in flags.items() if f}
+            assert {n for n, p in named.items() if p.requires_grad} == {
+                n for n, f in flags.items() if f
+            }
         with pytest.raises(UserError, match="no parameter matches"):
-            effort.per_sample_grad_norms(model, b["input_ids"], b["attention_mask"], b["labels"],
-                                         params="nothing_like_this")
+            effort.per_sample_grad_norms(
+                model, b["input_ids"], b["attention_mask"], b["labels"], params="nothing_like_this"
+            )
     finally:
         _restore(model, saved)
 
@@ -179,8 +195,16 @@ def test_shard_ranges_and_users():
 
 # ----------------------------------------------------------------------------- dealrec effort
 def _cfg(env, out, **kw):
-    base = dict(data=str(env["data"]), out=str(out), model=env["model"], batch_size=4,
-                shard_size=5, device="cpu", dtype="float32", seed=0)
+    base = dict(
+        data=str(env["data"]),
+        out=str(out),
+        model=env["model"],
+        batch_size=4,
+        shard_size=5,
+        device="cpu",
+        dtype="float32",
+        seed=0,
+    )
     return EffortConfig(**{**base, **kw})
 
 
@@ -200,8 +224,11 @@ def test_main_scores_every_user_like_the_loop(env, full_run):
     torch.manual_seed(0)
     lm = add_lora(lm)
     lm.eval()
-    ref = reference_norms(lm, _samples(env, range(ds.n_users), train_on_inputs=False),
-                          [p for p in lm.parameters() if p.requires_grad])
+    ref = reference_norms(
+        lm,
+        _samples(env, range(ds.n_users), train_on_inputs=False),
+        [p for p in lm.parameters() if p.requires_grad],
+    )
     np.testing.assert_allclose(scores, ref.numpy(), rtol=1e-4)
     assert manifest["kind"] == "effort" and manifest["shards"] == 5
     assert manifest["options"]["params"] == "" and "Eq. 1" in manifest["loss"]
@@ -224,7 +251,7 @@ def test_resume_after_kill_scores_each_sample_once(env, full_run, monkeypatch):
         calls.append(len(samples))
         if len(calls) == 3 and not kill_done:
             kill_done.append(True)
-            raise Killed                     # killed while scoring the third shard
+            raise Killed  # killed while scoring the third shard
         return real(model, samples, **kw)
 
     monkeypatch.setattr(effort, "score_samples", counting)
@@ -234,7 +261,7 @@ def test_resume_after_kill_scores_each_sample_once(env, full_run, monkeypatch):
     assert len(list((out.parent / "effort.npy.shards").glob("rows-*.json"))) == 2
     calls.clear()
     effort.main(_cfg(env, out, resume=True, batch_size=3))
-    assert sum(calls) == env["ds"].n_users - 10          # the 10 rows already done: not again
+    assert sum(calls) == env["ds"].n_users - 10  # the 10 rows already done: not again
     np.testing.assert_allclose(np.load(out), np.load(full_run), rtol=1e-5)
 
 
@@ -249,15 +276,23 @@ def test_users_ranges_merge_when_complete(env, full_run, capsys):
 def test_shard_from_another_dataset_is_rejected(env, full_run, tmp_path):
     out = tmp_path / "effort.npy"
     folder = tmp_path / "effort.npy.shards"
-    save_scores(folder / "rows-00000000-00000005.npy", np.ones(5), kind=effort.SHARD_KIND,
-                dataset={"train_sha256": "0" * 64, "n_users": 23}, rows=[0, 5], settings={})
+    save_scores(
+        folder / "rows-00000000-00000005.npy",
+        np.ones(5),
+        kind=effort.SHARD_KIND,
+        dataset={"train_sha256": "0" * 64, "n_users": 23},
+        rows=[0, 5],
+        settings={},
+    )
     before = (folder / "rows-00000000-00000005.npy").read_bytes()
     with pytest.raises(UserError, match="another dataset") as e:
         effort.main(_cfg(env, out, resume=True))
     assert "\n" not in str(e.value) and not out.exists()
     assert (folder / "rows-00000000-00000005.npy").read_bytes() == before
-    assert sorted(p.name for p in folder.iterdir()) == ["rows-00000000-00000005.json",
-                                                         "rows-00000000-00000005.npy"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "rows-00000000-00000005.json",
+        "rows-00000000-00000005.npy",
+    ]
 
 
 def test_shard_with_other_settings_is_rejected(env, full_run, tmp_path):
@@ -276,8 +311,19 @@ def test_cli_bad_model_one_line_exit_2(env, tmp_path, capsys):
 
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
     out = tmp_path / "effort.npy"
-    rc = cli(["effort", "--data", str(env["data"]), "--out", str(out), "--model",
-              str(tmp_path / "gpt2"), "--device", "cpu"])
+    rc = cli(
+        [
+            "effort",
+            "--data",
+            str(env["data"]),
+            "--out",
+            str(out),
+            "--model",
+            str(tmp_path / "gpt2"),
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "not LLaMA-family" in err and len(err.splitlines()) == 1
     assert not out.exists() and not (tmp_path / "effort.npy.shards").exists()
@@ -287,8 +333,14 @@ def test_manifest_is_json_and_merge_refuses_gaps(env, full_run, tmp_path):
     manifest = json.loads(full_run.with_suffix(".json").read_text())
     assert manifest["dataset"]["n_users"] == env["ds"].n_users
     folder = tmp_path / "x.npy.shards"
-    save_scores(folder / "rows-00000000-00000005.npy", np.ones(5), kind=effort.SHARD_KIND,
-                dataset=env["ds"].fingerprint(), rows=[0, 5], settings={})
+    save_scores(
+        folder / "rows-00000000-00000005.npy",
+        np.ones(5),
+        kind=effort.SHARD_KIND,
+        dataset=env["ds"].fingerprint(),
+        rows=[0, 5],
+        settings={},
+    )
     assert effort.merge_shards(folder, tmp_path / "x.npy", env["ds"]) is None
     assert not (tmp_path / "x.npy").exists()
 
@@ -297,8 +349,8 @@ def test_length_batches():
     lengths = [5, 100, 7, 6, 50, 8, 9]
     batches = effort.length_batches(lengths, batch_size=3, max_tokens=120)
     flat = np.concatenate(batches)
-    assert sorted(flat.tolist()) == list(range(7))                     # every sample once
-    assert [lengths[i] for i in flat] == sorted(lengths)              # sorted by length
+    assert sorted(flat.tolist()) == list(range(7))  # every sample once
+    assert [lengths[i] for i in flat] == sorted(lengths)  # sorted by length
     for b in batches:
         assert len(b) <= 3 and (len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 120)
     assert [len(b) for b in effort.length_batches(lengths, 3)] == [3, 3, 1]

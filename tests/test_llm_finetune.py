@@ -24,22 +24,41 @@ def setup(tmp_path_factory):
     data = make_synthetic(root / "data", n_users=60, n_items=30, n_clusters=3, max_len=6, seed=1)
     ds = load_dataset(data)
     model_dir = tiny_llama(root / "model")
-    rows = np.arange(0, 60, 3)                                  # 20 users
+    rows = np.arange(0, 60, 3)  # 20 users
     sel = save_scores(root / "selected.npy", rows, kind="selection", dataset=ds.fingerprint())
-    return {"root": root, "data": data, "ds": ds, "model": str(model_dir), "rows": rows,
-            "selection": str(sel)}
+    return {
+        "root": root,
+        "data": data,
+        "ds": ds,
+        "model": str(model_dir),
+        "rows": rows,
+        "selection": str(sel),
+    }
 
 
 def _cfg(setup, out, **kw):
-    base = dict(data=str(setup["data"]), selection=setup["selection"], out=str(out),
-                model=setup["model"], lr=3e-3, batch_size=4, grad_accum=2, epochs=3,
-                patience=5, cutoff_len=256, device="cpu", dtype="float32", seed=0)
+    base = dict(
+        data=str(setup["data"]),
+        selection=setup["selection"],
+        out=str(out),
+        model=setup["model"],
+        lr=3e-3,
+        batch_size=4,
+        grad_accum=2,
+        epochs=3,
+        patience=5,
+        cutoff_len=256,
+        device="cpu",
+        dtype="float32",
+        seed=0,
+    )
     base.update(kw)
     return FinetuneConfig(**base)
 
 
 def _adapter_tensors(path):
     from safetensors.torch import load_file
+
     return load_file(str(path / "adapter_model.safetensors"))
 
 
@@ -50,8 +69,9 @@ def _train_loss(setup, adapter: str = ""):
     tok, model, _ = load_tokenizer_and_model(setup["model"], device="cpu", dtype="float32")
     if adapter:
         model = add_lora(model, adapter=adapter, trainable=False)
-    samples = prompts.encode_users(tok, setup["ds"], setup["rows"], cutoff_len=256,
-                                    train_on_inputs=False)
+    samples = prompts.encode_users(
+        tok, setup["ds"], setup["rows"], cutoff_len=256, train_on_inputs=False
+    )
     return finetune.dataset_loss(model, samples, pad_id=tok.pad_token_id or 0)
 
 
@@ -64,7 +84,7 @@ def test_finetune_reduces_loss_and_saves_loadable_adapter(setup):
     assert record["n_valid_samples"] == n_valid > 0 and record["early_stopping"]
     epochs = record["epochs"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
-    assert all(e["optimizer_steps"] == 3 for e in epochs)       # ceil(20/4)=5 micro, accum 2
+    assert all(e["optimizer_steps"] == 3 for e in epochs)  # ceil(20/4)=5 micro, accum 2
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     valid = [e["valid_loss"] for e in epochs]
     assert record["best_epoch"] == 1 + int(np.argmin(valid))
@@ -77,12 +97,15 @@ def test_finetune_reduces_loss_and_saves_loadable_adapter(setup):
     assert tuned < base - 0.05, (base, tuned)
     # the saved adapter is the best epoch's: its valid loss reproduces the record
     from llm_bridge.model import add_lora, load_tokenizer_and_model
+
     tok, model, _ = load_tokenizer_and_model(setup["model"], device="cpu", dtype="float32")
     model = add_lora(model, adapter=str(out), trainable=False)
-    valid_samples = prompts.encode_users(tok, setup["ds"], setup["rows"], cutoff_len=256,
-                                          train_on_inputs=False, split="valid")
-    assert finetune.dataset_loss(model, valid_samples, pad_id=tok.pad_token_id or 0) \
-        == pytest.approx(record["best_valid_loss"], rel=1e-5)
+    valid_samples = prompts.encode_users(
+        tok, setup["ds"], setup["rows"], cutoff_len=256, train_on_inputs=False, split="valid"
+    )
+    assert finetune.dataset_loss(
+        model, valid_samples, pad_id=tok.pad_token_id or 0
+    ) == pytest.approx(record["best_valid_loss"], rel=1e-5)
 
 
 def test_killed_run_resumes_to_the_same_adapter(setup, monkeypatch):
@@ -102,8 +125,10 @@ def test_killed_run_resumes_to_the_same_adapter(setup, monkeypatch):
     monkeypatch.setattr(finetune, "_save_checkpoint", real)
     assert json.loads((out / "checkpoint" / "state.json").read_text())["epoch"] == 2
     finetune.main(_cfg(setup, out, epochs=3))
-    a, b = json.loads((ref / "train_record.json").read_text()), \
-        json.loads((out / "train_record.json").read_text())
+    a, b = (
+        json.loads((ref / "train_record.json").read_text()),
+        json.loads((out / "train_record.json").read_text()),
+    )
     assert [e["epoch"] for e in b["epochs"]] == [1, 2, 3]
     for ea, eb in zip(a["epochs"], b["epochs"]):
         assert eb["train_loss"] == pytest.approx(ea["train_loss"], rel=1e-6, abs=1e-7)
@@ -121,28 +146,29 @@ def test_killed_run_resumes_to_the_same_adapter(setup, monkeypatch):
 
 
 def test_early_stopping_keeps_the_best_epoch(setup, monkeypatch):
-    scripted = iter([3.0, 2.0, 2.5, 2.6, 1.0, 0.5])    # best at 2, then 2 worse epochs
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 1.0, 0.5])  # best at 2, then 2 worse epochs
     monkeypatch.setattr(finetune, "dataset_loss", lambda *a, **kw: next(scripted))
     saved = []
     real = finetune._save_best
-    monkeypatch.setattr(finetune, "_save_best",
-                        lambda model, out: (saved.append(len(saved)), real(model, out)))
+    monkeypatch.setattr(
+        finetune, "_save_best", lambda model, out: (saved.append(len(saved)), real(model, out))
+    )
     out = setup["root"] / "early"
     finetune.main(_cfg(setup, out, epochs=6, patience=2))
     record = json.loads((out / "train_record.json").read_text())
     assert [e["valid_loss"] for e in record["epochs"]] == [3.0, 2.0, 2.5, 2.6]
     assert record["best_epoch"] == 2 and record["best_valid_loss"] == 2.0
-    assert record["stopped_early"] and len(saved) == 2     # adapter written at epochs 1, 2 only
+    assert record["stopped_early"] and len(saved) == 2  # adapter written at epochs 1, 2 only
 
 
 def test_no_valid_users_trains_fixed_epochs(setup, capsys):
     ds = setup["ds"]
     rows = np.asarray([r for r in range(ds.n_users) if len(ds.valid[r]) == 0][:6])
-    sel = save_scores(setup["root"] / "novalid.npy", rows, kind="selection",
-                      dataset=ds.fingerprint())
+    sel = save_scores(
+        setup["root"] / "novalid.npy", rows, kind="selection", dataset=ds.fingerprint()
+    )
     out = setup["root"] / "novalid"
-    finetune.main(_cfg(setup, out, selection=str(sel), epochs=10, fallback_epochs=2,
-                       patience=1))
+    finetune.main(_cfg(setup, out, selection=str(sel), epochs=10, fallback_epochs=2, patience=1))
     record = json.loads((out / "train_record.json").read_text())
     assert not record["early_stopping"] and record["max_epochs"] == 2
     assert [e["valid_loss"] for e in record["epochs"]] == [None, None]
@@ -150,14 +176,23 @@ def test_no_valid_users_trains_fixed_epochs(setup, capsys):
     assert "no early stopping" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([0, 5, 60], "out of range"), ([0, 5, -1], "out of range"), ([3, 4, 3], "duplicates"),
-    ([], "empty"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([0, 5, 60], "out of range"),
+        ([0, 5, -1], "out of range"),
+        ([3, 4, 3], "duplicates"),
+        ([], "empty"),
+    ],
+)
 def test_bad_selection_is_refused_before_writing(setup, rows, message):
     ds = setup["ds"]
-    sel = save_scores(setup["root"] / "bad.npy", np.asarray(rows, dtype=np.int64),
-                      kind="selection", dataset=ds.fingerprint())
+    sel = save_scores(
+        setup["root"] / "bad.npy",
+        np.asarray(rows, dtype=np.int64),
+        kind="selection",
+        dataset=ds.fingerprint(),
+    )
     out = setup["root"] / "never"
     with pytest.raises(UserError, match=message):
         finetune.main(_cfg(setup, out, selection=str(sel)))
@@ -168,15 +203,39 @@ def test_cli_one_line_error_exit_2(setup, capsys):
     from jaxrec.cli import main as cli
 
     ds = setup["ds"]
-    save_scores(setup["root"] / "infl.npy", np.zeros(ds.n_users), kind="influence",
-                dataset=ds.fingerprint())
+    save_scores(
+        setup["root"] / "infl.npy", np.zeros(ds.n_users), kind="influence", dataset=ds.fingerprint()
+    )
     out = setup["root"] / "never2"
-    code = cli(["finetune", "--data", str(setup["data"]), "--selection",
-                str(setup["root"] / "infl.npy"), "--out", str(out), "--model", setup["model"]])
+    code = cli(
+        [
+            "finetune",
+            "--data",
+            str(setup["data"]),
+            "--selection",
+            str(setup["root"] / "infl.npy"),
+            "--out",
+            str(out),
+            "--model",
+            setup["model"],
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "kind is 'influence'" in err
     assert not out.exists()
-    code = cli(["finetune", "--data", str(setup["data"]), "--selection", setup["selection"],
-                "--out", str(out), "--model", setup["model"], "--adapter",
-                str(setup["root"] / "missing")])
+    code = cli(
+        [
+            "finetune",
+            "--data",
+            str(setup["data"]),
+            "--selection",
+            setup["selection"],
+            "--out",
+            str(out),
+            "--model",
+            setup["model"],
+            "--adapter",
+            str(setup["root"] / "missing"),
+        ]
+    )
     assert code == 2 and not out.exists()

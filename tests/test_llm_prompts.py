@@ -20,7 +20,8 @@ EXPECTED = (
     "### Instruction:\nGiven the game products that the user purchased before, please recommend "
     "a new game product that the user likes to the user.\n\n"
     "### Input:\nThe user has purchased the following game products before, with titles as: "
-    "Halo 3; Portal 2\n\n### Response:\n")
+    "Halo 3; Portal 2\n\n### Response:\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,10 @@ def test_encode_sample_labels_and_eos(tok):
     assert encode_sample(tok, hist, target, train_on_inputs=True)["labels"] == prompt + response
     inference = encode_sample(tok, hist, None)
     assert inference["input_ids"] == prompt and set(inference["labels"]) == {IGNORE}
-    assert tok.decode(enc["input_ids"], skip_special_tokens=True) == EXPECTED.replace(
-        "Halo 3; Portal 2", "; ".join(hist)) + target
+    assert (
+        tok.decode(enc["input_ids"], skip_special_tokens=True)
+        == EXPECTED.replace("Halo 3; Portal 2", "; ".join(hist)) + target
+    )
 
 
 def test_truncation_drops_oldest_titles_only_as_needed(tok):
@@ -61,10 +64,10 @@ def test_truncation_drops_oldest_titles_only_as_needed(tok):
         assert len(enc["input_ids"]) <= cutoff
         text = tok.decode(enc["input_ids"], skip_special_tokens=True)
         kept = text.split("titles as: ")[1].split("\n")[0].split("; ")
-        assert kept == hist[len(hist) - len(kept):]                 # the newest ones, in order
+        assert kept == hist[len(hist) - len(kept) :]  # the newest ones, in order
         # independent check: one more (older) title would not fit
         if len(kept) < len(hist):
-            longer = encode_sample(tok, hist[-(len(kept) + 1):], target, cutoff_len=10_000)
+            longer = encode_sample(tok, hist[-(len(kept) + 1) :], target, cutoff_len=10_000)
             assert len(longer["input_ids"]) > cutoff
         assert text.endswith(target)
     assert len(encode_sample(tok, hist, target, cutoff_len=full)["input_ids"]) == full
@@ -73,7 +76,9 @@ def test_truncation_drops_oldest_titles_only_as_needed(tok):
 
 
 def test_user_sample_and_empty_history(tmp_path, tok):
-    ds = load_dataset(make_synthetic(tmp_path / "d", n_users=10, n_items=20, min_len=1, max_len=2, seed=3))
+    ds = load_dataset(
+        make_synthetic(tmp_path / "d", n_users=10, n_items=20, min_len=1, max_len=2, seed=3)
+    )
     for row in range(ds.n_users):
         hist, target = user_sample(ds, row)
         titles = [ds.titles[i] for i in ds.train[row]]
@@ -107,8 +112,9 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_load_folder_pad_token_and_device(tiny_dir):
-    tok, lm, info = model_mod.load_tokenizer_and_model(str(tiny_dir), device="cpu", dtype="float32",
-                                                       padding_side="left")
+    tok, lm, info = model_mod.load_tokenizer_and_model(
+        str(tiny_dir), device="cpu", dtype="float32", padding_side="left"
+    )
     assert tok.pad_token_id == tok.eos_token_id and tok.padding_side == "left"
     assert info["kind"] == "hf" and info["model_type"] == "llama" and info["device"] == "cpu"
     assert next(lm.parameters()).dtype == torch.float32 and not lm.training
@@ -121,10 +127,14 @@ def test_add_lora_paper_settings_and_adapter_roundtrip(tiny_dir, tmp_path):
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n and ("q_proj" in n or "v_proj" in n) for n in names)
     layers = lm.config.num_hidden_layers
-    assert len(names) == layers * 2 * 2                       # (q, v) x (A, B) per layer
+    assert len(names) == layers * 2 * 2  # (q, v) x (A, B) per layer
     cfg = peft_model.peft_config["default"]
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (8, 16, 0.05)
-    assert all(float(p.detach().abs().max()) == 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+    assert all(
+        float(p.detach().abs().max()) == 0
+        for n, p in peft_model.named_parameters()
+        if "lora_B" in n
+    )
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:

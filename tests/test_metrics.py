@@ -44,7 +44,7 @@ def test_random_against_reference():
     scores = rng.normal(size=(25, n_items + 1)).astype(np.float32)
     seen = rng.integers(0, n_items + 1, size=(25, 6))
     truth = rng.integers(0, n_items + 1, size=(25, 3))
-    truth[3] = 0                                  # a user with an empty split is skipped
+    truth[3] = 0  # a user with an empty split is skipped
     hits, n_truth = topk_metrics(mask_seen(scores, seen), truth, k)
     # duplicates in truth rows: the reference counts distinct items
     truth_sets = [sorted({x for x in t if x}) for t in truth]

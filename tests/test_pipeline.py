@@ -45,12 +45,16 @@ def test_run_whole_pipeline_then_reuse(config, capsys):
         scores, _ = load_scores(work / f"{kind}.npy", kind=kind)
         assert scores.shape == (80,) and np.isfinite(scores).all()
     capsys.readouterr()
-    assert cli(["run", str(path)]) == 0                     # everything is reused
+    assert cli(["run", str(path)]) == 0  # everything is reused
     log = capsys.readouterr().err
     assert log.count("reusing") == 6
     assert cli(["report", str(work)]) == 0
     assert {p.name for p in (work / "report").iterdir()} >= {
-        "scores_hist.png", "scores_scatter.png", "groups.png", "lissa_trace.png"}
+        "scores_hist.png",
+        "scores_scatter.png",
+        "groups.png",
+        "lissa_trace.png",
+    }
 
 
 def test_experiment_table_and_plot(config, tmp_path):
@@ -66,11 +70,14 @@ def test_experiment_table_and_plot(config, tmp_path):
     assert len((work / "runs.csv").read_text().strip().splitlines()) == 5
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"surrogate": {"epochz": 3}}, "unknown key 'epochz'"),
-    ({"selection": {}}, "unknown section 'selection'"),
-    ({"pipeline": {"stages": ["train"]}}, "unknown stage 'train'"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"surrogate": {"epochz": 3}}, "unknown key 'epochz'"),
+        ({"selection": {}}, "unknown section 'selection'"),
+        ({"pipeline": {"stages": ["train"]}}, "unknown stage 'train'"),
+    ],
+)
 def test_bad_config_one_line_exit_2(tmp_path, capsys, bad, message):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"pipeline": {"workdir": str(tmp_path / "w")}, **bad}))

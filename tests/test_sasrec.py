@@ -27,7 +27,7 @@ def random_batch(n_items=30, b=8, width=12, seed=0):
     for r, n in enumerate(lengths):
         if n:
             seq = rng.integers(1, n_items + 1, size=n + 1)
-            inputs[r, width - n:], targets[r, width - n:] = seq[:-1], seq[1:]
+            inputs[r, width - n :], targets[r, width - n :] = seq[:-1], seq[1:]
     neg = np.asarray(sasrec.sample_negatives(0, np.arange(b), 0, targets, n_items))
     return {"inputs": inputs, "targets": targets, "negatives": neg}
 
@@ -40,7 +40,7 @@ def test_cutting_padding_columns_is_exact():
     cut = per_sample(params, {k: v[:, -6:] for k, v in batch.items()})
     np.testing.assert_allclose(full, cut, rtol=1e-5, atol=1e-6)
     empty = (batch["targets"] > 0).sum(1) == 0
-    assert empty.any() and np.all(np.asarray(full)[empty] == 0.0)   # no target: loss 0
+    assert empty.any() and np.all(np.asarray(full)[empty] == 0.0)  # no target: loss 0
 
 
 def test_loss_is_mean_of_per_sample_and_rows_independent():
@@ -57,7 +57,7 @@ def test_negatives_reproducible_and_never_the_target():
     targets = np.tile(np.arange(0, 20, dtype=np.int32) % 7, (50, 1))
     a = np.asarray(sasrec.sample_negatives(3, np.arange(50), 2, targets, 7))
     b = np.asarray(sasrec.sample_negatives(3, np.arange(10, 20), 2, targets[10:20], 7))
-    np.testing.assert_array_equal(a[10:20], b)                 # depends on (seed, index, epoch)
+    np.testing.assert_array_equal(a[10:20], b)  # depends on (seed, index, epoch)
     c = np.asarray(sasrec.sample_negatives(3, np.arange(50), 3, targets, 7))
     assert not np.array_equal(a, c)
     assert np.all((a != targets) | (targets == 0)) and np.all(a[targets == 0] == 0)
@@ -80,14 +80,15 @@ def test_load_surrogate_gives_pure_loss_of_the_best_checkpoint(trained_run):
     assert sur.data["inputs"].shape == (sur.dataset.n_users, 50)
     batch = {k: sur.data[k][:32] for k in ("inputs", "targets", "negatives")}
     value = float(sur.loss(sur.params, batch))
-    assert np.isfinite(value) and 0 < value < 1.39        # better than chance: 2 log 2
+    assert np.isfinite(value) and 0 < value < 1.39  # better than chance: 2 log 2
     reps = sur.user_representations(sur.params, jnp.asarray(sur.data["inputs"][:4]))
     assert reps.shape == (4, sur.config.hidden)
 
 
 def test_resume_continues_after_the_last_epoch(tmp_path, synthetic_dir):
-    cfg = SurrogateConfig(data=str(synthetic_dir), out=str(tmp_path / "r"), epochs=2,
-                          batch_size=64, seed=1)
+    cfg = SurrogateConfig(
+        data=str(synthetic_dir), out=str(tmp_path / "r"), epochs=2, batch_size=64, seed=1
+    )
     train(cfg, progress=False)
     cfg.epochs = 3
     m = train(cfg, progress=False)
@@ -97,8 +98,22 @@ def test_resume_continues_after_the_last_epoch(tmp_path, synthetic_dir):
 
 def test_cli_train_and_evaluate(tmp_path, synthetic_dir, capsys):
     out = tmp_path / "run"
-    assert cli(["train-surrogate", "--data", str(synthetic_dir), "--out", str(out),
-                "--epochs", "1", "--batch-size", "128"]) == 0
+    assert (
+        cli(
+            [
+                "train-surrogate",
+                "--data",
+                str(synthetic_dir),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "128",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert cli(["evaluate-surrogate", "--run", str(out), "--splits", "test"]) == 0
     assert "recall@20" in json.loads(capsys.readouterr().out)["test"]

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from jaxrec.errors import UserError
-from jaxrec.select import (METHODS, kmeans, minmax, overall_scores, proportional_budgets, select,
-                           smallest_first_budgets, stratified_sample)
+from jaxrec.select import (
+    METHODS,
+    kmeans,
+    minmax,
+    overall_scores,
+    proportional_budgets,
+    select,
+    smallest_first_budgets,
+    stratified_sample,
+)
 
 # Hand-worked example. influence and effort already span [0, 1], so min-max is the identity and
 # overall = I + 0.5 E (lamda 0.5):
@@ -24,18 +32,18 @@ from jaxrec.select import (METHODS, kmeans, minmax, overall_scores, proportional
 # n = 6, groups by size: g3 (1): min(1, 6//4) = 1, left 5; g1 (2): min(2, 5//3) = 1, left 4;
 # g2 (3): min(3, 4//2) = 2, left 2; g0 (4): min(4, 2//1) = 2 -> counts [2, 1, 2, 1].
 # n = 8: g3 min(1, 2) = 1 (7 left); g1 min(2, 7//3) = 2 (5); g2 min(3, 5//2) = 2 (3); g0 3.
-I = np.array([0, .1, .2, .3, 1, .4, .5, .9, .65, .05, .7, .8])
-E = np.array([0, .2, 0, .4, 1, .2, .6, .8, 0, .1, .2, .8])
+I = np.array([0, 0.1, 0.2, 0.3, 1, 0.4, 0.5, 0.9, 0.65, 0.05, 0.7, 0.8])
+E = np.array([0, 0.2, 0, 0.4, 1, 0.2, 0.6, 0.8, 0, 0.1, 0.2, 0.8])
 GROUPS = [{0, 1, 2, 9}, {3, 5}, {6, 8, 10}, {11}]
 
 
 def test_overall_scores_eq13_hand_example():
-    expect = [0, .2, .2, .5, 1.5, .5, .8, 1.3, .65, .1, .8, 1.2]
+    expect = [0, 0.2, 0.2, 0.5, 1.5, 0.5, 0.8, 1.3, 0.65, 0.1, 0.8, 1.2]
     np.testing.assert_allclose(overall_scores(I, E, 0.5), expect, atol=1e-12)
     # min-max really normalises: scaling and shifting the raw scores changes nothing
     np.testing.assert_allclose(overall_scores(3 * I - 7, 100 * E + 2, 0.5), expect, atol=1e-12)
-    np.testing.assert_allclose(minmax([2.0, 4.0, 3.0]), [0, 1, .5])
-    np.testing.assert_array_equal(minmax([5.0, 5.0]), [0, 0])   # constant -> zeros, no NaN
+    np.testing.assert_allclose(minmax([2.0, 4.0, 3.0]), [0, 1, 0.5])
+    np.testing.assert_array_equal(minmax([5.0, 5.0]), [0, 0])  # constant -> zeros, no NaN
 
 
 @pytest.mark.parametrize("n,counts", [(6, [2, 1, 2, 1]), (8, [3, 2, 2, 1])])
@@ -45,7 +53,7 @@ def test_dealrec_hand_worked_groups_and_budgets(n, counts):
     assert info["n_pruned"] == 2
     assert info["group_sizes"] == [4, 2, 3, 1]
     assert info["group_selected"] == counts
-    np.testing.assert_allclose(info["edges"], [0, .3, .6, .9, 1.2], atol=1e-12)
+    np.testing.assert_allclose(info["edges"], [0, 0.3, 0.6, 0.9, 1.2], atol=1e-12)
     chosen = set(sel.indices.tolist())
     assert [len(chosen & g) for g in GROUPS] == counts
     assert not chosen & {4, 7}
@@ -91,7 +99,7 @@ def test_exact_distinct_reproducible_and_never_pruned():
     rng = np.random.default_rng(1)
     for trial in range(50):
         size = int(rng.integers(20, 400))
-        scores = rng.standard_normal(size) ** 3           # skewed: many sparse strata
+        scores = rng.standard_normal(size) ** 3  # skewed: many sparse strata
         prune = float(rng.uniform(0, 0.5))
         n_pruned = int(np.floor(prune * size))
         n = int(rng.integers(1, size - n_pruned + 1))
@@ -112,14 +120,19 @@ def test_seed_changes_the_sample_and_ties_at_the_prune_line():
     a = stratified_sample(scores, 10, groups=5, hard_prune=0.1, seed=0)
     b = stratified_sample(scores, 10, groups=5, hard_prune=0.1, seed=1)
     assert not np.array_equal(a.indices, b.indices)
-    assert a.info["group_sizes"] == [90, 0, 0, 0, 0]     # constant scores: one group
-    assert a.indices.min() >= 10                         # ties: lower rows are pruned first
+    assert a.info["group_sizes"] == [90, 0, 0, 0, 0]  # constant scores: one group
+    assert a.indices.min() >= 10  # ties: lower rows are pruned first
 
 
 def test_bad_arguments_raise_user_error():
     s = np.arange(10.0)
-    for kwargs in ({"n": 0}, {"n": 11}, {"n": 3, "groups": 0}, {"n": 3, "hard_prune": 1.0},
-                   {"n": 10, "hard_prune": 0.1}):
+    for kwargs in (
+        {"n": 0},
+        {"n": 11},
+        {"n": 3, "groups": 0},
+        {"n": 3, "hard_prune": 1.0},
+        {"n": 10, "hard_prune": 0.1},
+    ):
         with pytest.raises(UserError):
             stratified_sample(s, **kwargs)
     with pytest.raises(UserError, match="non-finite"):
@@ -135,10 +148,11 @@ def test_bad_arguments_raise_user_error():
 def test_selecting_1024_of_49156_is_fast():
     rng = np.random.default_rng(0)
     infl, eff = rng.standard_normal(49_156), rng.gamma(2.0, size=49_156)
-    select("dealrec", 1024, influence=infl, effort=eff)       # warm up
+    select("dealrec", 1024, influence=infl, effort=eff)  # warm up
     t0 = time.perf_counter()
-    sel = select("dealrec", 1024, influence=infl, effort=eff, lamda=0.3, groups=50,
-                 hard_prune=0.1, seed=0)
+    sel = select(
+        "dealrec", 1024, influence=infl, effort=eff, lamda=0.3, groups=50, hard_prune=0.1, seed=0
+    )
     seconds = time.perf_counter() - t0
     print(f"dealrec 1024 of 49156: {seconds * 1e3:.1f} ms")
     assert sel.indices.size == 1024 and np.unique(sel.indices).size == 1024
@@ -154,8 +168,9 @@ def test_random_grand_el2n_greedy():
     np.testing.assert_array_equal(select("grand", 3, grand=g).indices, [1, 3, 5])
     np.testing.assert_array_equal(select("el2n", 2, el2n=-g).indices, [0, 2])
     # greedy = top n by overall (no pruning): rows 4 (1.5), 7 (1.3), 11 (1.2)
-    np.testing.assert_array_equal(select("greedy", 3, influence=I, effort=E, lamda=0.5).indices,
-                                  [4, 7, 11])
+    np.testing.assert_array_equal(
+        select("greedy", 3, influence=I, effort=E, lamda=0.5).indices, [4, 7, 11]
+    )
 
 
 def test_ablations_use_one_score_only():
@@ -214,7 +229,7 @@ def test_recranker_proportional_and_favours_active_users():
     assert proportional_budgets([20, 80], 10).tolist() == [2, 8]
     assert proportional_budgets([1, 1, 1], 2).tolist() == [1, 1, 0]
     x, truth = _blobs([50, 150], seed=2)
-    inter = np.where(np.arange(200) % 2 == 0, 1, 60)          # odd rows are heavy users
+    inter = np.where(np.arange(200) % 2 == 0, 1, 60)  # odd rows are heavy users
     heavy = []
     for seed in range(100):
         sel = select("recranker", 20, representations=x, interactions=inter, clusters=2, seed=seed)
@@ -227,23 +242,30 @@ def test_recranker_proportional_and_favours_active_users():
 def test_every_method_is_exact():
     rng = np.random.default_rng(5)
     size = 300
-    inputs = dict(influence=rng.standard_normal(size), effort=rng.random(size),
-                  grand=rng.random(size), el2n=rng.random(size),
-                  representations=rng.standard_normal((size, 8)),
-                  interactions=rng.integers(1, 40, size))
-    for method in [m for m in METHODS if m != "all"]:    # "all" ignores n (tested below)
+    inputs = dict(
+        influence=rng.standard_normal(size),
+        effort=rng.random(size),
+        grand=rng.random(size),
+        el2n=rng.random(size),
+        representations=rng.standard_normal((size, 8)),
+        interactions=rng.integers(1, 40, size),
+    )
+    for method in [m for m in METHODS if m != "all"]:  # "all" ignores n (tested below)
         sel = select(method, 37, clusters=6, groups=9, seed=1, **inputs)
         assert sel.indices.size == 37 and np.unique(sel.indices).size == 37, method
         assert sel.indices.dtype == np.int64 and np.all(np.diff(sel.indices) > 0), method
 
 
 def test_core_does_not_import_jax():
-    code = ("import sys, jaxrec.select, jaxrec.select.cli; "
-            "bad = [m for m in ('jax', 'flax', 'torch') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, jaxrec.select, jaxrec.select.cli; "
+        "bad = [m for m in ('jax', 'flax', 'torch') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_all_selects_every_user_whatever_n():
     from jaxrec.select import select
+
     assert select("all", 3, n_total=6).indices.tolist() == [0, 1, 2, 3, 4, 5]

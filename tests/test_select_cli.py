@@ -12,24 +12,37 @@ from jaxrec.data.synthetic import make_synthetic
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("select")
     data = make_synthetic(root / "data", n_users=300, seed=0)
-    other = make_synthetic(root / "other", n_users=300, seed=1)     # same size, other users
+    other = make_synthetic(root / "other", n_users=300, seed=1)  # same size, other users
     ds, ods = load_dataset(data), load_dataset(other)
     rng = np.random.default_rng(0)
     fp = ds.fingerprint()
     paths = {
-        "influence": save_scores(root / "influence.npy", rng.standard_normal(300),
-                                 kind="influence", dataset=fp),
+        "influence": save_scores(
+            root / "influence.npy", rng.standard_normal(300), kind="influence", dataset=fp
+        ),
         "effort": save_scores(root / "effort.npy", rng.random(300), kind="effort", dataset=fp),
-        "foreign": save_scores(root / "foreign.npy", rng.standard_normal(300),
-                               kind="influence", dataset=ods.fingerprint()),
-        "short": save_scores(root / "short.npy", rng.standard_normal(299), kind="influence",
-                             dataset={"train_sha256": ds.train_sha256, "n_users": 299}),
+        "foreign": save_scores(
+            root / "foreign.npy",
+            rng.standard_normal(300),
+            kind="influence",
+            dataset=ods.fingerprint(),
+        ),
+        "short": save_scores(
+            root / "short.npy",
+            rng.standard_normal(299),
+            kind="influence",
+            dataset={"train_sha256": ds.train_sha256, "n_users": 299},
+        ),
     }
     run = root / "run"
     save_scores(run / "grand.npy", rng.random(300), kind="grand", dataset=fp)
     save_scores(run / "el2n.npy", rng.random(300), kind="el2n", dataset=fp)
-    save_scores(run / "user_representations.npy", rng.standard_normal((300, 16)),
-                kind="representation", dataset=fp)
+    save_scores(
+        run / "user_representations.npy",
+        rng.standard_normal((300, 16)),
+        kind="representation",
+        dataset=fp,
+    )
     return {"root": root, "data": str(data), "ds": ds, "run": str(run), **paths}
 
 
@@ -39,9 +52,28 @@ def _args(w, out, *extra):
 
 def test_dealrec_writes_selection_and_manifest(world, tmp_path):
     out = tmp_path / "selected.npy"
-    rc = main(_args(world, out, "--method", "dealrec", "--influence", world["influence"],
-                    "--effort", world["effort"], "--n", 40, "--lamda", 0.3, "--groups", 10,
-                    "--hard-prune", 0.1, "--seed", 0))
+    rc = main(
+        _args(
+            world,
+            out,
+            "--method",
+            "dealrec",
+            "--influence",
+            world["influence"],
+            "--effort",
+            world["effort"],
+            "--n",
+            40,
+            "--lamda",
+            0.3,
+            "--groups",
+            10,
+            "--hard-prune",
+            0.1,
+            "--seed",
+            0,
+        )
+    )
     assert rc == 0
     sel, manifest = load_scores(out, kind="selection", dataset=world["ds"].fingerprint())
     assert sel.dtype == np.int64 and sel.size == 40 and np.unique(sel).size == 40
@@ -53,25 +85,72 @@ def test_dealrec_writes_selection_and_manifest(world, tmp_path):
     assert len(manifest["inputs"]["effort"]["sha256"]) == 64
     # the CLI result is the Python API's result
     from jaxrec.select import select
+
     infl, _ = load_scores(world["influence"])
     eff, _ = load_scores(world["effort"])
-    api = select("dealrec", 40, influence=infl, effort=eff, lamda=0.3, groups=10,
-                 hard_prune=0.1, seed=0)
+    api = select(
+        "dealrec", 40, influence=infl, effort=eff, lamda=0.3, groups=10, hard_prune=0.1, seed=0
+    )
     np.testing.assert_array_equal(sel, api.indices)
     # same seed -> same file content
     out2 = tmp_path / "again.npy"
-    main(_args(world, out2, "--influence", world["influence"], "--effort", world["effort"],
-               "--n", 40, "--lamda", 0.3, "--groups", 10))
+    main(
+        _args(
+            world,
+            out2,
+            "--influence",
+            world["influence"],
+            "--effort",
+            world["effort"],
+            "--n",
+            40,
+            "--lamda",
+            0.3,
+            "--groups",
+            10,
+        )
+    )
     np.testing.assert_array_equal(np.load(out2), sel)
 
 
-@pytest.mark.parametrize("method", ["random", "grand", "el2n", "ccs", "tfdcon", "recranker",
-                                    "greedy", "influence-only", "effort-only"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "random",
+        "grand",
+        "el2n",
+        "ccs",
+        "tfdcon",
+        "recranker",
+        "greedy",
+        "influence-only",
+        "effort-only",
+    ],
+)
 def test_every_baseline_through_the_cli(world, tmp_path, method):
     out = tmp_path / f"{method}.npy"
-    rc = main(_args(world, out, "--method", method, "--run", world["run"],
-                    "--influence", world["influence"], "--effort", world["effort"],
-                    "--n", 25, "--groups", 8, "--clusters", 5, "--beta", 0.2))
+    rc = main(
+        _args(
+            world,
+            out,
+            "--method",
+            method,
+            "--run",
+            world["run"],
+            "--influence",
+            world["influence"],
+            "--effort",
+            world["effort"],
+            "--n",
+            25,
+            "--groups",
+            8,
+            "--clusters",
+            5,
+            "--beta",
+            0.2,
+        )
+    )
     assert rc == 0
     sel, manifest = load_scores(out, kind="selection")
     assert sel.size == 25 and np.unique(sel).size == 25 and manifest["method"] == method
@@ -82,11 +161,32 @@ def test_every_baseline_through_the_cli(world, tmp_path, method):
 
 
 def test_tfdcon_with_llm_representations(world, tmp_path):
-    llm = save_scores(tmp_path / "llm.npy", np.random.default_rng(1).standard_normal((300, 6)),
-                      kind="llm_representation", dataset=world["ds"].fingerprint())
+    llm = save_scores(
+        tmp_path / "llm.npy",
+        np.random.default_rng(1).standard_normal((300, 6)),
+        kind="llm_representation",
+        dataset=world["ds"].fingerprint(),
+    )
     out = tmp_path / "t.npy"
-    assert main(_args(world, out, "--method", "tfdcon", "--run", world["run"],
-                      "--llm-reps", llm, "--n", 30, "--clusters", 4)) == 0
+    assert (
+        main(
+            _args(
+                world,
+                out,
+                "--method",
+                "tfdcon",
+                "--run",
+                world["run"],
+                "--llm-reps",
+                llm,
+                "--n",
+                30,
+                "--clusters",
+                4,
+            )
+        )
+        == 0
+    )
     _, manifest = load_scores(out)
     assert "llm_representations" in manifest["inputs"]
 
@@ -101,8 +201,14 @@ BAD = {
     "n zero": ["--influence", "{influence}", "--effort", "{effort}", "--n", "0"],
     "n negative": ["--influence", "{influence}", "--effort", "{effort}", "--n", "-3"],
     "groups zero": ["--influence", "{influence}", "--effort", "{effort}", "--groups", "0"],
-    "prune everything": ["--influence", "{influence}", "--effort", "{effort}",
-                         "--hard-prune", "0.95"],
+    "prune everything": [
+        "--influence",
+        "{influence}",
+        "--effort",
+        "{effort}",
+        "--hard-prune",
+        "0.95",
+    ],
     "unknown method": ["--method", "best", "--influence", "{influence}"],
     "no run": ["--method", "grand"],
     "foreign scores": ["--method", "el2n", "--scores", "{foreign}"],
@@ -112,8 +218,10 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_exits_2_without_output(world, tmp_path, capsys, case):
     out = tmp_path / "selected.npy"
-    extra = [a.format(**{k: world[k] for k in ("root", "foreign", "short", "effort",
-                                                 "influence")}) for a in BAD[case]]
+    extra = [
+        a.format(**{k: world[k] for k in ("root", "foreign", "short", "effort", "influence")})
+        for a in BAD[case]
+    ]
     if "--n" not in extra:
         extra += ["--n", "20"]
     assert main(_args(world, out, *extra)) == 2
@@ -148,8 +256,12 @@ def test_select_imports_neither_jax_nor_torch(world, tmp_path):
 
     run = tmp_path / "run"
     reps = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
-    save_scores(run / "user_representations.npy", reps, kind="representation",
-                dataset=world["ds"].fingerprint())
+    save_scores(
+        run / "user_representations.npy",
+        reps,
+        kind="representation",
+        dataset=world["ds"].fingerprint(),
+    )
     out = tmp_path / "sel.npy"
     code = textwrap.dedent(f"""
         import sys
@@ -159,7 +271,7 @@ def test_select_imports_neither_jax_nor_torch(world, tmp_path):
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
         from jaxrec.cli import main
-        code = main(["select", "--data", {str(world['root'] / 'data')!r}, "--method", "tfdcon",
+        code = main(["select", "--data", {str(world["root"] / "data")!r}, "--method", "tfdcon",
                      "--run", {str(run)!r}, "--n", "20", "--clusters", "4",
                      "--out", {str(out)!r}])
         assert not any(m.split(".")[0] in ("jax", "torch") for m in sys.modules), "imported"
@@ -170,8 +282,7 @@ def test_select_imports_neither_jax_nor_torch(world, tmp_path):
     assert np.load(out).size == 20
 
 
-def test_representation_score_file_from_the_influence_command(trained_run, synthetic_dir,
-                                                              tmp_path):
+def test_representation_score_file_from_the_influence_command(trained_run, synthetic_dir, tmp_path):
     """tfdcon / recranker on a real trained surrogate: `dealrec influence --score
     representation` writes RUN/user_representations.npy, the hidden state at the newest train
     item (checked against an unbatched forward pass), which select then reads."""
@@ -183,27 +294,53 @@ def test_representation_score_file_from_the_influence_command(trained_run, synth
     run = tmp_path / "run"
     shutil.copytree(trained_run[0], run)
     reps_path = run / "user_representations.npy"
-    assert main(["influence", "--score", "representation", "--run", str(run), "--out",
-                 str(reps_path), "--batch-size", "64", "--compile-cache", ""]) == 0
-    args = ["select", "--data", str(synthetic_dir), "--run", str(run), "--n", "30",
-            "--clusters", "4"]
+    assert (
+        main(
+            [
+                "influence",
+                "--score",
+                "representation",
+                "--run",
+                str(run),
+                "--out",
+                str(reps_path),
+                "--batch-size",
+                "64",
+                "--compile-cache",
+                "",
+            ]
+        )
+        == 0
+    )
+    args = [
+        "select",
+        "--data",
+        str(synthetic_dir),
+        "--run",
+        str(run),
+        "--n",
+        "30",
+        "--clusters",
+        "4",
+    ]
     assert main(args + ["--method", "tfdcon", "--out", str(tmp_path / "t.npy")]) == 0
     ds = load_dataset(synthetic_dir)
     reps, manifest = load_scores(reps_path, kind="representation", dataset=ds.fingerprint())
     sur = load_surrogate(run)
-    direct = np.asarray(sur.user_representations(sur.params,
-                                                 left_pad(ds.train, sur.config.max_len)))
+    direct = np.asarray(
+        sur.user_representations(sur.params, left_pad(ds.train, sur.config.max_len))
+    )
     assert reps.shape == (300, sur.config.hidden)
     np.testing.assert_allclose(reps, direct, rtol=1e-4, atol=1e-5)
-    assert np.std(reps, axis=0).mean() > 1e-3                  # users differ
+    assert np.std(reps, axis=0).mean() > 1e-3  # users differ
     assert main(args + ["--method", "recranker", "--out", str(tmp_path / "r.npy")]) == 0
     _, sel_manifest = load_scores(tmp_path / "r.npy")
-    assert sel_manifest["inputs"]["representations"]["sha256"] == \
-        _sha(reps_path)
+    assert sel_manifest["inputs"]["representations"]["sha256"] == _sha(reps_path)
 
 
 def _sha(path):
     import hashlib
+
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -212,15 +349,29 @@ def test_run_and_experiment_add_the_score_stages_methods_need():
 
     from jaxrec.pipeline import add_score_stages, stage_argv
     from jaxrec.select import score_stages
+
     assert score_stages(["random", "dealrec", "greedy"]) == []
     assert score_stages(["recranker", "ccs", "grand", "el2n", "tfdcon"]) == [
-        ("grand", "grand.npy"), ("el2n", "el2n.npy"),
-        ("representation", "user_representations.npy")]
+        ("grand", "grand.npy"),
+        ("el2n", "el2n.npy"),
+        ("representation", "user_representations.npy"),
+    ]
     wired = {"influence": {"run": "w/surrogate", "out": "w/influence.npy", "steps": 10}}
     assert add_score_stages(wired, ["ccs"]) == ["influence:el2n"]
     section = wired["influence:el2n"]
-    assert section == {"run": "w/surrogate", "out": "w/surrogate/el2n.npy", "steps": 10,
-                       "score": "el2n"}
+    assert section == {
+        "run": "w/surrogate",
+        "out": "w/surrogate/el2n.npy",
+        "steps": 10,
+        "score": "el2n",
+    }
     assert stage_argv("influence:el2n", section, Path("r.yaml")) == [
-        "influence", "--config", "r.yaml", "--score", "el2n", "--out", "w/surrogate/el2n.npy"]
+        "influence",
+        "--config",
+        "r.yaml",
+        "--score",
+        "el2n",
+        "--out",
+        "w/surrogate/el2n.npy",
+    ]
     assert stage_argv("select", {}, Path("r.yaml")) == ["select", "--config", "r.yaml"]

@@ -79,8 +79,16 @@ def syn(tmp_path_factory):
 
 
 def _cfg(root, path, out, **kw):
-    base = {"data": str(path), "backend": "tiger", "semantic_ids": str(root / "codes.npy"),
-            "out": str(out), "batch_size": 16, "shard_size": 16, "device": "cpu", "seed": 0}
+    base = {
+        "data": str(path),
+        "backend": "tiger",
+        "semantic_ids": str(root / "codes.npy"),
+        "out": str(out),
+        "batch_size": 16,
+        "shard_size": 16,
+        "device": "cpu",
+        "seed": 0,
+    }
     return EffortConfig(**{**base, **kw})
 
 
@@ -92,12 +100,12 @@ def test_effort_command_in_parts_equals_one_run(syn, tmp_path):
     assert scores.shape == (ds.n_users,) and scores.dtype == np.float32 and (scores > 0).all()
     assert manifest["options"]["backend"] == "tiger"
     assert eff.main(_cfg(root, path, parts, users="0:20")) == 0
-    assert not parts.exists()                        # rows 20.. missing: nothing merged
+    assert not parts.exists()  # rows 20.. missing: nothing merged
     assert eff.main(_cfg(root, path, parts, users="20:", resume=True)) == 0
     np.testing.assert_allclose(load_scores(parts)[0], scores, rtol=1e-6)
     other = tmp_path / "seed1.npy"
     assert eff.main(_cfg(root, path, other, seed=1)) == 0
-    assert not np.allclose(load_scores(other)[0], scores)      # another init state
+    assert not np.allclose(load_scores(other)[0], scores)  # another init state
 
 
 def test_effort_codes_of_another_dataset_fail_before_writing(syn, tmp_path):

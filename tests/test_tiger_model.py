@@ -18,8 +18,14 @@ from llm_bridge.tiger import generate as gen
 from llm_bridge.tiger import model as M
 from llm_bridge.tiger.evaluate import main as evaluate_main
 
-TINY = {"d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_decoder_layers": 2,
-        "num_heads": 2}
+TINY = {
+    "d_model": 16,
+    "d_kv": 8,
+    "d_ff": 32,
+    "num_layers": 1,
+    "num_decoder_layers": 2,
+    "num_heads": 2,
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -33,14 +39,21 @@ def random_codes(n_items: int, sizes, seed: int = 0) -> np.ndarray:
 
 def write_codes(path, ds, codes, sizes):
     """A semantic-ID file as ``dealrec semantic-ids`` writes it."""
-    return save_scores(path, codes, kind="semantic_ids", dataset=ds.fingerprint(),
-                       codebook_sizes=[int(k) for k in sizes])
+    return save_scores(
+        path,
+        codes,
+        kind="semantic_ids",
+        dataset=ds.fingerprint(),
+        codebook_sizes=[int(k) for k in sizes],
+    )
 
 
 def random_inputs(n_users: int, n_items: int, tokens, seed: int = 0):
     rng = np.random.default_rng(seed)
-    return [M.history_input(rng.integers(1, n_items + 1, rng.integers(0, 7)), tokens, 20)
-            for _ in range(n_users)]
+    return [
+        M.history_input(rng.integers(1, n_items + 1, rng.integers(0, 7)), tokens, 20)
+        for _ in range(n_users)
+    ]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -66,10 +79,21 @@ def syn(tmp_path_factory):
 
 
 def ft_config(root, path, out, **kw) -> FinetuneConfig:
-    base = {"data": str(path), "backend": "tiger", "semantic_ids": str(root / "codes.npy"),
-            "selection": str(root / "sel.npy"), "out": str(out), "epochs": 4, "patience": 10,
-            "lr": 3e-3, "weight_decay": 0.01, "schedule": "cosine", "batch_size": 16,
-            "grad_accum": 1, "device": "cpu"}
+    base = {
+        "data": str(path),
+        "backend": "tiger",
+        "semantic_ids": str(root / "codes.npy"),
+        "selection": str(root / "sel.npy"),
+        "out": str(out),
+        "epochs": 4,
+        "patience": 10,
+        "lr": 3e-3,
+        "weight_decay": 0.01,
+        "schedule": "cosine",
+        "batch_size": 16,
+        "grad_accum": 1,
+        "device": "cpu",
+    }
     return FinetuneConfig(**{**base, **kw})
 
 
@@ -79,7 +103,12 @@ def test_vocabulary_and_samples(syn):
     tokens = M.item_tokens(codes, sizes)
     assert M.vocab_size(sizes) == 2 + sum(sizes)
     assert tokens[0].tolist() == [M.PAD] * 4
-    assert tokens[1].tolist() == [2 + codes[0, 0], 6 + codes[0, 1], 10 + codes[0, 2], 13 + codes[0, 3]]
+    assert tokens[1].tolist() == [
+        2 + codes[0, 0],
+        6 + codes[0, 1],
+        10 + codes[0, 2],
+        13 + codes[0, 3],
+    ]
     assert M.history_input([], tokens, 20) == [M.EOS]
     assert M.history_input([3, 1, 2], tokens, 2) == tokens[[1, 2]].reshape(-1).tolist() + [M.EOS]
     inputs, targets, rows = M.user_samples(ds, range(ds.n_users), tokens, 20, "train")
@@ -101,8 +130,12 @@ def test_functional_forward_equals_module(syn):
     p, spec = M.params_of(model), M.Spec.of(model.config)
     ours = M.sample_losses(p, spec, ids, mask, targets)
     with torch.no_grad():
-        ref = torch.stack([model(input_ids=ids[b:b + 1, :len(x)], labels=targets[b:b + 1]).loss
-                           for b, x in enumerate(inputs)])
+        ref = torch.stack(
+            [
+                model(input_ids=ids[b : b + 1, : len(x)], labels=targets[b : b + 1]).loss
+                for b, x in enumerate(inputs)
+            ]
+        )
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -127,8 +160,9 @@ def test_beam_search_yields_real_distinct_items(cache):
     codes = random_codes(150, sizes, seed=4)
     model = M.build_model(sizes, 3, **TINY).eval()
     inputs = random_inputs(64, 150, M.item_tokens(codes, sizes), seed=5)
-    items, scores = gen.generate(model, inputs, gen.build_trie(codes, sizes), beams=20,
-                                 batch_size=16, cache=cache, desc=None)
+    items, scores = gen.generate(
+        model, inputs, gen.build_trie(codes, sizes), beams=20, batch_size=16, cache=cache, desc=None
+    )
     assert items.shape == (64, 20) and np.isfinite(scores).all()
     assert ((items >= 1) & (items <= 150)).all()
     assert all(len(set(row)) == 20 for row in items.tolist())
@@ -155,8 +189,9 @@ def test_beam_ranking_equals_exhaustive_scoring():
     tokens = M.item_tokens(codes, sizes)
     model = M.build_model(sizes, 2, **TINY).eval()
     inputs = random_inputs(5, 30, tokens, seed=9)
-    items, scores = gen.generate(model, inputs, gen.build_trie(codes, sizes), beams=40,
-                                 batch_size=2, desc=None)
+    items, scores = gen.generate(
+        model, inputs, gen.build_trie(codes, sizes), beams=40, batch_size=2, desc=None
+    )
     tok = torch.as_tensor(tokens[1:])
     dec = torch.cat([torch.zeros(30, 1, dtype=torch.long), tok[:, :-1]], 1)
     for u, x in enumerate(inputs):
@@ -205,7 +240,7 @@ def test_resume_after_kill_equals_uninterrupted(syn, finetuned, tmp_path, monkey
     def dies_in_epoch_3(*args, **kw):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt      # killed mid-epoch, after epoch 2's checkpoint
+            raise KeyboardInterrupt  # killed mid-epoch, after epoch 2's checkpoint
         return real(*args, **kw)
 
     monkeypatch.setattr(tft, "train_epoch", dies_in_epoch_3)
@@ -213,13 +248,14 @@ def test_resume_after_kill_equals_uninterrupted(syn, finetuned, tmp_path, monkey
         tft.main(ft_config(root, path, out))
     assert not (out / "train_record.json").exists()
     monkeypatch.setattr(tft, "train_epoch", real)
-    torch.manual_seed(123)               # the global RNG state must come from the checkpoint
+    torch.manual_seed(123)  # the global RNG state must come from the checkpoint
     assert tft.main(ft_config(root, path, out)) == 0
     a, b = _weights(finetuned), _weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((f / "train_record.json").read_text()) for f in (finetuned, out))
-    assert [(e["train_loss"], e["valid_loss"]) for e in ra["epochs"]] == \
-        [(e["train_loss"], e["valid_loss"]) for e in rb["epochs"]]
+    assert [(e["train_loss"], e["valid_loss"]) for e in ra["epochs"]] == [
+        (e["train_loss"], e["valid_loss"]) for e in rb["epochs"]
+    ]
 
 
 def test_finetune_other_settings_do_not_resume(syn, tmp_path):
@@ -242,9 +278,16 @@ def test_finetune_codes_of_another_dataset_fail_before_writing(syn, tmp_path):
 
 # ----------------------------------------------------------------------------- evaluate
 def ev_config(root, path, adapter, out, **kw) -> EvaluateConfig:
-    base = {"data": str(path), "backend": "tiger", "semantic_ids": str(root / "codes.npy"),
-            "adapter": str(adapter), "out": str(out), "beams": 20, "batch_size": 8,
-            "device": "cpu"}
+    base = {
+        "data": str(path),
+        "backend": "tiger",
+        "semantic_ids": str(root / "codes.npy"),
+        "adapter": str(adapter),
+        "out": str(out),
+        "beams": 20,
+        "batch_size": 8,
+        "device": "cpu",
+    }
     return EvaluateConfig(**{**base, **kw})
 
 
@@ -270,7 +313,9 @@ def test_evaluate_with_other_codes_fails_in_one_line(syn, finetuned, tmp_path):
     write_codes(tmp_path / "codes2.npy", ds, random_codes(ds.n_items, sizes, seed=99), sizes)
     out = tmp_path / "metrics.json"
     with pytest.raises(UserError, match="other semantic IDs") as err:
-        evaluate_main(ev_config(root, path, finetuned, out, semantic_ids=str(tmp_path / "codes2.npy")))
+        evaluate_main(
+            ev_config(root, path, finetuned, out, semantic_ids=str(tmp_path / "codes2.npy"))
+        )
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="not a finished TIGER model folder"):
         evaluate_main(ev_config(root, path, tmp_path, out))

@@ -24,8 +24,15 @@ def config(tmp_path_factory):
         "semantic_ids": {"method": "rkmeans", "codebook_size": 4, "cache_dir": str(root / "cache")},
         "effort": {"batch_size": 32, "device": "cpu"},
         "select": {"n": 16, "groups": 4},
-        "finetune": {"epochs": 2, "patience": 1, "lr": 1e-3, "batch_size": 16, "grad_accum": 1,
-                     "device": "cpu", "schedule": "cosine"},
+        "finetune": {
+            "epochs": 2,
+            "patience": 1,
+            "lr": 1e-3,
+            "batch_size": 16,
+            "grad_accum": 1,
+            "device": "cpu",
+            "schedule": "cosine",
+        },
         "evaluate": {"beams": 20, "batch_size": 16, "device": "cpu"},
     }
     return root, cfg
@@ -44,19 +51,31 @@ def test_run_tiger_pipeline(config):
     metrics = json.loads((work / "metrics.json").read_text())
     assert 0.0 <= metrics["recall@20"] <= 1.0 and metrics["n_users"] > 0
     state = json.loads((work / "stages.json").read_text())
-    assert list(state) == ["surrogate", "influence", "semantic_ids", "effort", "select",
-                           "finetune", "evaluate"]
+    assert list(state) == [
+        "surrogate",
+        "influence",
+        "semantic_ids",
+        "effort",
+        "select",
+        "finetune",
+        "evaluate",
+    ]
 
 
 def test_sweep_in_parts_and_after_interruption(config, capsys):
     root, cfg = config
-    exp = dict(cfg, experiment={"methods": ["random", "dealrec"], "seeds": [0, 1],
-                                "sweep": {"select.n": [8, 16], "select.groups": [2, 4]}})
+    exp = dict(
+        cfg,
+        experiment={
+            "methods": ["random", "dealrec"],
+            "seeds": [0, 1],
+            "sweep": {"select.n": [8, 16], "select.groups": [2, 4]},
+        },
+    )
     path = _write(root, exp, "sweep.yaml")
-    assert cli(["experiment", path, "--methods", "random", "--seeds", "0"]) == 0   # a part
+    assert cli(["experiment", path, "--methods", "random", "--seeds", "0"]) == 0  # a part
     runs = root / "work" / "runs"
-    first = {p.parent.name: p.stat().st_mtime_ns
-             for p in runs.glob("random-seed0-*/metrics.json")}
+    first = {p.parent.name: p.stat().st_mtime_ns for p in runs.glob("random-seed0-*/metrics.json")}
     assert len(first) == 4
     # an interrupted cell: its evaluation never finished
     victim = runs / "dealrec-seed1-select.n=8-select.groups=2"
@@ -67,10 +86,12 @@ def test_sweep_in_parts_and_after_interruption(config, capsys):
     log = capsys.readouterr().err
     cells = sorted(p.parent.name for p in runs.glob("*/metrics.json"))
     assert len(cells) == 16 and len(set(cells)) == 16
-    assert {p.parent.name: p.stat().st_mtime_ns                   # never redone
-            for p in runs.glob("random-seed0-*/metrics.json")} == first
+    assert {
+        p.parent.name: p.stat().st_mtime_ns  # never redone
+        for p in runs.glob("random-seed0-*/metrics.json")
+    } == first
     assert log.count(f"run {victim.name}") == 1
     assert "[3/3] evaluate: dealrec evaluate" in log
     results = (root / "work" / "results.csv").read_text().splitlines()
     assert results[0].startswith("select.n,select.groups,method,runs")
-    assert len(results) == 1 + 8                                  # 4 points x 2 methods
+    assert len(results) == 1 + 8  # 4 points x 2 methods

@@ -50,8 +50,14 @@ def tiny_encoder(tmp_path_factory, minilm):
     tok = minilm[0]
     folder = tmp_path_factory.mktemp("tiny_encoder")
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -69,8 +75,17 @@ def clustered(n=400, d=24, clusters=12, dup=(), seed=0):
 
 
 def small_cfg(**kw):
-    base = {"levels": 3, "codebook_size": 8, "code_dim": 8, "hidden": [32, 16], "epochs": 40,
-            "batch_size": 64, "lr": 3e-3, "seed": 0, "device": "cpu"}
+    base = {
+        "levels": 3,
+        "codebook_size": 8,
+        "code_dim": 8,
+        "hidden": [32, 16],
+        "epochs": 40,
+        "batch_size": 64,
+        "lr": 3e-3,
+        "seed": 0,
+        "device": "cpu",
+    }
     return SemanticIdConfig(**{**base, **kw})
 
 
@@ -92,16 +107,18 @@ def test_duplicates_collide_then_separate_and_ids_are_valid(method):
     dup = [(0, 1), (0, 2), (10, 11)]
     emb = clustered(dup=dup)
     cfg = small_cfg()
-    codes, fit = sid.train_rqvae(emb, cfg, False) if method == "rqvae" else sid.fit_rkmeans(emb, cfg)
+    codes, fit = (
+        sid.train_rqvae(emb, cfg, False) if method == "rqvae" else sid.fit_rkmeans(emb, cfg)
+    )
     ids = sid.add_collision_code(codes)
     assert ids.shape == (len(emb), 4)
-    assert len(np.unique(ids, axis=0)) == len(emb)                  # unique IDs
-    assert ids[:, :3].min() >= 0 and ids[:, :3].max() < 8           # codes in range
+    assert len(np.unique(ids, axis=0)) == len(emb)  # unique IDs
+    assert ids[:, :3].min() >= 0 and ids[:, :3].max() < 8  # codes in range
     for a, b in dup:
-        np.testing.assert_array_equal(ids[a, :3], ids[b, :3])       # real collisions
-    assert len({tuple(ids[i]) for i in (0, 1, 2)}) == 3             # ... split by the 4th code
-    assert sorted(ids[[0, 1, 2], 3]) == list(ids[[0, 1, 2], 3])      # numbered in item order
-    assert fit["reconstruction_mse"] < 0.7 * float(emb.var(0).mean())   # beats the mean vector
+        np.testing.assert_array_equal(ids[a, :3], ids[b, :3])  # real collisions
+    assert len({tuple(ids[i]) for i in (0, 1, 2)}) == 3  # ... split by the 4th code
+    assert sorted(ids[[0, 1, 2], 3]) == list(ids[[0, 1, 2], 3])  # numbered in item order
+    assert fit["reconstruction_mse"] < 0.7 * float(emb.var(0).mean())  # beats the mean vector
 
 
 def test_rqvae_reconstruction_error_falls():
@@ -112,7 +129,7 @@ def test_rqvae_reconstruction_error_falls():
     assert hist[-1] < 0.5 * hist[0], hist[::10]
     assert fit["reconstruction_mse"] < 0.5 * hist[0]
     stats = sid.code_stats(sid.add_collision_code(codes), 8)
-    assert stats["perplexity"][0] > 3.0                              # not collapsed to one code
+    assert stats["perplexity"][0] > 3.0  # not collapsed to one code
 
 
 def test_rkmeans_is_seeded_and_deterministic():
@@ -142,7 +159,7 @@ def test_minilm_unit_norm_identical_texts_and_mean_pool(minilm):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(emb[0], emb[2])
     assert float(emb[0] @ emb[1]) < 0.9
-    with torch.inference_mode():                                       # one text, no padding
+    with torch.inference_mode():  # one text, no padding
         enc = tok(texts[4], return_tensors="pt")
         hidden = model(**enc).last_hidden_state[0].numpy()
     ref = hidden.mean(0) / np.linalg.norm(hidden.mean(0))
@@ -151,8 +168,9 @@ def test_minilm_unit_norm_identical_texts_and_mean_pool(minilm):
 
 def test_encoder_folder_and_cache_reuse(syn, tiny_encoder, tmp_path, monkeypatch):
     ds = load_dataset(syn)
-    emb, info = content.item_embeddings(ds, encoder=str(tiny_encoder), cache_dir=tmp_path,
-                                        device="cpu", progress=False)
+    emb, info = content.item_embeddings(
+        ds, encoder=str(tiny_encoder), cache_dir=tmp_path, device="cpu", progress=False
+    )
     assert emb.shape == (50, 32) and not info["cached"] and info["n_items"] == 50
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
@@ -160,16 +178,18 @@ def test_encoder_folder_and_cache_reuse(syn, tiny_encoder, tmp_path, monkeypatch
         raise AssertionError("recomputed despite a valid cache")
 
     monkeypatch.setattr(content, "load_encoder", boom)
-    again, info2 = content.item_embeddings(ds, encoder=str(tiny_encoder), cache_dir=tmp_path,
-                                           progress=False)
+    again, info2 = content.item_embeddings(
+        ds, encoder=str(tiny_encoder), cache_dir=tmp_path, progress=False
+    )
     assert info2["cached"] and info2["path"] == info["path"]
     np.testing.assert_array_equal(again, emb)
     other = load_dataset(make_synthetic(tmp_path / "other", n_users=61, n_items=50, seed=1))
-    with pytest.raises(AssertionError, match="recomputed"):          # another dataset: a miss
+    with pytest.raises(AssertionError, match="recomputed"):  # another dataset: a miss
         content.item_embeddings(other, encoder=str(tiny_encoder), cache_dir=tmp_path)
-    with pytest.raises(AssertionError, match="recomputed"):          # another precision: a miss
-        content.item_embeddings(ds, encoder=str(tiny_encoder), cache_dir=tmp_path,
-                                precision="bfloat16")
+    with pytest.raises(AssertionError, match="recomputed"):  # another precision: a miss
+        content.item_embeddings(
+            ds, encoder=str(tiny_encoder), cache_dir=tmp_path, precision="bfloat16"
+        )
 
 
 def test_bfloat16_precision_is_close_to_float32(minilm):
@@ -194,8 +214,14 @@ def test_missing_package_gives_install_hint(monkeypatch):
 @pytest.mark.parametrize("method", ["rqvae", "rkmeans"])
 def test_main_writes_valid_ids(syn, tiny_encoder, tmp_path, method, capsys):
     out = tmp_path / f"{method}.npy"
-    cfg = small_cfg(data=str(syn), out=str(out), method=method, encoder=str(tiny_encoder),
-                    cache_dir=str(tmp_path / "cache"), epochs=5)
+    cfg = small_cfg(
+        data=str(syn),
+        out=str(out),
+        method=method,
+        encoder=str(tiny_encoder),
+        cache_dir=str(tmp_path / "cache"),
+        epochs=5,
+    )
     assert sid.main(cfg, progress=False) == 0
     ds = load_dataset(syn)
     codes, manifest = sid.load_semantic_ids(out, ds)
@@ -212,17 +238,32 @@ def test_load_refuses_other_dataset_and_bad_codes(syn, tmp_path):
     ds = load_dataset(syn)
     other = load_dataset(make_synthetic(tmp_path / "other", n_users=61, n_items=50, seed=1))
     ids = sid.add_collision_code(np.arange(150).reshape(50, 3) % 8)
-    good = save_scores(tmp_path / "ids.npy", ids, kind="semantic_ids", dataset=ds.fingerprint(),
-                       codebook_sizes=[8, 8, 8, 7], n_items=50)
+    good = save_scores(
+        tmp_path / "ids.npy",
+        ids,
+        kind="semantic_ids",
+        dataset=ds.fingerprint(),
+        codebook_sizes=[8, 8, 8, 7],
+        n_items=50,
+    )
     assert sid.load_semantic_ids(good, ds)[0].shape == (50, 4)
     with pytest.raises(ScoreFileError, match="another dataset|users") as e:
         sid.load_semantic_ids(good, other)
     assert "\n" not in str(e.value) and "ids.npy" in str(e.value)
-    cases = {"range": (ids, [8, 8, 4, 7]), "dup": (np.zeros((50, 4), int), [8, 8, 8, 1]),
-             "shape": (ids[:49], [8, 8, 8, 7]), "sizes": (ids, [8, 8, 8])}
+    cases = {
+        "range": (ids, [8, 8, 4, 7]),
+        "dup": (np.zeros((50, 4), int), [8, 8, 8, 1]),
+        "shape": (ids[:49], [8, 8, 8, 7]),
+        "sizes": (ids, [8, 8, 8]),
+    }
     for name, (arr, sizes) in cases.items():
-        path = save_scores(tmp_path / f"{name}.npy", arr, kind="semantic_ids",
-                           dataset=ds.fingerprint(), codebook_sizes=sizes)
+        path = save_scores(
+            tmp_path / f"{name}.npy",
+            arr,
+            kind="semantic_ids",
+            dataset=ds.fingerprint(),
+            codebook_sizes=sizes,
+        )
         with pytest.raises(ScoreFileError, match=f"{name}.npy") as e:
             sid.load_semantic_ids(path, ds)
         assert "\n" not in str(e.value)
@@ -231,9 +272,18 @@ def test_load_refuses_other_dataset_and_bad_codes(syn, tmp_path):
         sid.load_semantic_ids(emb, ds)
 
 
-@pytest.mark.parametrize("change", [
-    {"epochs": 0}, {"codebook_size": 1}, {"out": "ids.txt"}, {"encoder": "no/such/folder"},
-    {"data": "no/such/dataset"}, {"method": "pq"}, {"lr": 0.0}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"epochs": 0},
+        {"codebook_size": 1},
+        {"out": "ids.txt"},
+        {"encoder": "no/such/folder"},
+        {"data": "no/such/dataset"},
+        {"method": "pq"},
+        {"lr": 0.0},
+    ],
+)
 def test_main_bad_input_writes_nothing(syn, tmp_path, change):
     out = tmp_path / "out" / "ids.npy"
     kw = {"data": str(syn), "out": str(out), "cache_dir": str(tmp_path / "cache"), **change}

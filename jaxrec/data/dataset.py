@@ -139,9 +139,7 @@ def load_dataset(path: str | Path) -> Dataset:
         if users is None:
             users = ids
         elif len(ids) != len(users):
-            raise DataError(
-                f"{file}: {len(ids)} lines, but sequential_train.txt has {len(users)}"
-            )
+            raise DataError(f"{file}: {len(ids)} lines, but sequential_train.txt has {len(users)}")
         elif not np.array_equal(ids, users):
             line = int(np.flatnonzero(ids != users)[0]) + 1
             raise DataError(f"{file}:{line}: user id {ids[line - 1]} differs from the train file")
@@ -165,7 +163,7 @@ def left_pad(seqs: list[np.ndarray], max_len: int = MAX_LEN) -> np.ndarray:
     for row, seq in enumerate(seqs):
         seq = seq[-max_len:]
         if len(seq):
-            out[row, max_len - len(seq):] = seq
+            out[row, max_len - len(seq) :] = seq
     return out
 
 
@@ -199,7 +197,7 @@ def evaluation_arrays(ds: Dataset, split: str, max_len: int = MAX_LEN) -> dict[s
     items (0-padded)}``.
     """
     hist = history(ds, split)
-    truth = [np.unique(t) for t in ds.split(split)]       # a repeated purchase counts once
+    truth = [np.unique(t) for t in ds.split(split)]  # a repeated purchase counts once
     users = np.asarray([u for u in range(ds.n_users) if len(truth[u])], dtype=np.int32)
     if users.size == 0:
         raise DataError(f"{ds.path}: no user has items in the {split} split")

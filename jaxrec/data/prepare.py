@@ -27,8 +27,11 @@ from jaxrec.errors import DataError, UserError
 def _open(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(
-        path, encoding="utf-8")
+    return (
+        gzip.open(path, "rt", encoding="utf-8")
+        if path.suffix == ".gz"
+        else open(path, encoding="utf-8")
+    )
 
 
 def _records(path: Path):
@@ -118,11 +121,20 @@ def prepare(cfg: PrepareConfig) -> Path:
         for asin, iid in item_ids.items():
             rec = meta.get(asin, {})
             cats = rec.get("categories") or rec.get("category") or []
-            if cats and isinstance(cats[0], list):       # 2014 format: list of category paths
+            if cats and isinstance(cats[0], list):  # 2014 format: list of category paths
                 cats = cats[0]
             title = str(rec.get("title") or "").strip() or f"title_{iid}"
-            f.write(json.dumps({"item_id": iid, "source_id": asin, "title": title,
-                                "categories": [str(c) for c in cats]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "item_id": iid,
+                        "source_id": asin,
+                        "title": title,
+                        "categories": [str(c) for c in cats],
+                    }
+                )
+                + "\n"
+            )
     return out
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def per_user_recall_ndcg(hits: np.ndarray, n_truth: np.ndarray,
-                         ks=(10, 20)) -> dict[str, np.ndarray]:
+def per_user_recall_ndcg(
+    hits: np.ndarray, n_truth: np.ndarray, ks=(10, 20)
+) -> dict[str, np.ndarray]:
     """Recall@K and NDCG@K of every user (paper Sec. 4.1).
 
     Args:

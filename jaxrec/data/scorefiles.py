@@ -62,8 +62,16 @@ def _json_default(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def save_scores(path, array, *, kind: str, dataset: dict, options: dict | None = None,
-                seconds: float | None = None, **extra) -> Path:
+def save_scores(
+    path,
+    array,
+    *,
+    kind: str,
+    dataset: dict,
+    options: dict | None = None,
+    seconds: float | None = None,
+    **extra,
+) -> Path:
     """Save ``array`` to ``path`` (``.npy``) and its manifest to ``path`` with ``.json``.
 
     Scores are stored as float32, selections (integer arrays) as int64. ``dataset`` is the
@@ -100,8 +108,9 @@ def read_manifest(path: str | Path) -> dict:
         raise ScoreFileError(f"{mpath}: not valid JSON ({e})") from None
 
 
-def load_scores(path, *, kind: str | tuple[str, ...] | None = None,
-                dataset: dict | None = None) -> tuple[np.ndarray, dict]:
+def load_scores(
+    path, *, kind: str | tuple[str, ...] | None = None, dataset: dict | None = None
+) -> tuple[np.ndarray, dict]:
     """Load a score file and its manifest, checking kind and dataset fingerprint.
 
     Args:
@@ -118,20 +127,25 @@ def load_scores(path, *, kind: str | tuple[str, ...] | None = None,
     kinds = (kind,) if isinstance(kind, str) else kind
     if kinds is not None and manifest.get("kind") not in kinds:
         raise ScoreFileError(
-            f"{path}: kind is {manifest.get('kind')!r}, expected {' or '.join(map(repr, kinds))}")
+            f"{path}: kind is {manifest.get('kind')!r}, expected {' or '.join(map(repr, kinds))}"
+        )
     if dataset is not None:
         got = manifest.get("dataset", {})
         if got.get("train_sha256") != dataset["train_sha256"]:
             raise ScoreFileError(f"{path}: made from another dataset (train_sha256 mismatch)")
         if int(got.get("n_users", -1)) != int(dataset["n_users"]):
             raise ScoreFileError(
-                f"{path}: made for {got.get('n_users')} users, dataset has {dataset['n_users']}")
+                f"{path}: made for {got.get('n_users')} users, dataset has {dataset['n_users']}"
+            )
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise ScoreFileError(f"{path}: not a readable .npy file ({e})") from None
-    if manifest.get("kind") in _PER_USER_KINDS and dataset is not None \
-            and array.shape != (int(dataset["n_users"]),):
+    if (
+        manifest.get("kind") in _PER_USER_KINDS
+        and dataset is not None
+        and array.shape != (int(dataset["n_users"]),)
+    ):
         raise ScoreFileError(f"{path}: shape {array.shape}, expected ({dataset['n_users']},)")
     return array, manifest
 

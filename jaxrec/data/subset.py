@@ -12,8 +12,9 @@ from jaxrec.data.dataset import SPLITS, Dataset
 from jaxrec.errors import UserError
 
 
-def write_user_subset(ds: Dataset, out: str | Path, *, n_users: int, seed: int = 0,
-                      only_their_items: bool = False) -> Path:
+def write_user_subset(
+    ds: Dataset, out: str | Path, *, n_users: int, seed: int = 0, only_their_items: bool = False
+) -> Path:
     """Write ``n_users`` users of ``ds`` (seeded, kept in their original order) to ``out``.
 
     By default item ids and ``items.jsonl`` are kept unchanged (every item stays rankable).

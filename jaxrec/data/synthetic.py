@@ -15,9 +15,18 @@ from pathlib import Path
 import numpy as np
 
 
-def make_synthetic(out: str | Path, *, n_users: int = 300, n_items: int = 120,
-                   n_clusters: int = 6, min_len: int = 3, max_len: int = 20,
-                   p_next: float = 0.8, eval_fraction: float = 0.5, seed: int = 0) -> Path:
+def make_synthetic(
+    out: str | Path,
+    *,
+    n_users: int = 300,
+    n_items: int = 120,
+    n_clusters: int = 6,
+    min_len: int = 3,
+    max_len: int = 20,
+    p_next: float = 0.8,
+    eval_fraction: float = 0.5,
+    seed: int = 0,
+) -> Path:
     """Write a synthetic dataset folder to ``out`` and return its path."""
     rng = np.random.default_rng(seed)
     out = Path(out)
@@ -43,7 +52,15 @@ def make_synthetic(out: str | Path, *, n_users: int = 300, n_items: int = 120,
     with open(out / "items.jsonl", "w", encoding="utf-8") as f:
         for c, ring in enumerate(clusters):
             for _rank, item in enumerate(ring):
-                f.write(json.dumps({"item_id": int(item), "source_id": f"SYN{item:05d}",
-                                    "title": f"Game {item} of series {chr(65 + c % 26)}{c}",
-                                    "categories": ["Video Games", f"Series {c}"]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "item_id": int(item),
+                            "source_id": f"SYN{item:05d}",
+                            "title": f"Game {item} of series {chr(65 + c % 26)}{c}",
+                            "categories": ["Video Games", f"Series {c}"],
+                        }
+                    )
+                    + "\n"
+                )
     return out

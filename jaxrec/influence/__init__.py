@@ -11,11 +11,30 @@ from jaxrec.influence.hvp import hvp
 from jaxrec.config import ArnoldiOptions, CGOptions, ExactOptions, LissaOptions
 from jaxrec.influence.inverse import CONVENTIONS, SOLVERS, inverse_hvp
 from jaxrec.influence.params import ParamSubset, parameter_paths
-from jaxrec.influence.scores import (el2n_scores, grand_scores, influence_scores,
-                                     mean_gradient, per_sample_map, sample_scores)
+from jaxrec.influence.scores import (
+    el2n_scores,
+    grand_scores,
+    influence_scores,
+    mean_gradient,
+    per_sample_map,
+    sample_scores,
+)
 
 __all__ = [
-    "hvp", "inverse_hvp", "SOLVERS", "CONVENTIONS", "ParamSubset", "parameter_paths",
-    "sample_scores", "mean_gradient", "influence_scores", "grand_scores", "el2n_scores",
-    "per_sample_map", "LissaOptions", "CGOptions", "ExactOptions", "ArnoldiOptions",
+    "hvp",
+    "inverse_hvp",
+    "SOLVERS",
+    "CONVENTIONS",
+    "ParamSubset",
+    "parameter_paths",
+    "sample_scores",
+    "mean_gradient",
+    "influence_scores",
+    "grand_scores",
+    "el2n_scores",
+    "per_sample_map",
+    "LissaOptions",
+    "CGOptions",
+    "ExactOptions",
+    "ArnoldiOptions",
 ]

@@ -16,8 +16,9 @@ from jaxrec.influence.batching import _disable
 from jaxrec.influence.operator import FullHessian
 
 
-def eigenpairs(op: FullHessian, *, rank: int = 20, iterations: int = 60, key=None,
-               progress: bool | None = None):
+def eigenpairs(
+    op: FullHessian, *, rank: int = 20, iterations: int = 60, key=None, progress: bool | None = None
+):
     """Top-``rank`` eigenvalues ``[k]`` and flat eigenvectors ``[k, d]`` of the full-data H."""
     flat0, unravel = ravel_pytree(op.params)
     d = flat0.size
@@ -29,30 +30,41 @@ def eigenpairs(op: FullHessian, *, rank: int = 20, iterations: int = 60, key=Non
     hess = np.zeros((iterations + 1, iterations))
     for k in tqdm(range(iterations), desc="arnoldi", leave=False, disable=_disable(progress)):
         w = ravel_pytree(op.matvec(unravel(basis[k])))[0]
-        for j in range(k + 1):          # modified Gram-Schmidt, full re-orthogonalisation
+        for j in range(k + 1):  # modified Gram-Schmidt, full re-orthogonalisation
             hess[j, k] = float(jnp.vdot(basis[j], w))
             w = w - hess[j, k] * basis[j]
         hess[k + 1, k] = float(jnp.linalg.norm(w))
         if hess[k + 1, k] < 1e-10 * max(1.0, abs(hess[k, k])):
-            iterations = k + 1          # Krylov space exhausted: exact on it
+            iterations = k + 1  # Krylov space exhausted: exact on it
             break
         basis.append(w / hess[k + 1, k])
     small = hess[:iterations, :iterations]
     lam, vec = np.linalg.eigh(0.5 * (small + small.T))
     top = np.argsort(-np.abs(lam))[:rank]
-    v_basis = jnp.stack(basis[:iterations])                       # [m, d]
-    eigvecs = jnp.asarray(vec[:, top].T, flat0.dtype) @ v_basis   # [k, d]
+    v_basis = jnp.stack(basis[:iterations])  # [m, d]
+    eigvecs = jnp.asarray(vec[:, top].T, flat0.dtype) @ v_basis  # [k, d]
     return lam[top], eigvecs, unravel
 
 
-def solve(op: FullHessian, v, damping: float, *, rank: int = 20, iterations: int = 60,
-          key=None, progress: bool | None = None):
+def solve(
+    op: FullHessian,
+    v,
+    damping: float,
+    *,
+    rank: int = 20,
+    iterations: int = 60,
+    key=None,
+    progress: bool | None = None,
+):
     """Low-rank ``(H + damping I)^-1 v`` on the top-``rank`` eigenspace. Returns ``(u, info)``."""
-    lam, vecs, unravel = eigenpairs(op, rank=rank, iterations=iterations, key=key,
-                                    progress=progress)
+    lam, vecs, unravel = eigenpairs(
+        op, rank=rank, iterations=iterations, key=key, progress=progress
+    )
     if np.any(lam + damping <= 0):
-        raise UserError(f"Arnoldi found eigenvalue {lam.min():.3g} <= -damping; increase "
-                        f"damping= above {-lam.min():.3g}")
+        raise UserError(
+            f"Arnoldi found eigenvalue {lam.min():.3g} <= -damping; increase "
+            f"damping= above {-lam.min():.3g}"
+        )
     flat_v = ravel_pytree(v)[0]
     coef = (vecs @ flat_v) / jnp.asarray(lam + damping, flat_v.dtype)
     u = unravel(coef @ vecs)

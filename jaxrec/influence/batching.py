@@ -91,8 +91,7 @@ def num_batches(n: int, batch_size: int, n_devices: int = 1) -> int:
     return -(-n // b)
 
 
-def strata_batches(data, batch_size: int, mesh: Mesh, *, desc: str,
-                   progress: bool | None = None):
+def strata_batches(data, batch_size: int, mesh: Mesh, *, desc: str, progress: bool | None = None):
     """Yield ``(count, batch, weight)`` of :func:`padded_batches` over every stratum of
     ``data`` in order (one compiled shape per stratum), with one progress bar."""
     parts = strata(data)
@@ -122,6 +121,10 @@ def full_batches(data, batch_size: int):
         host = jax.tree.map(np.asarray, part)
         for start in range(0, m, b):
             stop = min(m, start + b)
-            out.append(((stop - start) / n,
-                        jax.device_put(jax.tree.map(lambda x, s=slice(start, stop): x[s], host))))
+            out.append(
+                (
+                    (stop - start) / n,
+                    jax.device_put(jax.tree.map(lambda x, s=slice(start, stop): x[s], host)),
+                )
+            )
     return out

@@ -11,10 +11,18 @@ from jaxrec.influence.batching import _disable
 from jaxrec.influence.operator import FullHessian
 
 
-def solve(op: FullHessian, v, damping: float, *, tol: float = 1e-6, maxiter: int = 100,
-          progress: bool | None = None):
+def solve(
+    op: FullHessian,
+    v,
+    damping: float,
+    *,
+    tol: float = 1e-6,
+    maxiter: int = 100,
+    progress: bool | None = None,
+):
     """CG until ``||r|| <= tol ||v||`` or ``maxiter`` iterations. Returns ``(u, info)`` with the
     relative residual trace. Raises UserError on non-positive curvature (increase damping)."""
+
     def apply(x):
         return T.axpy(damping, x, op.matvec(x))
 
@@ -30,8 +38,10 @@ def solve(op: FullHessian, v, damping: float, *, tol: float = 1e-6, maxiter: int
         ap = apply(p)
         pap = float(T.vdot(p, ap))
         if not np.isfinite(pap) or pap <= 0:
-            raise UserError(f"CG met non-positive curvature (p.Ap = {pap:.3g}) at iteration "
-                            f"{it}: H + {damping} I is not positive definite; increase damping=")
+            raise UserError(
+                f"CG met non-positive curvature (p.Ap = {pap:.3g}) at iteration "
+                f"{it}: H + {damping} I is not positive definite; increase damping="
+            )
         alpha = rr / pap
         x = T.axpy(alpha, p, x)
         r = T.axpy(-alpha, ap, r)
@@ -41,5 +51,9 @@ def solve(op: FullHessian, v, damping: float, *, tol: float = 1e-6, maxiter: int
             break
         p = T.axpy(rr_new / rr, p, r)
         rr = rr_new
-    return x, {"iterations": it, "residuals": trace, "converged": bool(trace[-1] <= tol),
-               "hvps": it}
+    return x, {
+        "iterations": it,
+        "residuals": trace,
+        "converged": bool(trace[-1] <= tol),
+        "hvps": it,
+    }

@@ -23,16 +23,24 @@ from jaxrec.data.scorefiles import atomic_write_bytes, save_scores
 from jaxrec.errors import UserError
 
 # Library errors name Python arguments; these are the flags that set them.
-_FLAGS = {"damping": "--damping", "scale": "--scale", "params": "--params",
-          "solver": "--solver", "steps": "--steps", "repeats": "--repeats",
-          "batch_size": "--lissa-batch-size"}
+_FLAGS = {
+    "damping": "--damping",
+    "scale": "--scale",
+    "params": "--params",
+    "solver": "--solver",
+    "steps": "--steps",
+    "repeats": "--repeats",
+    "batch_size": "--lissa-batch-size",
+}
 
 
 def flag_words(message: str) -> str:
     """``"increase damping="`` -> ``"increase --damping"``; ``"scale=50"`` -> ``"--scale 50"``."""
+
     def sub(m):
         value = m.group(2).strip("'")
         return _FLAGS[m.group(1)] + (f" {value}" if value else "")
+
     return re.sub(r"\b(" + "|".join(_FLAGS) + r")=('[^']*'|[\w.+-]*)", sub, message)
 
 
@@ -45,10 +53,10 @@ def compute(cfg: InfluenceConfig, surrogate, *, progress: bool | None = None):
 
     if cfg.score == "representation":
         from jaxrec.train import user_representations
+
         t = time.perf_counter()
         reps = user_representations(surrogate, cfg.batch_size)
-        return reps, {"params": "", "n_params": 0,
-                      "seconds": {"scores": time.perf_counter() - t}}
+        return reps, {"params": "", "n_params": 0, "seconds": {"scores": time.perf_counter() - t}}
     sub = ParamSubset(surrogate.params, cfg.params)
     order, parts = width_strata(surrogate.data, surrogate.config.max_len)
     info = {"params": sub.pattern, "n_params": sub.size}
@@ -67,18 +75,27 @@ def _score(cfg, surrogate, sub, parts, progress):
     psl = sub.restrict(surrogate.per_sample_loss)
     t = time.perf_counter()
     if cfg.score == "influence":
-        s, solver = influence_scores(sub.restrict(surrogate.loss), psl, sub.params, parts,
-                                     solver=solver_options(cfg), damping=cfg.damping,
-                                     convention=cfg.convention, scale=cfg.scale,
-                                     batch_size=cfg.batch_size, progress=progress)
+        s, solver = influence_scores(
+            sub.restrict(surrogate.loss),
+            psl,
+            sub.params,
+            parts,
+            solver=solver_options(cfg),
+            damping=cfg.damping,
+            convention=cfg.convention,
+            scale=cfg.scale,
+            batch_size=cfg.batch_size,
+            progress=progress,
+        )
         seconds = solver.pop("seconds")
         seconds.pop("total", None)
         return s, {"seconds": seconds, "solver": solver}
     if cfg.score == "grand":
         s = grand_scores(psl, sub.params, parts, cfg.grand_batch_size, progress=progress)
     else:
-        s = el2n_scores(el2n_error(surrogate.model), surrogate.params, parts, cfg.batch_size,
-                        progress=progress)
+        s = el2n_scores(
+            el2n_error(surrogate.model), surrogate.params, parts, cfg.batch_size, progress=progress
+        )
     return s, {"seconds": {"scores": time.perf_counter() - t}}
 
 
@@ -105,12 +122,14 @@ def _solver_record(info: dict, out: Path) -> dict:
     trace = solver.pop("norm_trace", None)
     if trace is not None:
         trace_path = out.with_name(out.stem + "_trace.npy")
-        atomic_write_bytes(trace_path, lambda f: np.save(f, np.asarray(trace, np.float32),
-                                                         allow_pickle=False))
+        atomic_write_bytes(
+            trace_path, lambda f: np.save(f, np.asarray(trace, np.float32), allow_pickle=False)
+        )
         solver["norm_trace_file"] = trace_path.name
         solver["final_norm"] = float(np.asarray(trace)[:, -1].mean())
-    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
-            for k, v in solver.items()}
+    return {
+        k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in solver.items()
+    }
 
 
 def main(cfg: InfluenceConfig) -> int:
@@ -128,16 +147,29 @@ def main(cfg: InfluenceConfig) -> int:
         raise UserError(flag_words(str(e))) from None
     info["seconds"]["load"] = load_s
     out = Path(cfg.out)
-    extra = {"run": str(cfg.run), "score": cfg.score, "param_filter": info["params"],
-             "n_params": info["n_params"],
-             "timing": {k: round(v, 3) for k, v in info["seconds"].items()}}
+    extra = {
+        "run": str(cfg.run),
+        "score": cfg.score,
+        "param_filter": info["params"],
+        "n_params": info["n_params"],
+        "timing": {k: round(v, 3) for k, v in info["seconds"].items()},
+    }
     if "solver" in info:
         extra["solver"] = _solver_record(info["solver"], out)
     options = {k: v for k, v in to_dict(cfg).items() if k not in ("run", "out")}
-    save_scores(out, scores, kind=cfg.score, dataset=surrogate.dataset.fingerprint(),
-                options=options, seconds=time.perf_counter() - t0, **extra)
+    save_scores(
+        out,
+        scores,
+        kind=cfg.score,
+        dataset=surrogate.dataset.fingerprint(),
+        options=options,
+        seconds=time.perf_counter() - t0,
+        **extra,
+    )
     steps = info.get("solver", {}).get("steps_run")
-    print(f"{out}: {cfg.score} scores of {scores.shape[0]} users "
-          f"({time.perf_counter() - t0:.1f} s; {info['n_params']} parameters"
-          f"{f'; LiSSA steps {steps}' if steps else ''})")
+    print(
+        f"{out}: {cfg.score} scores of {scores.shape[0]} users "
+        f"({time.perf_counter() - t0:.1f} s; {info['n_params']} parameters"
+        f"{f'; LiSSA steps {steps}' if steps else ''})"
+    )
     return 0

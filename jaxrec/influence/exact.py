@@ -19,9 +19,11 @@ def hessian_matrix(op: FullHessian, chunk: int = 256) -> np.ndarray:
     flat, unravel = ravel_pytree(op.params)
     d = flat.size
     if d > MAX_DIM:
-        raise UserError(f"exact solver would build a {d} x {d} Hessian; pick a parameter "
-                        f"subset of at most {MAX_DIM} values (params=), or use solver='cg' "
-                        f"or solver='lissa'")
+        raise UserError(
+            f"exact solver would build a {d} x {d} Hessian; pick a parameter "
+            f"subset of at most {MAX_DIM} values (params=), or use solver='cg' "
+            f"or solver='lissa'"
+        )
     cols = []
     for start in range(0, d, chunk):
         k = min(chunk, d - start)
@@ -46,6 +48,10 @@ def solve(op: FullHessian, v, damping: float, *, chunk: int = 256):
     except np.linalg.LinAlgError:
         raise UserError(f"H + {damping} I is singular; increase damping=") from None
     eig = np.linalg.eigvalsh(h)
-    info = {"dim": int(h.shape[0]), "eig_min": float(eig[0]), "eig_max": float(eig[-1]),
-            "hvps": int(h.shape[0])}
+    info = {
+        "dim": int(h.shape[0]),
+        "eig_min": float(eig[0]),
+        "eig_max": float(eig[-1]),
+        "hvps": int(h.shape[0]),
+    }
     return unravel(jnp.asarray(x, flat_v.dtype)), info

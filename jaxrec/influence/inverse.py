@@ -11,8 +11,7 @@ import dataclasses
 
 import jax
 
-from jaxrec.config import (SOLVER_OPTIONS, ArnoldiOptions, CGOptions, ExactOptions,
-                           LissaOptions)
+from jaxrec.config import SOLVER_OPTIONS, ArnoldiOptions, CGOptions, ExactOptions, LissaOptions
 from jaxrec.errors import UserError
 from jaxrec.influence import arnoldi, cg, exact, lissa
 from jaxrec.influence.operator import FullHessian
@@ -31,13 +30,17 @@ def solver_options(solver, **overrides) -> SolverOptions:
             raise UserError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
         solver = SOLVER_OPTIONS[solver]()
     elif not isinstance(solver, tuple(SOLVER_OPTIONS.values())):
-        raise UserError(f"solver must be a name ({', '.join(SOLVERS)}) or an options "
-                        f"dataclass, got {type(solver).__name__}")
+        raise UserError(
+            f"solver must be a name ({', '.join(SOLVERS)}) or an options "
+            f"dataclass, got {type(solver).__name__}"
+        )
     names = {f.name for f in dataclasses.fields(solver)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise UserError(f"solver {solver_name(solver)!r} has no option {unknown[0]!r} "
-                        f"(options: {', '.join(sorted(names))})")
+        raise UserError(
+            f"solver {solver_name(solver)!r} has no option {unknown[0]!r} "
+            f"(options: {', '.join(sorted(names))})"
+        )
     return dataclasses.replace(solver, **overrides)
 
 
@@ -45,9 +48,20 @@ def solver_name(options: SolverOptions) -> str:
     return next(k for k, cls in SOLVER_OPTIONS.items() if isinstance(options, cls))
 
 
-def inverse_hvp(loss, params, data, v, *, solver: str | SolverOptions = "cg",
-                damping: float = 0.0, convention: str = "standard", scale: float = 25.0,
-                return_info: bool = False, progress: bool | None = None, **options):
+def inverse_hvp(
+    loss,
+    params,
+    data,
+    v,
+    *,
+    solver: str | SolverOptions = "cg",
+    damping: float = 0.0,
+    convention: str = "standard",
+    scale: float = 25.0,
+    return_info: bool = False,
+    progress: bool | None = None,
+    **options,
+):
     """``(H + damping I)^-1 v``, ``H`` the Hessian of the mean of ``loss`` over all of ``data``
     (the ``H^-1`` of paper Eq. 10).
 
@@ -67,8 +81,9 @@ def inverse_hvp(loss, params, data, v, *, solver: str | SolverOptions = "cg",
     opts = solver_options(solver, **options)
     name = solver_name(opts)
     if convention not in CONVENTIONS:
-        raise UserError(f"unknown convention {convention!r}; expected one of "
-                        f"{', '.join(CONVENTIONS)}")
+        raise UserError(
+            f"unknown convention {convention!r}; expected one of {', '.join(CONVENTIONS)}"
+        )
     if damping < 0:
         raise UserError(f"damping must be >= 0, got damping={damping}")
     if not all_finite(v):
@@ -76,8 +91,9 @@ def inverse_hvp(loss, params, data, v, *, solver: str | SolverOptions = "cg",
     dealrec = convention == "dealrec"
     if name == "lissa":
         d = damping if dealrec else damping / scale
-        h, info = lissa.solve(loss, params, data, v, d=d, scale=scale, options=opts,
-                              progress=progress)
+        h, info = lissa.solve(
+            loss, params, data, v, d=d, scale=scale, options=opts, progress=progress
+        )
         u = h if dealrec else jax.tree.map(lambda x: x / scale, h)
     else:
         lam = scale * damping if dealrec else damping
@@ -85,16 +101,28 @@ def inverse_hvp(loss, params, data, v, *, solver: str | SolverOptions = "cg",
         if name == "exact":
             u, info = exact.solve(op, v, lam, chunk=opts.chunk)
         elif name == "cg":
-            u, info = cg.solve(op, v, lam, tol=opts.tol, maxiter=opts.maxiter,
-                               progress=progress)
+            u, info = cg.solve(op, v, lam, tol=opts.tol, maxiter=opts.maxiter, progress=progress)
         else:
-            u, info = arnoldi.solve(op, v, lam, rank=opts.rank, iterations=opts.iterations,
-                                    key=jax.random.PRNGKey(opts.seed), progress=progress)
+            u, info = arnoldi.solve(
+                op,
+                v,
+                lam,
+                rank=opts.rank,
+                iterations=opts.iterations,
+                key=jax.random.PRNGKey(opts.seed),
+                progress=progress,
+            )
         if dealrec:
             u = jax.tree.map(lambda x: scale * x, u)
     if not all_finite(u):
-        raise UserError(f"solver {name!r} produced a non-finite result; increase damping= "
-                        f"(now {damping})")
-    info = dict(info, solver=name, convention=convention, damping=damping,
-                **({"scale": scale} if dealrec or name == "lissa" else {}))
+        raise UserError(
+            f"solver {name!r} produced a non-finite result; increase damping= (now {damping})"
+        )
+    info = dict(
+        info,
+        solver=name,
+        convention=convention,
+        damping=damping,
+        **({"scale": scale} if dealrec or name == "lissa" else {}),
+    )
     return (u, info) if return_info else u

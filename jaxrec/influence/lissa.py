@@ -52,9 +52,11 @@ def _minibatch_hvp(loss, parts, batch_size: int):
     """
     sizes = [data_size(p) for p in parts]
     if len(parts) == 1:
+
         def f(key, t, params, x, parts):
             batch = _take(parts[0], lissa_indices(key, t, sizes[0], batch_size))
             return hvp(loss, params, batch, x)
+
         return f
     logp = jnp.log(jnp.asarray(sizes, jnp.float32) / sum(sizes))
 
@@ -62,10 +64,15 @@ def _minibatch_hvp(loss, parts, batch_size: int):
         kg, ki = jax.random.split(jax.random.fold_in(key, t))
         g = jax.random.categorical(kg, logp)
         branches = [
-            (lambda x, i=i: hvp(loss, params,
-                                _take(parts[i], lissa_indices(ki, 0, sizes[i], batch_size)), x))
-            for i in range(len(parts))]
+            (
+                lambda x, i=i: hvp(
+                    loss, params, _take(parts[i], lissa_indices(ki, 0, sizes[i], batch_size)), x
+                )
+            )
+            for i in range(len(parts))
+        ]
         return jax.lax.switch(g, branches, x)
+
     return f
 
 
@@ -82,8 +89,10 @@ def largest_eigenvalue(loss, params, data, batch_size: int, key, iterations: int
 
     leaves = jax.tree.leaves(params)
     keys = jax.random.split(jax.random.fold_in(key, 7), len(leaves))
-    x = jax.tree.unflatten(jax.tree.structure(params),
-                           [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)])
+    x = jax.tree.unflatten(
+        jax.tree.structure(params),
+        [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)],
+    )
     x = T.scale(1.0 / T.norm(x), x)
     ray = 0.0
     for i in range(iterations):
@@ -99,19 +108,22 @@ def largest_eigenvalue(loss, params, data, batch_size: int, key, iterations: int
 def _chunk_runner(mb_hvp, d: float, scale: float, steps: int, chunk: int):
     """A jitted ``(h, t0, key, params, v, parts) -> (h, norms)``: ``chunk`` steps in one
     ``lax.scan`` (steps past ``steps`` are skipped, so one shape serves every chunk)."""
+
     @jax.jit
     def run_chunk(h, t0, key, params, v, parts):
         def body(h, t):
             def step(h):
                 hv = mb_hvp(key, t, params, h, parts)
-                return jax.tree.map(lambda vi, hi, hvi: vi + (1 - d) * hi - hvi / scale,
-                                    v, h, hv)
-            if steps % chunk:              # last chunk overruns: skip steps >= steps
+                return jax.tree.map(lambda vi, hi, hvi: vi + (1 - d) * hi - hvi / scale, v, h, hv)
+
+            if steps % chunk:  # last chunk overruns: skip steps >= steps
                 h = jax.lax.cond(t < steps, step, lambda h: h, h)
             else:
                 h = step(h)
             return h, T.norm(h)
+
         return jax.lax.scan(body, h, t0 + jnp.arange(chunk))
+
     return run_chunk
 
 
@@ -139,8 +151,9 @@ def _converged(changes: list[float], t: int, min_steps: int, rtol: float) -> boo
     return changes[-1] >= 0.5 * changes[-2]
 
 
-def _run_one(run_chunk, key, params, v, parts, opts, *, min_steps, limit, desc, progress,
-             on_diverge):
+def _run_one(
+    run_chunk, key, params, v, parts, opts, *, min_steps, limit, desc, progress, on_diverge
+):
     """One LiSSA run from ``h_0 = v``: chunks until ``opts.steps`` steps or convergence.
     Returns ``(h, trace)``."""
     h, trace, changes, t = v, [], [], 0
@@ -158,8 +171,9 @@ def _run_one(run_chunk, key, params, v, parts, opts, *, min_steps, limit, desc, 
                 i = int(np.argmax(bad))
                 on_diverge(key, t - norms.size + i, float(norms[i]))
             if t < opts.steps and (opts.rtol > 0 or min_steps >= 0):
-                changes.append(float(T.norm(T.axpy(-1.0, h_prev, h)))
-                               / max(float(T.norm(h)), 1e-30))
+                changes.append(
+                    float(T.norm(T.axpy(-1.0, h_prev, h))) / max(float(T.norm(h)), 1e-30)
+                )
                 if _converged(changes, t, min_steps, opts.rtol):
                     break
     finally:
@@ -167,8 +181,17 @@ def _run_one(run_chunk, key, params, v, parts, opts, *, min_steps, limit, desc, 
     return h, np.concatenate(trace)
 
 
-def solve(loss, params, data, v, *, d: float, scale: float = 25.0,
-          options: LissaOptions | None = None, progress: bool | None = None):
+def solve(
+    loss,
+    params,
+    data,
+    v,
+    *,
+    d: float,
+    scale: float = 25.0,
+    options: LissaOptions | None = None,
+    progress: bool | None = None,
+):
     """Run the recursion ``options.repeats`` times (independent keys) and average.
 
     ``data`` is one pytree or a list of strata (see :func:`_minibatch_hvp`). Each run stops
@@ -183,8 +206,9 @@ def solve(loss, params, data, v, *, d: float, scale: float = 25.0,
     chunk = max(1, min(opts.chunk, opts.steps))
     opts = dataclasses.replace(opts, chunk=chunk)
     parts = [jax.device_put(jax.tree.map(jnp.asarray, p)) for p in strata(data)]
-    run_chunk = _chunk_runner(_minibatch_hvp(loss, parts, opts.batch_size), d, scale,
-                              opts.steps, chunk)
+    run_chunk = _chunk_runner(
+        _minibatch_hvp(loss, parts, opts.batch_size), d, scale, opts.steps, chunk
+    )
     limit = 1e3 * max(float(T.norm(v)), 1e-30) / max(d, 1e-12)
 
     def on_diverge(key, step, value):
@@ -193,28 +217,45 @@ def solve(loss, params, data, v, *, d: float, scale: float = 25.0,
     results, traces = [], []
     keys = jax.random.split(jax.random.PRNGKey(opts.seed), opts.repeats)
     for r, rkey in enumerate(keys):
-        h, trace = _run_one(run_chunk, rkey, params, v, parts, opts,
-                            min_steps=transient_steps(d, opts.tol), limit=limit,
-                            desc=f"lissa {r + 1}/{opts.repeats}", progress=progress,
-                            on_diverge=on_diverge)
+        h, trace = _run_one(
+            run_chunk,
+            rkey,
+            params,
+            v,
+            parts,
+            opts,
+            min_steps=transient_steps(d, opts.tol),
+            limit=limit,
+            desc=f"lissa {r + 1}/{opts.repeats}",
+            progress=progress,
+            on_diverge=on_diverge,
+        )
         results.append(h)
         traces.append(trace)
     mean = jax.tree.map(lambda *xs: sum(xs) / len(xs), *results)
     steps_run = [int(x.size) for x in traces]
     width = min(steps_run)
-    info = {"steps_run": steps_run, "rel_std": _rel_std(results, mean),
-            "norm_trace": np.stack([x[:width] for x in traces]), "hvps": int(sum(steps_run)),
-            "max_steps": opts.steps, "tol": opts.tol}
+    info = {
+        "steps_run": steps_run,
+        "rel_std": _rel_std(results, mean),
+        "norm_trace": np.stack([x[:width] for x in traces]),
+        "hvps": int(sum(steps_run)),
+        "max_steps": opts.steps,
+        "tol": opts.tol,
+    }
     return mean, info
 
 
 def _check(opts: LissaOptions, d: float, scale: float) -> None:
     if scale <= 0 or not 0 <= d < 1:
-        raise UserError(f"LiSSA needs scale > 0 and 0 <= damping fraction < 1 "
-                        f"(got scale={scale}, d={d})")
+        raise UserError(
+            f"LiSSA needs scale > 0 and 0 <= damping fraction < 1 (got scale={scale}, d={d})"
+        )
     if opts.steps < 1 or opts.repeats < 1 or opts.batch_size < 1:
-        raise UserError(f"LiSSA needs steps, repeats and batch_size >= 1 (got steps="
-                        f"{opts.steps}, repeats={opts.repeats}, batch_size={opts.batch_size})")
+        raise UserError(
+            f"LiSSA needs steps, repeats and batch_size >= 1 (got steps="
+            f"{opts.steps}, repeats={opts.repeats}, batch_size={opts.batch_size})"
+        )
 
 
 def _rel_std(results, mean) -> float:
@@ -229,12 +270,18 @@ def _diverged(loss, params, data, b, key, scale, d, step, value):
     lam = largest_eigenvalue(loss, params, data, b, key)
     where = f"LiSSA diverged at step {step} (|h| = {value:.3g})"
     if not np.isfinite(lam):
-        raise UserError(f"{where}: the Hessian-vector product is not finite; check the model, "
-                        f"data and parameter subset (params=)")
+        raise UserError(
+            f"{where}: the Hessian-vector product is not finite; check the model, "
+            f"data and parameter subset (params=)"
+        )
     if lam > 0 and lam >= scale * (1 - d):
         suggest = float(f"{2 * lam:.2g}")
-        raise UserError(f"{where}: scale={scale:g} is below the largest minibatch Hessian "
-                        f"eigenvalue estimate {lam:.3g}; use scale={suggest:g} or larger")
-    raise UserError(f"{where}: largest-magnitude minibatch Hessian eigenvalue estimate is "
-                    f"{lam:.3g} (scale={scale:g}); the Hessian has negative curvature, so "
-                    f"increase damping= (or use scale={max(2 * abs(lam), scale):.2g})")
+        raise UserError(
+            f"{where}: scale={scale:g} is below the largest minibatch Hessian "
+            f"eigenvalue estimate {lam:.3g}; use scale={suggest:g} or larger"
+        )
+    raise UserError(
+        f"{where}: largest-magnitude minibatch Hessian eigenvalue estimate is "
+        f"{lam:.3g} (scale={scale:g}); the Hessian has negative curvature, so "
+        f"increase damping= (or use scale={max(2 * abs(lam), scale):.2g})"
+    )

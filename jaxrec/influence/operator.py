@@ -28,8 +28,10 @@ class FullHessian:
             out = hv if out is None else jax.tree.map(lambda a, b: a + b, out, hv)
         self.count += 1
         if not all_finite(out):
-            raise UserError("Hessian-vector product is not finite; check the model, data "
-                            "and parameter subset (params=)")
+            raise UserError(
+                "Hessian-vector product is not finite; check the model, data "
+                "and parameter subset (params=)"
+            )
         return out
 
     def matmat(self, vs):

@@ -51,8 +51,9 @@ class ParamSubset:
         self._index = [i for i, p in enumerate(paths) if rx is None or rx.search(p)]
         if not self._index:
             shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
-            raise UserError(f"parameter filter {pattern!r} matches no parameter path "
-                            f"(paths: {shown})")
+            raise UserError(
+                f"parameter filter {pattern!r} matches no parameter path (paths: {shown})"
+            )
         self.paths = [paths[i] for i in self._index]
         self._restricted = {}
 

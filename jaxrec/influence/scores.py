@@ -23,8 +23,10 @@ from jaxrec.influence.inverse import SolverOptions, inverse_hvp
 def _check_finite(array, what: str):
     bad = ~np.isfinite(array)
     if bad.any():
-        raise UserError(f"{what} is not finite for {int(bad.sum())} of {array.size} values "
-                        f"(first at index {int(np.argmax(bad))}); check the model and data")
+        raise UserError(
+            f"{what} is not finite for {int(bad.sum())} of {array.size} values "
+            f"(first at index {int(np.argmax(bad))}); check the model and data"
+        )
 
 
 # Bounded: a key is a function, and a jitted closure keeps alive everything its function closes
@@ -43,24 +45,39 @@ def _jit(fn):
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _grad_sum_fn(per_sample_loss):
     """Jitted ``(params, batch, weight, acc) -> acc + grad sum_i weight_i loss_i``."""
+
     @jax.jit
     def grad_sum(p, batch, weight, acc):
-        g = jax.grad(lambda q: jnp.sum(weight.astype(jnp.result_type(*jax.tree.leaves(q)))
-                                       * per_sample_loss(q, batch)))(p)
+        g = jax.grad(
+            lambda q: jnp.sum(
+                weight.astype(jnp.result_type(*jax.tree.leaves(q))) * per_sample_loss(q, batch)
+            )
+        )(p)
         return jax.tree.map(jnp.add, acc, g)
+
     return grad_sum
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _jvp_fn(per_sample_loss):
     """``(params, batch, u) -> g . u`` per sample (one JVP), one function per loss."""
+
     def jvp(p, batch, u):
         return jax.jvp(lambda q: per_sample_loss(q, batch), (p,), (u,))[1]
+
     return jvp
 
 
-def per_sample_map(fn, params, data, batch_size: int = 1024, *, extra=(), desc: str = "batches",
-                   progress: bool | None = None) -> np.ndarray:
+def per_sample_map(
+    fn,
+    params,
+    data,
+    batch_size: int = 1024,
+    *,
+    extra=(),
+    desc: str = "batches",
+    progress: bool | None = None,
+) -> np.ndarray:
     """``fn(params, batch, *extra) -> [B]`` over all of ``data``, batched, padded, sharded.
 
     Returns a NumPy array ``[n]`` (padding rows dropped), in the order of ``data`` (strata
@@ -69,27 +86,37 @@ def per_sample_map(fn, params, data, batch_size: int = 1024, *, extra=(), desc: 
     mesh = data_mesh()
     params, extra = replicate((params, extra), mesh)
     jfn = _jit(fn)
-    out = [np.asarray(jfn(params, batch, *extra))[:count]
-           for count, batch, _ in strata_batches(data, batch_size, mesh, desc=desc,
-                                                 progress=progress)]
+    out = [
+        np.asarray(jfn(params, batch, *extra))[:count]
+        for count, batch, _ in strata_batches(data, batch_size, mesh, desc=desc, progress=progress)
+    ]
     return np.concatenate(out)
 
 
-def sample_scores(per_sample_loss, params, data, u, batch_size: int = 4096, *,
-                  progress: bool | None = None) -> np.ndarray:
+def sample_scores(
+    per_sample_loss, params, data, u, batch_size: int = 4096, *, progress: bool | None = None
+) -> np.ndarray:
     """``s_i = g_i . u`` for every sample (the inner product of paper Eq. 10-11).
 
     One ``jax.jvp`` of ``per_sample_loss(params, batch) -> [B]`` along ``u`` per batch; batches
     are padded to one shape (one compilation) and sharded over all devices. Returns ``[n]``.
     """
-    s = per_sample_map(_jvp_fn(per_sample_loss), params, data, batch_size, extra=(u,),
-                       desc="scores", progress=progress)
+    s = per_sample_map(
+        _jvp_fn(per_sample_loss),
+        params,
+        data,
+        batch_size,
+        extra=(u,),
+        desc="scores",
+        progress=progress,
+    )
     _check_finite(s, "sample score g_i . u")
     return s
 
 
-def mean_gradient(per_sample_loss, params, data, batch_size: int = 4096, *,
-                  progress: bool | None = None):
+def mean_gradient(
+    per_sample_loss, params, data, batch_size: int = 4096, *, progress: bool | None = None
+):
     """``(1/n) sum_i grad loss_i``: the mean training gradient (paper Eq. 10's sum over
     samples), batched with padding masked by weights and sharded over all devices."""
     n = total_size(data)
@@ -97,8 +124,9 @@ def mean_gradient(per_sample_loss, params, data, batch_size: int = 4096, *,
     params = replicate(params, mesh)
     grad_sum = _grad_sum_fn(per_sample_loss)
     acc = jax.tree.map(jnp.zeros_like, params)
-    for _, batch, weight in strata_batches(data, batch_size, mesh, desc="mean gradient",
-                                           progress=progress):
+    for _, batch, weight in strata_batches(
+        data, batch_size, mesh, desc="mean gradient", progress=progress
+    ):
         acc = grad_sum(params, batch, weight, acc)
     g = jax.tree.map(lambda x: x / n, acc)
     if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g)):
@@ -106,10 +134,20 @@ def mean_gradient(per_sample_loss, params, data, batch_size: int = 4096, *,
     return g
 
 
-def influence_scores(loss, per_sample_loss, params, data, *,
-                     solver: str | SolverOptions = "lissa", damping: float = 0.01,
-                     convention: str = "standard", scale: float = 25.0,
-                     batch_size: int = 4096, progress: bool | None = None, **solver_options):
+def influence_scores(
+    loss,
+    per_sample_loss,
+    params,
+    data,
+    *,
+    solver: str | SolverOptions = "lissa",
+    damping: float = 0.01,
+    convention: str = "standard",
+    scale: float = 25.0,
+    batch_size: int = 4096,
+    progress: bool | None = None,
+    **solver_options,
+):
     """DEALRec influence of removing each sample on the empirical risk (paper Eq. 11):
     ``score_i = g_i . H^-1 g_mean / n^2``.
 
@@ -123,38 +161,54 @@ def influence_scores(loss, per_sample_loss, params, data, *,
     v = mean_gradient(per_sample_loss, params, data, batch_size, progress=progress)
     jax.block_until_ready(v)
     t1 = time.perf_counter()
-    u, info = inverse_hvp(loss, params, data, v, solver=solver, damping=damping,
-                          convention=convention, scale=scale, return_info=True,
-                          progress=progress, **solver_options)
+    u, info = inverse_hvp(
+        loss,
+        params,
+        data,
+        v,
+        solver=solver,
+        damping=damping,
+        convention=convention,
+        scale=scale,
+        return_info=True,
+        progress=progress,
+        **solver_options,
+    )
     jax.block_until_ready(u)
     t2 = time.perf_counter()
     s = sample_scores(per_sample_loss, params, data, u, batch_size, progress=progress) / n**2
     t3 = time.perf_counter()
-    info = dict(info, seconds={"mean_gradient": t1 - t0, "solve": t2 - t1, "scores": t3 - t2,
-                               "total": t3 - t0})
+    info = dict(
+        info,
+        seconds={"mean_gradient": t1 - t0, "solve": t2 - t1, "scores": t3 - t2, "total": t3 - t0},
+    )
     return s, info
 
 
-def grand_scores(per_sample_loss, params, data, batch_size: int = 64, *,
-                 progress: bool | None = None) -> np.ndarray:
+def grand_scores(
+    per_sample_loss, params, data, batch_size: int = 64, *, progress: bool | None = None
+) -> np.ndarray:
     """GraNd (Paul et al. 2021): ``||grad loss_i||_2`` per sample, by ``vmap`` of ``grad`` over
     a batch (memory O(batch x params): keep ``batch_size`` small for big models)."""
+
     def one(p, example):
         batch = jax.tree.map(lambda x: x[None], example)
         return per_sample_loss(p, batch)[0]
 
     def norms(p, batch):
         g = jax.vmap(jax.grad(one), in_axes=(None, 0))(p, batch)
-        return jnp.sqrt(sum(jnp.sum(x.reshape(x.shape[0], -1) ** 2, -1)
-                            for x in jax.tree.leaves(g)))
+        return jnp.sqrt(
+            sum(jnp.sum(x.reshape(x.shape[0], -1) ** 2, -1) for x in jax.tree.leaves(g))
+        )
 
     s = per_sample_map(norms, params, data, batch_size, desc="grand", progress=progress)
     _check_finite(s, "GraNd gradient norm")
     return s
 
 
-def el2n_scores(error_fn, params, data, batch_size: int = 4096, *,
-                progress: bool | None = None) -> np.ndarray:
+def el2n_scores(
+    error_fn, params, data, batch_size: int = 4096, *, progress: bool | None = None
+) -> np.ndarray:
     """EL2N (Paul et al. 2021): the L2 norm of each sample's prediction error,
     ``error_fn(params, batch) -> [B]`` (model-specific; SASRec's is
     :func:`jaxrec.models.sasrec.el2n_error`)."""

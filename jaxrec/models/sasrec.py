@@ -24,6 +24,7 @@ _NEG = -1e9  # attention mask value: finite, so fully-masked (padding) rows stay
 
 class SASRec(nn.Module):
     """Self-attentive sequential recommender: item + position embeddings, causal blocks."""
+
     n_items: int
     hidden: int = 64
     blocks: int = 2
@@ -35,13 +36,15 @@ class SASRec(nn.Module):
         # Xavier-normal embeddings as in the reference SASRec code (Flax's default std 1.0,
         # times sqrt(hidden), would swamp the positional signal)
         init = nn.initializers.xavier_normal()
-        self.item_emb = nn.Embed(self.n_items + 1, self.hidden, embedding_init=init,
-                                 name="item_emb")
+        self.item_emb = nn.Embed(
+            self.n_items + 1, self.hidden, embedding_init=init, name="item_emb"
+        )
         self.pos_emb = nn.Embed(self.max_len, self.hidden, embedding_init=init, name="pos_emb")
         self.attn_ln = [nn.LayerNorm(epsilon=1e-8, name=f"attn_ln_{i}") for i in range(self.blocks)]
         self.query = [nn.Dense(self.hidden, name=f"query_{i}") for i in range(self.blocks)]
-        self.key_value = [nn.Dense(2 * self.hidden, name=f"key_value_{i}")
-                          for i in range(self.blocks)]
+        self.key_value = [
+            nn.Dense(2 * self.hidden, name=f"key_value_{i}") for i in range(self.blocks)
+        ]
         self.attn_out = [nn.Dense(self.hidden, name=f"attn_out_{i}") for i in range(self.blocks)]
         self.ffn_ln = [nn.LayerNorm(epsilon=1e-8, name=f"ffn_ln_{i}") for i in range(self.blocks)]
         self.ffn_1 = [nn.Dense(self.hidden, name=f"ffn_1_{i}") for i in range(self.blocks)]
@@ -57,7 +60,7 @@ class SASRec(nn.Module):
         x = x + self.pos_emb(jnp.arange(self.max_len - width, self.max_len))[None]
         x = self.drop(x, deterministic=deterministic) * valid
         causal = jnp.tril(jnp.ones((width, width), bool))
-        mask = causal[None, None] & (inputs > 0)[:, None, None, :]      # [B, 1, Lq, Lk]
+        mask = causal[None, None] & (inputs > 0)[:, None, None, :]  # [B, 1, Lq, Lk]
         head_dim = self.hidden // self.heads
         for i in range(self.blocks):
             q_in = self.attn_ln[i](x)

@@ -15,11 +15,21 @@ from __future__ import annotations
 import numpy as np
 
 from jaxrec.errors import UserError
-from jaxrec.select.baselines import (ccs_select, kmeans, proportional_budgets, random_select,
-                                     recranker_select, tfdcon_select)
+from jaxrec.select.baselines import (
+    ccs_select,
+    kmeans,
+    proportional_budgets,
+    random_select,
+    recranker_select,
+    tfdcon_select,
+)
 from jaxrec.select.dealrec import dealrec_select, greedy_select, minmax, overall_scores, top_n
-from jaxrec.select.stratified import (Selection, sample_groups, smallest_first_budgets,
-                                      stratified_sample)
+from jaxrec.select.stratified import (
+    Selection,
+    sample_groups,
+    smallest_first_budgets,
+    stratified_sample,
+)
 
 # method -> the inputs it needs (keyword arguments of select)
 REQUIRES = {
@@ -33,12 +43,15 @@ REQUIRES = {
     "greedy": ("influence", "effort"),
     "influence-only": ("influence",),
     "effort-only": ("effort",),
-    "all": (),                   # every user: full fine-tuning (paper Table 3); n is ignored
+    "all": (),  # every user: full fine-tuning (paper Table 3); n is ignored
 }
 METHODS = tuple(REQUIRES)
 # input -> (score kind of ``dealrec influence --score KIND``, its file name in the surrogate run)
-SURROGATE_FILES = {"grand": ("grand", "grand.npy"), "el2n": ("el2n", "el2n.npy"),
-                   "representations": ("representation", "user_representations.npy")}
+SURROGATE_FILES = {
+    "grand": ("grand", "grand.npy"),
+    "el2n": ("el2n", "el2n.npy"),
+    "representations": ("representation", "user_representations.npy"),
+}
 
 
 def score_stages(methods) -> list[tuple[str, str]]:
@@ -53,10 +66,25 @@ def check_method(method: str) -> None:
         raise UserError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
 
 
-def select(method: str, n: int, *, seed: int = 0, n_total: int | None = None,
-           influence=None, effort=None, grand=None, el2n=None, representations=None,
-           llm_representations=None, interactions=None, lamda: float = 0.3, groups: int = 50,
-           hard_prune: float = 0.1, beta: float = 0.1, clusters: int = 50) -> Selection:
+def select(
+    method: str,
+    n: int,
+    *,
+    seed: int = 0,
+    n_total: int | None = None,
+    influence=None,
+    effort=None,
+    grand=None,
+    el2n=None,
+    representations=None,
+    llm_representations=None,
+    interactions=None,
+    lamda: float = 0.3,
+    groups: int = 50,
+    hard_prune: float = 0.1,
+    beta: float = 0.1,
+    clusters: int = 50,
+) -> Selection:
     """Choose ``n`` training users with ``method`` (one of :data:`METHODS`).
 
     Inputs are per-user arrays aligned with ``sequential_train.txt``: ``influence`` (Eq. 11),
@@ -66,9 +94,15 @@ def select(method: str, n: int, *, seed: int = 0, n_total: int | None = None,
     ``random`` only when no array is given. Returns exactly ``n`` distinct sorted indices.
     """
     check_method(method)
-    given = {"influence": influence, "effort": effort, "grand": grand, "el2n": el2n,
-             "representations": representations, "interactions": interactions,
-             "llm_representations": llm_representations}
+    given = {
+        "influence": influence,
+        "effort": effort,
+        "grand": grand,
+        "el2n": el2n,
+        "representations": representations,
+        "interactions": interactions,
+        "llm_representations": llm_representations,
+    }
     for name in REQUIRES[method]:
         if given[name] is None:
             raise UserError(f"method {method!r} needs {name}")
@@ -76,23 +110,28 @@ def select(method: str, n: int, *, seed: int = 0, n_total: int | None = None,
     if n_total is not None:
         lengths["n_total"] = int(n_total)
     if len(set(lengths.values())) > 1:
-        raise UserError("inputs disagree on the number of users: "
-                        + ", ".join(f"{k}={v}" for k, v in lengths.items()))
+        raise UserError(
+            "inputs disagree on the number of users: "
+            + ", ".join(f"{k}={v}" for k, v in lengths.items())
+        )
     if not lengths:
         raise UserError(f"method {method!r} needs n_total")
     total = next(iter(lengths.values()))
 
     if method == "dealrec":
-        return dealrec_select(influence, effort, n, lamda=lamda, groups=groups,
-                              hard_prune=hard_prune, seed=seed)
+        return dealrec_select(
+            influence, effort, n, lamda=lamda, groups=groups, hard_prune=hard_prune, seed=seed
+        )
     if method == "greedy":
         return greedy_select(influence, effort, n, lamda=lamda)
     if method == "influence-only":
-        return stratified_sample(minmax(influence, "influence"), n, groups=groups,
-                                 hard_prune=hard_prune, seed=seed)
+        return stratified_sample(
+            minmax(influence, "influence"), n, groups=groups, hard_prune=hard_prune, seed=seed
+        )
     if method == "effort-only":
-        return stratified_sample(minmax(effort, "effort"), n, groups=groups,
-                                 hard_prune=hard_prune, seed=seed)
+        return stratified_sample(
+            minmax(effort, "effort"), n, groups=groups, hard_prune=hard_prune, seed=seed
+        )
     if method == "random":
         return random_select(total, n, seed=seed)
     if method == "all":
@@ -102,15 +141,36 @@ def select(method: str, n: int, *, seed: int = 0, n_total: int | None = None,
     if method == "ccs":
         return ccs_select(el2n, n, beta=beta, groups=groups, seed=seed)
     if method == "tfdcon":
-        return tfdcon_select(representations, n, clusters=clusters, seed=seed,
-                             llm_representations=llm_representations)
+        return tfdcon_select(
+            representations,
+            n,
+            clusters=clusters,
+            seed=seed,
+            llm_representations=llm_representations,
+        )
     return recranker_select(representations, interactions, n, clusters=clusters, seed=seed)
 
 
 __all__ = [
-    "METHODS", "REQUIRES", "SURROGATE_FILES", "score_stages", "Selection", "select",
-    "check_method", "overall_scores", "minmax",
-    "stratified_sample", "smallest_first_budgets", "sample_groups", "dealrec_select",
-    "greedy_select", "top_n", "random_select", "ccs_select", "tfdcon_select",
-    "recranker_select", "kmeans", "proportional_budgets",
+    "METHODS",
+    "REQUIRES",
+    "SURROGATE_FILES",
+    "score_stages",
+    "Selection",
+    "select",
+    "check_method",
+    "overall_scores",
+    "minmax",
+    "stratified_sample",
+    "smallest_first_budgets",
+    "sample_groups",
+    "dealrec_select",
+    "greedy_select",
+    "top_n",
+    "random_select",
+    "ccs_select",
+    "tfdcon_select",
+    "recranker_select",
+    "kmeans",
+    "proportional_budgets",
 ]

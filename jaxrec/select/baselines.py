@@ -8,8 +8,14 @@ from __future__ import annotations
 import numpy as np
 
 from jaxrec.errors import UserError
-from jaxrec.select.stratified import (Selection, check_n, check_scores, sample_groups,
-                                      smallest_first_budgets, stratified_sample)
+from jaxrec.select.stratified import (
+    Selection,
+    check_n,
+    check_scores,
+    sample_groups,
+    smallest_first_budgets,
+    stratified_sample,
+)
 
 
 def _rng(seed) -> np.random.Generator:
@@ -41,17 +47,19 @@ def _check_features(x, name: str) -> np.ndarray:
 
 
 def _sq_dists(x, x_sq, centres):
-    d = x_sq[:, None] - 2.0 * x @ centres.T + (centres ** 2).sum(1)[None, :]
+    d = x_sq[:, None] - 2.0 * x @ centres.T + (centres**2).sum(1)[None, :]
     return np.maximum(d, 0.0)
 
 
-def kmeans(x, k: int, *, seed=0, max_iter: int = 100,
-           tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray, dict]:
+def kmeans(
+    x, k: int, *, seed=0, max_iter: int = 100, tol: float = 1e-4
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii, 2007), seeded.
 
     Stops when no assignment changes, when the centres move less than ``tol`` times the mean
     feature variance (in total squared distance, as scikit-learn does), or after ``max_iter``
-    rounds; an emptied cluster is re-seeded at the point farthest from its centre. ``k`` is capped at the number of points.
+    rounds; an emptied cluster is re-seeded at the point farthest from its centre. ``k`` is
+    capped at the number of points.
     Returns ``(labels [N] int64, centres [k, d], {"iterations", "converged", "inertia"})``.
     """
     x = _check_features(x, "features")
@@ -60,7 +68,7 @@ def kmeans(x, k: int, *, seed=0, max_iter: int = 100,
     rng = _rng(seed)
     n = x.shape[0]
     k = min(int(k), n)
-    x_sq = (x ** 2).sum(1)
+    x_sq = (x**2).sum(1)
     centres = np.empty((k, x.shape[1]))
     centres[0] = x[rng.integers(n)]
     closest = _sq_dists(x, x_sq, centres[:1])[:, 0]
@@ -68,11 +76,11 @@ def kmeans(x, k: int, *, seed=0, max_iter: int = 100,
         total = closest.sum()
         i = rng.choice(n, p=closest / total) if total > 0 else rng.integers(n)
         centres[j] = x[i]
-        closest = np.minimum(closest, _sq_dists(x, x_sq, centres[j:j + 1])[:, 0])
+        closest = np.minimum(closest, _sq_dists(x, x_sq, centres[j : j + 1])[:, 0])
     labels = np.full(n, -1, dtype=np.int64)
     threshold = tol * float(x.var(0).mean())
     it, converged = 0, False
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 (it is reported after the loop)
         d = _sq_dists(x, x_sq, centres)
         new = d.argmin(1)
         if np.array_equal(new, labels):
@@ -82,7 +90,7 @@ def kmeans(x, k: int, *, seed=0, max_iter: int = 100,
         counts = np.bincount(labels, minlength=k)
         sums = np.stack([np.bincount(labels, weights=col, minlength=k) for col in x.T], 1)
         own = d[np.arange(n), labels]
-        for j in np.flatnonzero(counts == 0):   # re-seed an empty cluster at the farthest point
+        for j in np.flatnonzero(counts == 0):  # re-seed an empty cluster at the farthest point
             far = int(own.argmax())
             old = labels[far]
             if counts[old] <= 1:
@@ -104,7 +112,7 @@ def kmeans(x, k: int, *, seed=0, max_iter: int = 100,
 def _standardise(block: np.ndarray) -> np.ndarray:
     """Centre a feature block and scale it to unit mean squared norm per row."""
     block = block - block.mean(0)
-    scale = np.sqrt((block ** 2).sum(1).mean())
+    scale = np.sqrt((block**2).sum(1).mean())
     return block / scale if scale > 0 else block
 
 
@@ -113,8 +121,9 @@ def _cluster_info(labels, k, counts, extra) -> dict:
     return {"cluster_sizes": sizes.tolist(), "cluster_selected": counts.tolist(), **extra}
 
 
-def tfdcon_select(representations, n: int, *, clusters: int = 50, seed=0,
-                  llm_representations=None) -> Selection:
+def tfdcon_select(
+    representations, n: int, *, clusters: int = 50, seed=0, llm_representations=None
+) -> Selection:
     """TF-DCon-style user condensation (Wu et al., 2024), as adapted here.
 
     Features: the surrogate's user representations (and, if given, the LLM's), each block
@@ -127,8 +136,10 @@ def tfdcon_select(representations, n: int, *, clusters: int = 50, seed=0,
     if llm_representations is not None:
         llm = _check_features(llm_representations, "LLM representations")
         if llm.shape[0] != feats[0].shape[0]:
-            raise UserError(f"LLM representations have {llm.shape[0]} rows, surrogate "
-                            f"representations {feats[0].shape[0]}")
+            raise UserError(
+                f"LLM representations have {llm.shape[0]} rows, surrogate "
+                f"representations {feats[0].shape[0]}"
+            )
         feats.append(_standardise(llm))
     x = np.concatenate(feats, axis=1)
     check_n(n, x.shape[0])
@@ -154,8 +165,9 @@ def proportional_budgets(sizes, n: int) -> np.ndarray:
     return counts
 
 
-def recranker_select(representations, interactions, n: int, *, clusters: int = 50,
-                     seed=0) -> Selection:
+def recranker_select(
+    representations, interactions, n: int, *, clusters: int = 50, seed=0
+) -> Selection:
     """RecRanker-style adaptive user sampling (Luo et al., 2023), as adapted here.
 
     Clustering-based sampling for diversity: users are clustered on the surrogate's
@@ -177,7 +189,7 @@ def recranker_select(representations, interactions, n: int, *, clusters: int = 5
     k = centres.shape[0]
     sizes = np.bincount(labels, minlength=k)
     counts = proportional_budgets(sizes, n)
-    weight = np.log1p(inter) + 1e-12          # a user with no interactions is still drawable
+    weight = np.log1p(inter) + 1e-12  # a user with no interactions is still drawable
     chosen = []
     for g in range(k):
         if counts[g] == 0:

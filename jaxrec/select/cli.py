@@ -26,8 +26,13 @@ LLM_REPRESENTATION_KINDS = ("llm_representation", "representation")
 
 
 def _record(path: Path, manifest: dict) -> dict:
-    return {"path": str(path), "kind": manifest.get("kind"), "sha256": sha256_file(path),
-            "dataset": manifest.get("dataset"), "created": manifest.get("created")}
+    return {
+        "path": str(path),
+        "kind": manifest.get("kind"),
+        "sha256": sha256_file(path),
+        "dataset": manifest.get("dataset"),
+        "created": manifest.get("created"),
+    }
 
 
 def check_config(cfg: SelectConfig) -> None:
@@ -63,16 +68,19 @@ def surrogate_file(cfg: SelectConfig, name: str, fingerprint: dict):
     ``dealrec influence --score KIND`` writes it. Missing or made from another dataset is an
     error that names the command to run; nothing is computed here."""
     kind, filename = SURROGATE_FILES[name]
-    path = Path(cfg.scores) if cfg.scores and name != "representations" else \
-        Path(cfg.run) / filename
+    path = (
+        Path(cfg.scores) if cfg.scores and name != "representations" else Path(cfg.run) / filename
+    )
     if not path.is_file():
-        raise UserError(f"{path} not found; make it with: dealrec influence --score {kind} "
-                        f"--run {cfg.run or 'RUN_DIR'} --out {path}")
+        raise UserError(
+            f"{path} not found; make it with: dealrec influence --score {kind} "
+            f"--run {cfg.run or 'RUN_DIR'} --out {path}"
+        )
     array, manifest = load_scores(path, kind=kind, dataset=fingerprint)
-    if name == "representations" and (array.ndim != 2
-                                       or array.shape[0] != fingerprint["n_users"]):
-        raise ScoreFileError(f"{path}: shape {array.shape}, expected "
-                             f"({fingerprint['n_users']}, hidden)")
+    if name == "representations" and (array.ndim != 2 or array.shape[0] != fingerprint["n_users"]):
+        raise ScoreFileError(
+            f"{path}: shape {array.shape}, expected ({fingerprint['n_users']}, hidden)"
+        )
     return array, manifest, path
 
 
@@ -107,9 +115,18 @@ def run_select(cfg: SelectConfig):
         inputs["llm_representations"] = _record(path, manifest)
     if "interactions" in needs:
         arrays["interactions"] = np.array([len(t) for t in ds.train], dtype=np.int64)
-    sel = select(cfg.method, cfg.n, seed=cfg.seed, n_total=ds.n_users, lamda=cfg.lamda,
-                 groups=cfg.groups, hard_prune=cfg.hard_prune, beta=cfg.beta,
-                 clusters=cfg.clusters, **arrays)
+    sel = select(
+        cfg.method,
+        cfg.n,
+        seed=cfg.seed,
+        n_total=ds.n_users,
+        lamda=cfg.lamda,
+        groups=cfg.groups,
+        hard_prune=cfg.hard_prune,
+        beta=cfg.beta,
+        clusters=cfg.clusters,
+        **arrays,
+    )
     inputs["data"] = {"path": str(ds.path), **fp}
     return sel, inputs
 
@@ -120,9 +137,21 @@ def main(cfg: SelectConfig) -> int:
     sel, inputs = run_select(cfg)
     seconds = time.perf_counter() - t0
     ds_fp = {"train_sha256": inputs["data"]["train_sha256"], "n_users": inputs["data"]["n_users"]}
-    save_scores(cfg.out, sel.indices, kind="selection", dataset=ds_fp,
-                options=dataclasses.asdict(cfg), seconds=seconds, method=cfg.method,
-                seed=cfg.seed, n=int(sel.indices.size), inputs=inputs, selection=sel.info)
-    print(f"dealrec select: {cfg.method} chose {sel.indices.size} of {ds_fp['n_users']} users "
-          f"-> {cfg.out} ({seconds:.2f} s)")
+    save_scores(
+        cfg.out,
+        sel.indices,
+        kind="selection",
+        dataset=ds_fp,
+        options=dataclasses.asdict(cfg),
+        seconds=seconds,
+        method=cfg.method,
+        seed=cfg.seed,
+        n=int(sel.indices.size),
+        inputs=inputs,
+        selection=sel.info,
+    )
+    print(
+        f"dealrec select: {cfg.method} chose {sel.indices.size} of {ds_fp['n_users']} users "
+        f"-> {cfg.out} ({seconds:.2f} s)"
+    )
     return 0

@@ -31,11 +31,20 @@ def overall_scores(influence, effort, lamda: float = 0.3) -> np.ndarray:
     return infl + float(lamda) * eff
 
 
-def dealrec_select(influence, effort, n: int, *, lamda: float = 0.3, groups: int = 50,
-                   hard_prune: float = 0.1, seed=0) -> Selection:
+def dealrec_select(
+    influence,
+    effort,
+    n: int,
+    *,
+    lamda: float = 0.3,
+    groups: int = 50,
+    hard_prune: float = 0.1,
+    seed=0,
+) -> Selection:
     """DEALRec: Eq. 13 overall score, then Algorithm 2 on it (see :func:`stratified_sample`)."""
-    return stratified_sample(overall_scores(influence, effort, lamda), n, groups=groups,
-                             hard_prune=hard_prune, seed=seed)
+    return stratified_sample(
+        overall_scores(influence, effort, lamda), n, groups=groups, hard_prune=hard_prune, seed=seed
+    )
 
 
 def top_n(scores, n: int) -> Selection:
@@ -43,8 +52,7 @@ def top_n(scores, n: int) -> Selection:
     scores = check_scores(scores)
     check_n(n, scores.size)
     chosen = np.argsort(-scores, kind="stable")[:n]
-    return Selection(np.sort(chosen).astype(np.int64),
-                     {"threshold": float(scores[chosen[-1]])})
+    return Selection(np.sort(chosen).astype(np.int64), {"threshold": float(scores[chosen[-1]])})
 
 
 def greedy_select(influence, effort, n: int, *, lamda: float = 0.3) -> Selection:

@@ -20,6 +20,7 @@ class Selection:
     """A chosen subset: ``indices`` are distinct int64 row numbers of ``sequential_train.txt``,
     sorted ascending; ``info`` is JSON-ready detail for the manifest and the plots (group edges,
     sizes and selected counts for the stratified methods, cluster sizes for the clustered ones)."""
+
     indices: np.ndarray
     info: dict = field(default_factory=dict)
 
@@ -41,8 +42,10 @@ def check_scores(scores, name: str = "scores") -> np.ndarray:
         raise UserError(f"{name} must be a non-empty 1-D array, got shape {scores.shape}")
     bad = ~np.isfinite(scores)
     if bad.any():
-        raise UserError(f"{name} has {int(bad.sum())} non-finite values "
-                        f"(first at row {int(np.flatnonzero(bad)[0])})")
+        raise UserError(
+            f"{name} has {int(bad.sum())} non-finite values "
+            f"(first at row {int(np.flatnonzero(bad)[0])})"
+        )
     return scores
 
 
@@ -68,8 +71,13 @@ def smallest_first_budgets(sizes, n: int) -> np.ndarray:
     return counts
 
 
-def sample_groups(labels: np.ndarray, sizes: np.ndarray, counts: np.ndarray,
-                  rng: np.random.Generator, rows: np.ndarray | None = None) -> np.ndarray:
+def sample_groups(
+    labels: np.ndarray,
+    sizes: np.ndarray,
+    counts: np.ndarray,
+    rng: np.random.Generator,
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
     """Draw ``counts[g]`` distinct members of each group ``g`` uniformly at random.
 
     Groups are drawn in the order :func:`smallest_first_budgets` visits them, so a seed fixes the
@@ -83,14 +91,20 @@ def sample_groups(labels: np.ndarray, sizes: np.ndarray, counts: np.ndarray,
     for g in np.argsort(sizes, kind="stable"):
         if counts[g] == 0:
             continue
-        members = rows[by_group[starts[g]:starts[g + 1]]]
+        members = rows[by_group[starts[g] : starts[g + 1]]]
         chosen.append(rng.choice(members, size=int(counts[g]), replace=False))
     out = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
     return np.sort(out.astype(np.int64))
 
 
-def stratified_sample(scores, n: int, *, groups: int = 50, hard_prune: float = 0.1,
-                      seed: int | np.random.Generator = 0) -> Selection:
+def stratified_sample(
+    scores,
+    n: int,
+    *,
+    groups: int = 50,
+    hard_prune: float = 0.1,
+    seed: int | np.random.Generator = 0,
+) -> Selection:
     """Coverage-enhanced sample selection (paper Algorithm 2, as the paper's code does it).
 
     1. Drop the ``floor(hard_prune * N)`` highest-scoring samples (ties: the lower row first).
@@ -112,11 +126,13 @@ def stratified_sample(scores, n: int, *, groups: int = 50, hard_prune: float = 0
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
     n_pruned = int(np.floor(hard_prune * total))
-    order = np.argsort(-scores, kind="stable")          # highest first, ties by row
+    order = np.argsort(-scores, kind="stable")  # highest first, ties by row
     pool = np.sort(order[n_pruned:])
     if pool.size < n:
-        raise UserError(f"n={n} but only {pool.size} of {total} samples are left after hard "
-                        f"pruning {hard_prune:g}; lower hard_prune or n")
+        raise UserError(
+            f"n={n} but only {pool.size} of {total} samples are left after hard "
+            f"pruning {hard_prune:g}; lower hard_prune or n"
+        )
     s = scores[pool]
     lo, hi = float(s.min()), float(s.max())
     edges = np.minimum(lo + (hi - lo) / groups * np.arange(groups + 1), hi)

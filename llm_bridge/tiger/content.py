@@ -93,8 +93,10 @@ def package_zip() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     zip_path = Path(spec.origin).parent / "model.zip" if spec and spec.origin else None
     if zip_path is None or not zip_path.is_file():
-        raise UserError(f"the {PACKAGE_NAME} encoder is not installed: run "
-                        f"`{INSTALL_HINT}`, or pass --encoder PATH (a sentence-transformers folder)")
+        raise UserError(
+            f"the {PACKAGE_NAME} encoder is not installed: run "
+            f"`{INSTALL_HINT}`, or pass --encoder PATH (a sentence-transformers folder)"
+        )
     return zip_path
 
 
@@ -111,7 +113,7 @@ def _extract_zip(zip_path: Path, sha: str, cache_dir: str | Path) -> Path:
             zf.extractall(tmp)
         os.replace(tmp, folder)
     except OSError:
-        if not (folder / "config.json").is_file():   # not a lost race with another process
+        if not (folder / "config.json").is_file():  # not a lost race with another process
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -132,8 +134,10 @@ def resolve_encoder(encoder: str = "", cache_dir: str | Path = "runs/cache") -> 
     if encoder:
         folder = Path(encoder)
         if not folder.is_dir():
-            raise UserError(f"--encoder {encoder}: not a folder (expected a local "
-                            "sentence-transformers folder with config.json, weights, tokenizer)")
+            raise UserError(
+                f"--encoder {encoder}: not a folder (expected a local "
+                "sentence-transformers folder with config.json, weights, tokenizer)"
+            )
         if not (folder / "config.json").is_file():
             raise UserError(f"--encoder {encoder}: no config.json in this folder")
         return folder, {"encoder": str(folder), "sha256": _sha256_folder(folder)}
@@ -157,8 +161,12 @@ def _max_length(folder: Path, tokenizer, config) -> int:
 
 def _check_pooling(folder: Path) -> None:
     pooling = folder / "1_Pooling" / "config.json"
-    if pooling.is_file() and not json.loads(pooling.read_text()).get("pooling_mode_mean_tokens", True):
-        raise UserError(f"--encoder {folder}: its pooling is not mean pooling (only mean is supported)")
+    if pooling.is_file() and not json.loads(pooling.read_text()).get(
+        "pooling_mode_mean_tokens", True
+    ):
+        raise UserError(
+            f"--encoder {folder}: its pooling is not mean pooling (only mean is supported)"
+        )
 
 
 def load_encoder(encoder: str = "", cache_dir: str | Path = "runs/cache", device: str = "auto"):
@@ -188,8 +196,13 @@ def load_encoder(encoder: str = "", cache_dir: str | Path = "runs/cache", device
         raise UserError(f"--encoder {folder}: cannot load it ({str(e).splitlines()[0]})") from None
     model = model.to(dev).eval()
     tokenizer.model_max_length = _max_length(folder, tokenizer, model.config)
-    info.update(dim=int(model.config.hidden_size), max_length=tokenizer.model_max_length,
-                pooling="mean+l2", device=str(dev), load_seconds=round(time.perf_counter() - t0, 3))
+    info.update(
+        dim=int(model.config.hidden_size),
+        max_length=tokenizer.model_max_length,
+        pooling="mean+l2",
+        device=str(dev),
+        load_seconds=round(time.perf_counter() - t0, 3),
+    )
     return tokenizer, model, info
 
 
@@ -203,8 +216,14 @@ def mean_pool_normalise(hidden, mask):
     return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
 
-def encode_texts(tokenizer, model, texts: list[str], batch_size: int = 128,
-                 progress: bool = True, precision: str = "float32") -> np.ndarray:
+def encode_texts(
+    tokenizer,
+    model,
+    texts: list[str],
+    batch_size: int = 128,
+    progress: bool = True,
+    precision: str = "float32",
+) -> np.ndarray:
     """Embed texts: mean pooling over the attention mask, then L2 normalisation.
 
     Each distinct text is embedded once (so identical texts get bit-identical vectors, whatever
@@ -231,31 +250,39 @@ def encode_texts(tokenizer, model, texts: list[str], batch_size: int = 128,
     unique, inverse = np.unique(np.asarray(list(texts), dtype=object), return_inverse=True)
     unique = [str(t) for t in unique]
     max_len = tokenizer.model_max_length
-    lengths = [len(ids) for ids in tokenizer(unique, truncation=True, max_length=max_len)["input_ids"]]
+    lengths = [
+        len(ids) for ids in tokenizer(unique, truncation=True, max_length=max_len)["input_ids"]
+    ]
     order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
     out = np.zeros((len(unique), model.config.hidden_size), dtype=np.float32)
     device = next(model.parameters()).device
     starts = range(0, len(unique), batch_size)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=precision == "bfloat16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
     with torch.inference_mode(), autocast:
         for s in tqdm(starts, desc="embed items", unit="batch", disable=not progress):
-            rows = order[s:s + batch_size]
-            enc = tokenizer([unique[i] for i in rows], padding=True, truncation=True,
-                            max_length=max_len, return_tensors="pt").to(device)
+            rows = order[s : s + batch_size]
+            enc = tokenizer(
+                [unique[i] for i in rows],
+                padding=True,
+                truncation=True,
+                max_length=max_len,
+                return_tensors="pt",
+            ).to(device)
             hidden = model(**enc).last_hidden_state.float()
             out[rows] = mean_pool_normalise(hidden, enc["attention_mask"]).cpu().numpy()
     return out[inverse.reshape(-1)]
 
 
 # ----------------------------------------------------------------------------- cache
-def cache_path(cache_dir: str | Path, ds, encoder_sha: str, texts_sha: str,
-               precision: str = "float32") -> Path:
+def cache_path(
+    cache_dir: str | Path, ds, encoder_sha: str, texts_sha: str, precision: str = "float32"
+) -> Path:
     """``cache_dir/item_embeddings-<train>-<encoder>-<texts>[-bfloat16].npy`` (12 hex digits
     each)."""
     tail = "" if precision == "float32" else f"-{precision}"
-    return Path(cache_dir) / (f"item_embeddings-{ds.train_sha256[:12]}-{encoder_sha[:12]}-"
-                              f"{texts_sha[:12]}{tail}.npy")
+    return Path(cache_dir) / (
+        f"item_embeddings-{ds.train_sha256[:12]}-{encoder_sha[:12]}-{texts_sha[:12]}{tail}.npy"
+    )
 
 
 def _load_cached(path: Path, ds, encoder_sha: str, texts_sha: str, precision: str):
@@ -266,15 +293,27 @@ def _load_cached(path: Path, ds, encoder_sha: str, texts_sha: str, precision: st
         emb, manifest = load_scores(path, kind="item_embeddings", dataset=ds.fingerprint())
     except ScoreFileError:
         return None
-    ok = (manifest.get("encoder_sha256") == encoder_sha and manifest.get("texts_sha256") == texts_sha
-          and manifest.get("precision", "float32") == precision
-          and manifest.get("n_items") == ds.n_items and emb.ndim == 2 and len(emb) == ds.n_items)
+    ok = (
+        manifest.get("encoder_sha256") == encoder_sha
+        and manifest.get("texts_sha256") == texts_sha
+        and manifest.get("precision", "float32") == precision
+        and manifest.get("n_items") == ds.n_items
+        and emb.ndim == 2
+        and len(emb) == ds.n_items
+    )
     return (emb.astype(np.float32), manifest) if ok else None
 
 
-def item_embeddings(ds, *, encoder: str = "", cache_dir: str | Path = "runs/cache",
-                    batch_size: int = 128, device: str = "auto", progress: bool = True,
-                    precision: str = "float32") -> tuple[np.ndarray, dict]:
+def item_embeddings(
+    ds,
+    *,
+    encoder: str = "",
+    cache_dir: str | Path = "runs/cache",
+    batch_size: int = 128,
+    device: str = "auto",
+    progress: bool = True,
+    precision: str = "float32",
+) -> tuple[np.ndarray, dict]:
     """Content embeddings of every item, computed once and cached.
 
     Args:
@@ -304,17 +343,42 @@ def item_embeddings(ds, *, encoder: str = "", cache_dir: str | Path = "runs/cach
     tokenizer, model, info = load_encoder(encoder, cache_dir, device)
     emb = encode_texts(tokenizer, model, texts, batch_size, progress, precision)
     seconds = time.perf_counter() - t0
-    save_scores(path, emb, kind="item_embeddings", dataset=ds.fingerprint(),
-                options={"encoder": info["encoder"], "batch_size": batch_size},
-                seconds=seconds, n_items=ds.n_items, encoder_sha256=info["sha256"],
-                texts_sha256=texts_sha, dim=info["dim"], max_length=info["max_length"],
-                pooling=info["pooling"], device=info["device"], precision=precision)
+    save_scores(
+        path,
+        emb,
+        kind="item_embeddings",
+        dataset=ds.fingerprint(),
+        options={"encoder": info["encoder"], "batch_size": batch_size},
+        seconds=seconds,
+        n_items=ds.n_items,
+        encoder_sha256=info["sha256"],
+        texts_sha256=texts_sha,
+        dim=info["dim"],
+        max_length=info["max_length"],
+        pooling=info["pooling"],
+        device=info["device"],
+        precision=precision,
+    )
     _, manifest = load_scores(path, kind="item_embeddings", dataset=ds.fingerprint())
     return emb, _info(path, manifest, cached=False)
 
 
 def _info(path: Path, manifest: dict, *, cached: bool) -> dict:
-    keys = ("encoder_sha256", "texts_sha256", "n_items", "dim", "max_length", "pooling",
-            "precision", "device", "seconds", "created")
-    return {"path": str(path), "encoder": manifest.get("options", {}).get("encoder"),
-            **{k: manifest.get(k) for k in keys}, "cached": cached}
+    keys = (
+        "encoder_sha256",
+        "texts_sha256",
+        "n_items",
+        "dim",
+        "max_length",
+        "pooling",
+        "precision",
+        "device",
+        "seconds",
+        "created",
+    )
+    return {
+        "path": str(path),
+        "encoder": manifest.get("options", {}).get("encoder"),
+        **{k: manifest.get(k) for k in keys},
+        "cached": cached,
+    }

@@ -56,9 +56,11 @@ from llm_bridge.tiger.model import (
     user_samples,
 )
 
-MAX_HISTORY = 20    # history items in the input (EffortConfig has no max_history field yet)
-LOSS = ("TIGER: per sample, mean token cross-entropy over its 5 target tokens (4 codes + EOS), "
-        "eval mode; effort = L2 norm of its gradient w.r.t. all T5 parameters at init (Eq. 12)")
+MAX_HISTORY = 20  # history items in the input (EffortConfig has no max_history field yet)
+LOSS = (
+    "TIGER: per sample, mean token cross-entropy over its 5 target tokens (4 codes + EOS), "
+    "eval mode; effort = L2 norm of its gradient w.r.t. all T5 parameters at init (Eq. 12)"
+)
 
 
 # ----------------------------------------------------------------------------- core
@@ -83,7 +85,7 @@ def _tape_sq_norms(tape, grads, p: dict, batch: int) -> torch.Tensor:
         g = torch.zeros_like(out) if g is None else g
         g = g.reshape(batch, -1, g.shape[-1]) if kind != "bias" else g
         if kind == "embed":
-            rows = (saved.reshape(batch, -1) + vocab * torch.arange(batch, device=g.device)[:, None])
+            rows = saved.reshape(batch, -1) + vocab * torch.arange(batch, device=g.device)[:, None]
             shared.view(-1, d).index_add_(0, rows.flatten(), g.reshape(-1, d))
         elif kind == "linear" and name == "shared.weight":
             shared += torch.bmm(g.transpose(1, 2), saved.reshape(batch, -1, d))
@@ -91,7 +93,7 @@ def _tape_sq_norms(tape, grads, p: dict, batch: int) -> torch.Tensor:
             sq += _linear_sq(saved.reshape(batch, -1, saved.shape[-1]), g)
         elif kind == "norm":
             sq += (g * saved.reshape(g.shape)).sum(1).pow(2).sum(1)
-        else:                                   # relative position bias table [buckets, H]
+        else:  # relative position bias table [buckets, H]
             table = g.new_zeros(batch, p[name].shape[0], g.shape[1])
             table.index_add_(1, saved.flatten(), g.flatten(2).transpose(1, 2))
             sq += table.pow(2).sum((1, 2))
@@ -177,8 +179,10 @@ def _todo(cfg: EffortConfig, ds, folder: Path, settings: dict):
     units = shard_ranges(start, stop, cfg.shard_size)
     todo = [u for u in units if not (cfg.resume and u in done)]
     skipped = sum(b - a for a, b in units) - sum(b - a for a, b in todo)
-    print(f"effort (tiger): rows {start}..{stop - 1} in {len(units)} shards"
-          + (f"; resuming, {skipped} rows already scored" if skipped else ""))
+    print(
+        f"effort (tiger): rows {start}..{stop - 1} in {len(units)} shards"
+        + (f"; resuming, {skipped} rows already scored" if skipped else "")
+    )
     return todo
 
 
@@ -195,33 +199,57 @@ def main(cfg: EffortConfig) -> int:
     ds = load_dataset(cfg.data)
     codes, sizes = load_codes(cfg.semantic_ids, ds)
     folder = shard_folder(out)
-    settings = {"dataset": ds.fingerprint(), "backend": "tiger", "init_seed": cfg.seed,
-                "semantic_ids": codes_digest(codes, sizes), "max_history": MAX_HISTORY,
-                "t5": T5_SIZES}
+    settings = {
+        "dataset": ds.fingerprint(),
+        "backend": "tiger",
+        "init_seed": cfg.seed,
+        "semantic_ids": codes_digest(codes, sizes),
+        "max_history": MAX_HISTORY,
+        "t5": T5_SIZES,
+    }
     todo = _todo(cfg, ds, folder, settings)
     device, _ = resolve_device_dtype(cfg.device, "float32")
-    model = build_model(sizes, cfg.seed, device).eval()       # phi at init; dropout off
+    model = build_model(sizes, cfg.seed, device).eval()  # phi at init; dropout off
     tokens = item_tokens(codes, sizes)
     bar = tqdm(total=sum(b - a for a, b in todo), desc="effort (tiger)", unit="sample")
     with cpu_threads(device):
         for a, b in todo:
             t0 = time.perf_counter()
-            scores = score_samples(model, *_samples(ds, a, b, tokens),
-                                   batch_size=cfg.batch_size, bar=bar)
-            save_scores(shard_path(folder, a, b), scores, kind=SHARD_KIND, dataset=ds.fingerprint(),
-                        seconds=time.perf_counter() - t0, rows=[a, b], settings=settings,
-                        batch_size=cfg.batch_size, device=str(device))
+            scores = score_samples(
+                model, *_samples(ds, a, b, tokens), batch_size=cfg.batch_size, bar=bar
+            )
+            save_scores(
+                shard_path(folder, a, b),
+                scores,
+                kind=SHARD_KIND,
+                dataset=ds.fingerprint(),
+                seconds=time.perf_counter() - t0,
+                rows=[a, b],
+                settings=settings,
+                batch_size=cfg.batch_size,
+                device=str(device),
+            )
     bar.close()
     n_params = sum(p.numel() for p in model.parameters())
-    options = {**asdict(cfg), "backend": "tiger", "loss": LOSS, "n_param_values": n_params,
-               "semantic_ids_digest": settings["semantic_ids"], "device": str(device)}
+    options = {
+        **asdict(cfg),
+        "backend": "tiger",
+        "loss": LOSS,
+        "n_param_values": n_params,
+        "semantic_ids_digest": settings["semantic_ids"],
+        "device": str(device),
+    }
     merged = merge_shards(folder, out, ds, options=options)
     if merged is None:
         n = sum(b - a for a, b in existing_shards(folder, ds))
-        print(f"effort (tiger): {n} of {ds.n_users} rows scored in {folder}; {out} is written "
-              "when all rows are (run the other --users ranges with the same --out)")
+        print(
+            f"effort (tiger): {n} of {ds.n_users} rows scored in {folder}; {out} is written "
+            "when all rows are (run the other --users ranges with the same --out)"
+        )
     else:
         m = read_manifest(merged)
-        print(f"effort (tiger): wrote {merged} ({ds.n_users} rows, {m['seconds']:.1f} s of "
-              f"scoring, {n_params:,} parameters)")
+        print(
+            f"effort (tiger): wrote {merged} ({ds.n_users} rows, {m['seconds']:.1f} s of "
+            f"scoring, {n_params:,} parameters)"
+        )
     return 0

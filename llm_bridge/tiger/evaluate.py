@@ -44,21 +44,29 @@ def check_model_folder(folder: str, ds, codes: np.ndarray, sizes: list[int]) -> 
     Raises :class:`UserError` (one line) when the folder is not one, or was trained on another
     dataset or other semantic IDs."""
     if not folder:
-        raise UserError("--backend tiger needs --adapter: the model folder of "
-                        "`dealrec finetune --backend tiger`")
+        raise UserError(
+            "--backend tiger needs --adapter: the model folder of "
+            "`dealrec finetune --backend tiger`"
+        )
     path = Path(folder)
     rec = path / "train_record.json"
     if not rec.is_file() or not (path / "config.json").is_file():
-        raise UserError(f"{path}: not a finished TIGER model folder (no train_record.json or config.json)")
+        raise UserError(
+            f"{path}: not a finished TIGER model folder (no train_record.json or config.json)"
+        )
     record = json.loads(rec.read_text())
     settings = record.get("settings", {})
     if record.get("backend") != "tiger":
-        raise UserError(f"{path}: not a TIGER model folder (train_record.json has no backend tiger)")
+        raise UserError(
+            f"{path}: not a TIGER model folder (train_record.json has no backend tiger)"
+        )
     if settings.get("dataset") != ds.fingerprint():
         raise UserError(f"{path}: model trained on another dataset (fingerprint mismatch)")
     if settings.get("semantic_ids") != codes_digest(codes, sizes):
-        raise UserError(f"{path}: model trained on other semantic IDs "
-                        f"({record.get('semantic_ids_path', '?')}); pass those with --semantic-ids")
+        raise UserError(
+            f"{path}: model trained on other semantic IDs "
+            f"({record.get('semantic_ids_path', '?')}); pass those with --semantic-ids"
+        )
     return record
 
 
@@ -70,8 +78,9 @@ def _check(cfg: EvaluateConfig) -> None:
 
 
 @torch.no_grad()
-def target_losses(model, inputs: list[list[int]], targets: np.ndarray,
-                  batch_size: int = 256) -> np.ndarray:
+def target_losses(
+    model, inputs: list[list[int]], targets: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
     """``[n]`` each user's loss (mean token cross-entropy, eval mode) of the first item of the
     split given the history: the per-user difficulty of paper Fig. 6."""
     from llm_bridge.tiger.model import Spec, pad_inputs, params_of, sample_losses
@@ -81,7 +90,7 @@ def target_losses(model, inputs: list[list[int]], targets: np.ndarray,
     order = np.argsort([len(x) for x in inputs], kind="stable")
     out = np.zeros(len(inputs))
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         ids, mask = pad_inputs([inputs[r] for r in rows], device)
         tgt = torch.as_tensor(targets[rows], device=device)
         out[rows] = sample_losses(p, spec, ids, mask, tgt).float().cpu().numpy()
@@ -90,12 +99,21 @@ def target_losses(model, inputs: list[list[int]], targets: np.ndarray,
 
 def _predictions(ds, rows, items, scores, truth, losses, k: int) -> bytes:
     """One JSON line per user: its top ``k`` items and their beam log-probs, best first."""
-    lines = [json.dumps({"row": int(r), "user_id": int(ds.user_ids[r]),
-                         "loss": round(float(losses[j]), 6),
-                         "top": [int(i) for i in items[j, :k] if i > 0],
-                         "scores": [round(float(s), 5) for i, s in zip(items[j, :k], scores[j, :k])
-                                    if i > 0],
-                         "truth": sorted(truth[j])}) for j, r in enumerate(rows)]
+    lines = [
+        json.dumps(
+            {
+                "row": int(r),
+                "user_id": int(ds.user_ids[r]),
+                "loss": round(float(losses[j]), 6),
+                "top": [int(i) for i in items[j, :k] if i > 0],
+                "scores": [
+                    round(float(s), 5) for i, s in zip(items[j, :k], scores[j, :k]) if i > 0
+                ],
+                "truth": sorted(truth[j]),
+            }
+        )
+        for j, r in enumerate(rows)
+    ]
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -129,20 +147,29 @@ def main(cfg: EvaluateConfig) -> int:
     metrics = rank_metrics([[i for i in row if i > 0] for row in items], truth, KS)
     out = Path(cfg.out)
     result = {
-        "split": cfg.split, **metrics, "backend": "tiger",
-        "n_users": len(rows), "n_users_with_items": int(n_with_items),
-        "subsample": bool(0 < cfg.users < n_with_items), "seed": cfg.seed,
+        "split": cfg.split,
+        **metrics,
+        "backend": "tiger",
+        "n_users": len(rows),
+        "n_users_with_items": int(n_with_items),
+        "subsample": bool(0 < cfg.users < n_with_items),
+        "seed": cfg.seed,
         "seconds": round(time.perf_counter() - t0, 3),
         "seconds_per_100_users": round((t2 - t1) / len(rows) * 100, 3),
-        "seconds_generation": round(t2 - t1, 3), "device": str(device),
-        "adapter": cfg.adapter, "train_max_history": record["config"].get("max_history"),
-        "semantic_ids": cfg.semantic_ids, "config": asdict(cfg),
+        "seconds_generation": round(t2 - t1, 3),
+        "device": str(device),
+        "adapter": cfg.adapter,
+        "train_max_history": record["config"].get("max_history"),
+        "semantic_ids": cfg.semantic_ids,
+        "config": asdict(cfg),
         "predictions": str(out.with_suffix(".predictions.jsonl")),
     }
     blob = _predictions(ds, rows, items, scores, truth, losses, max(KS))
     atomic_write_bytes(out.with_suffix(".predictions.jsonl"), lambda f: f.write(blob))
     write_json(out, result)
-    print(f"evaluate {cfg.split} ({len(rows)} users, tiger): "
-          + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-          + f"; {result['seconds_per_100_users']:.2f} s per 100 users")
+    print(
+        f"evaluate {cfg.split} ({len(rows)} users, tiger): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        + f"; {result['seconds_per_100_users']:.2f} s per 100 users"
+    )
     return 0

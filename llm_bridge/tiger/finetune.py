@@ -50,9 +50,19 @@ from llm_bridge.tiger.model import (
 )
 
 # Settings that must match for a checkpoint to be continued (``patience`` may change).
-_RESUME_KEYS = ("lr", "weight_decay", "schedule", "epochs", "fallback_epochs", "batch_size",
-                "grad_accum", "max_history", "init_seed", "seed")
-MICRO_TOKENS = 2048     # padded input tokens per forward/backward chunk (see length_chunks)
+_RESUME_KEYS = (
+    "lr",
+    "weight_decay",
+    "schedule",
+    "epochs",
+    "fallback_epochs",
+    "batch_size",
+    "grad_accum",
+    "max_history",
+    "init_seed",
+    "seed",
+)
+MICRO_TOKENS = 2048  # padded input tokens per forward/backward chunk (see length_chunks)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -117,19 +127,28 @@ def make_optimizer(model, cfg: FinetuneConfig, total_steps: int):
     cosine from ``lr`` to 0 over ``total_steps``, or constant."""
     decay = [p for n, p in model.named_parameters() if "layer_norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if "layer_norm" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
     if cfg.schedule == "cosine":
+
         def factor(step):
             return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
     else:
+
         def factor(step):
             return 1.0
+
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def train_epoch(model, inputs, targets, order, opt, sched, batch_size: int,
-                grad_accum: int) -> tuple[float, int]:
+def train_epoch(
+    model, inputs, targets, order, opt, sched, batch_size: int, grad_accum: int
+) -> tuple[float, int]:
     """One epoch over ``order`` in batches of ``batch_size`` samples, ``grad_accum`` batches
     per optimizer step (the last step may take fewer). Each batch runs as length-sorted chunks
     (:func:`length_chunks`) whose losses are weighted by their share of the batch, so the
@@ -137,7 +156,7 @@ def train_epoch(model, inputs, targets, order, opt, sched, batch_size: int,
     optimizer steps."""
     model.train()
     device = next(model.parameters()).device
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     losses, steps = [], 0
     opt.zero_grad(set_to_none=True)
     for i, batch in enumerate(batches):
@@ -146,7 +165,9 @@ def train_epoch(model, inputs, targets, order, opt, sched, batch_size: int,
         total = 0.0
         for rows in length_chunks(batch, inputs):
             ids, mask, tgt = _tensors(inputs, targets, rows, device)
-            loss = model(input_ids=ids, attention_mask=mask, labels=tgt).loss * (len(rows) / len(batch))
+            loss = model(input_ids=ids, attention_mask=mask, labels=tgt).loss * (
+                len(rows) / len(batch)
+            )
             (loss / in_group).backward()
             total += loss.item()
         losses.append(total)
@@ -182,13 +203,16 @@ def save_checkpoint(ckpt: Path, epoch: int, model, opt, sched, state: dict) -> N
     ckpt.mkdir(parents=True, exist_ok=True)
     blob = st_save(_weights(model))
     atomic_write_bytes(ckpt / f"model-{epoch}.safetensors", lambda f: f.write(blob))
-    extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "torch_rng": torch.get_rng_state()}
+    extra = {
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         extra["cuda_rng"] = torch.cuda.get_rng_state_all()
     atomic_write_bytes(ckpt / f"optimizer-{epoch}.pt", lambda f: torch.save(extra, f))
     write_json(ckpt / "state.json", {**state, "epoch": epoch})
-    for f in ckpt.iterdir():        # older epochs are no longer needed
+    for f in ckpt.iterdir():  # older epochs are no longer needed
         if f.name.startswith(("model-", "optimizer-")) and f.stem.split("-")[-1] != str(epoch):
             f.unlink(missing_ok=True)
 
@@ -221,8 +245,10 @@ def _resume_state(cfg: FinetuneConfig, ckpt: Path, settings: dict) -> dict | Non
     state = json.loads((ckpt / "state.json").read_text())
     if state.get("settings") != settings:
         diff = sorted(k for k in settings if state.get("settings", {}).get(k) != settings[k])
-        raise UserError(f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)}); "
-                        "use --no-resume to start over or another --out")
+        raise UserError(
+            f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)}); "
+            "use --no-resume to start over or another --out"
+        )
     return state
 
 
@@ -233,13 +259,19 @@ def _fit(model, opt, sched, cfg, train, valid, record: dict, out: Path, resume) 
     start_epoch, bad = 1, 0
     if resume is not None:
         state = load_checkpoint(ckpt, model, opt, sched)
-        record.update({k: state["record"][k] for k in ("epochs", "best_epoch",
-                                                        "best_valid_loss", "seconds")})
+        record.update(
+            {k: state["record"][k] for k in ("epochs", "best_epoch", "best_valid_loss", "seconds")}
+        )
         start_epoch, bad = state["epoch"] + 1, state["bad_epochs"]
         print(f"finetune: resuming after epoch {state['epoch']} from {ckpt}")
     t_run, seconds_before = time.perf_counter(), record["seconds"]
-    bar = tqdm(range(start_epoch, max_epochs + 1), initial=start_epoch - 1, total=max_epochs,
-               desc="finetune tiger", unit="epoch")
+    bar = tqdm(
+        range(start_epoch, max_epochs + 1),
+        initial=start_epoch - 1,
+        total=max_epochs,
+        desc="finetune tiger",
+        unit="epoch",
+    )
     for epoch in bar:
         if early and bad >= cfg.patience:
             break
@@ -248,21 +280,37 @@ def _fit(model, opt, sched, cfg, train, valid, record: dict, out: Path, resume) 
         loss, steps = train_epoch(model, *train, order, opt, sched, cfg.batch_size, cfg.grad_accum)
         train_seconds = time.perf_counter() - t0
         vloss = dataset_loss(model, *valid, batch_size=max(cfg.batch_size, 256)) if early else None
-        record["epochs"].append({"epoch": epoch, "train_loss": loss, "valid_loss": vloss,
-                                 "optimizer_steps": steps, "lr": sched.get_last_lr()[0],
-                                 "train_seconds": round(train_seconds, 3),
-                                 "seconds": round(time.perf_counter() - t0, 3)})
-        improved = not early or record["best_valid_loss"] is None or vloss < record["best_valid_loss"]
+        record["epochs"].append(
+            {
+                "epoch": epoch,
+                "train_loss": loss,
+                "valid_loss": vloss,
+                "optimizer_steps": steps,
+                "lr": sched.get_last_lr()[0],
+                "train_seconds": round(train_seconds, 3),
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
+        improved = (
+            not early or record["best_valid_loss"] is None or vloss < record["best_valid_loss"]
+        )
         if improved:
             record["best_epoch"], record["best_valid_loss"], bad = epoch, vloss, 0
             save_best(model, out)
         else:
             bad += 1
         record["seconds"] = round(seconds_before + time.perf_counter() - t_run, 3)
-        bar.set_postfix(loss=f"{loss:.4f}", valid=f"{vloss:.4f}" if early else "-",
-                        best=record["best_epoch"])
-        save_checkpoint(ckpt, epoch, model, opt, sched,
-                        {"settings": record["settings"], "bad_epochs": bad, "record": record})
+        bar.set_postfix(
+            loss=f"{loss:.4f}", valid=f"{vloss:.4f}" if early else "-", best=record["best_epoch"]
+        )
+        save_checkpoint(
+            ckpt,
+            epoch,
+            model,
+            opt,
+            sched,
+            {"settings": record["settings"], "bad_epochs": bad, "record": record},
+        )
     bar.close()
     return record
 
@@ -281,30 +329,45 @@ def main(cfg: FinetuneConfig) -> int:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
-    settings = {"dataset": ds.fingerprint(), "selection_sha256": sha256_file(Path(cfg.selection)),
-                "semantic_ids": codes_digest(codes, sizes),
-                **{k: getattr(cfg, k) for k in _RESUME_KEYS}}
+    settings = {
+        "dataset": ds.fingerprint(),
+        "selection_sha256": sha256_file(Path(cfg.selection)),
+        "semantic_ids": codes_digest(codes, sizes),
+        **{k: getattr(cfg, k) for k in _RESUME_KEYS},
+    }
     resume = _resume_state(cfg, out / "checkpoint", settings)
     device, _ = resolve_device_dtype(cfg.device, "float32")
     model = build_model(sizes, cfg.init_seed, device)
-    torch.manual_seed(cfg.seed)                     # sample order is numpy; this is dropout
+    torch.manual_seed(cfg.seed)  # sample order is numpy; this is dropout
     tokens = item_tokens(codes, sizes)
     train = user_samples(ds, selection, tokens, cfg.max_history, "train")[:2]
     valid = user_samples(ds, selection, tokens, cfg.max_history, "valid")[:2]
     early = len(valid[0]) > 0
     max_epochs = cfg.epochs if early else min(cfg.epochs, cfg.fallback_epochs)
     if not early:
-        print(f"finetune: none of the {len(selection)} selected users has a valid item; "
-              f"no early stopping, training a fixed {max_epochs} epochs")
+        print(
+            f"finetune: none of the {len(selection)} selected users has a valid item; "
+            f"no early stopping, training a fixed {max_epochs} epochs"
+        )
     steps = max_epochs * math.ceil(math.ceil(len(train[0]) / cfg.batch_size) / cfg.grad_accum)
     opt, sched = make_optimizer(model, cfg, steps)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"backend": "tiger", "settings": settings, "config": asdict(cfg),
-              "semantic_ids_path": str(cfg.semantic_ids), "device": str(device),
-              "n_params": sum(p.numel() for p in model.parameters()),
-              "n_train_samples": len(train[0]), "n_valid_samples": len(valid[0]),
-              "early_stopping": early, "max_epochs": max_epochs, "epochs": [],
-              "best_epoch": None, "best_valid_loss": None, "seconds": 0.0}
+    record = {
+        "backend": "tiger",
+        "settings": settings,
+        "config": asdict(cfg),
+        "semantic_ids_path": str(cfg.semantic_ids),
+        "device": str(device),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_train_samples": len(train[0]),
+        "n_valid_samples": len(valid[0]),
+        "early_stopping": early,
+        "max_epochs": max_epochs,
+        "epochs": [],
+        "best_epoch": None,
+        "best_valid_loss": None,
+        "seconds": 0.0,
+    }
     with cpu_threads(device):
         record = _fit(model, opt, sched, cfg, train, valid, record, out, resume)
     n_epochs = len(record["epochs"])

@@ -46,14 +46,19 @@ from llm_bridge.tiger.model import (
 class Trie:
     """Per code position ``l``: ``allowed[l] [n_nodes_l, K_l]`` bool and ``child[l]`` int64
     (next node; at the last position the 1-based item id); ``offsets[l]`` = token of code 0."""
+
     allowed: list[torch.Tensor]
     child: list[torch.Tensor]
     offsets: list[int]
     sizes: list[int]
 
     def to(self, device) -> Trie:
-        return Trie([a.to(device) for a in self.allowed], [c.to(device) for c in self.child],
-                    self.offsets, self.sizes)
+        return Trie(
+            [a.to(device) for a in self.allowed],
+            [c.to(device) for c in self.child],
+            self.offsets,
+            self.sizes,
+        )
 
 
 def build_trie(codes: np.ndarray, codebook_sizes) -> Trie:
@@ -72,8 +77,12 @@ def build_trie(codes: np.ndarray, codebook_sizes) -> Trie:
         allowed.append(torch.from_numpy(ok.reshape(n_nodes, k)))
         child.append(torch.from_numpy(nodes.reshape(n_nodes, k)))
         node, n_nodes = nxt.reshape(-1), len(uniq)
-    return Trie(allowed, child, [int(o) for o in level_offsets(codebook_sizes)],
-                [int(s) for s in codebook_sizes])
+    return Trie(
+        allowed,
+        child,
+        [int(o) for o in level_offsets(codebook_sizes)],
+        [int(s) for s in codebook_sizes],
+    )
 
 
 def _extend(scores, nodes, logp, trie: Trie, l: int, beams: int):
@@ -86,9 +95,12 @@ def _extend(scores, nodes, logp, trie: Trie, l: int, beams: int):
       ``[B, W']``, best first; extensions that are not allowed score ``-inf``.
     """
     k = trie.sizes[l]
-    level = logp[..., trie.offsets[l]:trie.offsets[l] + k]
-    cand = torch.where(trie.allowed[l][nodes], scores[..., None] + level,
-                       torch.tensor(float("-inf"), dtype=logp.dtype, device=logp.device))
+    level = logp[..., trie.offsets[l] : trie.offsets[l] + k]
+    cand = torch.where(
+        trie.allowed[l][nodes],
+        scores[..., None] + level,
+        torch.tensor(float("-inf"), dtype=logp.dtype, device=logp.device),
+    )
     top, idx = cand.flatten(1).topk(min(beams, cand.shape[1] * k), dim=1)
     parent, code = idx // k, idx % k
     child = trie.child[l][nodes.gather(1, parent), code]
@@ -102,8 +114,9 @@ def _reorder(past, parent):
 
 
 @torch.no_grad()
-def beam_search(p: dict, spec: Spec, input_ids, attention_mask, trie: Trie, beams: int = 20,
-                cache: bool = True):
+def beam_search(
+    p: dict, spec: Spec, input_ids, attention_mask, trie: Trie, beams: int = 20, cache: bool = True
+):
     """Trie-constrained beam search for a batch of users (see the module docstring).
 
     Args:
@@ -131,15 +144,23 @@ def beam_search(p: dict, spec: Spec, input_ids, attention_mask, trie: Trie, beam
         seq = torch.cat([seq[rows, parent], token], -1)
         past = _reorder(new_past, parent) if cache else None
     items = torch.where(torch.isfinite(scores), nodes, torch.zeros_like(nodes))
-    if items.shape[1] < beams:      # fewer items than beams in the whole catalogue
+    if items.shape[1] < beams:  # fewer items than beams in the whole catalogue
         fill = beams - items.shape[1]
         items = torch.cat([items, items.new_zeros(b, fill)], 1)
         scores = torch.cat([scores, scores.new_full((b, fill), float("-inf"))], 1)
     return items, scores
 
 
-def generate(model, inputs: list[list[int]], trie: Trie, *, beams: int = 20, batch_size: int = 64,
-             cache: bool = True, desc: str | None = "beam search"):
+def generate(
+    model,
+    inputs: list[list[int]],
+    trie: Trie,
+    *,
+    beams: int = 20,
+    batch_size: int = 64,
+    cache: bool = True,
+    desc: str | None = "beam search",
+):
     """Top-``beams`` items of every input (batched by input length, progress bar).
 
     Args:
@@ -158,7 +179,7 @@ def generate(model, inputs: list[list[int]], trie: Trie, *, beams: int = 20, bat
     scores = np.zeros((len(inputs), beams), dtype=np.float32)
     bar = tqdm(total=len(inputs), desc=desc, unit="user", disable=desc is None)
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         ids, mask = pad_inputs([inputs[r] for r in rows], device)
         top, logp = beam_search(p, spec, ids, mask, trie, beams, cache)
         items[rows], scores[rows] = top.cpu().numpy(), logp.float().cpu().numpy()

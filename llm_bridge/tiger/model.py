@@ -39,9 +39,17 @@ import torch
 from jaxrec.errors import UserError
 
 PAD, EOS, N_SPECIAL = 0, 1, 2
-T5_SIZES = {"d_model": 128, "d_kv": 64, "d_ff": 1024, "num_layers": 4, "num_decoder_layers": 4,
-            "num_heads": 6, "dropout_rate": 0.1, "feed_forward_proj": "relu"}
-CPU_THREADS = 1     # torch intra-op threads on CPU (see cpu_threads)
+T5_SIZES = {
+    "d_model": 128,
+    "d_kv": 64,
+    "d_ff": 1024,
+    "num_layers": 4,
+    "num_decoder_layers": 4,
+    "num_heads": 6,
+    "dropout_rate": 0.1,
+    "feed_forward_proj": "relu",
+}
+CPU_THREADS = 1  # torch intra-op threads on CPU (see cpu_threads)
 
 
 @contextlib.contextmanager
@@ -79,7 +87,9 @@ def item_tokens(codes: np.ndarray, codebook_sizes) -> np.ndarray:
     codes = np.asarray(codes, dtype=np.int64)
     sizes = np.asarray(codebook_sizes, dtype=np.int64)
     if codes.ndim != 2 or codes.shape[1] != len(sizes):
-        raise UserError(f"semantic IDs of shape {codes.shape} do not match codebook sizes {list(sizes)}")
+        raise UserError(
+            f"semantic IDs of shape {codes.shape} do not match codebook sizes {list(sizes)}"
+        )
     if codes.min() < 0 or (codes >= sizes).any():
         raise UserError(f"semantic IDs outside [0, codebook_sizes) = {list(sizes)}")
     out = np.full((len(codes) + 1, len(sizes)), PAD, dtype=np.int64)
@@ -91,8 +101,11 @@ def codes_digest(codes: np.ndarray, codebook_sizes) -> dict:
     """Identity of a semantic-ID table, stored with a fine-tuned model and checked on load."""
     codes = np.ascontiguousarray(codes, dtype=np.int64)
     sha = hashlib.sha256(repr(codes.shape).encode() + codes.tobytes()).hexdigest()
-    return {"sha256": sha, "codebook_sizes": [int(k) for k in codebook_sizes],
-            "n_items": int(codes.shape[0])}
+    return {
+        "sha256": sha,
+        "codebook_sizes": [int(k) for k in codebook_sizes],
+        "n_items": int(codes.shape[0]),
+    }
 
 
 # ----------------------------------------------------------------------------- samples
@@ -135,7 +148,11 @@ def user_samples(ds, rows, tokens: np.ndarray, max_history: int, split: str = "t
             targets.append(target_tokens(target, tokens))
         kept.append(row)
     width = tokens.shape[1] + 1
-    return inputs, np.asarray(targets, dtype=np.int64).reshape(-1, width), np.asarray(kept, np.int64)
+    return (
+        inputs,
+        np.asarray(targets, dtype=np.int64).reshape(-1, width),
+        np.asarray(kept, np.int64),
+    )
 
 
 def pad_inputs(inputs: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +161,8 @@ def pad_inputs(inputs: list[list[int]], device=None) -> tuple[torch.Tensor, torc
     ids = torch.full((len(inputs), width), PAD, dtype=torch.long)
     mask = torch.zeros((len(inputs), width), dtype=torch.long)
     for b, x in enumerate(inputs):
-        ids[b, :len(x)] = torch.as_tensor(x, dtype=torch.long)
-        mask[b, :len(x)] = 1
+        ids[b, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+        mask[b, : len(x)] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -154,8 +171,13 @@ def t5_config(codebook_sizes, **sizes):
     """A ``T5Config`` with TIGER's sizes (``sizes`` overrides them, e.g. for tests)."""
     from transformers import T5Config
 
-    return T5Config(vocab_size=vocab_size(codebook_sizes), pad_token_id=PAD, eos_token_id=EOS,
-                    decoder_start_token_id=PAD, **{**T5_SIZES, **sizes})
+    return T5Config(
+        vocab_size=vocab_size(codebook_sizes),
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        decoder_start_token_id=PAD,
+        **{**T5_SIZES, **sizes},
+    )
 
 
 def build_model(codebook_sizes, init_seed: int = 0, device="cpu", **sizes):
@@ -179,6 +201,7 @@ def load_model(folder, device="cpu"):
 @dataclass(frozen=True)
 class Spec:
     """The shapes the functional forward needs (from a ``T5Config``)."""
+
     enc_layers: int
     dec_layers: int
     heads: int
@@ -190,10 +213,17 @@ class Spec:
 
     @classmethod
     def of(cls, config) -> Spec:
-        scale = config.d_model ** -0.5 if getattr(config, "scale_decoder_outputs", True) else 1.0
-        return cls(config.num_layers, config.num_decoder_layers, config.num_heads, config.d_kv,
-                   config.layer_norm_epsilon, config.relative_attention_num_buckets,
-                   config.relative_attention_max_distance, scale)
+        scale = config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", True) else 1.0
+        return cls(
+            config.num_layers,
+            config.num_decoder_layers,
+            config.num_heads,
+            config.d_kv,
+            config.layer_norm_epsilon,
+            config.relative_attention_num_buckets,
+            config.relative_attention_max_distance,
+            scale,
+        )
 
 
 def params_of(model) -> dict[str, torch.Tensor]:
@@ -235,8 +265,11 @@ def _position_bias(p, name, batch, q_len, k_len, spec, bidirectional, q_start=0,
     ctx = torch.arange(q_start, q_start + q_len, device=table.device)[:, None]
     mem = torch.arange(k_len, device=table.device)[None, :]
     buckets = T5Attention._relative_position_bucket(
-        mem - ctx, bidirectional=bidirectional, num_buckets=spec.buckets,
-        max_distance=spec.max_distance)
+        mem - ctx,
+        bidirectional=bidirectional,
+        num_buckets=spec.buckets,
+        max_distance=spec.max_distance,
+    )
     bias = table[buckets].permute(2, 0, 1).expand(batch, -1, -1, -1)
     if tape is not None:
         tape.append(("bias", name, buckets, bias))
@@ -280,8 +313,16 @@ def encode(p: dict, spec: Spec, input_ids, attention_mask, tape=None):
     """The encoder: ``[B, S, d]`` hidden states (after the final norm)."""
     h = _embed(p, input_ids, tape)
     b, s = input_ids.shape
-    bias = _position_bias(p, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                          b, s, s, spec, True, tape=tape) + _key_mask(attention_mask, h.dtype)
+    bias = _position_bias(
+        p,
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        b,
+        s,
+        s,
+        spec,
+        True,
+        tape=tape,
+    ) + _key_mask(attention_mask, h.dtype)
     for i in range(spec.enc_layers):
         h, _ = _self_attention(p, f"encoder.block.{i}.layer.0.", h, spec, bias, tape=tape)
         h = _ffn(p, f"encoder.block.{i}.layer.1.", h, spec, tape)
@@ -291,8 +332,15 @@ def encode(p: dict, spec: Spec, input_ids, attention_mask, tape=None):
 def cross_kv(p: dict, spec: Spec, enc, attention_mask, tape=None):
     """Each decoder layer's cross-attention keys and values ``[B, H, S, dk]`` (computed once per
     user, shared by all its beams) and the additive encoder mask ``[B, 1, 1, S]``."""
-    kv = [tuple(_heads(_lin(p, f"decoder.block.{i}.layer.1.EncDecAttention.{n}.weight", enc, tape),
-                       spec) for n in "kv") for i in range(spec.dec_layers)]
+    kv = [
+        tuple(
+            _heads(
+                _lin(p, f"decoder.block.{i}.layer.1.EncDecAttention.{n}.weight", enc, tape), spec
+            )
+            for n in "kv"
+        )
+        for i in range(spec.dec_layers)
+    ]
     return kv, _key_mask(attention_mask, enc.dtype)
 
 
@@ -317,14 +365,23 @@ def decode(p: dict, spec: Spec, dec_ids, kv, cross_mask, past=None, tape=None):
     h = _embed(p, dec_ids, tape)
     b, w, t_new = dec_ids.shape
     t_old = 0 if past is None else past[0][0].shape[-2]
-    bias = _position_bias(p, "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                          b, t_new, t_old + t_new, spec, False, t_old, tape)[:, None] \
-        + _causal(t_new, t_old + t_new, t_old, h.dtype, h.device)
+    bias = _position_bias(
+        p,
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        b,
+        t_new,
+        t_old + t_new,
+        spec,
+        False,
+        t_old,
+        tape,
+    )[:, None] + _causal(t_new, t_old + t_new, t_old, h.dtype, h.device)
     new_past = []
     for i in range(spec.dec_layers):
         pre = f"decoder.block.{i}.layer."
-        h, cache = _self_attention(p, pre + "0.", h, spec, bias,
-                                   None if past is None else past[i], tape)
+        h, cache = _self_attention(
+            p, pre + "0.", h, spec, bias, None if past is None else past[i], tape
+        )
         new_past.append(cache)
         x = _norm(p, pre + "1.layer_norm.weight", h, spec.eps, tape).reshape(b, w * t_new, -1)
         q = _heads(_lin(p, pre + "1.EncDecAttention.q.weight", x, tape), spec)
@@ -343,6 +400,7 @@ def sample_losses(p: dict, spec: Spec, input_ids, attention_mask, targets, tape=
     start = torch.full_like(targets[:, :1], PAD)
     dec_in = torch.cat([start, targets[:, :-1]], 1)[:, None]
     logits, _ = decode(p, spec, dec_in, kv, cross_mask, tape=tape)
-    ce = torch.nn.functional.cross_entropy(logits[:, 0].flatten(0, 1), targets.flatten(),
-                                           reduction="none")
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, 0].flatten(0, 1), targets.flatten(), reduction="none"
+    )
     return ce.view(targets.shape).mean(1)

@@ -39,7 +39,7 @@ from jaxrec.errors import ScoreFileError, UserError
 from llm_bridge.config import SemanticIdConfig
 
 KMEANS_ITERS = 25
-CPU_THREADS = 1     # intra-op threads for the fits on CPU (see _cpu_threads)
+CPU_THREADS = 1  # intra-op threads for the fits on CPU (see _cpu_threads)
 
 
 @contextlib.contextmanager
@@ -74,7 +74,7 @@ def _kmeans_pp(x, k: int, gen):
     n = len(x)
     first = int(torch.randint(n, (1,), generator=gen))
     centres = [x[first]]
-    d2 = _sq_dist(x, x[first:first + 1]).squeeze(1)
+    d2 = _sq_dist(x, x[first : first + 1]).squeeze(1)
     for _ in range(1, k):
         total = float(d2.sum())
         if total > 0:
@@ -82,7 +82,7 @@ def _kmeans_pp(x, k: int, gen):
         else:
             i = int(torch.randint(n, (1,), generator=gen))
         centres.append(x[i])
-        d2 = torch.minimum(d2, _sq_dist(x, x[i:i + 1]).squeeze(1))
+        d2 = torch.minimum(d2, _sq_dist(x, x[i : i + 1]).squeeze(1))
     return torch.stack(centres)
 
 
@@ -180,7 +180,7 @@ def build_rqvae(in_dim: int, hidden: list[int], code_dim: int, levels: int, code
                 residuals.append(r.detach())
                 total = total + e
                 r = r - e.detach()
-            z_q = z + (total - z).detach()          # straight-through estimator
+            z_q = z + (total - z).detach()  # straight-through estimator
             return z_q, torch.stack(codes, 1), torch.stack(residuals), loss
 
     return RQVAE()
@@ -191,8 +191,9 @@ def _init_codebooks(model, x, gen) -> None:
     import torch
 
     with torch.no_grad():
-        books, _ = residual_kmeans(model.encoder(x), model.codebooks.shape[0],
-                                   model.codebooks.shape[1], gen=gen)
+        books, _ = residual_kmeans(
+            model.encoder(x), model.codebooks.shape[0], model.codebooks.shape[1], gen=gen
+        )
         model.codebooks.copy_(books)
 
 
@@ -206,7 +207,7 @@ def _train_epoch(model, opt, x, batch_size: int, beta: float, gen):
     recon_sum = loss_sum = 0.0
     residuals = None
     for s in range(0, len(x), batch_size):
-        xb = x[perm[s:s + batch_size]]
+        xb = x[perm[s : s + batch_size]]
         z_q, codes, residuals, qloss = model.quantize(model.encoder(xb), beta)
         recon = ((model.decoder(z_q) - xb) ** 2).mean()
         loss = recon + qloss
@@ -229,8 +230,9 @@ def _reset_dead_codes(model, usage, residuals, gen) -> int:
         for level in range(model.codebooks.shape[0]):
             dead = torch.nonzero(usage[level] == 0).squeeze(1)
             if len(dead):
-                pick = torch.randint(residuals.shape[1], (len(dead),), generator=gen,
-                                     device=residuals.device)
+                pick = torch.randint(
+                    residuals.shape[1], (len(dead),), generator=gen, device=residuals.device
+                )
                 model.codebooks[level, dead] = residuals[level, pick]
                 dead_total += len(dead)
     return dead_total
@@ -257,16 +259,18 @@ def train_rqvae(emb: np.ndarray, cfg: SemanticIdConfig, progress: bool = True):
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     x = torch.as_tensor(emb, dtype=torch.float32, device=device)
-    model = build_rqvae(x.shape[1], list(cfg.hidden), cfg.code_dim, cfg.levels,
-                        cfg.codebook_size).to(device)
+    model = build_rqvae(
+        x.shape[1], list(cfg.hidden), cfg.code_dim, cfg.levels, cfg.codebook_size
+    ).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     history, resets = [], 0
     with _cpu_threads(device):
         _init_codebooks(model, x, gen)
         bar = tqdm(range(cfg.epochs), desc="rq-vae", unit="epoch", disable=not progress)
         for epoch in bar:
-            recon, loss, usage, residuals = _train_epoch(model, opt, x, cfg.batch_size,
-                                                         cfg.beta, gen)
+            recon, loss, usage, residuals = _train_epoch(
+                model, opt, x, cfg.batch_size, cfg.beta, gen
+            )
             history.append(round(recon, 8))
             if epoch < cfg.epochs - 1:
                 resets += _reset_dead_codes(model, usage, residuals, gen)
@@ -323,7 +327,7 @@ def add_collision_code(codes: np.ndarray) -> np.ndarray:
     codes = np.asarray(codes, dtype=np.int64)
     _, group = np.unique(codes, axis=0, return_inverse=True)
     group = group.reshape(-1)
-    order = np.argsort(group, kind="stable")          # item-id order within each group
+    order = np.argsort(group, kind="stable")  # item-id order within each group
     sorted_groups = group[order]
     starts = np.r_[0, np.flatnonzero(np.diff(sorted_groups)) + 1]
     first = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
@@ -349,10 +353,13 @@ def code_stats(ids: np.ndarray, codebook_size: int) -> dict:
         p = counts[counts > 0] / len(ids)
         perplexity.append(round(float(np.exp(-(p * np.log(p)).sum())), 3))
         usage.append(round(float((counts > 0).mean()), 4))
-    return {"codebook_sizes": [codebook_size] * levels + [int(ids[:, -1].max()) + 1],
-            "collision_rate": round(float((ids[:, -1] > 0).mean()), 5),
-            "max_collisions": int(ids[:, -1].max()) + 1,
-            "perplexity": perplexity, "usage": usage}
+    return {
+        "codebook_sizes": [codebook_size] * levels + [int(ids[:, -1].max()) + 1],
+        "collision_rate": round(float((ids[:, -1] > 0).mean()), 5),
+        "max_collisions": int(ids[:, -1].max()) + 1,
+        "perplexity": perplexity,
+        "usage": usage,
+    }
 
 
 # ----------------------------------------------------------------------------- file format
@@ -375,13 +382,21 @@ def load_semantic_ids(path, ds) -> tuple[np.ndarray, dict]:
       codes out of ``[0, codebook_sizes[l])``, or two items with the same ID.
     """
     codes, manifest = load_scores(path, kind="semantic_ids", dataset=ds.fingerprint())
-    if codes.ndim != 2 or codes.shape[0] != ds.n_items or not np.issubdtype(codes.dtype, np.integer):
-        raise ScoreFileError(f"{path}: shape {codes.shape} ({codes.dtype}), expected integer "
-                             f"codes [{ds.n_items}, levels + 1]")
+    if (
+        codes.ndim != 2
+        or codes.shape[0] != ds.n_items
+        or not np.issubdtype(codes.dtype, np.integer)
+    ):
+        raise ScoreFileError(
+            f"{path}: shape {codes.shape} ({codes.dtype}), expected integer "
+            f"codes [{ds.n_items}, levels + 1]"
+        )
     sizes = manifest.get("codebook_sizes")
     if not isinstance(sizes, list) or len(sizes) != codes.shape[1]:
-        raise ScoreFileError(f"{path}: manifest codebook_sizes {sizes!r} does not match "
-                             f"{codes.shape[1]} code columns")
+        raise ScoreFileError(
+            f"{path}: manifest codebook_sizes {sizes!r} does not match "
+            f"{codes.shape[1]} code columns"
+        )
     if codes.min() < 0 or (codes >= np.asarray(sizes, dtype=np.int64)).any():
         raise ScoreFileError(f"{path}: codes outside [0, codebook_sizes) = {sizes}")
     if len(np.unique(codes, axis=0)) != len(codes):
@@ -396,8 +411,14 @@ def _validate(cfg: SemanticIdConfig) -> None:
         raise UserError(f"--out {cfg.out}: the semantic-ID file name must end in .npy")
     if cfg.method not in ("rqvae", "rkmeans"):
         raise UserError(f"--method {cfg.method}: expected rqvae or rkmeans")
-    floors = {"levels": 1, "codebook_size": 2, "code_dim": 1, "epochs": 1, "batch_size": 1,
-              "embed_batch_size": 1}
+    floors = {
+        "levels": 1,
+        "codebook_size": 2,
+        "code_dim": 1,
+        "epochs": 1,
+        "batch_size": 1,
+        "embed_batch_size": 1,
+    }
     for name, floor in floors.items():
         if getattr(cfg, name) < floor:
             raise UserError(f"--{name} must be >= {floor}, got {getattr(cfg, name)}")
@@ -406,8 +427,9 @@ def _validate(cfg: SemanticIdConfig) -> None:
     if any(int(h) < 1 for h in cfg.hidden):
         raise UserError(f"--hidden widths must be >= 1, got {cfg.hidden}")
     if cfg.encoder and not Path(cfg.encoder).is_dir():
-        raise UserError(f"--encoder {cfg.encoder}: not a folder (expected a local "
-                        "sentence-transformers folder)")
+        raise UserError(
+            f"--encoder {cfg.encoder}: not a folder (expected a local sentence-transformers folder)"
+        )
 
 
 def main(cfg: SemanticIdConfig, progress: bool = True) -> int:
@@ -425,10 +447,15 @@ def main(cfg: SemanticIdConfig, progress: bool = True) -> int:
     t0 = time.perf_counter()
     _validate(cfg)
     ds = load_dataset(cfg.data)
-    emb, emb_info = item_embeddings(ds, encoder=cfg.encoder, cache_dir=cfg.cache_dir,
-                                    batch_size=cfg.embed_batch_size, device=cfg.device,
-                                    progress=progress,
-                                    precision=getattr(cfg, "embed_precision", "float32"))
+    emb, emb_info = item_embeddings(
+        ds,
+        encoder=cfg.encoder,
+        cache_dir=cfg.cache_dir,
+        batch_size=cfg.embed_batch_size,
+        device=cfg.device,
+        progress=progress,
+        precision=getattr(cfg, "embed_precision", "float32"),
+    )
     t1 = time.perf_counter()
     if cfg.method == "rqvae":
         codes, fit = train_rqvae(emb, cfg, progress)
@@ -437,12 +464,24 @@ def main(cfg: SemanticIdConfig, progress: bool = True) -> int:
     ids = add_collision_code(codes)
     stats = code_stats(ids, cfg.codebook_size)
     fit_seconds = time.perf_counter() - t1
-    save_scores(cfg.out, ids, kind="semantic_ids", dataset=ds.fingerprint(), options=asdict(cfg),
-                seconds=time.perf_counter() - t0, n_items=ds.n_items, **stats,
-                reconstruction_mse=round(fit["reconstruction_mse"], 8),
-                fit_seconds=round(fit_seconds, 3), training=fit, embeddings=emb_info)
-    print(f"semantic-ids: {ds.n_items} items, {cfg.method}, codebook sizes "
-          f"{stats['codebook_sizes']}, collision rate {stats['collision_rate']:.4f}, perplexity "
-          f"{stats['perplexity']}, recon MSE {fit['reconstruction_mse']:.6f}, "
-          f"{fit_seconds:.1f} s -> {cfg.out}")
+    save_scores(
+        cfg.out,
+        ids,
+        kind="semantic_ids",
+        dataset=ds.fingerprint(),
+        options=asdict(cfg),
+        seconds=time.perf_counter() - t0,
+        n_items=ds.n_items,
+        **stats,
+        reconstruction_mse=round(fit["reconstruction_mse"], 8),
+        fit_seconds=round(fit_seconds, 3),
+        training=fit,
+        embeddings=emb_info,
+    )
+    print(
+        f"semantic-ids: {ds.n_items} items, {cfg.method}, codebook sizes "
+        f"{stats['codebook_sizes']}, collision rate {stats['collision_rate']:.4f}, perplexity "
+        f"{stats['perplexity']}, recon MSE {fit['reconstruction_mse']:.6f}, "
+        f"{fit_seconds:.1f} s -> {cfg.out}"
+    )
     return 0
