@@ -16,7 +16,7 @@ Usage::
 
     nice -n 10 python bench/tiger.py [--data ../shared/data/games] [--semantic-ids FILE]
         [--parts effort-sample,finetune-chunks,finetune,evaluate,effort]
-        [--sample 256] [--batch-sizes 256]
+        [--sample 2048] [--beam-sample 256] [--batch-sizes 256]
         [--model DIR] [--out DIR]
 
 ``--model DIR`` evaluates an existing fine-tuned folder instead of the one ``finetune`` makes.
@@ -77,48 +77,68 @@ def random_codes_file(ds, path: Path, seed: int = 0) -> Path:
 
 
 # ----------------------------------------------------------------------------- effort
-def bench_effort_sample(ds, codes, sizes, n: int, batch_size: int) -> dict:
-    """Batched vs batch-1 loop vs vmap (and 2 threads) on the same ``n`` users."""
+def _vmap_scores(eff, model, inputs, targets):
+    """The vmap(grad) reference over length-bucketed batches of 16."""
+    import torch
+
+    from llm_bridge.tiger.model import Spec, pad_inputs, params_of
+
+    p, spec = params_of(model), Spec.of(model.config)
+    for idx in eff.length_batches([len(x) for x in inputs], 16):
+        ids, mask = pad_inputs([inputs[i] for i in idx])
+        eff.vmap_grad_norms(p, spec, ids, mask, torch.as_tensor(targets[idx]))
+
+
+def bench_effort_sample(ds, codes, sizes, n: int, batch_size: int, rounds: int = 1024) -> dict:
+    """Batched vs batch-1 loop vs vmap vs batched on 2 threads, on the same ``n`` users,
+    interleaved in rounds of ``rounds`` users (so that all see the same machine load); then the
+    float64 loop on the 32 users where batched and float32 loop differ most."""
     import torch
 
     from llm_bridge.tiger import effort as eff
-    from llm_bridge.tiger.model import (
-        Spec,
-        build_model,
-        item_tokens,
-        pad_inputs,
-        params_of,
-        user_samples,
-    )
+    from llm_bridge.tiger.model import build_model, item_tokens, user_samples
 
     rows = np.sort(np.random.default_rng(0).choice(ds.n_users, n, replace=False))
     inputs, targets, _ = user_samples(ds, rows, item_tokens(codes, sizes), eff.MAX_HISTORY)
     model = build_model(sizes, 0).eval()
-    torch.set_num_threads(1)
-    batched, w_b, c_b = timed(eff.score_samples, model, inputs, targets, batch_size=batch_size)
-    loop, w_l, c_l = timed(eff.loop_grad_norms, model, inputs, targets)
-    p, spec = params_of(model), Spec.of(model.config)
 
-    def vmap_all():
-        for idx in eff.length_batches([len(x) for x in inputs], 16):
-            ids, mask = pad_inputs([inputs[i] for i in idx])
-            eff.vmap_grad_norms(p, spec, ids, mask, torch.as_tensor(targets[idx]))
+    def batched(x, y):
+        return eff.score_samples(model, x, y, batch_size=batch_size)
 
-    _, w_v, c_v = timed(vmap_all)
-    torch.set_num_threads(2)
-    _, w_2, c_2 = timed(eff.score_samples, model, inputs, targets, batch_size=batch_size)
+    methods = {
+        "batched_1thread": (1, batched),
+        "loop_batch1_1thread": (1, lambda x, y: eff.loop_grad_norms(model, x, y)),
+        "vmap_grad_bs16_1thread": (1, lambda x, y: _vmap_scores(eff, model, x, y)),
+        "batched_2threads": (2, batched),
+    }
+    times = {k: [0.0, 0.0] for k in methods}
+    scores = {"batched_1thread": [], "loop_batch1_1thread": []}
+    for start in range(0, n, rounds):
+        x, y = inputs[start : start + rounds], targets[start : start + rounds]
+        for name, (threads, fn) in methods.items():
+            torch.set_num_threads(threads)
+            res, wall, cpu = timed(fn, x, y)
+            times[name] = [times[name][0] + wall, times[name][1] + cpu]
+            if name in scores:
+                scores[name].append(res)
     torch.set_num_threads(1)
+    fast, loop = (np.concatenate(scores[k]) for k in scores)
+    rel = np.abs(fast / loop - 1)
+    worst = np.argsort(-rel)[:32]
+    loop64 = eff.loop_grad_norms(model.double(), [inputs[i] for i in worst], targets[worst])
+    (w_b, c_b), (w_l, c_l), (w_v, _) = (times[k] for k in list(methods)[:3])
     return {
         "n_users": n,
         "batch_size": batch_size,
-        "batched_1thread": {"wall_s": w_b, "cpu_s": c_b},
-        "loop_batch1_1thread": {"wall_s": w_l, "cpu_s": c_l},
-        "vmap_grad_bs16_1thread": {"wall_s": w_v, "cpu_s": c_v},
-        "batched_2threads": {"wall_s": w_2, "cpu_s": c_2},
+        "rounds_of": rounds,
+        **{k: {"wall_s": round(w, 2), "cpu_s": round(c, 2)} for k, (w, c) in times.items()},
         "speedup_vs_loop_wall": round(w_l / w_b, 2),
         "speedup_vs_loop_cpu": round(c_l / c_b, 2),
         "speedup_vs_vmap_wall": round(w_v / w_b, 2),
-        "max_rel_diff_vs_loop": float(np.max(np.abs(batched / loop - 1))),
+        "max_rel_diff_vs_loop": float(rel.max()),
+        "median_rel_diff_vs_loop": float(np.median(rel)),
+        "worst32_loop32_vs_loop64": float(np.max(np.abs(loop[worst] / loop64 - 1))),
+        "worst32_batched_vs_loop64": float(np.max(np.abs(fast[worst] / loop64 - 1))),
     }
 
 
@@ -268,7 +288,7 @@ def bench_evaluate(ds, args, codes_path: str, out: Path, model_dir: str) -> dict
     codes, sizes = load_codes(codes_path, ds)
     result = {
         "load_before": load(),
-        "cache_vs_recompute": bench_beam_cache(ds, codes, sizes, model_dir, args.sample),
+        "cache_vs_recompute": bench_beam_cache(ds, codes, sizes, model_dir, args.beam_sample),
     }
     cfg = EvaluateConfig(
         data=args.data,
@@ -297,7 +317,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "games"))
     ap.add_argument("--semantic-ids", default="")
     ap.add_argument("--parts", default="effort-sample,finetune-chunks,finetune,evaluate,effort")
-    ap.add_argument("--sample", type=int, default=256)
+    ap.add_argument("--sample", type=int, default=2048, help="effort side-by-side users")
+    ap.add_argument("--beam-sample", type=int, default=256, help="beam cache vs recompute users")
     ap.add_argument("--effort-batch", type=int, default=64)
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--batch-sizes", default="256")

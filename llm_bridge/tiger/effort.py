@@ -8,12 +8,15 @@ state fine-tuning starts from with ``init_seed`` equal to it; tied embeddings co
 last train item's 4 codes and EOS) given the codes of the last ``MAX_HISTORY`` earlier items.
 Dropout is off (eval mode), so scores are deterministic.
 
-**Exact and batched.** The T5 is written as a pure function of its parameters
-(:func:`llm_bridge.tiger.model.sample_losses`); ``torch.func.vmap(torch.func.grad(...))`` gives
-every sample of a length-bucketed, right-padded batch its own full gradient in one call
-(padding is masked exactly: masked keys get softmax weight 0), and only the per-sample squared
-norms are kept. Tested equal to a batch-1 autograd loop on the ``transformers`` module
-(:func:`loop_grad_norms`) to 1e-4 relative.
+**Exact and batched, one forward and one backward per batch.** The T5 is written as a pure
+function of its parameters (:func:`llm_bridge.tiger.model.sample_losses`) that records every
+parameter use. One ``torch.autograd.grad`` of ``sum_b L(s_b)`` w.r.t. the recorded outputs gives
+each sample its own output gradients, from which every parameter's per-sample gradient norm
+follows exactly (:func:`grad_norms`); no per-sample gradient of the 4.6M parameters is stored.
+Batches are length-bucketed and right-padded (padding is masked exactly: masked keys get
+softmax weight 0). Tested equal to a batch-1 autograd loop on the ``transformers`` module
+(:func:`loop_grad_norms`) to 1e-4 relative, and to ``torch.func.vmap(grad)``
+(:func:`vmap_grad_norms`).
 
 Sharding, ``--users A:B`` and ``--resume`` are those of :mod:`llm_bridge.effort`: shards of
 ``shard_size`` rows under ``OUT.shards/`` (a shard's manifest is its commit point), merged into
@@ -110,8 +113,8 @@ def grad_norms(model, input_ids, attention_mask, targets) -> torch.Tensor:
     which each parameter's per-sample gradient norm follows exactly (:func:`_tape_sq_norms`).
     No parameter gradient is formed.
     """
-    p, spec = dict(model.named_parameters()), Spec.of(model.config)
-    tape: list = []
+    p = {n: q.detach().requires_grad_() for n, q in model.named_parameters()}
+    spec, tape = Spec.of(model.config), []
     with torch.enable_grad():
         losses = sample_losses(p, spec, input_ids, attention_mask, targets, tape)
         names = [(kind, name) for kind, name, *_ in tape if name != "shared.weight"]
