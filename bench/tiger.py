@@ -95,11 +95,12 @@ def bench_effort_sample(ds, codes, sizes, n: int, batch_size: int, rounds: int =
     float64 loop on the 32 users where batched and float32 loop differ most."""
     import torch
 
+    from llm_bridge.config import EffortConfig
     from llm_bridge.tiger import effort as eff
     from llm_bridge.tiger.model import build_model, item_tokens, user_samples
 
     rows = np.sort(np.random.default_rng(0).choice(ds.n_users, n, replace=False))
-    inputs, targets, _ = user_samples(ds, rows, item_tokens(codes, sizes), eff.MAX_HISTORY)
+    inputs, targets, _ = user_samples(ds, rows, item_tokens(codes, sizes), EffortConfig.max_history)
     model = build_model(sizes, 0).eval()
 
     def batched(x, y):

@@ -156,8 +156,25 @@ def read_experiment_file(path: str | Path, extra_sections: tuple[str, ...] = ())
     return data
 
 
+def check_tiger_history(sections: dict) -> None:
+    """TIGER's effort must score the sample the fine-tune trains on: the same ``max_history``
+    in the ``effort`` and ``finetune`` sections (defaults included)."""
+    classes = config_classes()
+    values = {
+        stage: (sections.get(stage) or {}).get("max_history", classes[stage].max_history)
+        for stage in ("effort", "finetune")
+    }
+    if values["effort"] != values["finetune"]:
+        raise UserError(
+            f"effort.max_history ({values['effort']}) must equal finetune.max_history "
+            f"({values['finetune']}) with the tiger backend: effort scores the fine-tune's sample"
+        )
+
+
 def wire(sections: dict, workdir: Path, data: str, backend: str = "bigrec") -> dict:
     """Fill in every stage's input and output paths under ``workdir``, and the backend."""
+    if backend == "tiger":
+        check_tiger_history(sections)
     w = str(workdir)
     wired = {stage: dict(sections.get(stage) or {}) for stage in STAGES}
     wired["surrogate"].update(data=data, out=f"{w}/surrogate")

@@ -82,6 +82,7 @@ class EffortConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
+    max_history: int = 20  # tiger: history items in the input (must equal finetune's)
     seed: int = 0  # seed of the fresh LoRA init (lora_B = 0: only lora_B's gradient is nonzero)
 
 

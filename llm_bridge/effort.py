@@ -345,11 +345,18 @@ def existing_shards(folder: Path, ds, settings: dict | None = None) -> dict[tupl
 
 
 def merge_shards(
-    folder: Path, out: Path, ds, *, options: dict | None = None, extra: dict | None = None
+    folder: Path,
+    out: Path,
+    ds,
+    *,
+    options: dict | None = None,
+    extra: dict | None = None,
+    loss: str = LOSS,
 ) -> Path | None:
     """Join the shards in ``folder`` into ``out`` (float32, one score per line of
     ``sequential_train.txt``) with its manifest, when they cover every row exactly once.
 
+    ``loss`` describes the loss whose gradient was taken (the backend's; BIGRec's by default).
     Returns ``out``, or ``None`` (nothing written) when rows are missing.
     Raises :class:`UserError` when shards overlap or disagree on settings.
     """
@@ -380,7 +387,7 @@ def merge_shards(
         options={**(options or {}), "settings": settings},
         seconds=seconds,
         shards=len(shards),
-        loss=LOSS,
+        loss=loss,
         **(extra or {}),
     )
     return out

@@ -256,7 +256,8 @@ def main(cfg: FinetuneConfig) -> int:
             optimizer,
             {"settings": settings, "bad_epochs": bad_epochs, "record": record},
         )
-        write_json(out / "train_record.json", record)
+        # no train_record.json yet: its presence means "finished" to `dealrec run` (the
+        # per-epoch record lives in the checkpoint's state.json until then)
     record["seconds"] = round(seconds_before + time.perf_counter() - t_run, 3)
     _finish_record(record, len(train), out)
     return 0

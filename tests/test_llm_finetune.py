@@ -13,6 +13,7 @@ import torch
 from jaxrec.data import load_dataset, save_scores
 from jaxrec.data.synthetic import make_synthetic
 from jaxrec.errors import UserError
+from jaxrec.pipeline import stage_output
 from llm_bridge import finetune, prompts
 from llm_bridge.config import FinetuneConfig
 from tests.llm_fixtures import tiny_llama
@@ -124,6 +125,9 @@ def test_killed_run_resumes_to_the_same_adapter(setup, monkeypatch):
         finetune.main(_cfg(setup, out, epochs=3))
     monkeypatch.setattr(finetune, "_save_checkpoint", real)
     assert json.loads((out / "checkpoint" / "state.json").read_text())["epoch"] == 2
+    # a killed run must not look finished to the pipeline (train_record.json = done)
+    assert not (out / "train_record.json").exists()
+    assert not stage_output("finetune", {"out": str(out)}).exists()
     finetune.main(_cfg(setup, out, epochs=3))
     a, b = (
         json.loads((ref / "train_record.json").read_text()),

@@ -99,6 +99,8 @@ def test_effort_command_in_parts_equals_one_run(syn, tmp_path):
     scores, manifest = load_scores(whole, kind="effort", dataset=ds.fingerprint())
     assert scores.shape == (ds.n_users,) and scores.dtype == np.float32 and (scores > 0).all()
     assert manifest["options"]["backend"] == "tiger"
+    assert manifest["loss"] == eff.LOSS and manifest["loss"].startswith("TIGER")
+    assert manifest["options"]["settings"]["max_history"] == 20
     assert eff.main(_cfg(root, path, parts, users="0:20")) == 0
     assert not parts.exists()  # rows 20.. missing: nothing merged
     assert eff.main(_cfg(root, path, parts, users="20:", resume=True)) == 0
@@ -106,6 +108,9 @@ def test_effort_command_in_parts_equals_one_run(syn, tmp_path):
     other = tmp_path / "seed1.npy"
     assert eff.main(_cfg(root, path, other, seed=1)) == 0
     assert not np.allclose(load_scores(other)[0], scores)  # another init state
+    short = tmp_path / "short.npy"  # a shorter history is another sample: other scores
+    assert eff.main(_cfg(root, path, short, max_history=1)) == 0
+    assert not np.allclose(load_scores(short)[0], scores)
 
 
 def test_effort_codes_of_another_dataset_fail_before_writing(syn, tmp_path):

@@ -95,3 +95,13 @@ def test_sweep_in_parts_and_after_interruption(config, capsys):
     results = (root / "work" / "results.csv").read_text().splitlines()
     assert results[0].startswith("select.n,select.groups,method,runs")
     assert len(results) == 1 + 8  # 4 points x 2 methods
+
+
+def test_effort_history_must_match_finetune(config, capsys):
+    root, cfg = config
+    bad = dict(cfg, effort={**cfg["effort"], "max_history": 5})
+    bad["pipeline"] = {**cfg["pipeline"], "workdir": str(root / "bad")}
+    assert cli(["run", _write(root, bad, "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "effort.max_history (5) must equal finetune.max_history (20)" in err[-1]
+    assert not (root / "bad" / "stages.json").exists()  # no stage ran

@@ -5,7 +5,7 @@ training-sample loss w.r.t. ALL T5 parameters at their initial state.
 initialised T5 (:func:`llm_bridge.tiger.model.build_model` with ``init_seed = cfg.seed``: the
 state fine-tuning starts from with ``init_seed`` equal to it; tied embeddings counted once) and
 ``L(s)`` is the sample's own loss: the mean token cross-entropy over its 5 target tokens (the
-last train item's 4 codes and EOS) given the codes of the last ``MAX_HISTORY`` earlier items.
+last train item's 4 codes and EOS) given the codes of the last ``max_history`` (20) earlier items.
 Dropout is off (eval mode), so scores are deterministic.
 
 **Exact and batched, one forward and one backward per batch.** The T5 is written as a pure
@@ -59,7 +59,6 @@ from llm_bridge.tiger.model import (
     user_samples,
 )
 
-MAX_HISTORY = 20  # history items in the input (EffortConfig has no max_history field yet)
 LOSS = (
     "TIGER: per sample, mean token cross-entropy over its 5 target tokens (4 codes + EOS), "
     "eval mode; effort = L2 norm of its gradient w.r.t. all T5 parameters at init (Eq. 12)"
@@ -166,9 +165,9 @@ def score_samples(model, inputs, targets, *, batch_size: int = 32, bar=None) -> 
 
 
 # ----------------------------------------------------------------------------- sharded CLI
-def _samples(ds, a: int, b: int, tokens):
+def _samples(ds, a: int, b: int, tokens, max_history: int):
     """The training samples of rows ``a..b-1`` (every user needs a train item)."""
-    inputs, targets, kept = user_samples(ds, range(a, b), tokens, MAX_HISTORY, "train")
+    inputs, targets, kept = user_samples(ds, range(a, b), tokens, max_history, "train")
     if len(kept) != b - a:
         missing = min(set(range(a, b)) - set(kept.tolist()))
         raise DataError(f"{ds.path}: user on line {missing + 1} has no train items")
@@ -197,8 +196,10 @@ def main(cfg: EffortConfig) -> int:
     out = Path(cfg.out)
     if out.suffix != ".npy":
         raise UserError(f"{out}: the effort file name must end in .npy")
-    if cfg.batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.batch_size < 1 or cfg.max_history < 1:
+        raise UserError(
+            f"batch_size and max_history must be >= 1, got {cfg.batch_size}, {cfg.max_history}"
+        )
     ds = load_dataset(cfg.data)
     codes, sizes = load_codes(cfg.semantic_ids, ds)
     folder = shard_folder(out)
@@ -207,7 +208,7 @@ def main(cfg: EffortConfig) -> int:
         "backend": "tiger",
         "init_seed": cfg.seed,
         "semantic_ids": codes_digest(codes, sizes),
-        "max_history": MAX_HISTORY,
+        "max_history": cfg.max_history,
         "t5": T5_SIZES,
     }
     todo = _todo(cfg, ds, folder, settings)
@@ -219,7 +220,10 @@ def main(cfg: EffortConfig) -> int:
         for a, b in todo:
             t0 = time.perf_counter()
             scores = score_samples(
-                model, *_samples(ds, a, b, tokens), batch_size=cfg.batch_size, bar=bar
+                model,
+                *_samples(ds, a, b, tokens, cfg.max_history),
+                batch_size=cfg.batch_size,
+                bar=bar,
             )
             save_scores(
                 shard_path(folder, a, b),
@@ -242,7 +246,7 @@ def main(cfg: EffortConfig) -> int:
         "semantic_ids_digest": settings["semantic_ids"],
         "device": str(device),
     }
-    merged = merge_shards(folder, out, ds, options=options)
+    merged = merge_shards(folder, out, ds, options=options, loss=LOSS)
     if merged is None:
         n = sum(b - a for a, b in existing_shards(folder, ds))
         print(
