@@ -299,8 +299,8 @@ def test_shard_with_other_settings_is_rejected(env, full_run, tmp_path):
     import shutil
 
     shutil.copytree(full_run.parent / "effort.npy.shards", tmp_path / "effort.npy.shards")
-    with pytest.raises(UserError, match="other settings \\(train_on_inputs\\)"):
-        effort.main(_cfg(env, tmp_path / "effort.npy", resume=True, train_on_inputs=True))
+    with pytest.raises(UserError, match="other settings \\(loss\\)"):
+        effort.main(_cfg(env, tmp_path / "effort.npy", resume=True, loss="sequence-mean"))
     assert not (tmp_path / "effort.npy").exists()
 
 
