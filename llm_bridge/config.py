@@ -117,6 +117,31 @@ class EffortConfig:
 
 
 @dataclass
+class UserRepsConfig:
+    """``dealrec user-reps``: TF-DCon's LLM half, an LLM embedding of every user's prompt."""
+
+    data: str = GAMES
+    out: str = "runs/llm_reps.npy"
+    model: str = ""  # "" = embedded SmolLM2 GGUF; or a HF LLaMA folder / .gguf file
+    pooling: Literal["mean", "last"] = field(
+        default="mean",
+        metadata={
+            "help": "the user's vector from the LLM's last hidden state over the prompt: mean = "
+            "average over its tokens; last = the last prompt token's"
+        },
+    )
+    users: str = ""  # "A:B" = rows A..B-1 only (split work across processes)
+    batch_size: int = 16  # prompts per forward pass (at most)
+    max_tokens: int = 4096  # padded tokens per forward pass (at most; 0 = no cap)
+    cutoff_len: int = 512
+    resume: bool = False
+    shard_size: int = 1024  # rows per shard file under OUT.shards/ (the unit of --resume)
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16
+    autocast: str = ""  # "" = off (exact); "bf16" = bfloat16 autocast (faster, approximate)
+
+
+@dataclass
 class FinetuneConfig:
     """``dealrec finetune``: BIGRec LoRA fine-tune on the selected users' samples."""
 

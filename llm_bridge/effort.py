@@ -356,8 +356,11 @@ def _settings(cfg: EffortConfig, ds, model_info: dict) -> dict:
     }
 
 
-def existing_shards(folder: Path, ds, settings: dict | None = None) -> dict[tuple[int, int], Path]:
-    """Committed shards in ``folder`` (their manifest exists) as ``{(a, b): path}``.
+def existing_shards(
+    folder: Path, ds, settings: dict | None = None, *, shard_kind: str = SHARD_KIND
+) -> dict[tuple[int, int], Path]:
+    """Committed shards in ``folder`` (their manifest exists) as ``{(a, b): path}``; the shards
+    of ``shard_kind`` (effort's, or ``dealrec user-reps``').
 
     Raises :class:`UserError` (ScoreFileError) for a shard of another dataset or, when
     ``settings`` is given, made with other settings; nothing is written.
@@ -369,9 +372,9 @@ def existing_shards(folder: Path, ds, settings: dict | None = None) -> dict[tupl
         if not path.with_suffix(".json").is_file():
             continue  # not committed (killed between the two writes)
         manifest = read_manifest(path)
-        if manifest.get("kind") != SHARD_KIND:
+        if manifest.get("kind") != shard_kind:
             raise ScoreFileError(
-                f"{path}: kind is {manifest.get('kind')!r}, expected {SHARD_KIND!r}"
+                f"{path}: kind is {manifest.get('kind')!r}, expected {shard_kind!r}"
             )
         if manifest.get("dataset") != ds.fingerprint():
             raise ScoreFileError(
@@ -390,22 +393,32 @@ def existing_shards(folder: Path, ds, settings: dict | None = None) -> dict[tupl
 
 
 def merge_shards(
-    folder: Path, out: Path, ds, *, options: dict | None = None, extra: dict | None = None
+    folder: Path,
+    out: Path,
+    ds,
+    *,
+    options: dict | None = None,
+    extra: dict | None = None,
+    kind: str = "effort",
+    shard_kind: str = SHARD_KIND,
 ) -> Path | None:
-    """Join the shards in ``folder`` into ``out`` (float32, one score per line of
-    ``sequential_train.txt``) with its manifest, when they cover every row exactly once.
+    """Join the shards in ``folder`` into ``out`` (float32, one score, or one row of a
+    ``[n, D]`` shard, per line of ``sequential_train.txt``) with its manifest of ``kind``,
+    when they cover every row exactly once.
 
     Returns ``out``, or ``None`` (nothing written) when rows are missing.
     Raises :class:`UserError` when shards overlap or disagree on settings.
     """
-    shards = existing_shards(folder, ds)
-    scores = np.full(ds.n_users, np.nan, dtype=np.float32)
+    shards = existing_shards(folder, ds, shard_kind=shard_kind)
+    scores = None
     covered = np.zeros(ds.n_users, dtype=np.int64)
     seconds, settings = 0.0, None
     for (a, b), path in sorted(shards.items()):
-        arr, manifest = load_scores(path, kind=SHARD_KIND, dataset=ds.fingerprint())
-        if arr.shape != (b - a,):
-            raise ScoreFileError(f"{path}: shape {arr.shape}, expected ({b - a},)")
+        arr, manifest = load_scores(path, kind=shard_kind, dataset=ds.fingerprint())
+        if scores is None:
+            scores = np.full((ds.n_users, *arr.shape[1:]), np.nan, dtype=np.float32)
+        if arr.shape != (b - a, *scores.shape[1:]):
+            raise ScoreFileError(f"{path}: shape {arr.shape}, expected ({b - a}, ...)")
         if settings is None:
             settings = manifest["settings"]
         elif manifest["settings"] != settings:
@@ -417,15 +430,16 @@ def merge_shards(
         raise UserError(f"{folder}: row {int(np.flatnonzero(covered > 1)[0])} is in two shards")
     if (covered == 0).any():
         return None
+    if kind == "effort" and "loss" in (settings or {}):
+        extra = {"loss": loss_text(settings["loss"]), **(extra or {})}
     save_scores(
         out,
         scores,
-        kind="effort",
+        kind=kind,
         dataset=ds.fingerprint(),
         options={**(options or {}), "settings": settings},
         seconds=seconds,
         shards=len(shards),
-        loss=loss_text((settings or {}).get("loss", "response-mean")),
         **(extra or {}),
     )
     return out
