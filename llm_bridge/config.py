@@ -19,9 +19,9 @@ BACKEND_HELP = (
 # the BIGRec LLM loss by name (llm_bridge/loss.py implements it; fine-tune and effort share it)
 LossName = Literal["response-mean", "response-sum", "sequence-mean"]
 LOSS_HELP = (
-    "response-mean: mean cross-entropy over the response tokens (default); response-sum: "
-    "their sum (paper Eq. 1); sequence-mean: mean over every prompt + response token (the "
-    "official code: --train_on_inputs / labels = input_ids)"
+    "bigrec (tiger keeps its own loss): response-mean: mean cross-entropy over the response "
+    "tokens (default); response-sum: their sum (paper Eq. 1); sequence-mean: mean over every "
+    "prompt + response token (the official code: --train_on_inputs / labels = input_ids)"
 )
 SEMANTIC_IDS_HELP = "tiger: the [n_items, 4] semantic-ID file of `dealrec semantic-ids`"
 
@@ -84,8 +84,8 @@ class EffortConfig:
     scope: Literal["lora", "official"] = field(
         default="lora",
         metadata={
-            "help": "the parameters of the gradient: lora = every LoRA parameter; official = "
-            "only the last decoder layer's self_attn.v_proj.lora_B (the official code: "
+            "help": "bigrec: the parameters of the gradient: lora = every LoRA parameter; "
+            "official = only the last decoder layer's self_attn.v_proj.lora_B (the official code: "
             "layers.31 of LLaMA-7B)"
         },
     )
