@@ -22,6 +22,7 @@ correlation of every pair of seeds:
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import platform
@@ -134,12 +135,17 @@ def main() -> int:
     ap.add_argument("--warmup-lr", type=float, default=1e-3)
     ap.add_argument("--check", type=int, default=6, help="users checked against score_samples")
     ap.add_argument("--skip-warmup", action="store_true")
+    ap.add_argument(
+        "--fresh-from", default="", help="OUT.fresh.npy of an earlier run (same --n): skip phase 1"
+    )
     ap.add_argument("--out", default="/tmp/i10llm/effort_seeds.json")
     args = ap.parse_args()
     t_start = time.perf_counter()
     ds = load_dataset(args.data)
     rows = np.sort(np.random.default_rng(0).choice(ds.n_users, args.n, replace=False))
-    models = {s: lora_model(args.model, s) for s in args.seeds}
+    # one model at a time when phase 1 is skipped (memory: the machine is shared)
+    seeds = args.seeds if not args.fresh_from else args.seeds[:1]
+    models = {s: lora_model(args.model, s) for s in seeds}
     tok, lm0 = models[args.seeds[0]]
     samples = encode_users(tok, ds, rows, cutoff_len=512, train_on_inputs=False)
     pad = tok.pad_token_id
@@ -147,7 +153,7 @@ def main() -> int:
     last_v = f"base_model.model.model.layers.{n_layers - 1}.self_attn.v_proj"
     a_mats = [
         {k: a.weight.detach().float().clone() for k, (a, _) in lora_layers(m).items()}
-        for _, m in (models[s] for s in args.seeds)
+        for _, m in (models[s] for s in seeds)
     ]
     result = {
         "command": "python bench/effort_seeds.py "
@@ -159,32 +165,18 @@ def main() -> int:
         "n_users": args.n,
         "tokens_mean": float(np.mean([len(s["input_ids"]) for s in samples])),
     }
-    # 1. fresh LoRA: every seed from one pass; checked against score_samples on real seed models
-    t0 = time.perf_counter()
-    fresh, official, weight = fresh_norms(
-        lm0, samples, pad, a_mats, last_v, args.batch_size, args.max_tokens, args.autocast
-    )
-    result["fresh_seconds"] = round(time.perf_counter() - t0, 1)
-    check = []
-    for j, s in enumerate(args.seeds):
-        ref = effort.score_samples(models[s][1], samples[: args.check], pad_id=pad, batch_size=8)
-        f32, _, _ = fresh_norms(lm0, samples[: args.check], pad, [a_mats[j]], last_v, 8, 0, "")
-        check.append(float(np.max(np.abs(f32[0] - ref) / ref)))
-    result["fresh_check_max_rel_diff_vs_score_samples_f32"] = max(check)
-    result["fresh_spearman"] = pairwise(fresh)
-    result["fresh_top10_overlap"] = top_overlap(fresh)
-    result["official_fresh_spearman"] = pairwise(official)
-    result["fresh_vs_weight_grad_spearman"] = [float(spearmanr(f, weight)[0]) for f in fresh]
-    result["official_vs_weight_grad_spearman"] = [float(spearmanr(f, weight)[0]) for f in official]
-    print(json.dumps(result, indent=1), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    np.save(Path(args.out).with_suffix(".fresh.npy"), np.vstack([fresh, official, weight[None]]))
-    write_json(args.out, result)
+    if args.fresh_from:
+        arr, k = np.load(args.fresh_from), len(args.seeds)
+        fresh, official, weight = arr[:k], arr[k : 2 * k], arr[2 * k]
+        result["fresh_from"] = args.fresh_from
+    else:
+        fresh, official, weight = phase1(args, result, models, lm0, samples, pad, a_mats, last_v)
+    lm0 = None  # noqa: F841 - free it once its seed is done
     # 2. warm-up: per seed, warm the seeded LoRA, then score with all LoRA parameters
     if not args.skip_warmup:
         warm, t0 = [], time.perf_counter()
         for s in args.seeds:
-            tk, m = models[s]
+            tk, m = models.pop(s) if s in models else lora_model(args.model, s)
             steps = warmup(
                 m,
                 tk,
@@ -205,6 +197,9 @@ def main() -> int:
                     autocast=args.autocast,
                 )
             )
+            del m
+            gc.collect()
+            np.save(Path(args.out).with_suffix(".warm.npy"), np.vstack(warm))
             result.setdefault("warmup_losses", []).append([round(x, 4) for x in steps])
             print(
                 f"seed {s} warm-up + scoring done at {time.perf_counter() - t0:.0f} s", flush=True
@@ -216,11 +211,36 @@ def main() -> int:
         result["warmup_vs_fresh_same_seed_spearman"] = [
             float(spearmanr(w, f)[0]) for w, f in zip(warm, fresh)
         ]
-        np.save(Path(args.out).with_suffix(".warm.npy"), np.vstack(warm))
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)
     write_json(args.out, result)
     print(json.dumps(result, indent=1))
     return 0
+
+
+def phase1(args, result, models, lm0, samples, pad, a_mats, last_v):
+    """Fresh LoRA: every seed from one pass, checked against score_samples on real seed models;
+    the arrays are saved to OUT.fresh.npy."""
+    t0 = time.perf_counter()
+    fresh, official, weight = fresh_norms(
+        lm0, samples, pad, a_mats, last_v, args.batch_size, args.max_tokens, args.autocast
+    )
+    result["fresh_seconds"] = round(time.perf_counter() - t0, 1)
+    check = []
+    for j, s in enumerate(args.seeds):
+        ref = effort.score_samples(models[s][1], samples[: args.check], pad_id=pad, batch_size=8)
+        f32, _, _ = fresh_norms(lm0, samples[: args.check], pad, [a_mats[j]], last_v, 8, 0, "")
+        check.append(float(np.max(np.abs(f32[0] - ref) / ref)))
+    result["fresh_check_max_rel_diff_vs_score_samples_f32"] = max(check)
+    result["fresh_spearman"] = pairwise(fresh)
+    result["fresh_top10_overlap"] = top_overlap(fresh)
+    result["official_fresh_spearman"] = pairwise(official)
+    result["fresh_vs_weight_grad_spearman"] = [float(spearmanr(f, weight)[0]) for f in fresh]
+    result["official_vs_weight_grad_spearman"] = [float(spearmanr(f, weight)[0]) for f in official]
+    print(json.dumps(result, indent=1), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    np.save(Path(args.out).with_suffix(".fresh.npy"), np.vstack([fresh, official, weight[None]]))
+    write_json(args.out, result)
+    return fresh, official, weight
 
 
 if __name__ == "__main__":
