@@ -17,8 +17,9 @@ measures how much the ranking depends on that seed).
 The official code zeroes the gradients after every sample (``model.zero_grad()`` in its
 ``_inner_training_loop``) but back-propagates each sample's loss twice before reading
 ``.grad`` (``accelerator.backward(torch.mean(loss))`` in ``training_step``, then once more per
-sample), so its scores are 2x the gradient norm: a constant factor that the min-max
-normalisation of ``prune.py`` removes. It also scores in train mode (LoRA dropout active) and
+sample), so its scores are 2x the gradient norm (times fp16's constant loss scale where a
+GradScaler is in the way): a constant factor that the min-max normalisation of ``prune.py``
+removes. It also scores in train mode (LoRA dropout active) and
 float16 with 8-bit base weights; here eval mode (deterministic) and the model's dtype.
 
 **Exact per-sample norms of a padded batch in one backward pass.** Every LoRA factor is an
