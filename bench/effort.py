@@ -28,6 +28,7 @@ import torch
 from jaxrec.config import GAMES
 from jaxrec.data import load_dataset, write_json
 from llm_bridge.effort import score_samples
+from llm_bridge.loss import labels_every_token
 from llm_bridge.prompts import encode_users
 from llm_bridge.config import EffortConfig
 
@@ -77,7 +78,7 @@ def main() -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = EffortConfig(data=args.data)
     samples = encode_users(
-        tok, ds, rows, cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs
+        tok, ds, rows, cutoff_len=cfg.cutoff_len, train_on_inputs=labels_every_token(cfg.loss)
     )
     lengths = [len(s["input_ids"]) for s in samples]
     print(

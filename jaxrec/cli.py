@@ -58,6 +58,12 @@ COMMANDS = {
         "llm_bridge.effort:main",
         "effort score (gradient norm of the backend's loss) of every training sample",
     ),
+    "user-reps": (
+        "llm_bridge.config:UserRepsConfig",
+        "user_reps",
+        "llm_bridge.user_reps:main",
+        "TF-DCon's LLM half: an LLM embedding of every user's prompt (for select --llm-reps)",
+    ),
     "finetune": (
         "llm_bridge.config:FinetuneConfig",
         "finetune",

@@ -45,12 +45,14 @@ from jaxrec.pipeline import (
     read_experiment_file,
     run_stages,
     stages_finished,
+    uses_llm_reps,
     wire,
+    wire_llm_reps,
 )
 from jaxrec.select import check_method
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
-SHARED = ("surrogate", "influence", "semantic_ids", "effort")
+SHARED = ("surrogate", "influence", "semantic_ids", "effort", "user_reps")
 PER_RUN = ("select", "finetune", "evaluate")
 # methods that need the effort score file
 NEEDS_EFFORT = {"dealrec", "greedy", "effort-only"}
@@ -160,14 +162,16 @@ def experiment_cells(exp: ExperimentConfig, points: list[tuple]) -> list[Cell]:
     return [Cell(m, s, p) for p in points for m in exp.methods for s in exp.seeds]
 
 
-def wire_cell(wired: dict, workdir: Path, cell: Cell) -> tuple[Path, dict]:
-    """The run folder of ``cell`` and its per-run stages' resolved options."""
+def wire_cell(wired: dict, workdir: Path, cell: Cell, llm_reps: bool = False) -> tuple[Path, dict]:
+    """The run folder of ``cell`` and its per-run stages' resolved options (``llm_reps``: its
+    selection reads the ``user_reps`` stage's file, see :func:`jaxrec.pipeline.uses_llm_reps`)."""
     d = workdir / "runs" / cell.name
     w = {k: dict(v) for k, v in wired.items()}
     for key, value in cell.point:
         section, _, name = key.partition(".")
         w[section][name] = value
     w["select"].update(method=cell.method, seed=cell.seed, out=str(d / "selected.npy"))
+    wire_llm_reps(w["select"], w, llm_reps)
     w["finetune"].update(seed=cell.seed, selection=str(d / "selected.npy"), out=str(d / "adapter"))
     w["evaluate"].update(adapter=str(d / "adapter"), out=str(d / "metrics.json"))
     return d, w
@@ -544,6 +548,9 @@ def main(args: ExperimentArgs) -> int:
     shared = pipe.active(list(SHARED))
     if not NEEDS_EFFORT & {c.method for c in todo}:
         shared.remove("effort")  # nothing to run now reads it
+    llm = {m: uses_llm_reps(pipe, data, m) for m in exp.methods}
+    if not any(llm[c.method] for c in todo):
+        shared.remove("user_reps")
     shared += add_score_stages(wired, sorted({c.method for c in todo}))
     log.say(
         f"dealrec experiment {args.config} ({pipe.backend}): {len(cells)} runs "
@@ -556,13 +563,17 @@ def main(args: ExperimentArgs) -> int:
     # methods that use it
     upstream = {
         m: digest(
-            [wired[s] for s in pipe.active(list(SHARED)) if s != "effort" or m in NEEDS_EFFORT]
+            [
+                wired[s]
+                for s in pipe.active(list(SHARED))
+                if (s != "effort" or m in NEEDS_EFFORT) and (s != "user_reps" or llm[m])
+            ]
         )
         for m in exp.methods
     }
     rows = []
     for cell in cells:
-        d, w = wire_cell(wired, workdir, cell)
+        d, w = wire_cell(wired, workdir, cell, llm[cell.method])
         if cell in todo:
             d.mkdir(parents=True, exist_ok=True)
             log.say(f"run {cell.name}")

@@ -3,11 +3,16 @@
 Stages, each a ``dealrec`` subcommand run in its own process (so JAX and PyTorch never share
 one, and each frees its accelerator memory when done)::
 
-    surrogate -> influence -> [semantic_ids] -> effort -> select -> finetune -> evaluate
+    surrogate -> influence -> [semantic_ids] -> effort -> [user_reps] -> select -> finetune
+    -> evaluate
 
 ``pipeline.backend`` picks the recommender that is fine-tuned: ``bigrec`` (an LLM with LoRA on
 item titles) or ``tiger`` (a small T5 on semantic-ID codes; it adds the ``semantic_ids`` stage,
 and the pipeline passes the backend and the codes to effort, finetune and evaluate).
+``user_reps`` (``dealrec user-reps``: an LLM embedding of every user's prompt) runs when the
+selection method is ``tfdcon``, which then clusters on both the surrogate's and the LLM's
+user representations (TF-DCon's two halves); ``pipeline.tfdcon_llm_reps: false`` (or an
+explicit ``select.llm_reps`` file) skips it.
 
 The config file has a ``pipeline:`` section (:class:`PipelineConfig`) and one section per
 stage (``surrogate:``, ``influence:``, ``semantic_ids:``, ``effort:``, ``select:``,
@@ -36,12 +41,22 @@ from typing import Literal
 from jaxrec.config import load_config_file, make_config
 from jaxrec.errors import UserError
 
-STAGES = ("surrogate", "influence", "semantic_ids", "effort", "select", "finetune", "evaluate")
+STAGES = (
+    "surrogate",
+    "influence",
+    "semantic_ids",
+    "effort",
+    "user_reps",
+    "select",
+    "finetune",
+    "evaluate",
+)
 COMMAND = {
     "surrogate": "train-surrogate",
     "influence": "influence",
     "semantic_ids": "semantic-ids",
     "effort": "effort",
+    "user_reps": "user-reps",
     "select": "select",
     "finetune": "finetune",
     "evaluate": "evaluate",
@@ -65,6 +80,13 @@ class PipelineConfig:
     slice_seed: int = 0
     slice_items: bool = False  # with users > 0: keep only the slice's items (renumbered)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
+    tfdcon_llm_reps: bool = field(
+        default=True,
+        metadata={
+            "help": "tfdcon clusters on the surrogate's and the LLM's user representations "
+            "(the user_reps stage makes the latter); false = the surrogate's only"
+        },
+    )
 
     def active(self, requested: list[str] | None = None) -> list[str]:
         """The stages to run, in pipeline order: ``requested`` (or ``stages``), without
@@ -124,13 +146,20 @@ class ReportArgs:
 def config_classes() -> dict:
     """The typed config class of each stage (imported lazily: standard library only)."""
     from jaxrec.config import InfluenceConfig, SelectConfig, SurrogateConfig
-    from llm_bridge.config import EffortConfig, EvaluateConfig, FinetuneConfig, SemanticIdConfig
+    from llm_bridge.config import (
+        EffortConfig,
+        EvaluateConfig,
+        FinetuneConfig,
+        SemanticIdConfig,
+        UserRepsConfig,
+    )
 
     return {
         "surrogate": SurrogateConfig,
         "influence": InfluenceConfig,
         "semantic_ids": SemanticIdConfig,
         "effort": EffortConfig,
+        "user_reps": UserRepsConfig,
         "select": SelectConfig,
         "finetune": FinetuneConfig,
         "evaluate": EvaluateConfig,
@@ -185,6 +214,9 @@ def wire(sections: dict, workdir: Path, data: str, backend: str = "bigrec") -> d
         if backend == "tiger":
             wired[stage]["semantic_ids"] = f"{w}/semantic_ids.npy"
     wired["effort"].update(data=data, out=f"{w}/effort.npy")
+    wired["user_reps"].update(data=data, out=f"{w}/llm_reps.npy")
+    if backend == "bigrec" and "model" not in wired["user_reps"]:
+        wired["user_reps"]["model"] = wired["finetune"].get("model", "")  # the BIGRec LLM
     wired["select"].update(
         data=data,
         influence=f"{w}/influence.npy",
@@ -213,6 +245,23 @@ def add_score_stages(wired: dict, methods) -> list[str]:
         }
         names.append(name)
     return names
+
+
+def uses_llm_reps(pipe: PipelineConfig, sections: dict, method: str) -> bool:
+    """Whether a selection by ``method`` reads the ``user_reps`` stage's file: ``tfdcon``,
+    unless ``pipeline.tfdcon_llm_reps`` is off or ``select.llm_reps`` names a file already."""
+    return (
+        method == "tfdcon"
+        and pipe.tfdcon_llm_reps
+        and not (sections.get("select") or {}).get("llm_reps")
+    )
+
+
+def wire_llm_reps(select_section: dict, wired: dict, on: bool) -> dict:
+    """``select_section`` reading the ``user_reps`` output as ``llm_reps`` when ``on``."""
+    if on:
+        select_section["llm_reps"] = wired["user_reps"]["out"]
+    return select_section
 
 
 def stage_argv(stage: str, section: dict, resolved: Path) -> list[str]:
@@ -365,6 +414,10 @@ def main(args: PipelineArgs) -> int:
     pipe: PipelineConfig = data["pipeline"]
     stages = pipe.active(args.stages)
     wired = wire(data, workdir, dataset, pipe.backend)
+    llm_reps = uses_llm_reps(pipe, data, wired["select"].get("method", "dealrec"))
+    wire_llm_reps(wired["select"], wired, llm_reps)
+    if not llm_reps and "user_reps" in stages:
+        stages.remove("user_reps")
     log.say(f"dealrec run {args.config} ({pipe.backend}): stages {', '.join(stages)} in {workdir}")
     t0 = time.perf_counter()
     order = list(stages)

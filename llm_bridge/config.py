@@ -16,6 +16,13 @@ BACKEND_HELP = (
     "bigrec: an LLM with LoRA on item-title prompts; tiger: a small T5 on "
     "semantic-ID codes, fully fine-tuned (needs --semantic-ids)"
 )
+# the BIGRec LLM loss by name (llm_bridge/loss.py implements it; fine-tune and effort share it)
+LossName = Literal["response-mean", "response-sum", "sequence-mean"]
+LOSS_HELP = (
+    "bigrec (tiger keeps its own loss): response-mean: mean cross-entropy over the response "
+    "tokens (default); response-sum: their sum (paper Eq. 1); sequence-mean: mean over every "
+    "prompt + response token (the official code: --train_on_inputs / labels = input_ids)"
+)
 SEMANTIC_IDS_HELP = "tiger: the [n_items, 4] semantic-ID file of `dealrec semantic-ids`"
 
 
@@ -66,14 +73,37 @@ class EffortConfig:
     semantic_ids: str = field(default="", metadata={"help": SEMANTIC_IDS_HELP})
     out: str = "runs/effort.npy"
     model: str = ""  # "" = embedded SmolLM2 GGUF; or a HF LLaMA folder / .gguf file
-    adapter: str = ""  # start from an existing LoRA adapter
-    params: str = ""  # regex (re.search) on parameter names; "" = all LoRA parameters
+    adapter: str = field(
+        default="",
+        metadata={
+            "help": "a LoRA adapter folder to start from instead of a fresh LoRA (the official "
+            "code loads alpaca-lora-7B)"
+        },
+    )
+    loss: LossName = field(default="response-mean", metadata={"help": LOSS_HELP})
+    scope: Literal["lora", "official"] = field(
+        default="lora",
+        metadata={
+            "help": "bigrec: the parameters of the gradient: lora = every LoRA parameter; "
+            "official = only the last decoder layer's self_attn.v_proj.lora_B (the official code: "
+            "layers.31 of LLaMA-7B)"
+        },
+    )
+    params: str = ""  # regex (re.search) on parameter names, instead of scope; "" = use scope
+    warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "AdamW steps of LoRA training on seeded random training samples before "
+            "scoring, so lora_B != 0 (0 = score the fresh or loaded adapter as it is)"
+        },
+    )
+    warmup_batch_size: int = 8  # samples per warm-up step
+    warmup_lr: float = 1e-3  # warm-up learning rate (AdamW)
     users: str = ""  # "A:B" = rows A..B-1 only (split work across processes)
     batch_size: int = 16  # samples per batch (at most)
     # padded tokens per batch (at most; a longer sample goes alone); 0 = no cap; raise on a GPU
     max_tokens: int = 1024
     cutoff_len: int = 512
-    train_on_inputs: bool = False
     resume: bool = False
     shard_size: int = 1024  # rows per shard file under OUT.shards/ (the unit of --resume)
     device: str = "auto"  # auto | cpu | cuda
@@ -84,6 +114,32 @@ class EffortConfig:
     lora_dropout: float = 0.05
     max_history: int = 20  # tiger: history items in the input (must equal finetune's)
     seed: int = 0  # seed of the fresh LoRA init (lora_B = 0: only lora_B's gradient is nonzero)
+    # and of the warm-up's sample draw
+
+
+@dataclass
+class UserRepsConfig:
+    """``dealrec user-reps``: TF-DCon's LLM half, an LLM embedding of every user's prompt."""
+
+    data: str = GAMES
+    out: str = "runs/llm_reps.npy"
+    model: str = ""  # "" = embedded SmolLM2 GGUF; or a HF LLaMA folder / .gguf file
+    pooling: Literal["mean", "last"] = field(
+        default="mean",
+        metadata={
+            "help": "the user's vector from the LLM's last hidden state over the prompt: mean = "
+            "average over its tokens; last = the last prompt token's"
+        },
+    )
+    users: str = ""  # "A:B" = rows A..B-1 only (split work across processes)
+    batch_size: int = 16  # prompts per forward pass (at most)
+    max_tokens: int = 4096  # padded tokens per forward pass (at most; 0 = no cap)
+    cutoff_len: int = 512
+    resume: bool = False
+    shard_size: int = 1024  # rows per shard file under OUT.shards/ (the unit of --resume)
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16
+    autocast: str = ""  # "" = off (exact); "bf16" = bfloat16 autocast (faster, approximate)
 
 
 @dataclass
@@ -110,7 +166,7 @@ class FinetuneConfig:
     batch_size: int = 8  # samples per forward/backward (micro-batch)
     grad_accum: int = 16  # micro-batches per optimizer step (8 x 16 = BIGRec's 128)
     cutoff_len: int = 512
-    train_on_inputs: bool = False
+    loss: LossName = field(default="response-mean", metadata={"help": LOSS_HELP})
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05

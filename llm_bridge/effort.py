@@ -1,10 +1,26 @@
 """Effort scores (paper Eq. 12): the L2 norm of the LoRA gradient of every user's sample loss.
 
-``effort(s) = || grad_{theta_LoRA} L(s) ||_2`` with ``L(s)`` the paper's Eq. 1 loss of the
-sample alone: the mean token cross-entropy over its response tokens (every token with
-``--train-on-inputs``). As in the paper, it is measured on the base model with a freshly
-initialised LoRA (seeded): ``lora_B`` starts at zero, so the gradient w.r.t. ``lora_A`` is zero
-and the norm comes from ``lora_B``.
+``effort(s) = || grad_theta L(s) ||_2`` with ``L(s)`` the LLM loss of the sample alone, chosen by
+name (``loss=``, :mod:`llm_bridge.loss`: ``response-mean`` by default, ``response-sum`` = paper
+Eq. 1, ``sequence-mean`` = the official code), and ``theta`` chosen by ``scope=``: every LoRA
+parameter (``lora``, the default) or only the last decoder layer's ``self_attn.v_proj.lora_B``
+(``official``: the official code's ``layers.31.self_attn.v_proj.lora_B`` of LLaMA-7B), or a
+regex ``params=``.
+
+The adapter is a fresh seeded LoRA by default, ``adapter=`` loads one (the official code loads
+alpaca-lora-7B), and ``warmup_steps=`` first trains the LoRA for a few AdamW steps on seeded
+random training samples. With a fresh LoRA ``lora_B`` is zero, so the gradient w.r.t.
+``lora_A`` is zero and the norm is that of ``lora_B``'s gradient ``G^T X A^T``: a random
+projection (by the seeded ``lora_A``) of the base weight's gradient (docs/benchmarks.md
+measures how much the ranking depends on that seed).
+
+The official code zeroes the gradients after every sample (``model.zero_grad()`` in its
+``_inner_training_loop``) but back-propagates each sample's loss twice before reading
+``.grad`` (``accelerator.backward(torch.mean(loss))`` in ``training_step``, then once more per
+sample), so its scores are 2x the gradient norm (times fp16's constant loss scale where a
+GradScaler is in the way): a constant factor that the min-max normalisation of ``prune.py``
+removes. It also scores in train mode (LoRA dropout active) and
+float16 with 8-bit base weights; here eval mode (deterministic) and the model's dtype.
 
 **Exact per-sample norms of a padded batch in one backward pass.** Every LoRA factor is an
 ``nn.Linear`` ``y = x W^T (+ b)``. With the layer's per-sample input ``X_b [T, in]`` (pads
@@ -40,19 +56,40 @@ from tqdm.auto import tqdm
 
 from jaxrec.data import load_dataset, load_scores, read_manifest, save_scores
 from jaxrec.errors import ScoreFileError, UserError
+from llm_bridge import loss as lm_loss
 from llm_bridge.config import EffortConfig
 from llm_bridge.model import position_ids, unwrap
-from llm_bridge.prompts import IGNORE, collate, encode_users
+from llm_bridge.prompts import collate, encode_users
 
-LOSS = (
-    "Eq. 1: per sample, mean token cross-entropy over its own label tokens (the response "
-    "and EOS; every token with train_on_inputs), as a batch of one; effort = L2 norm of its "
-    "gradient w.r.t. the selected LoRA parameters (Eq. 12)"
-)
 SHARD_KIND = "effort-shard"
 
 
 # ----------------------------------------------------------------------------- core
+def loss_text(loss: str) -> str:
+    """The manifest's description of the effort score under ``loss``."""
+    return (
+        f"{loss}: {lm_loss.DESCRIPTION[loss]}, as a batch of one; effort = L2 norm of its "
+        "gradient w.r.t. the selected parameters (Eq. 12)"
+    )
+
+
+def scope_params(model, scope: str = "lora", params: str = "") -> str:
+    """The parameter regex of ``scope`` (``""`` = every trainable parameter, i.e. all LoRA
+    parameters); ``official`` = the last decoder layer's ``self_attn.v_proj.lora_B`` of a
+    LLaMA-family model (the official code: ``layers.31`` of LLaMA-7B). A non-empty ``params``
+    regex is used as it is and needs ``scope="lora"``."""
+    if scope not in ("lora", "official"):
+        raise UserError(f"scope={scope!r}: expected 'lora' or 'official'")
+    if params:
+        if scope != "lora":
+            raise UserError(f"params={params!r} and scope={scope!r} both choose the parameters")
+        return params
+    if scope == "lora":
+        return ""
+    last = int(unwrap(model).config.num_hidden_layers) - 1
+    return rf"\.layers\.{last}\.self_attn\.v_proj\.lora_B\."
+
+
 def select_params(model, params: str | None = None) -> dict[str, torch.nn.Parameter]:
     """The parameters the gradient is taken over: the trainable ones, or (``params`` a regex,
     ``re.search`` on the name) those whose name matches."""
@@ -76,11 +113,14 @@ def _split_lm(model):
     return lm.get_decoder(), lm.get_output_embeddings()
 
 
-def per_sample_losses(model, input_ids, attention_mask, labels) -> torch.Tensor:
-    """``[B]`` Eq. 1 loss of each sample alone: mean cross-entropy of the next-token
-    prediction over its own label tokens (``labels != -100``, shifted by one as in
-    transformers); 0 for a sample without label tokens. Positions come from the attention
-    mask, so left or right padding gives each sample the result of a batch of one."""
+def per_sample_losses(
+    model, input_ids, attention_mask, labels, loss: str = "response-mean"
+) -> torch.Tensor:
+    """``[B]`` loss of each sample alone (:func:`llm_bridge.loss.per_sample`: the mean, or for
+    ``response-sum`` the sum, of the next-token cross-entropy over its own label tokens,
+    ``labels != -100``, shifted by one as in transformers); 0 for a sample without label
+    tokens. Positions come from the attention mask, so left or right padding gives each sample
+    the result of a batch of one."""
     decoder, head = _split_lm(model)
     positions = position_ids(attention_mask)
     lengths = attention_mask.long().sum(-1, keepdim=True)
@@ -94,18 +134,13 @@ def per_sample_losses(model, input_ids, attention_mask, labels) -> torch.Tensor:
         position_ids=positions,
         use_cache=False,
     ).last_hidden_state
-    target = labels[:, 1:]
     # a label is predicted from the previous real token (never from a left pad)
-    rows, cols = torch.nonzero((target != IGNORE) & attention_mask[:, :-1].bool(), as_tuple=True)
+    rows, cols = lm_loss.label_positions(labels, attention_mask)
     picked = hidden[:, :-1][rows, cols]  # only where there is a label
     with torch.autocast(hidden.device.type, enabled=False):  # logits and loss in float32
         logits = head(picked.to(head.weight.dtype)).float()
-    tok_loss = torch.nn.functional.cross_entropy(logits, target[rows, cols], reduction="none")
-    count = torch.zeros(len(input_ids), device=hidden.device).index_add_(
-        0, rows, torch.ones_like(tok_loss)
-    )
-    total = torch.zeros(len(input_ids), device=hidden.device).index_add_(0, rows, tok_loss)
-    return total / count.clamp(min=1)
+    tok_loss = lm_loss.token_losses(logits, labels[:, 1:][rows, cols])
+    return lm_loss.per_sample(tok_loss, rows, len(input_ids), loss)
 
 
 def _linear_targets(model, chosen: dict):
@@ -155,9 +190,10 @@ def per_sample_grad_norms(
     *,
     max_tokens: int = MAX_TOKENS,
     autocast: str = "",
+    loss: str = "response-mean",
 ) -> torch.Tensor:
     """Paper Eq. 12 for a padded batch: ``[B]`` exact L2 norms of each sample's own loss
-    gradient (Eq. 1 loss of the sample alone, see :func:`per_sample_losses`) w.r.t. the
+    gradient (``loss`` of the sample alone, see :func:`per_sample_losses`) w.r.t. the
     model's trainable parameters, or those whose name matches the regex ``params``.
 
     The batch is cut by length into passes of at most ``max_tokens`` padded tokens (a longer
@@ -181,6 +217,7 @@ def per_sample_grad_norms(
                 attention_mask[rows][:, cols],
                 labels[rows][:, cols],
                 params,
+                loss,
             ).to(out.dtype)
     return out
 
@@ -193,7 +230,9 @@ def _autocast(device: torch.device, autocast: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _grad_norms_pass(model, input_ids, attention_mask, labels, params=None) -> torch.Tensor:
+def _grad_norms_pass(
+    model, input_ids, attention_mask, labels, params=None, loss: str = "response-mean"
+) -> torch.Tensor:
     """:func:`per_sample_grad_norms` of one batch in one forward and one backward pass."""
     chosen = select_params(model, params)
     targets, others = _linear_targets(model, chosen)
@@ -213,7 +252,7 @@ def _grad_norms_pass(model, input_ids, attention_mask, labels, params=None) -> t
         for p in chosen.values():
             p.requires_grad_(True)
         with torch.enable_grad():
-            losses = per_sample_losses(model, input_ids, attention_mask, labels)
+            losses = per_sample_losses(model, input_ids, attention_mask, labels, loss)
             for h in handles:
                 h.remove()
             sq = torch.zeros(len(input_ids), device=losses.device)
@@ -234,7 +273,7 @@ def _grad_norms_pass(model, input_ids, attention_mask, labels, params=None) -> t
             del outputs, losses
             if others:
                 sq = sq + _loop_sq_norms(
-                    model, input_ids, attention_mask, labels, [chosen[n] for n in others]
+                    model, input_ids, attention_mask, labels, [chosen[n] for n in others], loss
                 )
     finally:
         for h in handles:
@@ -244,20 +283,23 @@ def _grad_norms_pass(model, input_ids, attention_mask, labels, params=None) -> t
     return sq.sqrt()
 
 
-def _loop_sq_norms(model, input_ids, attention_mask, labels, params) -> torch.Tensor:
+def _loop_sq_norms(
+    model, input_ids, attention_mask, labels, params, loss: str = "response-mean"
+) -> torch.Tensor:
     """Squared per-sample gradient norms w.r.t. ``params`` by one autograd call per sample
     (the fallback for parameters outside ``nn.Linear`` layers)."""
     out = torch.zeros(len(input_ids), device=input_ids.device)
     for b in range(len(input_ids)):
         keep = attention_mask[b].bool()
-        loss = per_sample_losses(
+        value = per_sample_losses(
             model,
             input_ids[b : b + 1, keep],
             attention_mask[b : b + 1, keep],
             labels[b : b + 1, keep],
+            loss,
         )[0]
-        if loss.requires_grad:
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if value.requires_grad:
+            grads = torch.autograd.grad(value, params, allow_unused=True)
             out[b] = sum(g.float().pow(2).sum() for g in grads if g is not None)
     return out
 
@@ -301,8 +343,12 @@ def _settings(cfg: EffortConfig, ds, model_info: dict) -> dict:
         "model": model_info["model"],
         "adapter": cfg.adapter,
         "params": cfg.params,
+        "scope": cfg.scope,
+        "loss": cfg.loss,
+        "warmup": [cfg.warmup_steps, cfg.warmup_batch_size, cfg.warmup_lr]
+        if cfg.warmup_steps
+        else None,
         "cutoff_len": cfg.cutoff_len,
-        "train_on_inputs": cfg.train_on_inputs,
         "lora_r": cfg.lora_r,
         "lora_alpha": cfg.lora_alpha,
         "seed": cfg.seed,
@@ -311,8 +357,11 @@ def _settings(cfg: EffortConfig, ds, model_info: dict) -> dict:
     }
 
 
-def existing_shards(folder: Path, ds, settings: dict | None = None) -> dict[tuple[int, int], Path]:
-    """Committed shards in ``folder`` (their manifest exists) as ``{(a, b): path}``.
+def existing_shards(
+    folder: Path, ds, settings: dict | None = None, *, shard_kind: str = SHARD_KIND
+) -> dict[tuple[int, int], Path]:
+    """Committed shards in ``folder`` (their manifest exists) as ``{(a, b): path}``; the shards
+    of ``shard_kind`` (effort's, or ``dealrec user-reps``').
 
     Raises :class:`UserError` (ScoreFileError) for a shard of another dataset or, when
     ``settings`` is given, made with other settings; nothing is written.
@@ -324,9 +373,9 @@ def existing_shards(folder: Path, ds, settings: dict | None = None) -> dict[tupl
         if not path.with_suffix(".json").is_file():
             continue  # not committed (killed between the two writes)
         manifest = read_manifest(path)
-        if manifest.get("kind") != SHARD_KIND:
+        if manifest.get("kind") != shard_kind:
             raise ScoreFileError(
-                f"{path}: kind is {manifest.get('kind')!r}, expected {SHARD_KIND!r}"
+                f"{path}: kind is {manifest.get('kind')!r}, expected {shard_kind!r}"
             )
         if manifest.get("dataset") != ds.fingerprint():
             raise ScoreFileError(
@@ -351,23 +400,26 @@ def merge_shards(
     *,
     options: dict | None = None,
     extra: dict | None = None,
-    loss: str = LOSS,
+    kind: str = "effort",
+    shard_kind: str = SHARD_KIND,
 ) -> Path | None:
-    """Join the shards in ``folder`` into ``out`` (float32, one score per line of
-    ``sequential_train.txt``) with its manifest, when they cover every row exactly once.
+    """Join the shards in ``folder`` into ``out`` (float32, one score, or one row of a
+    ``[n, D]`` shard, per line of ``sequential_train.txt``) with its manifest of ``kind``,
+    when they cover every row exactly once.
 
-    ``loss`` describes the loss whose gradient was taken (the backend's; BIGRec's by default).
     Returns ``out``, or ``None`` (nothing written) when rows are missing.
     Raises :class:`UserError` when shards overlap or disagree on settings.
     """
-    shards = existing_shards(folder, ds)
-    scores = np.full(ds.n_users, np.nan, dtype=np.float32)
+    shards = existing_shards(folder, ds, shard_kind=shard_kind)
+    scores = None
     covered = np.zeros(ds.n_users, dtype=np.int64)
     seconds, settings = 0.0, None
     for (a, b), path in sorted(shards.items()):
-        arr, manifest = load_scores(path, kind=SHARD_KIND, dataset=ds.fingerprint())
-        if arr.shape != (b - a,):
-            raise ScoreFileError(f"{path}: shape {arr.shape}, expected ({b - a},)")
+        arr, manifest = load_scores(path, kind=shard_kind, dataset=ds.fingerprint())
+        if scores is None:
+            scores = np.full((ds.n_users, *arr.shape[1:]), np.nan, dtype=np.float32)
+        if arr.shape != (b - a, *scores.shape[1:]):
+            raise ScoreFileError(f"{path}: shape {arr.shape}, expected ({b - a}, ...)")
         if settings is None:
             settings = manifest["settings"]
         elif manifest["settings"] != settings:
@@ -379,15 +431,16 @@ def merge_shards(
         raise UserError(f"{folder}: row {int(np.flatnonzero(covered > 1)[0])} is in two shards")
     if (covered == 0).any():
         return None
+    if kind == "effort" and "loss" in (settings or {}):
+        extra = {"loss": loss_text(settings["loss"]), **(extra or {})}
     save_scores(
         out,
         scores,
-        kind="effort",
+        kind=kind,
         dataset=ds.fingerprint(),
         options={**(options or {}), "settings": settings},
         seconds=seconds,
         shards=len(shards),
-        loss=loss,
         **(extra or {}),
     )
     return out
@@ -419,6 +472,7 @@ def score_samples(
     params=None,
     max_tokens: int = 0,
     autocast: str = "",
+    loss: str = "response-mean",
     bar=None,
 ) -> np.ndarray:
     """Effort of each encoded sample (length-bucketed batches, see :func:`length_batches`),
@@ -441,6 +495,7 @@ def score_samples(
             params=params,
             max_tokens=0,
             autocast=autocast,
+            loss=loss,
         )
         scores[idx] = norms.float().cpu().numpy()
         if bar is not None:
@@ -481,6 +536,11 @@ def main(cfg: EffortConfig) -> int:
         raise UserError(f"{out}: the effort file name must end in .npy")
     if cfg.batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.warmup_steps < 0 or cfg.warmup_batch_size < 1:
+        raise UserError("warmup_steps must be >= 0 and warmup_batch_size >= 1")
+    lm_loss.check_loss(cfg.loss)
+    if cfg.scope not in ("lora", "official") or (cfg.params and cfg.scope != "lora"):
+        scope_params(None, cfg.scope, cfg.params)  # raises the UserError
     ds = load_dataset(cfg.data)
     start, stop = parse_users(cfg.users, ds.n_users)
     folder = shard_folder(out)
@@ -489,8 +549,9 @@ def main(cfg: EffortConfig) -> int:
     device = cfg.device
     if device == "auto" and dist_device is not None:
         device = str(dist_device)
-    tokenizer, model, info = _scoring_model(cfg, device)
-    chosen = select_params(model, cfg.params or None)
+    tokenizer, model, info = _scoring_model(cfg, device, ds)
+    regex = scope_params(model, cfg.scope, cfg.params)
+    chosen = select_params(model, regex or None)
     settings = _settings(cfg, ds, info)
     done = existing_shards(folder, ds, settings)
     units = shard_ranges(start, stop, cfg.shard_size)[rank::world]  # split before resuming
@@ -504,7 +565,7 @@ def main(cfg: EffortConfig) -> int:
             f"({sum(p.numel() for p in chosen.values()):,} values)"
             + (f"; resuming, {skipped} rows of this process already scored" if skipped else "")
         )
-    _score_shards(cfg, ds, tokenizer, model, todo, folder, settings, info, rank, world)
+    _score_shards(cfg, ds, tokenizer, model, todo, folder, settings, info, rank, world, regex)
     barrier()
     if rank != 0:
         return 0
@@ -520,9 +581,10 @@ def main(cfg: EffortConfig) -> int:
     return 0
 
 
-def _scoring_model(cfg: EffortConfig, device: str):
+def _scoring_model(cfg: EffortConfig, device: str, ds=None):
     """``(tokenizer, model, info)``: the base LLM with a fresh seeded LoRA (or ``cfg.adapter``),
-    in eval mode (deterministic: no LoRA dropout)."""
+    after ``cfg.warmup_steps`` warm-up steps (:func:`llm_bridge.finetune.warmup` on ``ds``'s
+    training samples), in eval mode (deterministic: no LoRA dropout)."""
     from llm_bridge.model import add_lora, load_tokenizer_and_model
 
     tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=device, dtype=cfg.dtype)
@@ -535,11 +597,27 @@ def _scoring_model(cfg: EffortConfig, device: str):
         adapter=cfg.adapter,
         trainable=True,
     )
+    if cfg.warmup_steps:
+        from llm_bridge.finetune import warmup
+
+        t0 = time.perf_counter()
+        warmup(
+            model,
+            tokenizer,
+            ds,
+            steps=cfg.warmup_steps,
+            batch_size=cfg.warmup_batch_size,
+            lr=cfg.warmup_lr,
+            loss=cfg.loss,
+            cutoff_len=cfg.cutoff_len,
+            seed=cfg.seed,
+        )
+        info = {**info, "warmup_seconds": round(time.perf_counter() - t0, 3)}
     model.eval()
     return tokenizer, model, info
 
 
-def _score_shards(cfg, ds, tokenizer, model, todo, folder, settings, info, rank, world):
+def _score_shards(cfg, ds, tokenizer, model, todo, folder, settings, info, rank, world, regex):
     """Score each shard ``(a, b)`` of ``todo`` and commit it (atomic write + manifest)."""
     bar = tqdm(
         total=sum(b - a for a, b in todo),
@@ -555,16 +633,17 @@ def _score_shards(cfg, ds, tokenizer, model, todo, folder, settings, info, rank,
             ds,
             range(a, b),
             cutoff_len=cfg.cutoff_len,
-            train_on_inputs=cfg.train_on_inputs,
+            train_on_inputs=lm_loss.labels_every_token(cfg.loss),
         )
         scores = score_samples(
             model,
             samples,
             pad_id=tokenizer.pad_token_id,
             batch_size=cfg.batch_size,
-            params=cfg.params or None,
+            params=regex or None,
             max_tokens=cfg.max_tokens,
             autocast=cfg.autocast,
+            loss=cfg.loss,
             bar=bar,
         )
         save_scores(

@@ -1,12 +1,14 @@
 """``dealrec finetune``: BIGRec LoRA few-shot fine-tune on the selected users (paper Sec. 3.3).
 
-The selected users' training samples (paper Eq. 1: the causal-LM loss of the response tokens
-given the prompt) train the LoRA adapter with AdamW (lr 1e-4), gradient accumulation and a
-seeded sample order. After every epoch the same users' *valid-period* samples are scored
-(history = all train titles, response = the first valid item's title, for the selected users
-that have valid items); training stops when that loss has not improved for ``patience``
-epochs, and the adapter of the best epoch is kept. If no selected user has a valid item, a
-fixed ``fallback_epochs`` are trained and the last adapter is kept (the record says so).
+The selected users' training samples (the LLM loss chosen by ``loss=``, :mod:`llm_bridge.loss`:
+``response-mean`` by default, ``response-sum`` = paper Eq. 1, ``sequence-mean`` = the official
+code's ``--train_on_inputs``) train the LoRA adapter with AdamW (lr 1e-4), gradient
+accumulation and a seeded sample order. After every epoch the same users' *valid-period*
+samples are scored (history = all train titles, response = the first valid item's title,
+for the selected users that have valid items); training stops when that loss has not
+improved for ``patience`` epochs, and the adapter of the best epoch is kept. If no selected
+user has a valid item, a fixed ``fallback_epochs`` are trained and the last adapter is kept
+(the record says so).
 
 Output folder ``OUT``:
 
@@ -37,9 +39,10 @@ from jaxrec.data import load_dataset, load_scores, write_json
 from jaxrec.data.dataset import sha256_file
 from jaxrec.data.scorefiles import atomic_write_bytes
 from jaxrec.errors import UserError
+from llm_bridge import loss as lm_loss
 from llm_bridge.config import FinetuneConfig
 from llm_bridge.model import check_adapter_folder, eval_mode, jsonable
-from llm_bridge.prompts import IGNORE, collate, encode_users
+from llm_bridge.prompts import collate, encode_users
 
 # Settings that must match for a checkpoint to be continued (``epochs``/``patience`` may grow).
 _RESUME_KEYS = (
@@ -49,7 +52,7 @@ _RESUME_KEYS = (
     "batch_size",
     "grad_accum",
     "cutoff_len",
-    "train_on_inputs",
+    "loss",
     "lora_r",
     "lora_alpha",
     "lora_dropout",
@@ -92,15 +95,25 @@ def _batches(samples: list[dict], order, batch_size: int, pad_id: int, device):
         yield {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
 
 
-def _n_loss_tokens(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != IGNORE).sum())
+def micro_batch_loss(model, batch: dict, loss: str) -> tuple[torch.Tensor, int]:
+    """``(value, weight)`` of ``loss`` on one padded batch (:func:`llm_bridge.loss.batch_loss`)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return lm_loss.batch_loss(logits, batch["labels"], loss, batch["attention_mask"])
 
 
 @torch.no_grad()
 def dataset_loss(
-    model, samples: list[dict], *, pad_id: int, batch_size: int = 8, desc: str | None = None
+    model,
+    samples: list[dict],
+    *,
+    pad_id: int,
+    batch_size: int = 8,
+    desc: str | None = None,
+    loss: str = "response-mean",
 ) -> float:
-    """Token-weighted mean of the paper's Eq. 1 loss over ``samples`` (eval mode, no dropout)."""
+    """``loss`` over ``samples``: the weighted mean of :func:`llm_bridge.loss.batch_loss`
+    (token-weighted for the ``*-mean`` losses, per sample for ``response-sum``; eval mode,
+    no dropout)."""
     if not samples:
         return float("nan")
     device = next(model.parameters()).device
@@ -115,9 +128,9 @@ def dataset_loss(
             leave=False,
             disable=desc is None,
         ):
-            n = _n_loss_tokens(batch["labels"])
+            value, n = micro_batch_loss(model, batch, loss)
             if n:
-                total += float(model(**batch).loss) * n
+                total += float(value) * n
                 count += n
     return total / max(count, 1)
 
@@ -188,7 +201,7 @@ def main(cfg: FinetuneConfig) -> int:
     }
     resuming = _can_resume(cfg, ckpt, settings)
     tokenizer, model, info = _lora_model(cfg)
-    enc = dict(cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs)
+    enc = dict(cutoff_len=cfg.cutoff_len, train_on_inputs=lm_loss.labels_every_token(cfg.loss))
     train = encode_users(tokenizer, ds, selection, split="train", **enc)
     valid = encode_users(tokenizer, ds, selection, split="valid", **enc)
     early_stopping = len(valid) > 0
@@ -330,7 +343,7 @@ def _run_epoch(
     for i, batch in enumerate(bar):
         group_start = (i // cfg.grad_accum) * cfg.grad_accum
         in_group = min(cfg.grad_accum, n_micro - group_start)
-        loss = model(**batch).loss
+        loss, _ = micro_batch_loss(model, batch, cfg.loss)
         (loss / in_group).backward()
         losses.append(loss.item())
         if i - group_start + 1 == in_group:
@@ -340,7 +353,14 @@ def _run_epoch(
         bar.set_postfix(loss=f"{np.mean(losses[-in_group:]):.4f}")
     train_seconds = time.perf_counter() - t0
     valid_loss = (
-        dataset_loss(model, valid, pad_id=pad_id, batch_size=cfg.batch_size, desc="valid loss")
+        dataset_loss(
+            model,
+            valid,
+            pad_id=pad_id,
+            batch_size=cfg.batch_size,
+            desc="valid loss",
+            loss=cfg.loss,
+        )
         if valid
         else None
     )
@@ -352,6 +372,70 @@ def _run_epoch(
         "train_seconds": round(train_seconds, 3),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def warmup(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    steps: int,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    loss: str = "response-mean",
+    cutoff_len: int = 512,
+    seed: int = 0,
+    rows=None,
+) -> list[float]:
+    """A short LoRA warm-up (used by ``dealrec effort --warmup-steps``, so ``lora_B != 0``).
+
+    ``steps`` AdamW steps (``lr``, no schedule) on micro-batches of ``batch_size`` training
+    samples (:func:`llm_bridge.prompts.encode_users`) of ``rows`` (default every user), drawn
+    with a generator seeded by ``seed`` (without replacement while there are enough rows), in
+    train mode; the model's train/eval mode is restored. Not in the paper: the official code
+    scores with the alpaca-lora-7B adapter, whose ``lora_B`` is already nonzero.
+
+    Returns:
+      the loss of each step.
+    """
+    lm_loss.check_loss(loss)
+    if steps < 1 or batch_size < 1:
+        raise UserError("warm-up needs steps >= 1 and batch_size >= 1")
+    rows = np.arange(dataset.n_users) if rows is None else np.asarray(rows)
+    n = steps * batch_size
+    pick = np.random.default_rng([seed, 7]).choice(rows, size=n, replace=n > len(rows))
+    samples = encode_users(
+        tokenizer,
+        dataset,
+        pick,
+        cutoff_len=cutoff_len,
+        train_on_inputs=lm_loss.labels_every_token(loss),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("warm-up: the model has no trainable parameter")
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    device = next(model.parameters()).device
+    losses = []
+    was_training = model.training
+    model.train()
+    try:
+        order = np.arange(n)
+        for batch in tqdm(
+            _batches(samples, order, batch_size, tokenizer.pad_token_id, device),
+            total=steps,
+            desc="warm-up",
+            unit="step",
+            leave=False,
+        ):
+            value, _ = micro_batch_loss(model, batch, loss)
+            value.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(value.detach()))
+    finally:
+        model.train(was_training)
+    return losses
 
 
 def _finish_record(record: dict, n_train: int, out: Path) -> None:

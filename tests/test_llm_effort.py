@@ -231,7 +231,7 @@ def test_main_scores_every_user_like_the_loop(env, full_run):
     )
     np.testing.assert_allclose(scores, ref.numpy(), rtol=1e-4)
     assert manifest["kind"] == "effort" and manifest["shards"] == 5
-    assert manifest["options"]["params"] == "" and "Eq. 1" in manifest["loss"]
+    assert manifest["options"]["params"] == "" and manifest["loss"].startswith("response-mean")
     assert manifest["options"]["model_info"]["model_type"] == "llama"
     assert manifest["options"]["settings"]["dataset"] == ds.fingerprint()
     assert manifest["seconds"] > 0
@@ -299,8 +299,8 @@ def test_shard_with_other_settings_is_rejected(env, full_run, tmp_path):
     import shutil
 
     shutil.copytree(full_run.parent / "effort.npy.shards", tmp_path / "effort.npy.shards")
-    with pytest.raises(UserError, match="other settings \\(train_on_inputs\\)"):
-        effort.main(_cfg(env, tmp_path / "effort.npy", resume=True, train_on_inputs=True))
+    with pytest.raises(UserError, match="other settings \\(loss\\)"):
+        effort.main(_cfg(env, tmp_path / "effort.npy", resume=True, loss="sequence-mean"))
     assert not (tmp_path / "effort.npy").exists()
 
 

@@ -246,7 +246,7 @@ def main(cfg: EffortConfig) -> int:
         "semantic_ids_digest": settings["semantic_ids"],
         "device": str(device),
     }
-    merged = merge_shards(folder, out, ds, options=options, loss=LOSS)
+    merged = merge_shards(folder, out, ds, options=options, extra={"loss": LOSS})
     if merged is None:
         n = sum(b - a for a, b in existing_shards(folder, ds))
         print(
