@@ -234,7 +234,17 @@ class SelectConfig:
     lamda: float = 0.3
     groups: int = 50  # K strata (dealrec, ccs, influence-only, effort-only)
     hard_prune: float = 0.1  # dealrec / ablations: drop this top fraction by score
-    beta: float = 0.1  # ccs: drop this hardest (top EL2N) fraction
+    beta_rule: Literal["rate", "fixed"] = field(
+        default="rate",
+        metadata={
+            "help": "ccs hard cutoff: rate = from the pruning rate r = 1 - n/N as the CCS paper "
+            "tunes it, beta = max(0, r - 0.6) (0.3 at r = 0.9); fixed = --beta"
+        },
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "ccs with --beta-rule fixed: drop this hardest (top EL2N) fraction"},
+    )
     clusters: int = 50  # tfdcon / recranker: k-means clusters
     seed: int = 0
     out: str = "runs/selected.npy"

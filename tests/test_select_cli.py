@@ -147,6 +147,8 @@ def test_every_baseline_through_the_cli(world, tmp_path, method):
             8,
             "--clusters",
             5,
+            "--beta-rule",
+            "fixed",
             "--beta",
             0.2,
         )
@@ -212,6 +214,7 @@ BAD = {
     "unknown method": ["--method", "best", "--influence", "{influence}"],
     "no run": ["--method", "grand"],
     "foreign scores": ["--method", "el2n", "--scores", "{foreign}"],
+    "beta without fixed rule": ["--method", "ccs", "--scores", "{effort}", "--beta", "0.3"],
 }
 
 
