@@ -134,6 +134,7 @@ SOLVER_OPTIONS = {
 Solver = Literal["lissa", "cg", "exact", "arnoldi"]
 Convention = Literal["dealrec", "standard"]
 Score = Literal["influence", "grand", "el2n", "representation"]
+ScoreModel = Literal["trained", "early"]
 
 
 def _same(cls, name: str):
@@ -169,6 +170,25 @@ class InfluenceConfig:
             "help": "influence (Eq. 11), a baseline's per-sample score (grand: gradient norm, "
             "el2n: error norm), or representation: the surrogate's user vectors [n, hidden]"
         },
+    )
+    score_model: ScoreModel = field(
+        default="trained",
+        metadata={
+            "help": "grand / el2n: trained = on the trained surrogate (DEALRec's 'same "
+            "surrogate' setting); early = Paul et al. 2021: on --early-inits fresh surrogates "
+            "(seeds seed, seed+1, ...) trained --early-epochs epochs, averaged"
+        },
+    )
+    early_epochs: int = field(
+        default=2,
+        metadata={
+            "help": "score-model early: epochs each fresh surrogate trains before scoring "
+            "(0 = at initialisation, Paul et al.'s GraNd at init)"
+        },
+    )
+    early_inits: int = field(
+        default=10,
+        metadata={"help": "score-model early: independent initialisations averaged (Paul: 10)"},
     )
     solver: Solver = field(default="lissa", metadata={"help": "inverse-HVP solver"})
     convention: Convention = field(
@@ -209,7 +229,13 @@ class InfluenceConfig:
             "help": "samples per vmapped per-sample gradient batch (GraNd; memory batch x params)"
         },
     )
-    seed: int = field(default=0, metadata={"help": "PRNG seed (LiSSA minibatches, Arnoldi)"})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "PRNG seed (LiSSA minibatches, Arnoldi; score-model early: the first "
+            "initialisation's seed)"
+        },
+    )
     compile_cache: str = field(
         default="~/.cache/dealrec/jax",
         metadata={

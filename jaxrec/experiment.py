@@ -39,8 +39,10 @@ from jaxrec.errors import UserError
 from jaxrec.pipeline import (
     PipelineArgs,
     add_score_stages,
+    baseline_score_options,
     config_classes,
     digest,
+    key_options,
     prepare_workdir,
     read_experiment_file,
     run_stages,
@@ -556,7 +558,12 @@ def main(args: ExperimentArgs) -> int:
     # methods that use it
     upstream = {
         m: digest(
-            [wired[s] for s in pipe.active(list(SHARED)) if s != "effort" or m in NEEDS_EFFORT]
+            [
+                key_options(s, wired[s])
+                for s in pipe.active(list(SHARED))
+                if s != "effort" or m in NEEDS_EFFORT
+            ]
+            + baseline_score_options(wired, m)
         )
         for m in exp.methods
     }

@@ -202,3 +202,52 @@ def test_cli_run_without_checkpoint(tmp_path, capsys):
     out = tmp_path / "x.npy"
     assert cli_main(["influence", "--run", str(tmp_path / "empty"), "--out", str(out)]) == 2
     assert "checkpoint" in capsys.readouterr().err and not out.exists()
+
+
+def test_grand_el2n_early_training_variant_is_the_mean_over_inits(trained_run, tmp_path):
+    """``--score-model early`` (Paul et al. 2021) with 2 initialisations equals the mean of the
+    two single-initialisation scores, each computed independently: a fresh surrogate trained
+    here with ``jaxrec.train.train`` (GraNd after 1 epoch) or the bare initialisation (EL2N at
+    epoch 0), scored by the trained-surrogate path on the same data."""
+    import dataclasses
+    import shutil
+
+    from jaxrec.models import sasrec
+    from jaxrec.train import load_surrogate, train
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)  # early/ is cached inside the run folder
+    sur = load_surrogate(run)
+    cfg = InfluenceConfig(
+        run=str(run), score="grand", score_model="early", early_epochs=1, early_inits=2, seed=5
+    )
+    got, info = compute(cfg, sur, progress=False)
+    assert info["early"] == {"epochs": 1, "seeds": [5, 6]}
+    singles = []
+    for seed in (5, 6):
+        out = tmp_path / f"independent{seed}"
+        recipe = dataclasses.replace(
+            sur.config, data=str(sur.dataset.path), out=str(out), epochs=1, seed=seed
+        )
+        train(recipe, progress=False)
+        fresh = dataclasses.replace(sur, params=load_surrogate(out).params)
+        s, _ = compute(InfluenceConfig(run=str(run), score="grand"), fresh, progress=False)
+        singles.append(s)
+    assert not np.allclose(singles[0], singles[1], rtol=1e-3)  # the inits do differ
+    np.testing.assert_allclose(got, (singles[0] + singles[1]) / 2, rtol=1e-5)
+    again, _ = compute(cfg, sur, progress=False)  # cached runs: same scores, nothing retrained
+    np.testing.assert_array_equal(again, got)
+
+    cfg0 = dataclasses.replace(cfg, score="el2n", early_epochs=0)
+    got0, _ = compute(cfg0, sur, progress=False)
+    at_init = [
+        compute(
+            InfluenceConfig(run=str(run), score="el2n"),
+            dataclasses.replace(sur, params=sasrec.init_params(sur.model, jax.random.PRNGKey(k))),
+            progress=False,
+        )[0]
+        for k in (5, 6)
+    ]
+    np.testing.assert_allclose(got0, (at_init[0] + at_init[1]) / 2, rtol=1e-5)
+    trained, _ = compute(InfluenceConfig(run=str(run), score="el2n"), sur, progress=False)
+    assert not np.allclose(got0, trained, rtol=1e-2)

@@ -3,13 +3,22 @@
 ``--score influence`` (default): :func:`jaxrec.influence.influence_scores` (paper Eq. 11,
 Algorithm 1); ``--score grand``: per-sample gradient norm; ``--score el2n``: the SASRec EL2N
 error (:func:`jaxrec.models.sasrec.el2n_error`); ``--score representation``: the surrogate's
-user representation ``[n, hidden]`` (for TF-DCon / RecRanker). Users are split into length
+user representation ``[n, hidden]`` (for TF-DCon / RecRanker).
+
+GraNd and EL2N are computed on the **trained** surrogate by default (``--score-model
+trained``): DEALRec's baselines share its surrogate. Paul et al. (2021) define them on models
+early in training, averaged over initialisations: ``--score-model early`` trains
+``--early-inits`` fresh surrogates (seeds ``seed, seed+1, ...``) for ``--early-epochs`` epochs
+each (0 = at initialisation) with the trained surrogate's recipe and averages their scores
+(:func:`early_params`; runs cached in ``RUN/early/``). Users are split into length
 buckets (:func:`jaxrec.data.buckets.width_strata`). Writes ``OUT.npy`` + manifest (and
 ``OUT_trace.npy``, the LiSSA norm trace) atomically.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import time
@@ -69,8 +78,8 @@ def compute(cfg: InfluenceConfig, surrogate, *, progress: bool | None = None):
 
 def _score(cfg, surrogate, sub, parts, progress):
     """``(scores in strata order, info)`` of one score kind over the buckets ``parts``."""
-    from jaxrec.influence.scores import el2n_scores, grand_scores, influence_scores
-    from jaxrec.models.sasrec import el2n_error
+    from jaxrec.influence.params import ParamSubset
+    from jaxrec.influence.scores import influence_scores
 
     psl = sub.restrict(surrogate.per_sample_loss)
     t = time.perf_counter()
@@ -90,18 +99,82 @@ def _score(cfg, surrogate, sub, parts, progress):
         seconds = solver.pop("seconds")
         seconds.pop("total", None)
         return s, {"seconds": seconds, "solver": solver}
-    if cfg.score == "grand":
-        s = grand_scores(psl, sub.params, parts, cfg.grand_batch_size, progress=progress)
-    else:
-        s = el2n_scores(
-            el2n_error(surrogate.model), surrogate.params, parts, cfg.batch_size, progress=progress
+    if cfg.score_model == "trained":
+        s = _baseline_score(cfg, surrogate, sub, parts, progress)
+        return s, {"seconds": {"scores": time.perf_counter() - t}}
+    total, train_s = 0.0, 0.0
+    seeds = [cfg.seed + k for k in range(cfg.early_inits)]
+    for seed in seeds:
+        t_train = time.perf_counter()
+        params = early_params(surrogate, cfg.early_epochs, seed, Path(cfg.run) / "early")
+        train_s += time.perf_counter() - t_train
+        early = dataclasses.replace(surrogate, params=params)
+        total = total + _baseline_score(
+            cfg, early, ParamSubset(params, cfg.params), parts, progress
         )
-    return s, {"seconds": {"scores": time.perf_counter() - t}}
+    seconds = time.perf_counter() - t
+    info = {"seconds": {"early_training": train_s, "scores": seconds - train_s}}
+    info["early"] = {"epochs": cfg.early_epochs, "seeds": seeds}
+    return total / len(seeds), info
+
+
+def _baseline_score(cfg, surrogate, sub, parts, progress):
+    """GraNd or EL2N of ``surrogate``'s parameters (strata order)."""
+    from jaxrec.influence.scores import el2n_scores, grand_scores
+    from jaxrec.models.sasrec import el2n_error
+
+    if cfg.score == "grand":
+        psl = sub.restrict(surrogate.per_sample_loss)
+        return grand_scores(psl, sub.params, parts, cfg.grand_batch_size, progress=progress)
+    return el2n_scores(
+        el2n_error(surrogate.model), surrogate.params, parts, cfg.batch_size, progress=progress
+    )
+
+
+def early_params(surrogate, epochs: int, seed: int, cache: Path):
+    """Parameters of a fresh surrogate (initialisation ``seed``) after ``epochs`` epochs of the
+    trained surrogate's own training recipe (``jaxrec.train.train`` with its config, on its
+    dataset): the early-training models Paul et al. (2021) score GraNd / EL2N on.
+
+    ``epochs == 0`` is the initialisation itself. Trained runs are kept in
+    ``cache/seed{seed}_epochs{epochs}`` (``train``'s own checkpoint and resume), so a repeat
+    call trains nothing. The scores are then taken on the trained surrogate's fixed data
+    (its epoch-0 negatives), as for ``score_model="trained"``.
+    """
+    import jax
+
+    from jaxrec.models import sasrec
+    from jaxrec.train import restore_checkpoint, train
+
+    if epochs == 0:
+        return sasrec.init_params(surrogate.model, jax.random.PRNGKey(seed))
+    out = cache / f"seed{seed}_epochs{epochs}"
+    cfg = dataclasses.replace(
+        surrogate.config,
+        data=str(surrogate.dataset.path),
+        out=str(out),
+        epochs=epochs,
+        seed=seed,
+        patience=epochs + 1,
+        eval_every=epochs,
+        resume=True,
+    )
+    done = out / "metrics.json"
+    same = (out / "config.json").is_file() and json.loads(
+        (out / "config.json").read_text()
+    ) == dataclasses.asdict(cfg)
+    if not (done.is_file() and same):
+        train(cfg, progress=False)
+    return restore_checkpoint(out / "checkpoints" / "best", surrogate.params)
 
 
 def check(cfg: InfluenceConfig) -> None:
     if not cfg.out.endswith(".npy"):
         raise UserError(f"--out {cfg.out!r}: a score file name must end in .npy")
+    if cfg.early_epochs < 0:
+        raise UserError(f"--early-epochs must be >= 0, got {cfg.early_epochs}")
+    if cfg.early_inits < 1:
+        raise UserError(f"--early-inits must be >= 1, got {cfg.early_inits}")
 
 
 def use_compile_cache(folder: str) -> None:
@@ -156,6 +229,8 @@ def main(cfg: InfluenceConfig) -> int:
     }
     if "solver" in info:
         extra["solver"] = _solver_record(info["solver"], out)
+    if "early" in info:
+        extra["early"] = info["early"]
     options = {k: v for k, v in to_dict(cfg).items() if k not in ("run", "out")}
     save_scores(
         out,
