@@ -205,6 +205,21 @@ class InfluenceConfig:
             "empty = all parameters"
         },
     )
+    negative_draws: int = field(
+        default=1,
+        metadata={
+            "help": "influence: K fixed draws of negatives; the mean gradient, the HVPs and "
+            "the per-sample scores use the loss averaged over them (1 = the surrogate's one "
+            "draw)"
+        },
+    )
+    negative_seed: int = field(
+        default=0,
+        metadata={
+            "help": "influence: draw k samples negatives with seed surrogate seed + "
+            "negative_seed + k (0 = starting from the surrogate's own draw)"
+        },
+    )
     damping: float = field(default=0.01, metadata={"help": "damping d of the inverse"})
     scale: float = field(
         default=25.0, metadata={"help": "LiSSA step 1/scale, and the dealrec convention's factor"}

@@ -251,3 +251,45 @@ def test_grand_el2n_early_training_variant_is_the_mean_over_inits(trained_run, t
     np.testing.assert_allclose(got0, (at_init[0] + at_init[1]) / 2, rtol=1e-5)
     trained, _ = compute(InfluenceConfig(run=str(run), score="el2n"), sur, progress=False)
     assert not np.allclose(got0, trained, rtol=1e-2)
+
+
+def test_negative_draws_one_is_today_and_two_is_the_draw_averaged_loss(surrogate):
+    """``negative_draws=1`` is today's influence bit for bit; ``negative_draws=2`` equals the
+    single-draw path run on the data with every user twice (once per draw): its mean gradient
+    and Hessian are the draw-averaged ones, and user i's score is the mean of its two rows'
+    (times 4: Eq. 11 divides by n^2, and n doubled). Exact solver on a 64-parameter block."""
+    from jaxrec.train import with_negatives
+
+    block = r"^attn_out_1/bias$"
+    common = dict(params=block, solver="exact", convention="dealrec", damping=0.01, scale=25.0)
+    sub = ParamSubset(surrogate.params, block)
+    loss, psl = sub.restrict(surrogate.loss), sub.restrict(surrogate.per_sample_loss)
+    opts = dict(solver="exact", damping=0.01, convention="dealrec", scale=25.0)
+
+    def scores_of(data):
+        order, parts = width_strata(data, surrogate.config.max_len)
+        s, _ = influence_scores(loss, psl, sub.params, parts, **opts)
+        out = np.empty_like(s)
+        out[order] = s
+        return out
+
+    today = scores_of(surrogate.data)
+    k1, _ = compute(InfluenceConfig(negative_draws=1, **common), surrogate, progress=False)
+    np.testing.assert_array_equal(k1, today)
+
+    k2, info = compute(InfluenceConfig(negative_draws=2, **common), surrogate, progress=False)
+    seed = surrogate.config.seed
+    assert info["solver"]["negative_seeds"] == [seed, seed + 1]
+    second = with_negatives(surrogate.data, seed + 1, 0, surrogate.dataset.n_items)
+    twice = {k: np.concatenate([surrogate.data[k], second[k]]) for k in surrogate.data}
+    rows = scores_of(twice)
+    n = surrogate.dataset.n_users
+    want = 4.0 * (rows[:n] + rows[n:]) / 2
+    np.testing.assert_allclose(k2, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    assert np.abs(k2 - today).max() > 0.05 * np.abs(today).max()  # the second draw matters
+    # another seed offset is another single draw
+    k1b, _ = compute(
+        InfluenceConfig(negative_draws=1, negative_seed=1, **common), surrogate, progress=False
+    )
+    one = scores_of(second)
+    np.testing.assert_allclose(k1b, one, rtol=1e-4, atol=1e-5 * np.abs(one).max())

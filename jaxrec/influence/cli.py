@@ -18,6 +18,7 @@ buckets (:func:`jaxrec.data.buckets.width_strata`). Writes ``OUT.npy`` + manifes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -81,11 +82,14 @@ def _score(cfg, surrogate, sub, parts, progress):
     from jaxrec.influence.params import ParamSubset
     from jaxrec.influence.scores import influence_scores
 
-    psl = sub.restrict(surrogate.per_sample_loss)
     t = time.perf_counter()
     if cfg.score == "influence":
+        loss, psl = sub.restrict(surrogate.loss), sub.restrict(surrogate.per_sample_loss)
+        if cfg.negative_draws > 1 or cfg.negative_seed != 0:
+            parts = negative_draw_parts(surrogate, parts, cfg.negative_draws, cfg.negative_seed)
+            loss, psl = draw_mean_losses(psl)
         s, solver = influence_scores(
-            sub.restrict(surrogate.loss),
+            loss,
             psl,
             sub.params,
             parts,
@@ -98,6 +102,8 @@ def _score(cfg, surrogate, sub, parts, progress):
         )
         seconds = solver.pop("seconds")
         seconds.pop("total", None)
+        solver["negative_draws"] = cfg.negative_draws
+        solver["negative_seeds"] = draw_seeds(surrogate, cfg.negative_draws, cfg.negative_seed)
         return s, {"seconds": seconds, "solver": solver}
     if cfg.score_model == "trained":
         s = _baseline_score(cfg, surrogate, sub, parts, progress)
@@ -116,6 +122,58 @@ def _score(cfg, surrogate, sub, parts, progress):
     info = {"seconds": {"early_training": train_s, "scores": seconds - train_s}}
     info["early"] = {"epochs": cfg.early_epochs, "seeds": seeds}
     return total / len(seeds), info
+
+
+def draw_seeds(surrogate, draws: int, offset: int = 0) -> list[int]:
+    """The negative-sampling seeds of ``draws`` draws: ``surrogate seed + offset + k`` (each at
+    epoch 0). Draw 0 with ``offset=0`` is the surrogate's own fixed draw
+    (``load_surrogate``'s ``data``)."""
+    return [surrogate.config.seed + offset + k for k in range(draws)]
+
+
+def negative_draw_parts(surrogate, parts, draws: int, offset: int = 0) -> list[dict]:
+    """``parts`` (the width buckets of ``surrogate.data``) with ``negatives`` replaced by
+    ``[B, draws, w]``: the negatives of every draw of :func:`draw_seeds` (one per target
+    position, drawn as training draws them, ``jaxrec.train.with_negatives``), cut like
+    ``parts``. The buckets depend on the targets only, so every draw cuts the same rows."""
+    from jaxrec.train import with_negatives
+
+    n_items = surrogate.dataset.n_items
+    drawn = []
+    for seed in draw_seeds(surrogate, draws, offset):
+        data = with_negatives(surrogate.data, seed, 0, n_items)
+        drawn.append(width_strata(data, surrogate.config.max_len)[1])
+    return [
+        {**part, "negatives": np.stack([d[g]["negatives"] for d in drawn], axis=1)}
+        for g, part in enumerate(parts)
+    ]
+
+
+@functools.lru_cache(maxsize=8)
+def draw_mean_losses(per_sample_loss):
+    """``(loss, per_sample_loss)`` averaged over negative draws: batches carry ``negatives``
+    ``[B, K, w]`` and sample ``i``'s loss is ``(1/K) sum_k L_i(theta; negatives[:, k])``.
+
+    The K-draw influence (``--negative-draws K``) is paper Eq. 11 for this averaged loss: the
+    mean gradient, the Hessian (HVPs) and the per-sample gradients are all means over the K
+    fixed draws. (It is not the mean of K single-draw influence scores: the inverse Hessian of
+    a mean is not the mean of the inverses.) ``vmap`` over the draws leaves the sequence
+    encoder, which does not depend on the negatives, unbatched: it runs once per batch. The
+    same function object comes back for the same ``per_sample_loss`` (jit caches hit).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def mean_psl(params, batch):
+        def one(neg):
+            return per_sample_loss(params, {**batch, "negatives": neg})
+
+        return jnp.mean(jax.vmap(one, in_axes=1)(batch["negatives"]), axis=0)
+
+    def loss(params, batch):
+        return jnp.mean(mean_psl(params, batch))
+
+    return loss, mean_psl
 
 
 def _baseline_score(cfg, surrogate, sub, parts, progress):
@@ -173,6 +231,8 @@ def check(cfg: InfluenceConfig) -> None:
         raise UserError(f"--out {cfg.out!r}: a score file name must end in .npy")
     if cfg.early_epochs < 0:
         raise UserError(f"--early-epochs must be >= 0, got {cfg.early_epochs}")
+    if cfg.negative_draws < 1:
+        raise UserError(f"--negative-draws must be >= 1, got {cfg.negative_draws}")
     if cfg.early_inits < 1:
         raise UserError(f"--early-inits must be >= 1, got {cfg.early_inits}")
 
