@@ -106,7 +106,8 @@ def test_cli_writes_scores_manifest_and_trace(trained_run, surrogate, tmp_path):
 
 
 def test_cli_equals_library_influence_scores(trained_run, surrogate, tmp_path):
-    """`dealrec influence` is influence_scores(...) on the width buckets, nothing else."""
+    """`dealrec influence` is influence_scores(...) on the width buckets, nothing else, and
+    both default to the same damping convention, damping and scale."""
     out = tmp_path / "inf.npy"
     assert (
         cli_main(
@@ -139,10 +140,7 @@ def test_cli_equals_library_influence_scores(trained_run, surrogate, tmp_path):
         sub.params,
         parts,
         solver=LissaOptions(steps=200, batch_size=8, seed=3),
-        damping=0.01,
-        convention="dealrec",
-        scale=25.0,
-    )
+    )  # no damping / convention / scale: the library's defaults must be the CLI's
     want = np.empty_like(s)
     want[order] = s
     np.testing.assert_array_equal(got, want.astype(np.float32))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrec.config import InfluenceConfig
 from jaxrec.errors import UserError
 from jaxrec.influence.batching import data_mesh, replicate, strata_batches, total_size
 from jaxrec.influence.inverse import SolverOptions, inverse_hvp
@@ -140,11 +141,11 @@ def influence_scores(
     params,
     data,
     *,
-    solver: str | SolverOptions = "lissa",
-    damping: float = 0.01,
-    convention: str = "standard",
-    scale: float = 25.0,
-    batch_size: int = 4096,
+    solver: str | SolverOptions = InfluenceConfig.solver,
+    damping: float = InfluenceConfig.damping,
+    convention: str = InfluenceConfig.convention,
+    scale: float = InfluenceConfig.scale,
+    batch_size: int = InfluenceConfig.batch_size,
     progress: bool | None = None,
     **solver_options,
 ):
@@ -154,6 +155,12 @@ def influence_scores(
     ``v = mean_gradient``, ``u = inverse_hvp(loss, ..., v)``, ``s = sample_scores(..., u)``;
     ``solver``, ``damping``, ``convention``, ``scale`` and ``solver_options`` go to
     :func:`~jaxrec.influence.inverse_hvp`, ``batch_size`` to the gradient and score passes.
+
+    The defaults are ``dealrec influence``'s, read from the same :class:`InfluenceConfig`
+    fields: LiSSA, ``convention="dealrec"`` (what the paper's LiSSA recursion converges to,
+    ``scale (H + scale*damping I)^-1 v``), ``damping=0.01``, ``scale=25``. (The primitive
+    :func:`~jaxrec.influence.inverse_hvp` keeps ``convention="standard"``, ``(H + damping
+    I)^-1 v``, with ``damping=0``.)
     Returns ``(scores [n], info)`` where ``info`` holds the solver's report and timings.
     """
     n = total_size(data)
