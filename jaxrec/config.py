@@ -201,8 +201,8 @@ class InfluenceConfig:
     params: str = field(
         default="",
         metadata={
-            "help": "regex on parameter paths, e.g. '^ffn_2_1/kernel$' (the paper's 64x64 block); "
-            "empty = all parameters"
+            "help": "regex on parameter paths, e.g. '^attn_out_1/kernel$' (the paper's 64x64 "
+            "block: block 2's attention output projection); empty = all parameters"
         },
     )
     negative_draws: int = field(

@@ -15,7 +15,8 @@ from jaxrec.data.buckets import width_strata
 from jaxrec.influence import LissaOptions, ParamSubset, influence_scores
 from jaxrec.influence.cli import compute
 
-BLOCK = r"^ffn_2_1/kernel$"  # the 64x64 block of the paper's code (4096 parameters)
+# the 64x64 block of the paper's code, item_encoder.layer.1.attention.dense.weight (4096 parameters)
+BLOCK = r"^attn_out_1/kernel$"
 
 
 @pytest.fixture(scope="module")
