@@ -178,12 +178,17 @@ def draw_mean_losses(per_sample_loss):
 
 def _baseline_score(cfg, surrogate, sub, parts, progress):
     """GraNd or EL2N of ``surrogate``'s parameters (strata order)."""
+    import jax
+
     from jaxrec.influence.scores import el2n_scores, grand_scores
     from jaxrec.models.sasrec import el2n_error
 
     if cfg.score == "grand":
-        psl = sub.restrict(surrogate.per_sample_loss)
-        return grand_scores(psl, sub.params, parts, cfg.grand_batch_size, progress=progress)
+        if sub.size == sum(np.size(x) for x in jax.tree.leaves(surrogate.params)):
+            psl, params = surrogate.per_sample_loss, surrogate.params  # one compile per model
+        else:
+            psl, params = sub.restrict(surrogate.per_sample_loss), sub.params
+        return grand_scores(psl, params, parts, cfg.grand_batch_size, progress=progress)
     return el2n_scores(
         el2n_error(surrogate.model), surrogate.params, parts, cfg.batch_size, progress=progress
     )

@@ -69,6 +69,24 @@ def _jvp_fn(per_sample_loss):
     return jvp
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _grand_fn(per_sample_loss):
+    """``(params, batch) -> ||grad loss_i||`` per sample, one function per loss (so repeated
+    GraNd passes over models of one architecture compile once)."""
+
+    def one(p, example):
+        batch = jax.tree.map(lambda x: x[None], example)
+        return per_sample_loss(p, batch)[0]
+
+    def norms(p, batch):
+        g = jax.vmap(jax.grad(one), in_axes=(None, 0))(p, batch)
+        return jnp.sqrt(
+            sum(jnp.sum(x.reshape(x.shape[0], -1) ** 2, -1) for x in jax.tree.leaves(g))
+        )
+
+    return norms
+
+
 def per_sample_map(
     fn,
     params,
@@ -196,19 +214,15 @@ def grand_scores(
     per_sample_loss, params, data, batch_size: int = 64, *, progress: bool | None = None
 ) -> np.ndarray:
     """GraNd (Paul et al. 2021): ``||grad loss_i||_2`` per sample, by ``vmap`` of ``grad`` over
-    a batch (memory O(batch x params): keep ``batch_size`` small for big models)."""
+    a batch (memory O(batch x params): keep ``batch_size`` small for big models).
 
-    def one(p, example):
-        batch = jax.tree.map(lambda x: x[None], example)
-        return per_sample_loss(p, batch)[0]
-
-    def norms(p, batch):
-        g = jax.vmap(jax.grad(one), in_axes=(None, 0))(p, batch)
-        return jnp.sqrt(
-            sum(jnp.sum(x.reshape(x.shape[0], -1) ** 2, -1) for x in jax.tree.leaves(g))
-        )
-
-    s = per_sample_map(norms, params, data, batch_size, desc="grand", progress=progress)
+    Paul et al. score a model early in training, averaged over initialisations; this function
+    scores whatever ``params`` it is given (``dealrec influence --score grand`` passes the
+    trained surrogate's by default, or each early-training model's with
+    ``--score-model early``)."""
+    s = per_sample_map(
+        _grand_fn(per_sample_loss), params, data, batch_size, desc="grand", progress=progress
+    )
     _check_finite(s, "GraNd gradient norm")
     return s
 
@@ -218,7 +232,9 @@ def el2n_scores(
 ) -> np.ndarray:
     """EL2N (Paul et al. 2021): the L2 norm of each sample's prediction error,
     ``error_fn(params, batch) -> [B]`` (model-specific; SASRec's is
-    :func:`jaxrec.models.sasrec.el2n_error`)."""
+    :func:`jaxrec.models.sasrec.el2n_error`), for the model ``params`` (Paul et al. use a model
+    a few epochs into training, averaged over initialisations; ``dealrec influence`` passes
+    the trained surrogate by default, see ``--score-model``)."""
     s = per_sample_map(error_fn, params, data, batch_size, desc="el2n", progress=progress)
     _check_finite(s, "EL2N error")
     return s
