@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument(
         "--also-block", default="", help="a second block timed the same way, e.g. ^ffn_2_1/kernel$"
     )
+    ap.add_argument(
+        "--negative-draws", type=int, default=1, help="K negative draws (1: the rows' setting)"
+    )
     ap.add_argument("--skip-block", action="store_true")
     ap.add_argument(
         "--only-blocks",
@@ -69,6 +72,7 @@ def main() -> None:
             params=params_regex,
             steps=args.steps,
             lissa_batch_size=args.lissa_batch_size,
+            negative_draws=args.negative_draws,
         )
         t0 = time.perf_counter()
         scores, info = compute(cfg, sur, progress=False)
@@ -81,7 +85,10 @@ def main() -> None:
                 sec,
                 total=round(total, 2),
                 n_params=info["n_params"],
-                ms_per_lissa_step=round(1000 * sec["solve"] / args.steps, 2),
+                lissa_steps_run=info["solver"].get("steps_run"),
+                ms_per_lissa_step=round(
+                    1000 * sec["solve"] / max(info["solver"].get("steps_run") or [args.steps]), 2
+                ),
             ),
         )
 

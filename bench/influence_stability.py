@@ -12,6 +12,8 @@ drops), for:
 * K = 4 negative draws: ``--negative-seed`` 0, 4, 8 (disjoint sets of 4 draws), LiSSA fixed.
 
     python bench/influence_stability.py --run /tmp/i10sel/sur --json /tmp/i10sel/stab.json
+    python bench/influence_stability.py --run RUN --k 16 32 --lissa-k --batch-size 1024
+    python bench/influence_stability.py --run RUN --cost 1 32     # seconds and peak RSS per K
 
 Scores are written to ``--scores DIR`` (one ``.npy`` per setting) so a rerun can skip them.
 """
@@ -54,6 +56,13 @@ def main() -> None:
         "--lissa-k", type=int, nargs="*", default=None, help="K values with LiSSA-seed runs too"
     )
     ap.add_argument("--batch-size", type=int, default=4096, help="JVP / mean-gradient batch")
+    ap.add_argument(
+        "--cost",
+        type=int,
+        nargs="*",
+        default=[],
+        help="instead: time one run per K (ascending; with the peak RSS so far)",
+    )
     ap.add_argument("--top", type=float, default=0.1, help="top fraction for the overlap")
     ap.add_argument("--cache", default="~/.cache/dealrec/jax", help="JAX compile cache")
     ap.add_argument("--json", default="")
@@ -92,6 +101,26 @@ def main() -> None:
         return s
 
     out = {"run": args.run, "n_users": sur.dataset.n_users, "params": args.params or "all"}
+    if args.cost:
+        import resource
+
+        out["cost"] = {}
+        for k in sorted(args.cost):
+            cfg = InfluenceConfig(
+                run=args.run, params=args.params, negative_draws=k, batch_size=args.batch_size
+            )
+            t = time.perf_counter()
+            _, info = compute(cfg, sur, progress=False)
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+            out["cost"][k] = {
+                "seconds": round(time.perf_counter() - t, 1),
+                "stages": {a: round(b, 1) for a, b in info["seconds"].items()},
+                "peak_rss_gib_so_far": round(rss, 2),
+            }
+            print(f"K={k}:", out["cost"][k])
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+        return
     lissa_k = args.k if args.lissa_k is None else args.lissa_k
     for k in args.k:  # K draws per run; the 3 runs use disjoint draws (seeds 0.., k.., 2k..)
         out[f"negatives_k{k}"] = pair_stats([scores(k, s * k, 0) for s in (0, 1, 2)], args.top)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxrec.config import InfluenceConfig, solver_options, to_dict
+from jaxrec.config import InfluenceConfig, LissaOptions, solver_options, to_dict
 from jaxrec.data.buckets import width_strata
 from jaxrec.data.scorefiles import atomic_write_bytes, save_scores
 from jaxrec.errors import UserError
@@ -85,19 +85,21 @@ def _score(cfg, surrogate, sub, parts, progress):
     t = time.perf_counter()
     if cfg.score == "influence":
         loss, psl = sub.restrict(surrogate.loss), sub.restrict(surrogate.per_sample_loss)
+        options, batch_size = solver_options(cfg), cfg.batch_size
         if cfg.negative_draws > 1 or cfg.negative_seed != 0:
             parts = negative_draw_parts(surrogate, parts, cfg.negative_draws, cfg.negative_seed)
             loss, psl = draw_mean_losses(psl)
+            options, batch_size = draw_batches(options, batch_size, cfg.negative_draws)
         s, solver = influence_scores(
             loss,
             psl,
             sub.params,
             parts,
-            solver=solver_options(cfg),
+            solver=options,
             damping=cfg.damping,
             convention=cfg.convention,
             scale=cfg.scale,
-            batch_size=cfg.batch_size,
+            batch_size=batch_size,
             progress=progress,
         )
         seconds = solver.pop("seconds")
@@ -147,6 +149,18 @@ def negative_draw_parts(surrogate, parts, draws: int, offset: int = 0) -> list[d
         {**part, "negatives": np.stack([d[g]["negatives"] for d in drawn], axis=1)}
         for g, part in enumerate(parts)
     ]
+
+
+def draw_batches(options, batch_size: int, draws: int):
+    """``(options, batch_size)`` for K-draw batches: the full-data batches (JVP scores, mean
+    gradient, and the CG / exact / Arnoldi HVPs) hold ``batch_size // K`` users (at least 1),
+    so a batch holds as many (user, draw) losses, and as much memory, as a one-draw batch of
+    ``batch_size``. LiSSA's minibatch (16 users) is left as it is: its HVP sees all K draws of
+    each of its users."""
+    users = max(1, batch_size // draws)
+    if not isinstance(options, LissaOptions):
+        options = dataclasses.replace(options, batch_size=max(1, options.batch_size // draws))
+    return options, users
 
 
 @functools.lru_cache(maxsize=8)
