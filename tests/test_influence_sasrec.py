@@ -57,7 +57,8 @@ def test_lissa_vs_exact_on_trained_sasrec_block(surrogate):
     rel = np.linalg.norm(lissa - exact) / np.linalg.norm(exact)
     rho = stats.spearmanr(lissa, exact)[0]
     print(
-        f"\nSASRec 64x64 block {BLOCK}: LiSSA vs exact relative error {rel:.4f}, Spearman {rho:.4f}, "
+        f"\nSASRec 64x64 block {BLOCK}: LiSSA vs exact relative error {rel:.4f}, "
+        f"Spearman {rho:.4f}, "
         f"Hessian eigenvalues [{info_e['solver']['eig_min']:.3g}, "
         f"{info_e['solver']['eig_max']:.3g}]"
     )
