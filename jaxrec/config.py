@@ -134,6 +134,7 @@ SOLVER_OPTIONS = {
 Solver = Literal["lissa", "cg", "exact", "arnoldi"]
 Convention = Literal["dealrec", "standard"]
 Score = Literal["influence", "grand", "el2n", "representation"]
+ScoreModel = Literal["trained", "early"]
 
 
 def _same(cls, name: str):
@@ -170,6 +171,25 @@ class InfluenceConfig:
             "el2n: error norm), or representation: the surrogate's user vectors [n, hidden]"
         },
     )
+    score_model: ScoreModel = field(
+        default="trained",
+        metadata={
+            "help": "grand / el2n: trained = on the trained surrogate (DEALRec's 'same "
+            "surrogate' setting); early = Paul et al. 2021: on --early-inits fresh surrogates "
+            "(seeds seed, seed+1, ...) trained --early-epochs epochs, averaged"
+        },
+    )
+    early_epochs: int = field(
+        default=2,
+        metadata={
+            "help": "score-model early: epochs each fresh surrogate trains before scoring "
+            "(0 = at initialisation, Paul et al.'s GraNd at init)"
+        },
+    )
+    early_inits: int = field(
+        default=10,
+        metadata={"help": "score-model early: independent initialisations averaged (Paul: 10)"},
+    )
     solver: Solver = field(default="lissa", metadata={"help": "inverse-HVP solver"})
     convention: Convention = field(
         default="dealrec",
@@ -181,8 +201,23 @@ class InfluenceConfig:
     params: str = field(
         default="",
         metadata={
-            "help": "regex on parameter paths, e.g. '^ffn_2_1/kernel$' (the paper's 64x64 block); "
-            "empty = all parameters"
+            "help": "regex on parameter paths, e.g. '^attn_out_1/kernel$' (the paper's 64x64 "
+            "block: block 2's attention output projection); empty = all parameters"
+        },
+    )
+    negative_draws: int = field(
+        default=32,
+        metadata={
+            "help": "influence: K fixed draws of negatives; the mean gradient, the HVPs and "
+            "the per-sample scores use the loss averaged over them (1 = the surrogate's one "
+            "draw; 32: Spearman 0.91 across draws on Games, 0.36 with 1, at 2.4x the time)"
+        },
+    )
+    negative_seed: int = field(
+        default=0,
+        metadata={
+            "help": "influence: draw k samples negatives with seed surrogate seed + "
+            "negative_seed + k (0 = starting from the surrogate's own draw)"
         },
     )
     damping: float = field(default=0.01, metadata={"help": "damping d of the inverse"})
@@ -201,7 +236,11 @@ class InfluenceConfig:
     rank: int = _same(ArnoldiOptions, "rank")
     iterations: int = _same(ArnoldiOptions, "iterations")
     batch_size: int = field(
-        default=4096, metadata={"help": "samples per JVP / mean-gradient / full-data HVP batch"}
+        default=4096,
+        metadata={
+            "help": "samples per JVP / mean-gradient / full-data HVP batch (with K negative "
+            "draws: batch_size // K users, the same memory)"
+        },
     )
     grand_batch_size: int = field(
         default=64,
@@ -209,7 +248,13 @@ class InfluenceConfig:
             "help": "samples per vmapped per-sample gradient batch (GraNd; memory batch x params)"
         },
     )
-    seed: int = field(default=0, metadata={"help": "PRNG seed (LiSSA minibatches, Arnoldi)"})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "PRNG seed (LiSSA minibatches, Arnoldi; score-model early: the first "
+            "initialisation's seed)"
+        },
+    )
     compile_cache: str = field(
         default="~/.cache/dealrec/jax",
         metadata={
@@ -234,7 +279,17 @@ class SelectConfig:
     lamda: float = 0.3
     groups: int = 50  # K strata (dealrec, ccs, influence-only, effort-only)
     hard_prune: float = 0.1  # dealrec / ablations: drop this top fraction by score
-    beta: float = 0.1  # ccs: drop this hardest (top EL2N) fraction
+    beta_rule: Literal["rate", "fixed"] = field(
+        default="rate",
+        metadata={
+            "help": "ccs hard cutoff: rate = from the pruning rate r = 1 - n/N as the CCS paper "
+            "tunes it, beta = max(0, r - 0.6) (0.3 at r = 0.9); fixed = --beta"
+        },
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "ccs with --beta-rule fixed: drop this hardest (top EL2N) fraction"},
+    )
     clusters: int = 50  # tfdcon / recranker: k-means clusters
     seed: int = 0
     out: str = "runs/selected.npy"

@@ -39,8 +39,10 @@ from jaxrec.errors import UserError
 from jaxrec.pipeline import (
     PipelineArgs,
     add_score_stages,
+    baseline_score_options,
     config_classes,
     digest,
+    key_options,
     prepare_workdir,
     read_experiment_file,
     run_stages,
@@ -564,10 +566,11 @@ def main(args: ExperimentArgs) -> int:
     upstream = {
         m: digest(
             [
-                wired[s]
+                key_options(s, wired[s])
                 for s in pipe.active(list(SHARED))
                 if (s != "effort" or m in NEEDS_EFFORT) and (s != "user_reps" or llm[m])
             ]
+            + baseline_score_options(wired, m)
         )
         for m in exp.methods
     }

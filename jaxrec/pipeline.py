@@ -62,6 +62,9 @@ COMMAND = {
     "evaluate": "evaluate",
 }
 BACKEND_STAGES = ("effort", "finetune", "evaluate")  # the stages that take ``backend``
+# ``influence:`` keys that only the GraNd / EL2N score stages read (the early-training variant);
+# they are left out of the influence stage's reuse key, so setting them reruns only those
+BASELINE_SCORE_KEYS = ("score_model", "early_epochs", "early_inits")
 
 
 @dataclass
@@ -232,7 +235,11 @@ def wire(sections: dict, workdir: Path, data: str, backend: str = "bigrec") -> d
 def add_score_stages(wired: dict, methods) -> list[str]:
     """Add a stage to ``wired`` for every surrogate score file ``methods`` need (GraNd, EL2N,
     representations; see :func:`jaxrec.select.score_stages`): ``dealrec influence --score KIND
-    --out SURROGATE/FILE``, where ``dealrec select`` reads it. Returns their stage names."""
+    --out SURROGATE/FILE``, where ``dealrec select`` reads it. Returns their stage names.
+
+    A score stage reads the ``influence:`` section, so GraNd / EL2N follow its
+    ``score_model`` / ``early_epochs`` / ``early_inits`` (trained surrogate, or Paul et al.'s
+    early-training average); those keys are part of the score stage's reuse key only."""
     from jaxrec.select import score_stages
 
     names = []
@@ -330,12 +337,33 @@ class RunLog:
             )
 
 
+def key_options(stage: str, section: dict) -> dict:
+    """The options of ``stage`` that its reuse key covers: all of them, except that the
+    ``influence`` stage ignores :data:`BASELINE_SCORE_KEYS` (only the ``influence:grand`` /
+    ``influence:el2n`` score stages, which copy the section, read them)."""
+    if stage != "influence":
+        return section
+    return {k: v for k, v in section.items() if k not in BASELINE_SCORE_KEYS}
+
+
+def baseline_score_options(wired: dict, method: str) -> list:
+    """``[{key: value}]`` of the :data:`BASELINE_SCORE_KEYS` set in ``wired["influence"]`` when
+    ``method`` reads GraNd or EL2N scores, else ``[]``: what an experiment adds to such a
+    method's upstream key (empty, and so no change to the key, when none is set)."""
+    from jaxrec.select import REQUIRES
+
+    if not {"grand", "el2n"} & set(REQUIRES[method]):
+        return []
+    chosen = {k: v for k, v in wired["influence"].items() if k in BASELINE_SCORE_KEYS}
+    return [chosen] if chosen else []
+
+
 def stage_keys(stages: list[str], wired: dict, upstream: str = "") -> dict[str, str]:
     """The reuse key of each stage: a hash of its resolved options chained over the stages
     before it (and ``upstream``), so changing any earlier stage invalidates the later ones."""
     keys, key = {}, upstream
     for stage in stages:
-        key = keys[stage] = digest([key, stage, wired[stage]])
+        key = keys[stage] = digest([key, stage, key_options(stage, wired[stage])])
     return keys
 
 

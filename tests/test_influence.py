@@ -268,7 +268,14 @@ def test_leave_one_out_logistic_regression():
     base = total(w)
     actual = np.array([total(fit(jnp.ones(n).at[i].set(0.0))) - base for i in range(n)])
     scores, info = inf.influence_scores(
-        objective, per_sample, params, data, solver="exact", damping=0.0, batch_size=32
+        objective,
+        per_sample,
+        params,
+        data,
+        solver="exact",
+        damping=0.0,
+        convention="standard",
+        batch_size=32,
     )
     # removing i moves w by ~ H^-1 g_i / n, the total loss by ~ n g_mean . H^-1 g_i / n
     predicted = scores * n**2
@@ -276,6 +283,30 @@ def test_leave_one_out_logistic_regression():
     assert stats.spearmanr(predicted, actual)[0] > 0.9
     np.testing.assert_allclose(predicted, actual, rtol=0.2, atol=0.2 * np.abs(actual).max())
     assert set(info["seconds"]) == {"mean_gradient", "solve", "scores", "total"}
+
+
+def test_influence_scores_defaults_are_the_cli_defaults():
+    """One default damping convention: the Python API and ``dealrec influence`` agree."""
+    import inspect
+
+    from jaxrec.config import InfluenceConfig
+
+    params = inspect.signature(inf.influence_scores).parameters
+    cfg = InfluenceConfig()
+    for name in ("solver", "damping", "convention", "scale", "batch_size"):
+        assert params[name].default == getattr(cfg, name), name
+    assert cfg.convention == "dealrec"
+    # and it is what runs: the default call equals the explicit dealrec call
+    loss, per_sample, p, data, _, _ = ridge_problem()
+    default, _ = inf.influence_scores(loss, per_sample, p, data, solver="exact")
+    explicit, _ = inf.influence_scores(
+        loss, per_sample, p, data, solver="exact", convention="dealrec", damping=0.01, scale=25.0
+    )
+    standard, _ = inf.influence_scores(
+        loss, per_sample, p, data, solver="exact", convention="standard"
+    )
+    np.testing.assert_array_equal(default, explicit)
+    assert not np.allclose(default, standard)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -15,7 +15,8 @@ from jaxrec.data.buckets import width_strata
 from jaxrec.influence import LissaOptions, ParamSubset, influence_scores
 from jaxrec.influence.cli import compute
 
-BLOCK = r"^ffn_2_1/kernel$"  # the 64x64 block of the paper's code (4096 parameters)
+# the 64x64 block of the paper's code, item_encoder.layer.1.attention.dense.weight (4096 parameters)
+BLOCK = r"^attn_out_1/kernel$"
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,10 @@ def test_lissa_vs_exact_on_trained_sasrec_block(surrogate):
     """LiSSA (paper settings: dealrec convention, d=0.01, s=25; 2000 steps, 0.99^2000 ~ 2e-9,
     so converged) against the exact
     float64 solve of the 4096 x 4096 Hessian built from HVPs, on the paper's block."""
-    common = dict(params=BLOCK, convention="dealrec", damping=0.01, scale=25.0)
-    exact, info_e = compute(InfluenceConfig(solver="exact", **common), surrogate, progress=False)
+    common = dict(params=BLOCK, convention="dealrec", damping=0.01, scale=25.0, negative_draws=1)
+    exact, info_e = compute(  # 64 HVPs at a time: a quarter of the default chunk's memory
+        InfluenceConfig(solver="exact", exact_chunk=64, **common), surrogate, progress=False
+    )
     lissa, info_l = compute(
         InfluenceConfig(solver="lissa", steps=2000, lissa_batch_size=32, **common),
         surrogate,
@@ -54,7 +57,8 @@ def test_lissa_vs_exact_on_trained_sasrec_block(surrogate):
     rel = np.linalg.norm(lissa - exact) / np.linalg.norm(exact)
     rho = stats.spearmanr(lissa, exact)[0]
     print(
-        f"\nSASRec 64x64 block: LiSSA vs exact relative error {rel:.4f}, Spearman {rho:.4f}, "
+        f"\nSASRec 64x64 block {BLOCK}: LiSSA vs exact relative error {rel:.4f}, "
+        f"Spearman {rho:.4f}, "
         f"Hessian eigenvalues [{info_e['solver']['eig_min']:.3g}, "
         f"{info_e['solver']['eig_max']:.3g}]"
     )
@@ -106,7 +110,8 @@ def test_cli_writes_scores_manifest_and_trace(trained_run, surrogate, tmp_path):
 
 
 def test_cli_equals_library_influence_scores(trained_run, surrogate, tmp_path):
-    """`dealrec influence` is influence_scores(...) on the width buckets, nothing else."""
+    """`dealrec influence` is influence_scores(...) on the width buckets, nothing else, and
+    both default to the same damping convention, damping and scale."""
     out = tmp_path / "inf.npy"
     assert (
         cli_main(
@@ -126,6 +131,8 @@ def test_cli_equals_library_influence_scores(trained_run, surrogate, tmp_path):
                 "3",
                 "--compile-cache",
                 "",
+                "--negative-draws",
+                "1",
             ]
         )
         == 0
@@ -139,10 +146,7 @@ def test_cli_equals_library_influence_scores(trained_run, surrogate, tmp_path):
         sub.params,
         parts,
         solver=LissaOptions(steps=200, batch_size=8, seed=3),
-        damping=0.01,
-        convention="dealrec",
-        scale=25.0,
-    )
+    )  # no damping / convention / scale: the library's defaults must be the CLI's
     want = np.empty_like(s)
     want[order] = s
     np.testing.assert_array_equal(got, want.astype(np.float32))
@@ -202,3 +206,92 @@ def test_cli_run_without_checkpoint(tmp_path, capsys):
     out = tmp_path / "x.npy"
     assert cli_main(["influence", "--run", str(tmp_path / "empty"), "--out", str(out)]) == 2
     assert "checkpoint" in capsys.readouterr().err and not out.exists()
+
+
+def test_grand_el2n_early_training_variant_is_the_mean_over_inits(trained_run, tmp_path):
+    """``--score-model early`` (Paul et al. 2021) with 2 initialisations equals the mean of the
+    two single-initialisation scores, each computed independently from the bare
+    initialisation (epoch 0) by the trained-surrogate path; after 1 epoch, one initialisation
+    equals a fresh surrogate trained here with ``jaxrec.train.train`` and the same recipe."""
+    import dataclasses
+    import shutil
+
+    from jaxrec.models import sasrec
+    from jaxrec.train import load_surrogate, train
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)  # early/ is cached inside the run folder
+    sur = load_surrogate(run)
+
+    def single(score, params):
+        cfg = InfluenceConfig(run=str(run), score=score)
+        return compute(cfg, dataclasses.replace(sur, params=params), progress=False)[0]
+
+    for score in ("grand", "el2n"):
+        cfg = InfluenceConfig(
+            run=str(run), score=score, score_model="early", early_epochs=0, early_inits=2, seed=5
+        )
+        got, info = compute(cfg, sur, progress=False)
+        assert info["early"] == {"epochs": 0, "seeds": [5, 6]}
+        inits = [
+            single(score, sasrec.init_params(sur.model, jax.random.PRNGKey(k))) for k in (5, 6)
+        ]
+        assert not np.allclose(inits[0], inits[1], rtol=1e-3)  # the inits do differ
+        np.testing.assert_allclose(got, (inits[0] + inits[1]) / 2, rtol=1e-5)
+        trained = single(score, sur.params)
+        assert not np.allclose(got, trained, rtol=1e-2)
+
+    cfg1 = InfluenceConfig(
+        run=str(run), score="grand", score_model="early", early_epochs=1, early_inits=1, seed=3
+    )
+    got1, _ = compute(cfg1, sur, progress=False)
+    out = tmp_path / "independent"
+    recipe = dataclasses.replace(
+        sur.config, data=str(sur.dataset.path), out=str(out), epochs=1, seed=3
+    )
+    train(recipe, progress=False)
+    np.testing.assert_allclose(got1, single("grand", load_surrogate(out).params), rtol=1e-5)
+    again, _ = compute(cfg1, sur, progress=False)  # the cached run: nothing retrained
+    np.testing.assert_array_equal(again, got1)
+
+
+def test_negative_draws_one_is_today_and_two_is_the_draw_averaged_loss(surrogate):
+    """``negative_draws=1`` is today's influence bit for bit; ``negative_draws=2`` equals the
+    single-draw path run on the data with every user twice (once per draw): its mean gradient
+    and Hessian are the draw-averaged ones, and user i's score is the mean of its two rows'
+    (times 4: Eq. 11 divides by n^2, and n doubled). Exact solver on a 64-parameter block."""
+    from jaxrec.train import with_negatives
+
+    block = r"^attn_out_1/bias$"
+    common = dict(params=block, solver="exact", convention="dealrec", damping=0.01, scale=25.0)
+    sub = ParamSubset(surrogate.params, block)
+    loss, psl = sub.restrict(surrogate.loss), sub.restrict(surrogate.per_sample_loss)
+    opts = dict(solver="exact", damping=0.01, convention="dealrec", scale=25.0)
+
+    def scores_of(data):
+        order, parts = width_strata(data, surrogate.config.max_len)
+        s, _ = influence_scores(loss, psl, sub.params, parts, **opts)
+        out = np.empty_like(s)
+        out[order] = s
+        return out
+
+    today = scores_of(surrogate.data)
+    k1, _ = compute(InfluenceConfig(negative_draws=1, **common), surrogate, progress=False)
+    np.testing.assert_array_equal(k1, today)
+
+    k2, info = compute(InfluenceConfig(negative_draws=2, **common), surrogate, progress=False)
+    seed = surrogate.config.seed
+    assert info["solver"]["negative_seeds"] == [seed, seed + 1]
+    second = with_negatives(surrogate.data, seed + 1, 0, surrogate.dataset.n_items)
+    twice = {k: np.concatenate([surrogate.data[k], second[k]]) for k in surrogate.data}
+    rows = scores_of(twice)
+    n = surrogate.dataset.n_users
+    want = 4.0 * (rows[:n] + rows[n:]) / 2
+    np.testing.assert_allclose(k2, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    assert np.abs(k2 - today).max() > 0.05 * np.abs(today).max()  # the second draw matters
+    # another seed offset is another single draw
+    k1b, _ = compute(
+        InfluenceConfig(negative_draws=1, negative_seed=1, **common), surrogate, progress=False
+    )
+    one = scores_of(second)
+    np.testing.assert_allclose(k1b, one, rtol=1e-4, atol=1e-5 * np.abs(one).max())

@@ -11,6 +11,8 @@ import pytest
 from jaxrec.errors import UserError
 from jaxrec.select import (
     METHODS,
+    ccs_beta,
+    ccs_prune_count,
     kmeans,
     minmax,
     overall_scores,
@@ -193,6 +195,32 @@ def test_ccs_prunes_hardest_beta_then_stratifies():
     hardest = np.argsort(-el2n)[:60]
     assert sel.indices.size == 40 and not np.isin(sel.indices, hardest).any()
     assert sel.info["n_pruned"] == 60 and sum(sel.info["group_selected"]) == 40
+
+
+def test_ccs_beta_from_the_pruning_rate_hand_worked():
+    # beta = max(0, (1 - n/N) - 0.6): the line through the CCS README's 0.2 at r = 0.8 and 0.3 at
+    # r = 0.9; counts are exact (0.4 N - n), with no float round-off at 70 %
+    assert ccs_prune_count(2, 20) == 6 and ccs_beta(2, 20) == 0.3  # r = 0.9
+    assert ccs_prune_count(4, 20) == 4 and ccs_beta(4, 20) == 0.2  # r = 0.8
+    assert ccs_prune_count(30, 100) == 10  # r = 0.7: 0.7 - 0.6 in floats is 0.0999..
+    assert ccs_prune_count(10, 20) == 0 and ccs_beta(10, 20) == 0.0  # r = 0.5
+    assert ccs_prune_count(1, 100) == 39  # r = 0.99
+    # N = 20 users with EL2N 0..19 (shuffled rows), keep n = 2 (r = 0.9): the 6 hardest (EL2N
+    # 14..19) go; the pool 0..13 splits into 2 equal-width strata [0, 6.5] and (6.5, 13] of 7
+    # users each, and each stratum gets one of the 2 places.
+    rows = np.random.default_rng(0).permutation(20)
+    el2n = np.empty(20)
+    el2n[rows] = np.arange(20.0)
+    for seed in range(5):
+        sel = select("ccs", 2, el2n=el2n, groups=2, seed=seed)
+        picked = np.sort(el2n[sel.indices])
+        assert picked[0] <= 6 and 7 <= picked[1] <= 13
+        assert sel.info["beta_rule"] == "rate" and sel.info["beta"] == 0.3
+        assert sel.info["n_pruned"] == 6 and sel.info["prune_threshold"] == 14.0
+        assert sel.info["group_sizes"] == [7, 7] and sel.info["group_selected"] == [1, 1]
+    # a fixed beta overrides the rule
+    fixed = select("ccs", 2, el2n=el2n, groups=2, beta=0.0, seed=0)
+    assert fixed.info["n_pruned"] == 0 and fixed.info["beta_rule"] == "fixed"
 
 
 def _blobs(sizes, dim=4, seed=0):

@@ -147,6 +147,8 @@ def test_every_baseline_through_the_cli(world, tmp_path, method):
             8,
             "--clusters",
             5,
+            "--beta-rule",
+            "fixed",
             "--beta",
             0.2,
         )
@@ -212,6 +214,7 @@ BAD = {
     "unknown method": ["--method", "best", "--influence", "{influence}"],
     "no run": ["--method", "grand"],
     "foreign scores": ["--method", "el2n", "--scores", "{foreign}"],
+    "beta without fixed rule": ["--method", "ccs", "--scores", "{effort}", "--beta", "0.3"],
 }
 
 
@@ -375,3 +378,24 @@ def test_run_and_experiment_add_the_score_stages_methods_need():
         "w/surrogate/el2n.npy",
     ]
     assert stage_argv("select", {}, Path("r.yaml")) == ["select", "--config", "r.yaml"]
+
+
+def test_early_grand_options_rerun_only_the_score_stages():
+    """``influence: {score_model: early}`` reaches the GraNd / EL2N score stages (they read the
+    influence section) and changes their reuse keys, not the influence stage's."""
+    from jaxrec.pipeline import add_score_stages, baseline_score_options, stage_keys
+
+    def keys(extra):
+        wired = {"influence": {"run": "w/s", "out": "w/i.npy", **extra}, "select": {"n": 3}}
+        stages = ["influence", *add_score_stages(wired, ["ccs"]), "select"]
+        return stage_keys(stages, wired), wired
+
+    plain, wired_plain = keys({})
+    early, wired = keys({"score_model": "early", "early_inits": 3})
+    assert wired["influence:el2n"]["score_model"] == "early"
+    assert early["influence"] == plain["influence"]
+    assert early["influence:el2n"] != plain["influence:el2n"]
+    assert early["select"] != plain["select"]
+    assert baseline_score_options(wired, "ccs") == [{"score_model": "early", "early_inits": 3}]
+    assert baseline_score_options(wired, "dealrec") == []
+    assert baseline_score_options(wired_plain, "grand") == []

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrec.config import InfluenceConfig
 from jaxrec.errors import UserError
 from jaxrec.influence.batching import data_mesh, replicate, strata_batches, total_size
 from jaxrec.influence.inverse import SolverOptions, inverse_hvp
@@ -66,6 +67,24 @@ def _jvp_fn(per_sample_loss):
         return jax.jvp(lambda q: per_sample_loss(q, batch), (p,), (u,))[1]
 
     return jvp
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _grand_fn(per_sample_loss):
+    """``(params, batch) -> ||grad loss_i||`` per sample, one function per loss (so repeated
+    GraNd passes over models of one architecture compile once)."""
+
+    def one(p, example):
+        batch = jax.tree.map(lambda x: x[None], example)
+        return per_sample_loss(p, batch)[0]
+
+    def norms(p, batch):
+        g = jax.vmap(jax.grad(one), in_axes=(None, 0))(p, batch)
+        return jnp.sqrt(
+            sum(jnp.sum(x.reshape(x.shape[0], -1) ** 2, -1) for x in jax.tree.leaves(g))
+        )
+
+    return norms
 
 
 def per_sample_map(
@@ -140,11 +159,11 @@ def influence_scores(
     params,
     data,
     *,
-    solver: str | SolverOptions = "lissa",
-    damping: float = 0.01,
-    convention: str = "standard",
-    scale: float = 25.0,
-    batch_size: int = 4096,
+    solver: str | SolverOptions = InfluenceConfig.solver,
+    damping: float = InfluenceConfig.damping,
+    convention: str = InfluenceConfig.convention,
+    scale: float = InfluenceConfig.scale,
+    batch_size: int = InfluenceConfig.batch_size,
     progress: bool | None = None,
     **solver_options,
 ):
@@ -154,6 +173,12 @@ def influence_scores(
     ``v = mean_gradient``, ``u = inverse_hvp(loss, ..., v)``, ``s = sample_scores(..., u)``;
     ``solver``, ``damping``, ``convention``, ``scale`` and ``solver_options`` go to
     :func:`~jaxrec.influence.inverse_hvp`, ``batch_size`` to the gradient and score passes.
+
+    The defaults are ``dealrec influence``'s, read from the same :class:`InfluenceConfig`
+    fields: LiSSA, ``convention="dealrec"`` (what the paper's LiSSA recursion converges to,
+    ``scale (H + scale*damping I)^-1 v``), ``damping=0.01``, ``scale=25``. (The primitive
+    :func:`~jaxrec.influence.inverse_hvp` keeps ``convention="standard"``, ``(H + damping
+    I)^-1 v``, with ``damping=0``.)
     Returns ``(scores [n], info)`` where ``info`` holds the solver's report and timings.
     """
     n = total_size(data)
@@ -189,19 +214,15 @@ def grand_scores(
     per_sample_loss, params, data, batch_size: int = 64, *, progress: bool | None = None
 ) -> np.ndarray:
     """GraNd (Paul et al. 2021): ``||grad loss_i||_2`` per sample, by ``vmap`` of ``grad`` over
-    a batch (memory O(batch x params): keep ``batch_size`` small for big models)."""
+    a batch (memory O(batch x params): keep ``batch_size`` small for big models).
 
-    def one(p, example):
-        batch = jax.tree.map(lambda x: x[None], example)
-        return per_sample_loss(p, batch)[0]
-
-    def norms(p, batch):
-        g = jax.vmap(jax.grad(one), in_axes=(None, 0))(p, batch)
-        return jnp.sqrt(
-            sum(jnp.sum(x.reshape(x.shape[0], -1) ** 2, -1) for x in jax.tree.leaves(g))
-        )
-
-    s = per_sample_map(norms, params, data, batch_size, desc="grand", progress=progress)
+    Paul et al. score a model early in training, averaged over initialisations; this function
+    scores whatever ``params`` it is given (``dealrec influence --score grand`` passes the
+    trained surrogate's by default, or each early-training model's with
+    ``--score-model early``)."""
+    s = per_sample_map(
+        _grand_fn(per_sample_loss), params, data, batch_size, desc="grand", progress=progress
+    )
     _check_finite(s, "GraNd gradient norm")
     return s
 
@@ -211,7 +232,9 @@ def el2n_scores(
 ) -> np.ndarray:
     """EL2N (Paul et al. 2021): the L2 norm of each sample's prediction error,
     ``error_fn(params, batch) -> [B]`` (model-specific; SASRec's is
-    :func:`jaxrec.models.sasrec.el2n_error`)."""
+    :func:`jaxrec.models.sasrec.el2n_error`), for the model ``params`` (Paul et al. use a model
+    a few epochs into training, averaged over initialisations; ``dealrec influence`` passes
+    the trained surrogate by default, see ``--score-model``)."""
     s = per_sample_map(error_fn, params, data, batch_size, desc="el2n", progress=progress)
     _check_finite(s, "EL2N error")
     return s

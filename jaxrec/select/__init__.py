@@ -16,6 +16,8 @@ import numpy as np
 
 from jaxrec.errors import UserError
 from jaxrec.select.baselines import (
+    ccs_beta,
+    ccs_prune_count,
     ccs_select,
     kmeans,
     proportional_budgets,
@@ -82,7 +84,7 @@ def select(
     lamda: float = 0.3,
     groups: int = 50,
     hard_prune: float = 0.1,
-    beta: float = 0.1,
+    beta: float | None = None,
     clusters: int = 50,
 ) -> Selection:
     """Choose ``n`` training users with ``method`` (one of :data:`METHODS`).
@@ -91,7 +93,9 @@ def select(
     ``effort`` (Eq. 12), ``grand`` / ``el2n`` (surrogate scores), ``representations``
     ``[N, H]`` (surrogate), ``llm_representations`` ``[N, D]`` (optional, tfdcon),
     ``interactions`` ``[N]`` (train items per user, recranker). ``n_total`` is needed by
-    ``random`` only when no array is given. Returns exactly ``n`` distinct sorted indices.
+    ``random`` only when no array is given. ``beta``: CCS's hard-cutoff rate; ``None`` = from
+    the pruning rate (:func:`~jaxrec.select.baselines.ccs_beta`). Returns exactly ``n``
+    distinct sorted indices.
     """
     check_method(method)
     given = {
@@ -169,6 +173,8 @@ __all__ = [
     "top_n",
     "random_select",
     "ccs_select",
+    "ccs_beta",
+    "ccs_prune_count",
     "tfdcon_select",
     "recranker_select",
     "kmeans",

@@ -48,6 +48,11 @@ def check_config(cfg: SelectConfig) -> None:
         value = getattr(cfg, name)
         if not 0.0 <= value < 1.0:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+    if cfg.beta_rule == "rate" and cfg.beta != SelectConfig.beta:
+        raise UserError(
+            f"--beta {cfg.beta:g} is used only with --beta-rule fixed (the default, rate, "
+            "takes CCS's beta from the pruning rate)"
+        )
     if not cfg.out or Path(cfg.out).suffix != ".npy":
         raise UserError(f"--out must name a .npy file, got {cfg.out!r}")
     needs = set(REQUIRES[cfg.method])
@@ -123,7 +128,7 @@ def run_select(cfg: SelectConfig):
         lamda=cfg.lamda,
         groups=cfg.groups,
         hard_prune=cfg.hard_prune,
-        beta=cfg.beta,
+        beta=cfg.beta if cfg.beta_rule == "fixed" else None,
         clusters=cfg.clusters,
         **arrays,
     )
