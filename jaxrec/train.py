@@ -8,7 +8,15 @@ checkpoint and the latest one (so a killed run resumes where it stopped), and wr
 Speed: users are bucketed by sequence length and each batch is cut to the narrowest width in
 ``TRAIN_WIDTHS`` that holds it (``jaxrec.data.buckets``; exact: positions count from the right
 and padding is masked), so a Games epoch does not pay for 50 positions per user when the mean
-sequence has 6.
+sequence has 6. ``batching="random"`` gives the paper code's plain shuffled batches instead.
+
+The paper's protocol (github Linxyhaha/DEALRec ``code/prune/``) is the default:
+``arch="official"``, ``negatives="sequence"``, ``loss_weighting="position"`` (see
+:class:`jaxrec.config.SurrogateConfig` and :mod:`jaxrec.models.sasrec`). Departures: the
+whole train sequence is used (the paper's ``SeqDataset`` drops the last train item as a
+target), the ``"position"`` divisor is a constant (not each batch's count), batches are
+length-bucketed, and the negatives come from JAX keys per (seed, epoch, user), not Python's
+``random``.
 """
 
 from __future__ import annotations

@@ -187,3 +187,17 @@ def test_a_run_without_arch_keys_loads_as_the_kang_arch(trained_run, tmp_path):
     else:
         with pytest.raises(ValueError, match="does not match"):
             load_surrogate(old)
+
+
+@pytest.mark.parametrize("batching", ["bucketed", "random"])
+def test_epoch_batches_cover_every_user_once_at_a_width_holding_it(batching):
+    from jaxrec.train import epoch_batches
+
+    lengths = np.random.default_rng(0).integers(0, 50, size=1000)
+    batches = epoch_batches(lengths, 64, 50, np.random.default_rng(1), batching)
+    rows = np.concatenate([b for b, _ in batches])
+    assert sorted(rows[rows >= 0]) == sorted(np.flatnonzero(lengths > 0))
+    assert all(w >= lengths[b[b >= 0]].max() for b, w in batches)
+    assert all(len(b) == 64 for b, _ in batches)
+    if batching == "random":  # plain shuffled batches mix lengths
+        assert np.ptp(lengths[batches[0][0][batches[0][0] >= 0]]) > 20

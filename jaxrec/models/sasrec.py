@@ -2,9 +2,14 @@
 
 The model is exposed through pure functions, which is all the influence engine needs::
 
-    loss, per_sample_loss = make_loss_fns(model)
+    loss, per_sample_loss = make_loss_fns(model, weighting, positions)
     per_sample_loss(params, batch) -> [B]      # one BCE loss per training sample (user)
     loss(params, batch) -> scalar              # their mean
+
+Two blocks (``SASRec.arch``): ``"official"``, the paper code's post-LayerNorm SASRec (the
+default of :class:`jaxrec.config.SurrogateConfig`), and ``"kang"``, Kang & McAuley's
+pre-LayerNorm one. Negatives: :func:`sequence_negatives` (outside the user's whole sequence,
+the paper's code) or :func:`sample_negatives` (anything but the target).
 
 A batch is ``{"inputs", "targets", "negatives"}``, each ``[B, L]`` int32, left-padded with 0:
 at every non-padding position the model is asked to score the target (the next item) above the
