@@ -135,7 +135,7 @@ def plot(a) -> None:
     ax.set_ylabel("valid Recall@20")
     ax.set_title("SASRec surrogate on Games: valid Recall@20 per epoch")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
     print(
