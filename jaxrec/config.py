@@ -33,6 +33,12 @@ class PrepareConfig:
     split: str = "8:1:1"  # train:valid:test by global time
 
 
+SurrogateArch = Literal["official", "kang"]
+SurrogateNegatives = Literal["sequence", "target"]
+SurrogateLossWeighting = Literal["position", "sample"]
+SurrogateBatching = Literal["bucketed", "random"]
+
+
 @dataclass
 class SurrogateConfig:
     """``dealrec train-surrogate`` / ``evaluate-surrogate``: the Flax SASRec surrogate."""
@@ -51,6 +57,35 @@ class SurrogateConfig:
     eval_every: int = 1
     seed: int = 0
     resume: bool = True  # continue from RUN_DIR's latest checkpoint if there is one
+    arch: SurrogateArch = field(
+        default="official",
+        metadata={
+            "help": "official: the paper code's post-LayerNorm (S3Rec/BERT-style) SASRec with its "
+            "initialisation; kang: the pre-LayerNorm block of Kang & McAuley's SASRec"
+        },
+    )
+    negatives: SurrogateNegatives = field(
+        default="sequence",
+        metadata={
+            "help": "sequence: each negative is drawn from the items outside the user's whole "
+            "training sequence (the paper's code); target: any item but that position's target"
+        },
+    )
+    loss_weighting: SurrogateLossWeighting = field(
+        default="position",
+        metadata={
+            "help": "position: every target position weighs the same (the paper code's "
+            "cross_entropy); sample: each user's loss is the mean over its positions"
+        },
+    )
+    batching: SurrogateBatching = field(
+        default="bucketed",
+        metadata={
+            "help": "bucketed: batches of users of similar length, each cut to its width (fast, "
+            "exact); random: plain shuffled batches as the paper's code, each cut to its "
+            "longest row"
+        },
+    )
 
 
 @dataclass
@@ -201,8 +236,9 @@ class InfluenceConfig:
     params: str = field(
         default="",
         metadata={
-            "help": "regex on parameter paths, e.g. '^attn_out_1/kernel$' (the paper's 64x64 "
-            "block: block 2's attention output projection); empty = all parameters"
+            "help": "regex on parameter paths, or a preset: 'official' = '^attn_out_1/kernel$', "
+            "the 64x64 block the paper's code scores (item_encoder.layer.1.attention.dense); "
+            "empty = all parameters"
         },
     )
     negative_draws: int = field(

@@ -8,7 +8,15 @@ checkpoint and the latest one (so a killed run resumes where it stopped), and wr
 Speed: users are bucketed by sequence length and each batch is cut to the narrowest width in
 ``TRAIN_WIDTHS`` that holds it (``jaxrec.data.buckets``; exact: positions count from the right
 and padding is masked), so a Games epoch does not pay for 50 positions per user when the mean
-sequence has 6.
+sequence has 6. ``batching="random"`` gives the paper code's plain shuffled batches instead.
+
+The paper's protocol (github Linxyhaha/DEALRec ``code/prune/``) is the default:
+``arch="official"``, ``negatives="sequence"``, ``loss_weighting="position"`` (see
+:class:`jaxrec.config.SurrogateConfig` and :mod:`jaxrec.models.sasrec`). Departures: the
+whole train sequence is used (the paper's ``SeqDataset`` drops the last train item as a
+target), the ``"position"`` divisor is a constant (not each batch's count), batches are
+length-bucketed, and the negatives come from JAX keys per (seed, epoch, user), not Python's
+``random``.
 """
 
 from __future__ import annotations
@@ -84,25 +92,82 @@ def build_model(cfg: SurrogateConfig, n_items: int) -> sasrec.SASRec:
         heads=cfg.heads,
         max_len=cfg.max_len,
         dropout=cfg.dropout,
+        arch=cfg.arch,
     )
 
 
-def with_negatives(arrays: dict, seed: int, epoch: int, n_items: int) -> dict:
-    """Add ``"negatives"`` for every row, derived from (seed, row index, epoch)."""
-    neg = sasrec.sample_negatives(seed, arrays["index"], epoch, arrays["targets"], n_items)
+def loss_fns(cfg: SurrogateConfig, model: sasrec.SASRec, arrays: dict):
+    """The pure ``(loss, per_sample_loss)`` of ``model`` under ``cfg.loss_weighting`` (the
+    ``"position"`` divisor is the mean number of target positions of ``arrays``)."""
+    return sasrec.make_loss_fns(
+        model, cfg.loss_weighting, sasrec.positions_per_sample(arrays["targets"])
+    )
+
+
+def with_negatives(
+    arrays: dict,
+    seed: int,
+    epoch: int,
+    n_items: int,
+    negatives: str = "target",
+    sequences: list | None = None,
+) -> dict:
+    """Add ``"negatives"`` for every row, derived from (seed, row index, epoch).
+
+    Args:
+      negatives: ``"target"``: any item but the position's target
+        (:func:`sasrec.sample_negatives`); ``"sequence"``: an item outside the row's whole
+        sequence (:func:`sasrec.sequence_negatives`, as the paper's code).
+      sequences: for ``"sequence"``, the excluded items of each row (``Dataset.train``, aligned
+        with ``arrays["index"]``).
+    """
+    if negatives == "sequence":
+        if sequences is None:
+            raise ValueError("negatives='sequence' needs sequences= (the users' train items)")
+        seqs = [sequences[i] for i in np.asarray(arrays["index"])]
+        neg = sasrec.sequence_negatives(
+            seed, arrays["index"], epoch, arrays["targets"], n_items, seqs
+        )
+    elif negatives == "target":
+        neg = sasrec.sample_negatives(seed, arrays["index"], epoch, arrays["targets"], n_items)
+    else:
+        raise ValueError(f"negatives must be 'sequence' or 'target', got {negatives!r}")
     return {**arrays, "negatives": np.asarray(neg)}
 
 
-def epoch_batches(
-    lengths: np.ndarray, batch_size: int, max_len: int, rng: np.random.Generator
-) -> list[tuple[np.ndarray, int]]:
-    """Shuffled batches of row indices, bucketed by length: ``[(rows, width), ...]``.
+def surrogate_negatives(cfg: SurrogateConfig, arrays: dict, ds: Dataset, epoch: int, seed=None):
+    """:func:`with_negatives` under ``cfg.negatives`` (``seed`` defaults to ``cfg.seed``)."""
+    seed = cfg.seed if seed is None else seed
+    return with_negatives(arrays, seed, epoch, ds.n_items, cfg.negatives, ds.train)
 
-    Rows with no target are skipped (their loss is 0). Each batch has exactly ``batch_size``
-    rows (-1 pads the last batch of a bucket), so jit compiles once per width.
+
+def epoch_batches(
+    lengths: np.ndarray,
+    batch_size: int,
+    max_len: int,
+    rng: np.random.Generator,
+    batching: str = "bucketed",
+) -> list[tuple[np.ndarray, int]]:
+    """Shuffled batches of row indices: ``[(rows, width), ...]``.
+
+    ``batching="bucketed"``: users of one length bucket per batch, cut to the bucket's width;
+    ``"random"``: plain shuffled batches (the paper's ``RandomSampler``), each cut to the
+    narrowest width holding its longest row. Rows with no target are skipped (their loss is
+    0). Each batch has exactly ``batch_size`` rows (-1 pads the last one), so jit compiles
+    once per width.
     """
     batches = []
     widths = width_of(lengths, max_len, TRAIN_WIDTHS)
+    if batching == "random":
+        rows = rng.permutation(np.flatnonzero(lengths > 0))
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            width = int(widths[chunk].max())
+            chunk = np.concatenate([chunk, -np.ones(batch_size - len(chunk), chunk.dtype)])
+            batches.append((chunk, width))
+        return batches
+    if batching != "bucketed":
+        raise ValueError(f"batching must be 'bucketed' or 'random', got {batching!r}")
     for width in sorted(set(widths[lengths > 0])):
         rows = rng.permutation(np.flatnonzero((widths == width) & (lengths > 0)))
         for start in range(0, len(rows), batch_size):
@@ -123,13 +188,17 @@ def take_batch(arrays: dict, rows: np.ndarray, width: int) -> dict:
     }
 
 
-def make_train_step(model: sasrec.SASRec, optimizer):
-    """A jitted Adam step on the dropout-on, row-weighted mean BCE loss."""
+def make_train_step(
+    model: sasrec.SASRec, optimizer, weighting: str = "sample", positions: float = 1.0
+):
+    """A jitted Adam step on the dropout-on, row-weighted mean of
+    :func:`sasrec.bce_per_sample` (``weighting``, ``positions``)."""
 
     @jax.jit
     def step(params, opt_state, batch, weights, rng):
         def objective(p):
-            per = sasrec.bce_per_sample(*sasrec.position_logits(model, p, batch, rng=rng))
+            logits = sasrec.position_logits(model, p, batch, rng=rng)
+            per = sasrec.bce_per_sample(*logits, weighting, positions)
             return jnp.sum(per * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
         value, grads = jax.value_and_grad(objective)(params)
@@ -193,11 +262,23 @@ def restore_checkpoint(path: Path, like):
     return ckpt.restore(path.absolute(), abstract)
 
 
+# what a run's config.json without these keys was trained with (issue 10 changed the defaults)
+_BEFORE_ARCH = {
+    "arch": "kang",
+    "negatives": "target",
+    "loss_weighting": "sample",
+    "batching": "bucketed",
+}
+
+
 def _read_run_config(run: Path) -> SurrogateConfig:
     cfg_file = run / "config.json"
     if not (run / "checkpoints" / "best").exists() or not cfg_file.is_file():
         raise UserError(f"{run}: no trained surrogate checkpoint (run dealrec train-surrogate)")
-    return make_config(SurrogateConfig, json.loads(cfg_file.read_text()), str(cfg_file))
+    values = json.loads(cfg_file.read_text())
+    for key, old in _BEFORE_ARCH.items():  # a run trained before these options existed
+        values.setdefault(key, old)
+    return make_config(SurrogateConfig, values, str(cfg_file))
 
 
 def load_surrogate(run_dir: str | Path, data: str | None = None) -> Surrogate:
@@ -216,8 +297,8 @@ def load_surrogate(run_dir: str | Path, data: str | None = None) -> Surrogate:
         params = restore_checkpoint(run / "checkpoints" / "best", like)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"{run}: checkpoint does not match the dataset/model ({e})") from None
-    arrays = with_negatives(training_arrays(ds, cfg.max_len), cfg.seed, 0, ds.n_items)
-    loss, per_sample_loss = sasrec.make_loss_fns(model)
+    arrays = surrogate_negatives(cfg, training_arrays(ds, cfg.max_len), ds, 0)
+    loss, per_sample_loss = loss_fns(cfg, model, arrays)
     return Surrogate(model, params, cfg, ds, arrays, loss, per_sample_loss)
 
 
@@ -235,7 +316,8 @@ def train(cfg: SurrogateConfig, *, progress: bool = True) -> dict:
     params, opt_state, state = _start_or_resume(cfg, ds, model, optimizer, run)
     write_json(run / "config.json", dataclasses.asdict(cfg))
     arrays = training_arrays(ds, cfg.max_len)
-    step = make_train_step(model, optimizer)
+    positions = sasrec.positions_per_sample(arrays["targets"])
+    step = make_train_step(model, optimizer, cfg.loss_weighting, positions)
     rng = np.random.default_rng([cfg.seed, state["epoch"]])
     key = jax.random.PRNGKey(cfg.seed + 1)
     bad_epochs = state["epoch"] - state["best_epoch"]
@@ -249,7 +331,7 @@ def train(cfg: SurrogateConfig, *, progress: bool = True) -> dict:
     )
     for epoch in epochs:
         t0 = time.perf_counter()
-        data = with_negatives(arrays, cfg.seed, epoch, ds.n_items)
+        data = surrogate_negatives(cfg, arrays, ds, epoch)
         params, opt_state, key, epoch_loss = _train_epoch(
             step, params, opt_state, key, data, cfg, rng
         )
@@ -312,7 +394,7 @@ def _train_epoch(step, params, opt_state, key, data: dict, cfg: SurrogateConfig,
     ``(params, opt_state, key, mean loss)``."""
     lengths = (data["targets"] > 0).sum(1)
     losses = []
-    for rows, width in epoch_batches(lengths, cfg.batch_size, cfg.max_len, rng):
+    for rows, width in epoch_batches(lengths, cfg.batch_size, cfg.max_len, rng, cfg.batching):
         batch = take_batch(data, rows, width)
         weights = (rows >= 0).astype(np.float32)
         key, sub = jax.random.split(key)
@@ -361,6 +443,8 @@ __all__ = [
     "build_model",
     "evaluate",
     "load_surrogate",
+    "loss_fns",
+    "surrogate_negatives",
     "train",
     "user_representations",
 ]

@@ -136,14 +136,14 @@ def draw_seeds(surrogate, draws: int, offset: int = 0) -> list[int]:
 def negative_draw_parts(surrogate, parts, draws: int, offset: int = 0) -> list[dict]:
     """``parts`` (the width buckets of ``surrogate.data``) with ``negatives`` replaced by
     ``[B, draws, w]``: the negatives of every draw of :func:`draw_seeds` (one per target
-    position, drawn as training draws them, ``jaxrec.train.with_negatives``), cut like
-    ``parts``. The buckets depend on the targets only, so every draw cuts the same rows."""
-    from jaxrec.train import with_negatives
+    position, drawn as training draws them under the surrogate's ``negatives`` option,
+    ``jaxrec.train.surrogate_negatives``), cut like ``parts``. The buckets depend on the
+    targets only, so every draw cuts the same rows."""
+    from jaxrec.train import surrogate_negatives
 
-    n_items = surrogate.dataset.n_items
     drawn = []
     for seed in draw_seeds(surrogate, draws, offset):
-        data = with_negatives(surrogate.data, seed, 0, n_items)
+        data = surrogate_negatives(surrogate.config, surrogate.data, surrogate.dataset, 0, seed)
         drawn.append(width_strata(data, surrogate.config.max_len)[1])
     return [
         {**part, "negatives": np.stack([d[g]["negatives"] for d in drawn], axis=1)}

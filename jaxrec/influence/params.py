@@ -2,6 +2,7 @@
 
 The paper scores one 64x64 layer of SASRec; this engine scores any subset (default: all). A
 path is the leaf's dict keys joined by ``/``, e.g. ``ffn_2_1/kernel`` or ``item_emb/embedding``.
+A pattern may also be a preset name of :data:`PRESETS`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,18 @@ import re
 import jax
 
 from jaxrec.errors import UserError
+
+
+# Named parameter subsets. "official": the one matrix the paper's code scores,
+# ``item_encoder.layer.1.attention.dense.weight`` (code/prune/influence_score.py), the attention
+# output projection of block 2; it is ``attn_out_1/kernel`` in both SASRec archs (Flax stores
+# the transpose of the PyTorch weight: the same 4,096 parameters).
+PRESETS = {"official": r"^attn_out_1/kernel$"}
+
+
+def resolve_pattern(pattern: str) -> str:
+    """A preset name (:data:`PRESETS`) -> its regex; anything else is returned unchanged."""
+    return PRESETS.get(pattern or "", pattern or "")
 
 
 def path_string(path) -> str:
@@ -32,7 +45,8 @@ def parameter_paths(params) -> list[str]:
 
 
 class ParamSubset:
-    """The leaves of ``params`` whose path matches ``pattern`` (``re.search``; empty = all).
+    """The leaves of ``params`` whose path matches ``pattern`` (``re.search``; empty = all; a
+    name of :data:`PRESETS` stands for its regex).
 
     ``subset.params`` is a flat dict ``{path: array}`` (a pytree the solvers work on);
     ``subset.combine(sub)`` puts such a dict back into the full tree; ``subset.restrict(fn)``
@@ -41,7 +55,7 @@ class ParamSubset:
 
     def __init__(self, params, pattern: str = ""):
         leaves, self._treedef = jax.tree_util.tree_flatten_with_path(params)
-        self.pattern = pattern or ""
+        self.pattern = resolve_pattern(pattern)
         paths = [path_string(p) for p, _ in leaves]
         try:
             rx = re.compile(self.pattern) if self.pattern else None
