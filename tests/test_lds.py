@@ -54,10 +54,10 @@ def test_draw_subsets_fraction_and_prefix():
 
 
 # ----------------------------------------------------------------------------- convex toy
-RIDGE = 0.1
+RIDGE = 1.0
 
 
-def _toy(n=80, v=30, d=5, seed=0):
+def _toy(n=400, v=30, d=5, seed=0):
     rng = np.random.default_rng(seed)
     w_true = rng.normal(size=d)
     x = rng.normal(size=(n + v, d))
@@ -157,13 +157,15 @@ def test_killed_and_resumed_retraining_gives_identical_losses(tmp_path):
     np.testing.assert_array_equal(resumed, fresh)
 
 
-def test_command_on_synthetic_data_resumes_and_extends(tmp_path):
-    """``dealrec lds`` end to end on a tiny synthetic set: 2 subsets, then extended to 3 in the
-    same folder, equals a fresh 3-subset run."""
+def test_command_on_synthetic_data_resumes_after_a_kill(tmp_path):
+    """``dealrec lds`` end to end on a tiny synthetic set; then the files a killed run would
+    not have written yet (one retrain, one attribution, the results) are removed and the run
+    continues to the same results."""
     from jaxrec.cli import main
     from jaxrec.data.synthetic import make_synthetic
 
     data = make_synthetic(tmp_path / "data", n_users=60, n_items=30, seed=0)
+    out = tmp_path / "lds"
     args = [
         "lds",
         "--data",
@@ -174,6 +176,8 @@ def test_command_on_synthetic_data_resumes_and_extends(tmp_path):
         "1",
         "--seeds",
         "1",
+        "--subsets",
+        "3",
         "--val-users",
         "4",
         "--attributions",
@@ -185,14 +189,20 @@ def test_command_on_synthetic_data_resumes_and_extends(tmp_path):
         "50",
         "--compile-cache",
         "",
+        "--out",
+        str(out),
     ]
-    assert main([*args, "--subsets", "2", "--out", str(tmp_path / "a")]) == 0
-    assert main([*args, "--subsets", "3", "--out", str(tmp_path / "a")]) == 0
-    assert main([*args, "--subsets", "3", "--out", str(tmp_path / "b")]) == 0
-    ra = json.loads((tmp_path / "a" / "results.json").read_text())
-    rb = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert ra["lds"] == rb["lds"] and ra["subsets"] == 3
-    for f in ("results.md", "lds.png"):
-        assert (tmp_path / "a" / f).is_file()
+    assert main(args) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert set(first["lds"]) == {"exact", "grad-dot"} and first["subsets"] == 3
+    assert (out / "results.md").is_file() and (out / "lds.png").is_file()
+    retrained = sorted(out.glob("retrained/*/*.npy"))
+    assert len(retrained) == 3
+    retrained[-1].unlink()
+    next(out.glob("attributions/grad-dot_*.npy")).unlink()
+    (out / "results.json").unlink()
+    assert main(args) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["lds"] == first["lds"] and again["per_user"] == first["per_user"]
     # other settings on the same folder are refused, not mixed
-    assert main([*args, "--subsets", "3", "--epochs", "2", "--out", str(tmp_path / "a")]) == 2
+    assert main([*args, "--epochs", "2"]) == 2
