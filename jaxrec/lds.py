@@ -691,37 +691,61 @@ def run(cfg: LdsConfig, *, progress: bool | None = None) -> dict:
         )
     )
 
-    timing = {}
-    t = time.perf_counter()
-    full_params = retrain(task, np.ones(n, bool), 0)
-    timing["train_full"] = time.perf_counter() - t
-    sub = ParamSubset(full_params, cfg.params)
-    loss, psl = sub.restrict(task.loss), sub.restrict(task.per_sample_loss)
-    order, parts = width_strata(task.train_data, task.cfg.max_len)
-    val_rows = jax.tree.map(lambda x: np.asarray(x)[chosen], task.valid)
-    val_rows = {k: v for k, v in val_rows.items() if k != "index"}
-    val_grads = validation_gradients(psl, sub.params, val_rows)
-    attributions = {}
+    timing, engine = {}, {}
     fp = _fingerprint(cfg, set(dataclasses.asdict(cfg)) - _SCORING_ONLY)
+    meta = out / "attributions" / f"meta_{fp}.json"
+
+    def setup():
+        """The full model and its engine inputs, built only when an attribution is missing."""
+        if not engine:
+            t = time.perf_counter()
+            full_params = retrain(task, np.ones(n, bool), 0)
+            timing["train_full"] = time.perf_counter() - t
+            sub = ParamSubset(full_params, cfg.params)
+            val_rows = jax.tree.map(lambda x: np.asarray(x)[chosen], task.valid)
+            val_rows = {k: v for k, v in val_rows.items() if k != "index"}
+            psl = sub.restrict(task.per_sample_loss)
+            engine.update(
+                sub=sub,
+                loss=sub.restrict(task.loss),
+                psl=psl,
+                strata=width_strata(task.train_data, task.cfg.max_len),
+                val_grads=validation_gradients(psl, sub.params, val_rows),
+            )
+            write_json(meta, {"n_params": sub.size, "paths": sub.paths})
+        return engine
+
+    attributions = {}
     for name in cfg.attributions:
         t = time.perf_counter()
 
         def compute(name=name):
-            a = attribution(name, loss, psl, sub.params, parts, val_grads, cfg, progress)
+            e = setup()
+            order, parts = e["strata"]
+            a = attribution(
+                name, e["loss"], e["psl"], e["sub"].params, parts, e["val_grads"], cfg, progress
+            )
             back = np.empty_like(a)
             back[order] = a  # strata order -> user order
             return back
 
         attributions[name] = _cached(out / "attributions" / f"{name}_{fp}.npy", compute)
         timing[f"attribution_{name}"] = time.perf_counter() - t
+    n_params = json.loads(meta.read_text())["n_params"] if meta.is_file() else setup()["sub"].size
+    retrain_seconds = []
 
     def retrain_losses(mask, seed):
-        return valid_losses(task, retrain(task, mask, seed))[chosen]
+        t = time.perf_counter()
+        value = valid_losses(task, retrain(task, mask, seed))[chosen]
+        retrain_seconds.append(time.perf_counter() - t)
+        return value
 
     t = time.perf_counter()
     cache = out / "retrained" / _fingerprint(cfg, _RETRAIN_KEYS | {"val_users"})
     losses = retrained_losses(retrain_losses, masks, range(cfg.seeds), cache, progress=progress)
     timing["retrain"] = time.perf_counter() - t
+    if retrain_seconds:
+        timing["seconds_per_retrain"] = float(np.mean(retrain_seconds))
     scores = score(
         attributions, masks, losses, resamples=cfg.bootstrap, level=cfg.level, seed=cfg.seed
     )
@@ -739,7 +763,7 @@ def run(cfg: LdsConfig, *, progress: bool | None = None) -> dict:
         "epochs": cfg.epochs,
         "model": cfg.model,
         "params": cfg.params,
-        "n_params": sub.size,
+        "n_params": n_params,
         "seed_agreement": seed_agreement(losses),
         "lds": {
             k: {
