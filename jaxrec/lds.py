@@ -173,6 +173,18 @@ def score(
     return out
 
 
+def paired_difference(
+    per_user_a, per_user_b, *, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> dict:
+    """Mean over validation users of ``lds_a - lds_b`` (users where both are finite) with a
+    percentile bootstrap interval over those users: a paired comparison of two attributions,
+    far tighter than comparing their two intervals (both see the same users and subsets)."""
+    a, b = np.asarray(per_user_a, np.float64), np.asarray(per_user_b, np.float64)
+    d = (a - b)[np.isfinite(a) & np.isfinite(b)]
+    lo, hi = bootstrap_ci(d, resamples=resamples, level=level, seed=seed)
+    return {"mean": float(d.mean()) if d.size else float("nan"), "ci_low": lo, "ci_high": hi}
+
+
 def seed_agreement(losses: np.ndarray) -> float | None:
     """Mean over users of the Spearman, over subsets, between the losses of two independent
     training seeds (``losses [M, seeds, v]``, seeds 0 and 1): how much of the subset-to-subset
@@ -750,6 +762,15 @@ def run(cfg: LdsConfig, *, progress: bool | None = None) -> dict:
         attributions, masks, losses, resamples=cfg.bootstrap, level=cfg.level, seed=cfg.seed
     )
     ref = attributions.get("exact")
+    if ref is not None:
+        for k in scores:
+            scores[k]["minus_exact"] = paired_difference(
+                scores[k]["per_user"],
+                scores["exact"]["per_user"],
+                resamples=cfg.bootstrap,
+                level=cfg.level,
+                seed=cfg.seed,
+            )
     results = {
         "protocol": "LDS (Ilyas et al. 2022; Park et al. 2023): Spearman over subsets per "
         "validation user, mean over users, percentile bootstrap CI over validation users",
@@ -765,21 +786,7 @@ def run(cfg: LdsConfig, *, progress: bool | None = None) -> dict:
         "params": cfg.params,
         "n_params": n_params,
         "seed_agreement": seed_agreement(losses),
-        "lds": {
-            k: {
-                **{x: v[x] for x in ("lds", "ci_low", "ci_high", "users")},
-                **(
-                    {
-                        "spearman_vs_exact": float(
-                            spearman_columns(attributions[k].ravel(), ref.ravel())[0]
-                        )
-                    }
-                    if ref is not None
-                    else {}
-                ),
-            }
-            for k, v in scores.items()
-        },
+        "lds": {k: _summary(v, attributions[k], ref) for k, v in scores.items()},
         "per_user": {k: v["per_user"] for k, v in scores.items()},
         "config": dataclasses.asdict(cfg),
         "seconds": {
@@ -792,25 +799,34 @@ def run(cfg: LdsConfig, *, progress: bool | None = None) -> dict:
     return results
 
 
+def _summary(scored: dict, attr: np.ndarray, ref) -> dict:
+    """One attribution's row of ``results["lds"]`` (with the comparison to ``exact``)."""
+    out = {x: scored[x] for x in ("lds", "ci_low", "ci_high", "users")}
+    if ref is not None:
+        out["spearman_vs_exact"] = float(spearman_columns(attr.ravel(), ref.ravel())[0])
+        out["minus_exact"] = scored["minus_exact"]
+    return out
+
+
 def markdown_table(results: dict) -> str:
-    """The LDS table of :func:`run`'s results: one row per attribution, with the interval."""
+    """The LDS table of :func:`run`'s results: one row per attribution, with the interval and,
+    when ``exact`` ran, the paired difference to it and the Spearman of the attributions."""
     level = int(round(100 * results["config"]["level"]))
-    lines = [
-        f"| attribution | LDS | {level}% CI (bootstrap over validation users) | users |"
-        + (
-            " Spearman with exact |"
-            if any("spearman_vs_exact" in v for v in results["lds"].values())
-            else ""
-        ),
-        "|---|---|---|---|"
-        + ("---|" if "spearman_vs_exact" in next(iter(results["lds"].values()), {}) else ""),
-    ]
+    vs = all("minus_exact" in v for v in results["lds"].values())
+    head = f"| attribution | LDS | {level}% CI | users |"
+    if vs:
+        head += f" LDS - exact [{level}% CI, paired] | Spearman of a[i, j] with exact |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, v in results["lds"].items():
         row = (
             f"| {name} | {v['lds']:.3f} | [{v['ci_low']:.3f}, {v['ci_high']:.3f}] | {v['users']} |"
         )
-        if "spearman_vs_exact" in v:
-            row += f" {v['spearman_vs_exact']:.3f} |"
+        if vs:
+            d = v["minus_exact"]
+            row += (
+                f" {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] |"
+                f" {v['spearman_vs_exact']:.3f} |"
+            )
         lines.append(row)
     return "\n".join(lines) + "\n"
 

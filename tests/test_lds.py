@@ -47,6 +47,12 @@ def test_bootstrap_ci_matches_scipy_percentile():
     assert abs(lo - ref.low) < 0.01 and abs(hi - ref.high) < 0.01
 
 
+def test_paired_difference_by_hand():
+    d = lds.paired_difference([0.5, 0.2, np.nan, 0.9], [0.1, 0.2, 0.3, 0.5], resamples=200)
+    assert d["mean"] == pytest.approx((0.4 + 0.0 + 0.4) / 3)
+    assert d["ci_low"] >= 0.0 and d["ci_high"] == pytest.approx(0.4)
+
+
 def test_draw_subsets_fraction_and_prefix():
     m = lds.draw_subsets(40, 6, 0.5, seed=4)
     assert m.shape == (6, 40) and (m.sum(1) == 20).all()
