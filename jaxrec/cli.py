@@ -40,6 +40,12 @@ COMMANDS = {
         "jaxrec.influence.cli:main",
         "influence (or GraNd / EL2N) score of every training sample",
     ),
+    "lds": (
+        "jaxrec.config:LdsConfig",
+        "lds",
+        "jaxrec.lds:main",
+        "linear datamodeling score of influence approximations (retrains on random subsets)",
+    ),
     "select": (
         "jaxrec.config:SelectConfig",
         "select",

@@ -331,6 +331,66 @@ class SelectConfig:
     out: str = "runs/selected.npy"
 
 
+def _h(default, text: str):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class LdsConfig:
+    """``dealrec lds``: the linear datamodeling score of influence approximations (Ilyas et al.
+    2022; Park et al. 2023) on a surrogate (see docs/influence.md, jaxrec/lds.py)."""
+
+    data: str = _h(GAMES, "dataset folder")
+    out: str = _h("runs/lds", "output folder (results.json/.md, lds.png, .npy caches: resumable)")
+    users: int = _h(600, "seeded slice of this many users (0 = every user)")
+    model: str = _h("sasrec", "surrogate model (a SurrogateConfig model choice)")
+    epochs: int = _h(10, "training epochs of every (re)train (fixed: no early stopping)")
+    dropout: float = _h(0.2, "surrogate dropout")
+    lr: float = _h(1e-3, "Adam learning rate")
+    batch_size: int = _h(128, "training batch size")
+    subsets: int = _h(100, "number M of random training subsets (the protocol's 100)")
+    alpha: float = _h(0.5, "fraction of training users in each subset")
+    seeds: int = _h(2, "training seeds per subset; their validation losses are averaged")
+    val_users: int = _h(
+        64, "validation users scored (a seeded choice; each costs one inverse-HVP per solver)"
+    )
+    attributions: list[str] = field(
+        default_factory=lambda: [
+            "exact",
+            "cg",
+            "lissa",
+            "lissa-small",
+            "arnoldi",
+            "grad-dot",
+            "dealrec",
+        ],
+        metadata={
+            "help": "attributions to compare (exact cg lissa lissa-small arnoldi grad-dot dealrec)"
+        },
+    )
+    params: str = _h(
+        "official",
+        "regex (or preset) of the parameter block every attribution works on ('official' = "
+        "'^attn_out_1/kernel$', the paper's 64x64 block; exact needs at most 20,000 values; "
+        "empty = all parameters, then drop exact)",
+    )
+    convention: Convention = _h("dealrec", "damping convention of every inverse (as influence)")
+    damping: float = _h(0.01, "damping d of exact, CG, LiSSA, Arnoldi and DEALRec (the paper's)")
+    small_damping: float = _h(0.001, "damping of the lissa-small attribution")
+    scale: float = _h(25.0, "LiSSA step 1/scale, and the dealrec convention's factor")
+    lissa_steps: int = _h(5000, "most LiSSA steps per solve")
+    lissa_batch_size: int = _h(16, "LiSSA minibatch size")
+    lissa_tol: float = _same(LissaOptions, "tol")
+    cg_tol: float = _same(CGOptions, "tol")
+    cg_maxiter: int = _same(CGOptions, "maxiter")
+    arnoldi_rank: int = _same(ArnoldiOptions, "rank")
+    arnoldi_iterations: int = _same(ArnoldiOptions, "iterations")
+    bootstrap: int = _h(2000, "bootstrap resamples of the validation users")
+    level: float = _h(0.95, "confidence level of the bootstrap interval")
+    seed: int = _h(0, "seed of the slice, subsets, validation-user choice and initialisation")
+    compile_cache: str = _h("~/.cache/dealrec/jax", "JAX persistent compilation cache; empty = off")
+
+
 # ----------------------------------------------------------------------------- machinery
 def _field_type(cls, f: dataclasses.Field):
     hints = typing.get_type_hints(cls)
@@ -437,6 +497,7 @@ __all__ = [
     "SurrogateEvalConfig",
     "InfluenceConfig",
     "SelectConfig",
+    "LdsConfig",
     "GAMES",
     "LissaOptions",
     "CGOptions",

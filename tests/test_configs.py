@@ -28,7 +28,11 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_parses(path):
-    data = read_experiment_file(path, extra_sections=("experiment",))
+    data = read_experiment_file(path, extra_sections=("experiment", "lds"))
+    if "lds" in data:  # dealrec lds reads its own section
+        from jaxrec.config import LdsConfig
+
+        make_config(LdsConfig, data["lds"], str(path))
     if "experiment" in data:
         exp = make_config(ExperimentConfig, data["experiment"], str(path))
         assert exp.methods and exp.seeds

@@ -30,9 +30,15 @@ def eigenpairs(
     hess = np.zeros((iterations + 1, iterations))
     for k in tqdm(range(iterations), desc="arnoldi", leave=False, disable=_disable(progress)):
         w = ravel_pytree(op.matvec(unravel(basis[k])))[0]
-        for j in range(k + 1):  # modified Gram-Schmidt, full re-orthogonalisation
+        for j in range(k + 1):  # modified Gram-Schmidt
             hess[j, k] = float(jnp.vdot(basis[j], w))
             w = w - hess[j, k] * basis[j]
+        # a second pass ("twice is enough"): with clustered eigenvalues the Krylov vectors are
+        # nearly parallel and one float32 pass leaves w far from orthogonal to the basis
+        for j in range(k + 1):
+            c = float(jnp.vdot(basis[j], w))
+            hess[j, k] += c
+            w = w - c * basis[j]
         hess[k + 1, k] = float(jnp.linalg.norm(w))
         if hess[k + 1, k] < 1e-10 * max(1.0, abs(hess[k, k])):
             iterations = k + 1  # Krylov space exhausted: exact on it

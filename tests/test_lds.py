@@ -1,0 +1,214 @@
+"""The LDS study (jaxrec/lds.py): scoring against scipy and a hand example, LDS of exact
+influence on a convex toy (ridge regression, retrained in closed form) near 1, of shuffled
+attributions near 0, and resuming a killed run."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from jaxrec import lds
+
+
+# ----------------------------------------------------------------------------- scoring pieces
+def test_spearman_columns_matches_scipy_with_ties():
+    x = np.array([[1.0, 3.0], [2.0, 3.0], [2.0, 1.0], [5.0, 0.0], [4.0, 2.0]])
+    y = np.array([[0.5, 1.0], [0.1, 2.0], [0.7, 2.0], [0.9, 3.0], [0.2, 5.0]])
+    got = lds.spearman_columns(x, y)
+    want = [stats.spearmanr(x[:, c], y[:, c]).statistic for c in range(2)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # hand example: perfectly reversed ranks
+    np.testing.assert_allclose(
+        lds.spearman_columns([[1.0], [2.0], [3.0]], [[3.0], [2.0], [1.0]]), [-1.0]
+    )
+    assert np.isnan(lds.spearman_columns([[1.0], [1.0], [1.0]], [[1.0], [2.0], [3.0]])[0])
+
+
+def test_predictions_and_lds_per_user_by_hand():
+    a = np.array([[1.0, 0.0], [2.0, 1.0], [0.0, 3.0]])  # 3 train samples x 2 validation users
+    masks = np.array([[1, 1, 0], [0, 1, 1], [1, 0, 1]], bool)
+    np.testing.assert_allclose(lds.predictions(a, masks), [[-3, -1], [-2, -4], [-1, -3]])
+    losses = np.array([[0.1, 0.9], [0.2, 0.1], [0.3, 0.5]])
+    # user 0: predictions -3,-2,-1 vs 0.1,0.2,0.3 -> 1; user 1: -1,-4,-3 vs 0.9,0.1,0.5 -> 1
+    np.testing.assert_allclose(lds.lds_per_user(a, masks, losses), [1.0, 1.0])
+
+
+def test_bootstrap_ci_matches_scipy_percentile():
+    values = np.random.default_rng(3).normal(0.4, 0.2, 40)
+    lo, hi = lds.bootstrap_ci(values, resamples=20000, seed=1)
+    ref = stats.bootstrap(
+        (values,), np.mean, n_resamples=20000, method="percentile", random_state=2
+    ).confidence_interval
+    assert lo < values.mean() < hi
+    assert abs(lo - ref.low) < 0.01 and abs(hi - ref.high) < 0.01
+
+
+def test_paired_difference_by_hand():
+    d = lds.paired_difference([0.5, 0.2, np.nan, 0.9], [0.1, 0.2, 0.3, 0.5], resamples=200)
+    assert d["mean"] == pytest.approx((0.4 + 0.0 + 0.4) / 3)
+    assert d["ci_low"] >= 0.0 and d["ci_high"] == pytest.approx(0.4)
+
+
+def test_draw_subsets_fraction_and_prefix():
+    m = lds.draw_subsets(40, 6, 0.5, seed=4)
+    assert m.shape == (6, 40) and (m.sum(1) == 20).all()
+    np.testing.assert_array_equal(lds.draw_subsets(40, 3, 0.5, seed=4), m[:3])
+
+
+# ----------------------------------------------------------------------------- convex toy
+RIDGE = 1.0
+
+
+def _toy(n=400, v=30, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    w_true = rng.normal(size=d)
+    x = rng.normal(size=(n + v, d))
+    y = x @ w_true + rng.normal(size=n + v)
+    train = {"x": x[:n].astype(np.float32), "y": y[:n].astype(np.float32)}
+    valid = {"x": x[n:].astype(np.float32), "y": y[n:].astype(np.float32)}
+    return train, valid
+
+
+def _psl(p, b):  # per-sample training loss: squared error + the ridge term
+    return 0.5 * (b["x"] @ p["w"] - b["y"]) ** 2 + 0.5 * RIDGE * jnp.sum(p["w"] ** 2)
+
+
+def _loss(p, b):
+    return jnp.mean(_psl(p, b))
+
+
+def _val_psl(p, b):
+    return 0.5 * (b["x"] @ p["w"] - b["y"]) ** 2
+
+
+def _fit(x, y):  # closed-form minimiser of the mean training loss (float64)
+    d = x.shape[1]
+    return np.linalg.solve(x.T @ x / len(x) + RIDGE * np.eye(d), x.T @ y / len(x))
+
+
+def _toy_study(m=60):
+    train, valid = _toy()
+    x, y = train["x"].astype(np.float64), train["y"].astype(np.float64)
+    xv, yv = valid["x"].astype(np.float64), valid["y"].astype(np.float64)
+    params = {"w": jnp.asarray(_fit(x, y), jnp.float32)}
+    grads = lds.validation_gradients(_val_psl, params, valid)
+    attr = lds.exact_attribution(
+        _loss, _psl, params, train, grads, convention="standard", damping=0.0
+    )
+    masks = lds.draw_subsets(len(x), m, 0.5, seed=1)
+
+    def retrain_losses(mask, seed):
+        w = _fit(x[mask], y[mask])
+        return 0.5 * (xv @ w - yv) ** 2
+
+    losses = lds.retrained_losses(retrain_losses, masks, [0])
+    return attr, masks, losses
+
+
+def test_exact_influence_on_ridge_has_lds_near_one_and_shuffled_near_zero():
+    attr, masks, losses = _toy_study()
+    shuffled = attr[np.random.default_rng(5).permutation(len(attr))]
+    res = lds.score({"exact": attr, "shuffled": shuffled}, masks, losses, resamples=500)
+    print({k: round(v["lds"], 3) for k, v in res.items()})
+    assert res["exact"]["lds"] > 0.9
+    assert res["exact"]["ci_low"] <= res["exact"]["lds"] <= res["exact"]["ci_high"]
+    assert abs(res["shuffled"]["lds"]) < 0.2
+
+
+def test_solvers_agree_with_exact_on_ridge():
+    train, valid = _toy()
+    params = {
+        "w": jnp.asarray(_fit(train["x"].astype(float), train["y"].astype(float)), jnp.float32)
+    }
+    grads = lds.validation_gradients(_val_psl, params, valid)
+    exact = lds.exact_attribution(_loss, _psl, params, train, grads, damping=0.01)
+    cg = lds.solver_attribution(_loss, _psl, params, train, grads, solver="cg", damping=0.01)
+    arn = lds.arnoldi_attribution(_loss, _psl, params, train, grads, damping=0.01)
+    np.testing.assert_allclose(cg, exact, rtol=1e-3, atol=1e-4 * np.abs(exact).max())
+    np.testing.assert_allclose(arn, exact, rtol=1e-3, atol=1e-4 * np.abs(exact).max())
+    # grad-dot by hand: g_i . g_j
+    gi = (train["x"] @ np.asarray(params["w"]) - train["y"])[:, None] * train[
+        "x"
+    ] + RIDGE * np.asarray(params["w"])
+    gj = (valid["x"] @ np.asarray(params["w"]) - valid["y"])[:, None] * valid["x"]
+    np.testing.assert_allclose(
+        lds.grad_dot_attribution(_psl, params, train, grads), gi @ gj.T, rtol=1e-4, atol=1e-5
+    )
+
+
+# ----------------------------------------------------------------------------- resume
+def test_killed_and_resumed_retraining_gives_identical_losses(tmp_path):
+    calls = []
+
+    def retrain_losses(mask, seed):
+        calls.append((mask.tobytes(), seed))
+        if len(calls) == 4 and not (tmp_path / "done").exists():
+            raise KeyboardInterrupt  # killed mid-run
+        rng = np.random.default_rng([int(mask.sum()), seed, int(np.flatnonzero(mask)[0])])
+        return rng.normal(size=3)
+
+    masks = lds.draw_subsets(10, 4, 0.5, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        lds.retrained_losses(retrain_losses, masks, [0, 1], tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+    (tmp_path / "done").touch()
+    calls.clear()
+    resumed = lds.retrained_losses(retrain_losses, masks, [0, 1], tmp_path / "cache")
+    assert len(calls) == 5  # only the retrains the killed run had not finished
+    fresh = lds.retrained_losses(retrain_losses, masks, [0, 1])
+    np.testing.assert_array_equal(resumed, fresh)
+
+
+def test_command_on_synthetic_data_resumes_after_a_kill(tmp_path):
+    """``dealrec lds`` end to end on a tiny synthetic set; then the files a killed run would
+    not have written yet (one retrain, one attribution, the results) are removed and the run
+    continues to the same results."""
+    from jaxrec.cli import main
+    from jaxrec.data.synthetic import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", n_users=60, n_items=30, seed=0)
+    out = tmp_path / "lds"
+    args = [
+        "lds",
+        "--data",
+        str(data),
+        "--users",
+        "0",
+        "--epochs",
+        "1",
+        "--seeds",
+        "1",
+        "--subsets",
+        "3",
+        "--val-users",
+        "4",
+        "--attributions",
+        "exact",
+        "grad-dot",
+        "--params",
+        "^last_ln/scale$",
+        "--bootstrap",
+        "50",
+        "--compile-cache",
+        "",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert set(first["lds"]) == {"exact", "grad-dot"} and first["subsets"] == 3
+    assert (out / "results.md").is_file() and (out / "lds.png").is_file()
+    retrained = sorted(out.glob("retrained/*/*.npy"))
+    assert len(retrained) == 3
+    retrained[-1].unlink()
+    next(out.glob("attributions/grad-dot_*.npy")).unlink()
+    (out / "results.json").unlink()
+    assert main(args) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["lds"] == first["lds"] and again["per_user"] == first["per_user"]
+    # other settings on the same folder are refused, not mixed
+    assert main([*args, "--epochs", "2"]) == 2
