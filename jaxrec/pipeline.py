@@ -28,6 +28,7 @@ Everything the stages print also goes to ``workdir/run.log``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -337,25 +338,37 @@ class RunLog:
             )
 
 
+def resolved_options(stage: str, section: dict) -> dict:
+    """``section`` over the defaults of ``stage``'s config class (a score stage
+    ``influence:KIND`` has the influence stage's): every option the stage will run with."""
+    cls = config_classes()[stage.partition(":")[0]]
+    return {**dataclasses.asdict(cls()), **section}
+
+
 def key_options(stage: str, section: dict) -> dict:
-    """The options of ``stage`` that its reuse key covers: all of them, except that the
-    ``influence`` stage ignores :data:`BASELINE_SCORE_KEYS` (only the ``influence:grand`` /
-    ``influence:el2n`` score stages, which copy the section, read them)."""
+    """The options of ``stage`` that its reuse key covers: all of them, defaults included, so
+    a run made before a default changed (say ``surrogate.arch`` or ``influence.negative_draws``)
+    is redone rather than silently reused; except that the ``influence`` stage ignores
+    :data:`BASELINE_SCORE_KEYS` (only the ``influence:grand`` / ``influence:el2n`` score
+    stages, which copy the section, read them). A stage unknown to :func:`config_classes`
+    (tests' stand-ins) keys on ``section`` as given."""
+    known = stage.partition(":")[0] in config_classes()
+    options = resolved_options(stage, section) if known else section
     if stage != "influence":
-        return section
-    return {k: v for k, v in section.items() if k not in BASELINE_SCORE_KEYS}
+        return options
+    return {k: v for k, v in options.items() if k not in BASELINE_SCORE_KEYS}
 
 
 def baseline_score_options(wired: dict, method: str) -> list:
-    """``[{key: value}]`` of the :data:`BASELINE_SCORE_KEYS` set in ``wired["influence"]`` when
-    ``method`` reads GraNd or EL2N scores, else ``[]``: what an experiment adds to such a
-    method's upstream key (empty, and so no change to the key, when none is set)."""
+    """``[{key: value}]`` of the :data:`BASELINE_SCORE_KEYS` (defaults included) of
+    ``wired["influence"]`` when ``method`` reads GraNd or EL2N scores, else ``[]``: what an
+    experiment adds to such a method's upstream key."""
     from jaxrec.select import REQUIRES
 
     if not {"grand", "el2n"} & set(REQUIRES[method]):
         return []
-    chosen = {k: v for k, v in wired["influence"].items() if k in BASELINE_SCORE_KEYS}
-    return [chosen] if chosen else []
+    options = resolved_options("influence", wired["influence"])
+    return [{k: options[k] for k in BASELINE_SCORE_KEYS}]
 
 
 def stage_keys(stages: list[str], wired: dict, upstream: str = "") -> dict[str, str]:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from jaxrec.cli import main
+from jaxrec.config import InfluenceConfig, SurrogateConfig
 from jaxrec.data import load_dataset, load_scores, save_scores
 from jaxrec.data.synthetic import make_synthetic
 
@@ -396,6 +397,24 @@ def test_early_grand_options_rerun_only_the_score_stages():
     assert early["influence"] == plain["influence"]
     assert early["influence:el2n"] != plain["influence:el2n"]
     assert early["select"] != plain["select"]
-    assert baseline_score_options(wired, "ccs") == [{"score_model": "early", "early_inits": 3}]
+    early_epochs = InfluenceConfig.early_epochs  # defaults are part of the key
+    assert baseline_score_options(wired, "ccs") == [
+        {"score_model": "early", "early_epochs": early_epochs, "early_inits": 3}
+    ]
     assert baseline_score_options(wired, "dealrec") == []
-    assert baseline_score_options(wired_plain, "grand") == []
+    assert baseline_score_options(wired_plain, "grand") == [
+        {"score_model": "trained", "early_epochs": early_epochs, "early_inits": 10}
+    ]
+
+
+def test_reuse_keys_cover_defaults():
+    """A stage's reuse key covers its options with defaults filled in: spelling a default out
+    keeps the key, a changed default (here as a value set in the file) changes it."""
+    from jaxrec.pipeline import stage_keys
+
+    def key(section):
+        return stage_keys(["surrogate"], {"surrogate": section})["surrogate"]
+
+    assert key({}) == key({"arch": SurrogateConfig.arch, "epochs": SurrogateConfig.epochs})
+    other = "kang" if SurrogateConfig.arch == "official" else "official"
+    assert key({"arch": other}) != key({})
