@@ -1,8 +1,8 @@
-"""``dealrec influence``: score every training user of a trained SASRec surrogate.
+"""``dealrec influence``: score every training user of a trained surrogate (any model).
 
 ``--score influence`` (default): :func:`jaxrec.influence.influence_scores` (paper Eq. 11,
-Algorithm 1); ``--score grand``: per-sample gradient norm; ``--score el2n``: the SASRec EL2N
-error (:func:`jaxrec.models.sasrec.el2n_error`); ``--score representation``: the surrogate's
+Algorithm 1); ``--score grand``: per-sample gradient norm; ``--score el2n``: the model's EL2N
+error (e.g. :func:`jaxrec.models.sasrec.el2n_error`); ``--score representation``: the surrogate's
 user representation ``[n, hidden]`` (for TF-DCon / RecRanker). Users are split into length
 buckets (:func:`jaxrec.data.buckets.width_strata`). Writes ``OUT.npy`` + manifest (and
 ``OUT_trace.npy``, the LiSSA norm trace) atomically.
@@ -70,7 +70,7 @@ def compute(cfg: InfluenceConfig, surrogate, *, progress: bool | None = None):
 def _score(cfg, surrogate, sub, parts, progress):
     """``(scores in strata order, info)`` of one score kind over the buckets ``parts``."""
     from jaxrec.influence.scores import el2n_scores, grand_scores, influence_scores
-    from jaxrec.models.sasrec import el2n_error
+    from jaxrec.models import spec_of
 
     psl = sub.restrict(surrogate.per_sample_loss)
     t = time.perf_counter()
@@ -93,9 +93,8 @@ def _score(cfg, surrogate, sub, parts, progress):
     if cfg.score == "grand":
         s = grand_scores(psl, sub.params, parts, cfg.grand_batch_size, progress=progress)
     else:
-        s = el2n_scores(
-            el2n_error(surrogate.model), surrogate.params, parts, cfg.batch_size, progress=progress
-        )
+        error = spec_of(surrogate.model).el2n_error(surrogate.model)
+        s = el2n_scores(error, surrogate.params, parts, cfg.batch_size, progress=progress)
     return s, {"seconds": {"scores": time.perf_counter() - t}}
 
 
