@@ -15,12 +15,12 @@ from jax.flatten_util import ravel_pytree
 from jaxrec.cli import main as cli
 from jaxrec.config import SurrogateConfig
 from jaxrec.data import load_dataset, load_scores, training_arrays
-from jaxrec.data.buckets import KEYS, width_strata
+from jaxrec.data.buckets import KEYS, target_lengths, width_strata
 from jaxrec.influence import sample_scores
 from jaxrec.models import spec
 from jaxrec.train import load_surrogate, train
 
-NEW = ["gru4rec", "bert4rec"]
+NEW = ["gru4rec", "bert4rec", "dcrec"]
 N_ITEMS = 30
 
 
@@ -61,8 +61,9 @@ def test_cutting_padding_columns_is_exact(name):
     s, _, model, params, batch = small(name)
     _, per_sample = s.make_loss_fns(model)
     full = np.asarray(per_sample(params, batch))
-    assert (batch["inputs"][:, :3] == 0).all()  # every sequence fits in 9 columns
-    cut = per_sample(params, {k: v[:, -9:] for k, v in batch.items()})
+    width = int(target_lengths(batch).max())  # the tightest width: the longest row fills it
+    assert width < batch["inputs"].shape[1]
+    cut = per_sample(params, {k: v[:, -width:] for k, v in batch.items()})
     np.testing.assert_allclose(full, cut, rtol=1e-5, atol=1e-6)
     assert np.all(full[:1] == 0.0) and np.all(full[2:] > 0)  # no sample: loss 0
 
@@ -226,3 +227,28 @@ def test_old_runs_without_model_key_load_as_sasrec(trained_run, tmp_path):
     assert type(sur.model).__name__ == "SASRec"
     ds = load_dataset(sur.config.data)
     assert sur.data["inputs"].shape == training_arrays(ds)["inputs"].shape
+
+
+def test_dcrec_graphs_as_the_authors_build_them():
+    """Hand-worked: sequences [1 2 3] and [2 3]. Transition counts 1-2: 1, 2-3: 2, self-loops 1,
+    normalised D^-1/2 A D^-1/2 (degrees 2, 4, 3); DGL adds self-loops and GraphConv("both")
+    divides by sqrt(out_deg(src) in_deg(dst)) edge counts (3, 4, 3). Co-interaction: binary
+    user-item cosine, top sim_k + 1 per item (itself first), row-normalised."""
+    from jaxrec.models.dcrec import build_graphs
+
+    g = build_graphs([np.array([1, 2, 3]), np.array([2, 3])], 3, sim_k=1)
+    src, dst, coef = g.adj
+    edge = {(int(a), int(b)): float(c) for a, b, c in zip(src, dst, coef) if a != b}
+    assert set(edge) == {(1, 2), (2, 1), (2, 3), (3, 2)}
+    assert edge[(1, 2)] == pytest.approx((1 / np.sqrt(2 * 4)) / np.sqrt(3 * 4), rel=1e-6)
+    assert edge[(2, 3)] == pytest.approx((2 / np.sqrt(4 * 3)) / np.sqrt(4 * 3), rel=1e-6)
+    src, dst, coef = g.sim
+    # item 1: itself (cos 1) and item 2 (cos 1/sqrt 2; ties with 3, the smaller id wins)
+    row1 = {int(b): float(c) for a, b, c in zip(src, dst, coef) if a == 1}
+    w = np.array([1.0, 1 / np.sqrt(2)]) / (1 + 1 / np.sqrt(2))
+    assert set(row1) == {1, 2}
+    # edges 1->{1,2}, 2->{2,3}, 3->{2,3}, plus DGL's self-loops: out_deg(1) = 3, in_deg(2) = 4
+    in_deg, out_deg = np.bincount(dst, minlength=4), np.bincount(src, minlength=4)
+    assert out_deg[1] == 3 and in_deg[1] == 2 and in_deg[2] == 4
+    assert row1[2] == pytest.approx(w[1] / np.sqrt(out_deg[1] * in_deg[2]), rel=1e-6)
+    assert g.neighbours[2, :2].tolist() == [3, 1]  # strongest transition first
