@@ -68,7 +68,7 @@ def train_two_epochs(data: Path, run: Path) -> list[float]:
     rng, key, seconds = np.random.default_rng(0), jax.random.PRNGKey(1), []
     for epoch in (1, 2):
         t0 = time.perf_counter()
-        data_e = T.with_negatives(arrays, cfg.seed, epoch, ds.n_items)
+        data_e = T.training_data(cfg, arrays, ds, epoch)
         params, opt_state, key, _ = T._train_epoch(step, params, opt_state, key, data_e, cfg, rng)
         jax.block_until_ready(params)
         seconds.append(time.perf_counter() - t0)

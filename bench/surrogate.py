@@ -4,7 +4,10 @@
     python bench/surrogate.py --data ../shared/data/games --epochs 4
 
 Prints the per-epoch seconds (the first includes jit compilation) and the steady-state median.
-With --full it trains to early stopping and prints the test metrics too.
+With --full it trains to early stopping and prints the test metrics too. ``--model`` picks the
+surrogate (jaxrec.models); ``--eval-every N`` evaluates valid only every N epochs, so a fixed
+budget of ``--epochs`` reports the model of the last epoch (the surrogate comparison of
+docs/benchmarks.md: ``--model M --epochs 10 --eval-every 10`` for each M).
 """
 
 import argparse
@@ -25,11 +28,15 @@ def main():
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--full", action="store_true", help="train to early stopping (200 epochs max)")
     p.add_argument("--out", default="")
+    p.add_argument("--model", default="sasrec", help="sasrec, gru4rec, bert4rec or dcrec")
+    p.add_argument("--eval-every", type=int, default=1)
     a = p.parse_args()
     out = a.out or tempfile.mkdtemp(prefix="bench_surrogate_")
     cfg = SurrogateConfig(
         data=a.data,
         out=out,
+        model=a.model,
+        eval_every=a.eval_every,
         epochs=200 if a.full else a.epochs,
         patience=10 if a.full else 1000,
         resume=False,
@@ -42,6 +49,7 @@ def main():
     print(
         json.dumps(
             {
+                "model": a.model,
                 "device": str(jax.devices()[0]),
                 "machine": platform.processor() or platform.machine(),
                 "epoch_seconds": per_epoch,

@@ -38,7 +38,7 @@ def run(a) -> None:
         build_model,
         evaluate,
         make_train_step,
-        surrogate_negatives,
+        training_data,
     )
 
     cfg = SurrogateConfig(
@@ -63,7 +63,7 @@ def run(a) -> None:
     history = []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        data = surrogate_negatives(cfg, arrays, ds, epoch)
+        data = training_data(cfg, arrays, ds, epoch)
         params, opt_state, key, loss = _train_epoch(step, params, opt_state, key, data, cfg, rng)
         seconds = time.perf_counter() - t0
         rec = {

@@ -41,9 +41,13 @@ SurrogateBatching = Literal["bucketed", "random"]
 
 @dataclass
 class SurrogateConfig:
-    """``dealrec train-surrogate`` / ``evaluate-surrogate``: the Flax SASRec surrogate."""
+    """``dealrec train-surrogate`` / ``evaluate-surrogate``: the Flax surrogate (SASRec by
+    default; ``jaxrec.models`` lists the others)."""
 
     data: str = GAMES
+    # surrogate recommender (jaxrec/models/): sasrec (paper), bert4rec (cloze, bidirectional),
+    # gru4rec (next item, GRU), dcrec (debiased contrastive, graph views)
+    model: Literal["sasrec", "bert4rec", "gru4rec", "dcrec"] = "sasrec"
     out: str = "runs/surrogate"
     max_len: int = 50
     hidden: int = 64
@@ -86,6 +90,12 @@ class SurrogateConfig:
             "longest row"
         },
     )
+    mask_prob: float = 0.2  # bert4rec: cloze masking probability per item (>= 1 masked/sample)
+    # dcrec (authors' settings for Amazon Beauty/Sports, run_DCRec.py):
+    dcrec_cl_weight: float = 0.1  # dcrec: contrastive loss weight (graphcl_coefficient)
+    dcrec_cl_temp: float = 1.0  # dcrec: contrastive temperature (cl_temp)
+    dcrec_graph_dropout: float = 0.5  # dcrec: edge dropout of the graph encoders
+    dcrec_sim_k: int = 4  # dcrec: co-interaction graph: similar items per item (sim_group)
 
 
 @dataclass

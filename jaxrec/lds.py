@@ -516,9 +516,12 @@ class SurrogateTask:
 
 
 def _model_module(cfg: SurrogateConfig):
-    """``jaxrec.models.<cfg.model>`` (``sasrec`` when the config has no ``model`` field): it
-    provides ``init_params(model, key)`` and ``make_loss_fns(model)``, as SASRec does."""
-    return importlib.import_module(f"jaxrec.models.{getattr(cfg, 'model', 'sasrec')}")
+    """The model's registry entry (:func:`jaxrec.models.spec`): ``init_params`` and, where the
+    model defines one, ``validation_arrays(ds, max_len)`` for its own batch format."""
+    from jaxrec.models import spec
+
+    name = getattr(cfg, "model", "sasrec")
+    return importlib.import_module(f"jaxrec.models.{name}"), spec(name)
 
 
 def validation_arrays(ds, max_len: int) -> dict:
@@ -548,10 +551,10 @@ def surrogate_task(cfg: SurrogateConfig, ds) -> SurrogateTask:
 
     from jaxrec.data import training_arrays
     from jaxrec.models.sasrec import positions_per_sample
-    from jaxrec.train import build_model, loss_fns, make_train_step, surrogate_negatives
+    from jaxrec.train import build_model, loss_fns, make_train_step, training_data
 
-    module = _model_module(cfg)
-    model = build_model(cfg, ds.n_items)
+    module, model_spec = _model_module(cfg)
+    model = build_model(cfg, ds.n_items, ds)
     arrays = training_arrays(ds, cfg.max_len)
     loss, per_sample_loss = loss_fns(cfg, model, arrays)
     valid = getattr(module, "validation_arrays", validation_arrays)(ds, cfg.max_len)
@@ -560,17 +563,17 @@ def surrogate_task(cfg: SurrogateConfig, ds) -> SurrogateTask:
     return SurrogateTask(
         cfg=cfg,
         model=model,
-        init_params=module.init_params,
+        init_params=model_spec.init_params,
         loss=loss,
         per_sample_loss=per_sample_loss,
         arrays=arrays,
-        train_data=surrogate_negatives(cfg, arrays, ds, 0),
+        train_data=training_data(cfg, arrays, ds, 0),
         valid=valid,
         step=make_train_step(
             model,
             optax.adam(cfg.lr),
             cfg.loss_weighting,
-            positions_per_sample(arrays["targets"]),
+            float(positions_per_sample(arrays["targets"])),
         ),
         dataset=ds,
     )
@@ -584,7 +587,7 @@ def retrain(task: SurrogateTask, mask: np.ndarray, seed: int):
     cleared, so they are never in a batch. Returns the parameters."""
     import optax
 
-    from jaxrec.train import _train_epoch, surrogate_negatives
+    from jaxrec.train import _train_epoch, training_data
 
     cfg = task.cfg
     params = task.init_params(task.model, jax.random.PRNGKey(cfg.seed))
@@ -593,7 +596,7 @@ def retrain(task: SurrogateTask, mask: np.ndarray, seed: int):
     rng = np.random.default_rng([cfg.seed, seed])
     key = jax.random.PRNGKey(seed + 1)
     for epoch in range(1, cfg.epochs + 1):
-        data = surrogate_negatives(cfg, arrays, task.dataset, epoch, seed)
+        data = training_data(cfg, arrays, task.dataset, epoch, seed)
         params, opt_state, key, value = _train_epoch(
             task.step, params, opt_state, key, data, cfg, rng
         )

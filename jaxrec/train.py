@@ -1,4 +1,5 @@
-"""Train and evaluate the SASRec surrogate: optax Adam, jitted steps, orbax checkpoints.
+"""Train and evaluate the surrogate (SASRec, or any model of :mod:`jaxrec.models`): optax
+Adam, jitted steps, orbax checkpoints.
 
 ``dealrec train-surrogate`` trains with early stopping on valid Recall@20, keeps the best
 checkpoint and the latest one (so a killed run resumes where it stopped), and writes
@@ -44,18 +45,18 @@ from jaxrec.data import (
     training_arrays,
     write_json,
 )
-from jaxrec.data.buckets import TRAIN_WIDTHS, width_of
+from jaxrec.data.buckets import TRAIN_WIDTHS, target_lengths, width_of
 from jaxrec.errors import UserError
 from jaxrec.data.ranking import recall_ndcg
 from jaxrec.metrics import mask_seen, topk_metrics
-from jaxrec.models import sasrec
+from jaxrec.models import sasrec, spec, spec_of, with_negatives
 
 
 @dataclass
 class Surrogate:
     """A trained surrogate: the model, its parameters and the data it was trained on."""
 
-    model: sasrec.SASRec
+    model: object  # a Flax module of jaxrec.models (cfg.model)
     params: dict
     config: SurrogateConfig
     dataset: Dataset
@@ -65,7 +66,7 @@ class Surrogate:
 
     def user_representations(self, params, inputs):
         """``[B, L] -> [B, hidden]``: hidden state at the newest position."""
-        return sasrec.user_representations(self.model, params, inputs)
+        return spec_of(self.model).user_representations(self.model, params, inputs)
 
 
 def user_representations(sur: Surrogate, batch_size: int = 1024) -> np.ndarray:
@@ -84,61 +85,29 @@ def user_representations(sur: Surrogate, batch_size: int = 1024) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
-def build_model(cfg: SurrogateConfig, n_items: int) -> sasrec.SASRec:
-    return sasrec.SASRec(
-        n_items=n_items,
-        hidden=cfg.hidden,
-        blocks=cfg.blocks,
-        heads=cfg.heads,
-        max_len=cfg.max_len,
-        dropout=cfg.dropout,
-        arch=cfg.arch,
-    )
+def build_model(cfg: SurrogateConfig, n_items: int, ds: Dataset | None = None):
+    """The Flax model of ``cfg.model`` (registry :func:`jaxrec.models.spec`); DCRec builds its
+    item graphs from ``ds``."""
+    return spec(cfg.model).build(cfg, n_items, ds)
 
 
-def loss_fns(cfg: SurrogateConfig, model: sasrec.SASRec, arrays: dict):
-    """The pure ``(loss, per_sample_loss)`` of ``model`` under ``cfg.loss_weighting`` (the
-    ``"position"`` divisor is the mean number of target positions of ``arrays``)."""
-    return sasrec.make_loss_fns(
-        model, cfg.loss_weighting, sasrec.positions_per_sample(arrays["targets"])
-    )
-
-
-def with_negatives(
-    arrays: dict,
-    seed: int,
-    epoch: int,
-    n_items: int,
-    negatives: str = "target",
-    sequences: list | None = None,
-) -> dict:
-    """Add ``"negatives"`` for every row, derived from (seed, row index, epoch).
-
-    Args:
-      negatives: ``"target"``: any item but the position's target
-        (:func:`sasrec.sample_negatives`); ``"sequence"``: an item outside the row's whole
-        sequence (:func:`sasrec.sequence_negatives`, as the paper's code).
-      sequences: for ``"sequence"``, the excluded items of each row (``Dataset.train``, aligned
-        with ``arrays["index"]``).
-    """
-    if negatives == "sequence":
-        if sequences is None:
-            raise ValueError("negatives='sequence' needs sequences= (the users' train items)")
-        seqs = [sequences[i] for i in np.asarray(arrays["index"])]
-        neg = sasrec.sequence_negatives(
-            seed, arrays["index"], epoch, arrays["targets"], n_items, seqs
+def loss_fns(cfg: SurrogateConfig, model, arrays: dict):
+    """The pure ``(loss, per_sample_loss)`` of ``model``; SASRec's under ``cfg.loss_weighting``
+    (the ``"position"`` divisor is the mean number of target positions of ``arrays``)."""
+    s = spec(cfg.model)
+    if s.weighted:
+        return s.make_loss_fns(
+            model, cfg.loss_weighting, sasrec.positions_per_sample(arrays["targets"])
         )
-    elif negatives == "target":
-        neg = sasrec.sample_negatives(seed, arrays["index"], epoch, arrays["targets"], n_items)
-    else:
-        raise ValueError(f"negatives must be 'sequence' or 'target', got {negatives!r}")
-    return {**arrays, "negatives": np.asarray(neg)}
+    return s.make_loss_fns(model)
 
 
-def surrogate_negatives(cfg: SurrogateConfig, arrays: dict, ds: Dataset, epoch: int, seed=None):
-    """:func:`with_negatives` under ``cfg.negatives`` (``seed`` defaults to ``cfg.seed``)."""
+def training_data(cfg: SurrogateConfig, arrays: dict, ds: Dataset, epoch: int, seed=None) -> dict:
+    """Every user's batch arrays for ``epoch``: negatives under ``cfg.negatives`` (and
+    BERT4Rec's masks) derived from (seed, row index, epoch), so any sample's loss can be
+    recomputed on its own. ``seed`` defaults to ``cfg.seed``."""
     seed = cfg.seed if seed is None else seed
-    return with_negatives(arrays, seed, epoch, ds.n_items, cfg.negatives, ds.train)
+    return spec(cfg.model).training_data(arrays, seed, epoch, ds.n_items, cfg, ds.train)
 
 
 def epoch_batches(
@@ -188,17 +157,16 @@ def take_batch(arrays: dict, rows: np.ndarray, width: int) -> dict:
     }
 
 
-def make_train_step(
-    model: sasrec.SASRec, optimizer, weighting: str = "sample", positions: float = 1.0
-):
-    """A jitted Adam step on the dropout-on, row-weighted mean of
-    :func:`sasrec.bce_per_sample` (``weighting``, ``positions``)."""
+def make_train_step(model, optimizer, weighting: str = "sample", positions: float = 1.0):
+    """A jitted Adam step on the dropout-on, row-weighted mean per-sample loss (a weighted
+    model's under ``weighting`` / ``positions``, see :func:`loss_fns`)."""
+    s = spec_of(model)
+    extra = (weighting, positions) if s.weighted else ()
 
     @jax.jit
     def step(params, opt_state, batch, weights, rng):
         def objective(p):
-            logits = sasrec.position_logits(model, p, batch, rng=rng)
-            per = sasrec.bce_per_sample(*logits, weighting, positions)
+            per = s.train_per_sample(model, p, batch, rng, *extra)
             return jnp.sum(per * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
         value, grads = jax.value_and_grad(objective)(params)
@@ -210,13 +178,12 @@ def make_train_step(
 
 @partial(jax.jit, static_argnums=0)
 def _rank_batch(model, params, inputs, seen, truth):
-    reps = sasrec.user_representations(model, params, inputs)
-    scores = reps @ params["item_emb"]["embedding"].T
+    scores = spec_of(model).item_scores(model, params, inputs)
     return topk_metrics(mask_seen(scores, seen), truth, 20)
 
 
 def evaluate(
-    model: sasrec.SASRec,
+    model,
     params,
     ds: Dataset,
     split: str,
@@ -291,13 +258,13 @@ def load_surrogate(run_dir: str | Path, data: str | None = None) -> Surrogate:
     run = Path(run_dir)
     cfg = _read_run_config(run)
     ds = load_dataset(data or cfg.data)
-    model = build_model(cfg, ds.n_items)
-    like = sasrec.init_params(model, jax.random.PRNGKey(0))
+    model = build_model(cfg, ds.n_items, ds)
+    like = spec(cfg.model).init_params(model, jax.random.PRNGKey(0))
     try:
         params = restore_checkpoint(run / "checkpoints" / "best", like)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"{run}: checkpoint does not match the dataset/model ({e})") from None
-    arrays = surrogate_negatives(cfg, training_arrays(ds, cfg.max_len), ds, 0)
+    arrays = training_data(cfg, training_arrays(ds, cfg.max_len), ds, 0)
     loss, per_sample_loss = loss_fns(cfg, model, arrays)
     return Surrogate(model, params, cfg, ds, arrays, loss, per_sample_loss)
 
@@ -311,7 +278,7 @@ def train(cfg: SurrogateConfig, *, progress: bool = True) -> dict:
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run / "checkpoints"
-    model = build_model(cfg, ds.n_items)
+    model = build_model(cfg, ds.n_items, ds)
     optimizer = optax.adam(cfg.lr)
     params, opt_state, state = _start_or_resume(cfg, ds, model, optimizer, run)
     write_json(run / "config.json", dataclasses.asdict(cfg))
@@ -331,7 +298,7 @@ def train(cfg: SurrogateConfig, *, progress: bool = True) -> dict:
     )
     for epoch in epochs:
         t0 = time.perf_counter()
-        data = surrogate_negatives(cfg, arrays, ds, epoch)
+        data = training_data(cfg, arrays, ds, epoch)
         params, opt_state, key, epoch_loss = _train_epoch(
             step, params, opt_state, key, data, cfg, rng
         )
@@ -366,7 +333,7 @@ def train(cfg: SurrogateConfig, *, progress: bool = True) -> dict:
 def _start_or_resume(cfg: SurrogateConfig, ds: Dataset, model, optimizer, run: Path):
     """``(params, opt_state, state)``: fresh, or from ``RUN/checkpoints/latest`` when the run
     was made from the same dataset and config (and ``cfg.resume``)."""
-    params = sasrec.init_params(model, jax.random.PRNGKey(cfg.seed))
+    params = spec(cfg.model).init_params(model, jax.random.PRNGKey(cfg.seed))
     opt_state = optimizer.init(params)
     state = {
         "epoch": 0,
@@ -392,7 +359,7 @@ def _start_or_resume(cfg: SurrogateConfig, ds: Dataset, model, optimizer, run: P
 def _train_epoch(step, params, opt_state, key, data: dict, cfg: SurrogateConfig, rng):
     """One pass over length-bucketed shuffled batches. Returns the new
     ``(params, opt_state, key, mean loss)``."""
-    lengths = (data["targets"] > 0).sum(1)
+    lengths = target_lengths(data)
     losses = []
     for rows, width in epoch_batches(lengths, cfg.batch_size, cfg.max_len, rng, cfg.batching):
         batch = take_batch(data, rows, width)
@@ -444,7 +411,8 @@ __all__ = [
     "evaluate",
     "load_surrogate",
     "loss_fns",
-    "surrogate_negatives",
     "train",
+    "training_data",
     "user_representations",
+    "with_negatives",
 ]

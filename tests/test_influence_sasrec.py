@@ -260,7 +260,7 @@ def test_negative_draws_one_is_today_and_two_is_the_draw_averaged_loss(surrogate
     single-draw path run on the data with every user twice (once per draw): its mean gradient
     and Hessian are the draw-averaged ones, and user i's score is the mean of its two rows'
     (times 4: Eq. 11 divides by n^2, and n doubled). Exact solver on a 64-parameter block."""
-    from jaxrec.train import with_negatives
+    from jaxrec.train import training_data
 
     block = r"^attn_out_1/bias$"
     common = dict(params=block, solver="exact", convention="dealrec", damping=0.01, scale=25.0)
@@ -282,7 +282,7 @@ def test_negative_draws_one_is_today_and_two_is_the_draw_averaged_loss(surrogate
     k2, info = compute(InfluenceConfig(negative_draws=2, **common), surrogate, progress=False)
     seed = surrogate.config.seed
     assert info["solver"]["negative_seeds"] == [seed, seed + 1]
-    second = with_negatives(surrogate.data, seed + 1, 0, surrogate.dataset.n_items)
+    second = training_data(surrogate.config, surrogate.data, surrogate.dataset, 0, seed + 1)
     twice = {k: np.concatenate([surrogate.data[k], second[k]]) for k in surrogate.data}
     rows = scores_of(twice)
     n = surrogate.dataset.n_users

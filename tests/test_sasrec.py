@@ -163,7 +163,9 @@ def test_take_batch_pads_with_empty_rows(synthetic_dir):
 
 def test_with_negatives_sequence_excludes_each_users_train_items(synthetic_dir):
     ds = load_dataset(synthetic_dir)
-    arrays = with_negatives(training_arrays(ds), 0, 1, ds.n_items, "sequence", ds.train)
+    arrays = with_negatives(
+        training_arrays(ds), 0, 1, ds.n_items, sequences=ds.train, negatives="sequence"
+    )
     neg, tgt = arrays["negatives"], arrays["targets"]
     for u in range(ds.n_users):
         assert not np.isin(neg[u][tgt[u] > 0], ds.train[u]).any()

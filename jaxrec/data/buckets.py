@@ -32,8 +32,11 @@ def width_of(lengths, max_len: int, widths=SCORE_WIDTHS) -> np.ndarray:
 
 
 def target_lengths(data: dict) -> np.ndarray:
-    """Number of target positions of each row (``targets > 0``)."""
-    return (np.asarray(data["targets"]) > 0).sum(1)
+    """Number of target positions of each row (``targets > 0``), or of input positions where
+    a row has more (BERT4Rec's cloze rows target only their masked items): the width a row
+    needs."""
+    targets = (np.asarray(data["targets"]) > 0).sum(1)
+    return np.maximum(targets, (np.asarray(data["inputs"]) > 0).sum(1))
 
 
 def width_strata(data: dict, max_len: int, widths=SCORE_WIDTHS, keys=KEYS):

@@ -1,8 +1,8 @@
-"""``dealrec influence``: score every training user of a trained SASRec surrogate.
+"""``dealrec influence``: score every training user of a trained surrogate (any model).
 
 ``--score influence`` (default): :func:`jaxrec.influence.influence_scores` (paper Eq. 11,
-Algorithm 1); ``--score grand``: per-sample gradient norm; ``--score el2n``: the SASRec EL2N
-error (:func:`jaxrec.models.sasrec.el2n_error`); ``--score representation``: the surrogate's
+Algorithm 1); ``--score grand``: per-sample gradient norm; ``--score el2n``: the model's EL2N
+error (e.g. :func:`jaxrec.models.sasrec.el2n_error`); ``--score representation``: the surrogate's
 user representation ``[n, hidden]`` (for TF-DCon / RecRanker).
 
 GraNd and EL2N are computed on the **trained** surrogate by default (``--score-model
@@ -137,13 +137,13 @@ def negative_draw_parts(surrogate, parts, draws: int, offset: int = 0) -> list[d
     """``parts`` (the width buckets of ``surrogate.data``) with ``negatives`` replaced by
     ``[B, draws, w]``: the negatives of every draw of :func:`draw_seeds` (one per target
     position, drawn as training draws them under the surrogate's ``negatives`` option,
-    ``jaxrec.train.surrogate_negatives``), cut like ``parts``. The buckets depend on the
+    ``jaxrec.train.training_data``), cut like ``parts``. The buckets depend on the
     targets only, so every draw cuts the same rows."""
-    from jaxrec.train import surrogate_negatives
+    from jaxrec.train import training_data
 
     drawn = []
     for seed in draw_seeds(surrogate, draws, offset):
-        data = surrogate_negatives(surrogate.config, surrogate.data, surrogate.dataset, 0, seed)
+        data = training_data(surrogate.config, surrogate.data, surrogate.dataset, 0, seed)
         drawn.append(width_strata(data, surrogate.config.max_len)[1])
     return [
         {**part, "negatives": np.stack([d[g]["negatives"] for d in drawn], axis=1)}
@@ -195,7 +195,7 @@ def _baseline_score(cfg, surrogate, sub, parts, progress):
     import jax
 
     from jaxrec.influence.scores import el2n_scores, grand_scores
-    from jaxrec.models.sasrec import el2n_error
+    from jaxrec.models import spec_of
 
     if cfg.score == "grand":
         if sub.size == sum(np.size(x) for x in jax.tree.leaves(surrogate.params)):
@@ -203,9 +203,8 @@ def _baseline_score(cfg, surrogate, sub, parts, progress):
         else:
             psl, params = sub.restrict(surrogate.per_sample_loss), sub.params
         return grand_scores(psl, params, parts, cfg.grand_batch_size, progress=progress)
-    return el2n_scores(
-        el2n_error(surrogate.model), surrogate.params, parts, cfg.batch_size, progress=progress
-    )
+    error = spec_of(surrogate.model).el2n_error(surrogate.model)
+    return el2n_scores(error, surrogate.params, parts, cfg.batch_size, progress=progress)
 
 
 def early_params(surrogate, epochs: int, seed: int, cache: Path):
@@ -220,11 +219,11 @@ def early_params(surrogate, epochs: int, seed: int, cache: Path):
     """
     import jax
 
-    from jaxrec.models import sasrec
+    from jaxrec.models import spec
     from jaxrec.train import restore_checkpoint, train
 
     if epochs == 0:
-        return sasrec.init_params(surrogate.model, jax.random.PRNGKey(seed))
+        return spec(surrogate.config.model).init_params(surrogate.model, jax.random.PRNGKey(seed))
     out = cache / f"seed{seed}_epochs{epochs}"
     cfg = dataclasses.replace(
         surrogate.config,
