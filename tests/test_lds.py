@@ -190,7 +190,7 @@ def test_command_on_synthetic_data_resumes_after_a_kill(tmp_path):
         "exact",
         "grad-dot",
         "--params",
-        "^last_ln/scale$",
+        "^attn_out_1/bias$",
         "--bootstrap",
         "50",
         "--compile-cache",
