@@ -38,6 +38,13 @@ def raw_arrays(b=10, width=12, seed=0, n_items=N_ITEMS):
     return {"inputs": inputs, "targets": targets, "index": np.arange(b, dtype=np.int32)}
 
 
+def seqs(arrays):
+    """Each row's items (``sequences=`` of the training data: sequence negatives avoid them)."""
+    return [
+        np.unique(np.r_[i[i > 0], t[t > 0]]) for i, t in zip(arrays["inputs"], arrays["targets"])
+    ]
+
+
 def graph_data():
     """A stand-in dataset (only ``train`` is read) for DCRec's item graphs."""
     a = raw_arrays(b=40, seed=11)
@@ -51,7 +58,7 @@ def small(name, arrays=None):
     arrays = raw_arrays() if arrays is None else arrays
     model = s.build(cfg, N_ITEMS, graph_data())
     params = s.init_params(model, jax.random.PRNGKey(0))
-    data = s.training_data(arrays, 0, 0, N_ITEMS, cfg)
+    data = s.training_data(arrays, 0, 0, N_ITEMS, cfg, seqs(arrays))
     batch = {k: jnp.asarray(data[k]) for k in KEYS}
     return s, cfg, model, params, batch
 
@@ -87,12 +94,12 @@ def test_sample_loss_does_not_depend_on_batch_mates(name):
 def test_training_data_reproducible_per_sample(name):
     s, cfg, *_ = small(name)
     arrays = raw_arrays(b=40, seed=3)
-    a = s.training_data(arrays, 3, 2, N_ITEMS, cfg)
+    a = s.training_data(arrays, 3, 2, N_ITEMS, cfg, seqs(arrays))
     part = {k: v[10:20] for k, v in arrays.items()}
-    b = s.training_data(part, 3, 2, N_ITEMS, cfg)
+    b = s.training_data(part, 3, 2, N_ITEMS, cfg, seqs(arrays))
     for k in KEYS:
         np.testing.assert_array_equal(a[k][10:20], b[k])  # depends on (seed, index, epoch)
-    c = s.training_data(arrays, 3, 3, N_ITEMS, cfg)
+    c = s.training_data(arrays, 3, 3, N_ITEMS, cfg, seqs(arrays))
     assert any(not np.array_equal(a[k], c[k]) for k in KEYS)  # a new draw each epoch
 
 
@@ -101,7 +108,7 @@ def test_bert4rec_cloze_masks():
 
     s, cfg, *_ = small("bert4rec")
     arrays = raw_arrays(b=200, seed=5)
-    d = s.training_data(arrays, 0, 0, N_ITEMS, cfg)
+    d = s.training_data(arrays, 0, 0, N_ITEMS, cfg, seqs(arrays))
     n = (arrays["targets"] > 0).sum(1)
     seq = np.concatenate([arrays["inputs"][:, 1:], arrays["targets"][:, -1:]], 1)
     masked = d["inputs"] == N_ITEMS + 1
