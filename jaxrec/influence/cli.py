@@ -86,10 +86,11 @@ def _score(cfg, surrogate, sub, parts, progress):
     if cfg.score == "influence":
         loss, psl = sub.restrict(surrogate.loss), sub.restrict(surrogate.per_sample_loss)
         options, batch_size = solver_options(cfg), cfg.batch_size
-        if cfg.negative_draws > 1 or cfg.negative_seed != 0:
-            parts = negative_draw_parts(surrogate, parts, cfg.negative_draws, cfg.negative_seed)
+        draws = cfg.negative_draws if samples_negatives(surrogate) else 1
+        if draws > 1 or cfg.negative_seed != 0:
+            parts = negative_draw_parts(surrogate, parts, draws, cfg.negative_seed)
             loss, psl = draw_mean_losses(psl)
-            options, batch_size = draw_batches(options, batch_size, cfg.negative_draws)
+            options, batch_size = draw_batches(options, batch_size, draws)
         s, solver = influence_scores(
             loss,
             psl,
@@ -104,8 +105,8 @@ def _score(cfg, surrogate, sub, parts, progress):
         )
         seconds = solver.pop("seconds")
         seconds.pop("total", None)
-        solver["negative_draws"] = cfg.negative_draws
-        solver["negative_seeds"] = draw_seeds(surrogate, cfg.negative_draws, cfg.negative_seed)
+        solver["negative_draws"] = draws
+        solver["negative_seeds"] = draw_seeds(surrogate, draws, cfg.negative_seed)
         return s, {"seconds": seconds, "solver": solver}
     if cfg.score_model == "trained":
         s = _baseline_score(cfg, surrogate, sub, parts, progress)
@@ -124,6 +125,15 @@ def _score(cfg, surrogate, sub, parts, progress):
     info = {"seconds": {"early_training": train_s, "scores": seconds - train_s}}
     info["early"] = {"epochs": cfg.early_epochs, "seeds": seeds}
     return total / len(seeds), info
+
+
+def samples_negatives(surrogate) -> bool:
+    """Whether the surrogate's training data is :func:`jaxrec.models.with_negatives`' (SASRec,
+    GRU4Rec, DCRec), the only thing ``--negative-draws`` redraws. BERT4Rec's loss has no
+    sampled negatives (its cloze masks are one fixed draw), so it is scored with one draw."""
+    from jaxrec.models import spec, with_negatives
+
+    return spec(surrogate.config.model).training_data is with_negatives
 
 
 def draw_seeds(surrogate, draws: int, offset: int = 0) -> list[int]:
