@@ -69,7 +69,7 @@ def train_two_epochs(data: Path, run: Path) -> list[float]:
     for epoch in (1, 2):
         t0 = time.perf_counter()
         data_e = T.training_data(cfg, arrays, ds, epoch)
-        params, opt_state, key, _ = T._train_epoch(step, params, opt_state, key, data_e, cfg, rng)
+        params, opt_state, key, _ = T.train_epoch(step, params, opt_state, key, data_e, cfg, rng)
         jax.block_until_ready(params)
         seconds.append(time.perf_counter() - t0)
     run.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ def run(a) -> None:
     from jaxrec.data import load_dataset, training_arrays
     from jaxrec.models import sasrec
     from jaxrec.train import (
-        _train_epoch,
+        train_epoch,
         build_model,
         evaluate,
         make_train_step,
@@ -64,7 +64,7 @@ def run(a) -> None:
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         data = training_data(cfg, arrays, ds, epoch)
-        params, opt_state, key, loss = _train_epoch(step, params, opt_state, key, data, cfg, rng)
+        params, opt_state, key, loss = train_epoch(step, params, opt_state, key, data, cfg, rng)
         seconds = time.perf_counter() - t0
         rec = {
             "epoch": epoch,

@@ -587,7 +587,7 @@ def retrain(task: SurrogateTask, mask: np.ndarray, seed: int):
     cleared, so they are never in a batch. Returns the parameters."""
     import optax
 
-    from jaxrec.train import _train_epoch, training_data
+    from jaxrec.train import train_epoch, training_data
 
     cfg = task.cfg
     params = task.init_params(task.model, jax.random.PRNGKey(cfg.seed))
@@ -597,7 +597,7 @@ def retrain(task: SurrogateTask, mask: np.ndarray, seed: int):
     key = jax.random.PRNGKey(seed + 1)
     for epoch in range(1, cfg.epochs + 1):
         data = training_data(cfg, arrays, task.dataset, epoch, seed)
-        params, opt_state, key, value = _train_epoch(
+        params, opt_state, key, value = train_epoch(
             task.step, params, opt_state, key, data, cfg, rng
         )
         if not np.isfinite(value):

@@ -299,7 +299,7 @@ def train(cfg: SurrogateConfig, *, progress: bool = True) -> dict:
     for epoch in epochs:
         t0 = time.perf_counter()
         data = training_data(cfg, arrays, ds, epoch)
-        params, opt_state, key, epoch_loss = _train_epoch(
+        params, opt_state, key, epoch_loss = train_epoch(
             step, params, opt_state, key, data, cfg, rng
         )
         if not np.isfinite(epoch_loss):
@@ -356,7 +356,7 @@ def _start_or_resume(cfg: SurrogateConfig, ds: Dataset, model, optimizer, run: P
     return params, opt_state, state
 
 
-def _train_epoch(step, params, opt_state, key, data: dict, cfg: SurrogateConfig, rng):
+def train_epoch(step, params, opt_state, key, data: dict, cfg: SurrogateConfig, rng):
     """One pass over length-bucketed shuffled batches. Returns the new
     ``(params, opt_state, key, mean loss)``."""
     lengths = target_lengths(data)
@@ -412,6 +412,7 @@ __all__ = [
     "load_surrogate",
     "loss_fns",
     "train",
+    "train_epoch",
     "training_data",
     "user_representations",
     "with_negatives",

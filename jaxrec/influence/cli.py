@@ -128,12 +128,12 @@ def _score(cfg, surrogate, sub, parts, progress):
 
 
 def samples_negatives(surrogate) -> bool:
-    """Whether the surrogate's training data is :func:`jaxrec.models.with_negatives`' (SASRec,
-    GRU4Rec, DCRec), the only thing ``--negative-draws`` redraws. BERT4Rec's loss has no
-    sampled negatives (its cloze masks are one fixed draw), so it is scored with one draw."""
-    from jaxrec.models import spec, with_negatives
+    """Whether the surrogate's loss reads sampled negatives (``ModelSpec.sampled_negatives``:
+    SASRec, GRU4Rec, DCRec), the only thing ``--negative-draws`` redraws. BERT4Rec's has none
+    (its cloze masks are one fixed draw), so it is scored with one draw."""
+    from jaxrec.models import spec
 
-    return spec(surrogate.config.model).training_data is with_negatives
+    return spec(surrogate.config.model).sampled_negatives
 
 
 def draw_seeds(surrogate, draws: int, offset: int = 0) -> list[int]:

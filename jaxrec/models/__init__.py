@@ -18,6 +18,8 @@ length buckets, the influence engine and the score files are shared unchanged.
 ``s.weighted`` marks a model whose ``make_loss_fns`` / ``train_per_sample`` take the extra
 ``(weighting, positions)`` of ``SurrogateConfig.loss_weighting`` (SASRec: the paper code's
 per-position weighting); ``jaxrec.train.loss_fns`` and ``make_train_step`` pass them.
+``s.sampled_negatives`` is False for a model whose loss has no sampled negatives (BERT4Rec):
+the influence stage's ``--negative-draws`` then scores it with its one fixed draw.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class ModelSpec:
     training_data: Callable
     el2n_error: Callable
     weighted: bool = False
+    sampled_negatives: bool = True  # its loss reads batch["negatives"] (--negative-draws)
 
 
 def spec(name: str) -> ModelSpec:

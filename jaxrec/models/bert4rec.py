@@ -245,4 +245,5 @@ SPEC = ModelSpec(
     user_representations=user_representations,
     training_data=training_data,
     el2n_error=el2n_error,
+    sampled_negatives=False,  # cloze masks, no negatives: one draw for influence
 )
