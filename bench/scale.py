@@ -12,6 +12,7 @@ a fresh process:
   influence stage's own memory is the difference.
 
     python bench/scale.py --factors 1 4 16 --out runs/scale [--json runs/scale.json]
+    python bench/scale.py --plot runs/scale.json --figure docs/figures/scale.png   # table + plot
 """
 
 from __future__ import annotations
@@ -93,13 +94,82 @@ def timed(argv: list[str]) -> dict:
     }
 
 
+def report(results: dict, figure: str) -> str:
+    """A Markdown table of ``results`` (per-user costs relative to 1x) and, if ``figure`` is
+    set, a log-log plot of seconds and peak memory against users."""
+    rows = sorted(results.values(), key=lambda r: r["users"])
+    base = rows[0]
+    per_user = lambda r, s: s(r) / r["users"]  # noqa: E731
+    epoch = lambda r: r["epoch_seconds"][-1]  # noqa: E731
+    infl = lambda r: r["influence"]["wall_s"]  # noqa: E731
+    lines = [
+        "| users | items | parameters | epoch s | epoch us/user (vs 1x) | influence s | "
+        "influence us/user (vs 1x) | mean grad / solve / scores s | LiSSA steps | "
+        "peak RSS influence MiB | of it, loading the run MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t = r["influence"]["timing"]
+        lines.append(
+            f"| {r['users']:,} | {r['items']:,} | {r['influence']['n_params']:,} | "
+            f"{epoch(r):.1f} | {1e6 * per_user(r, epoch):.0f} "
+            f"({per_user(r, epoch) / per_user(base, epoch):.2f}x) | {infl(r):.0f} | "
+            f"{1e6 * per_user(r, infl):.0f} ({per_user(r, infl) / per_user(base, infl):.2f}x) | "
+            f"{t['mean_gradient']:.0f} / {t['solve']:.0f} / {t['scores']:.0f} | "
+            f"{r['influence']['steps_run'][0]} | {r['influence']['peak_rss_mib']:,.0f} | "
+            f"{r['load_only_peak_rss_mib']:,.0f} |"
+        )
+    if figure:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        users = [r["users"] for r in rows]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        a.loglog(users, [epoch(r) for r in rows], "o-", label="surrogate epoch")
+        a.loglog(users, [infl(r) for r in rows], "s-", label="influence stage (cold)")
+        a.loglog(users, [epoch(base) * u / base["users"] for u in users], "k:", label="linear")
+        a.set(xlabel="users", ylabel="seconds", title="time")
+        a.legend()
+        b.semilogx(
+            users,
+            [r["influence"]["peak_rss_mib"] / 1024 for r in rows],
+            "s-",
+            label="influence stage, peak RSS",
+        )
+        b.semilogx(
+            users,
+            [r["load_only_peak_rss_mib"] / 1024 for r in rows],
+            "o--",
+            label="loading the run only",
+        )
+        b.semilogx(
+            users,
+            [r["train_peak_rss_mib"] / 1024 for r in rows],
+            "^-",
+            label="surrogate training, peak RSS",
+        )
+        b.set(xlabel="users", ylabel="GiB", title="memory", ylim=(0, None))
+        b.legend()
+        fig.tight_layout()
+        Path(figure).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(figure, dpi=120)
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--out", default="runs/scale")
     ap.add_argument("--json", default="runs/scale.json")
+    ap.add_argument("--plot", default="", help="print the table of this JSON, draw --figure")
+    ap.add_argument("--figure", default="")
     ap.add_argument("--stage", default="", help=argparse.SUPPRESS)  # internal: train in-process
     args = ap.parse_args()
+    if args.plot:
+        print(report(json.loads(Path(args.plot).read_text()), args.figure))
+        return 0
     out = Path(args.out)
     if args.stage:  # child process: python bench/scale.py --stage k
         k = int(args.stage)

@@ -159,11 +159,17 @@ def take_batch(arrays: dict, rows: np.ndarray, width: int) -> dict:
 
 def make_train_step(model, optimizer, weighting: str = "sample", positions: float = 1.0):
     """A jitted Adam step on the dropout-on, row-weighted mean per-sample loss (a weighted
-    model's under ``weighting`` / ``positions``, see :func:`loss_fns`)."""
+    model's under ``weighting`` / ``positions``, see :func:`loss_fns`).
+
+    ``params`` and ``opt_state`` are donated: the step updates them in place, so a caller
+    must not use the arrays it passed in after the call (every caller rebinds them). Without
+    donation each step allocates and fills fresh parameter- and Adam-sized buffers, which at
+    16x Games' items is most of the step (docs/benchmarks.md, "How cost grows with the
+    data")."""
     s = spec_of(model)
     extra = (weighting, positions) if s.weighted else ()
 
-    @jax.jit
+    @partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, batch, weights, rng):
         def objective(p):
             per = s.train_per_sample(model, p, batch, rng, *extra)
