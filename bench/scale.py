@@ -1,7 +1,9 @@
 """How cost grows with the data: Games-like synthetic datasets of 1x, 4x, 16x the users.
 
 For each factor k: a synthetic dataset with ``k * 49,156`` users and ``k * 17,332`` items
-(``k * 200`` item clusters; train sequences of 3-9 items, mean 6 as on Games), then, each in
+(``k * 200`` item clusters; train sequences of 3-9 items, mean 6 as on Games); a factor
+written ``ku`` (say ``16u``) scales the users only and keeps Games' 17,332 items, which
+separates the cost of more users from the cost of a larger item table. Then, each in
 a fresh process:
 
 * the surrogate epoch time (SASRec as ``dealrec train-surrogate``, two epochs, the second is
@@ -28,18 +30,27 @@ from pathlib import Path
 GAMES_USERS, GAMES_ITEMS = 49_156, 17_332
 
 
-def make_data(folder: Path, k: int) -> Path:
+def sizes(factor: str) -> tuple[int, int, int]:
+    """``(users, items, item clusters)`` of a factor ``k`` (users and items scaled) or ``ku``
+    (users only)."""
+    k = int(factor.rstrip("u"))
+    j = 1 if factor.endswith("u") else k
+    return k * GAMES_USERS, j * GAMES_ITEMS, 200 * j
+
+
+def make_data(folder: Path, factor: str) -> Path:
     from jaxrec.data.synthetic import make_synthetic
 
+    users, items, clusters = sizes(factor)
     if not (folder / "items.jsonl").is_file():
         make_synthetic(
             folder,
-            n_users=k * GAMES_USERS,
-            n_items=k * GAMES_ITEMS,
-            n_clusters=200 * k,
+            n_users=users,
+            n_items=items,
+            n_clusters=clusters,
             min_len=3,
             max_len=9,
-            seed=k,
+            seed=int(factor.rstrip("u")),
         )
     return folder
 
@@ -120,47 +131,67 @@ def report(results: dict, figure: str) -> str:
             f"{r['load_only_peak_rss_mib']:,.0f} |"
         )
     if figure:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        users = [r["users"] for r in rows]
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-        a.loglog(users, [epoch(r) for r in rows], "o-", label="surrogate epoch")
-        a.loglog(users, [infl(r) for r in rows], "s-", label="influence stage (cold)")
-        a.loglog(users, [epoch(base) * u / base["users"] for u in users], "k:", label="linear")
-        a.set(xlabel="users", ylabel="seconds", title="time")
-        a.legend()
-        b.semilogx(
-            users,
-            [r["influence"]["peak_rss_mib"] / 1024 for r in rows],
-            "s-",
-            label="influence stage, peak RSS",
-        )
-        b.semilogx(
-            users,
-            [r["load_only_peak_rss_mib"] / 1024 for r in rows],
-            "o--",
-            label="loading the run only",
-        )
-        b.semilogx(
-            users,
-            [r["train_peak_rss_mib"] / 1024 for r in rows],
-            "^-",
-            label="surrogate training, peak RSS",
-        )
-        b.set(xlabel="users", ylabel="GiB", title="memory", ylim=(0, None))
-        b.legend()
-        fig.tight_layout()
-        Path(figure).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(figure, dpi=120)
+        draw(results, figure)
     return "\n".join(lines)
+
+
+def draw(results: dict, figure: str) -> None:
+    """Seconds (log-log) and peak memory against users: the ``k`` factors as lines, the
+    users-only factors (``ku``) as open markers at Games' item count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    both = sorted((r for f, r in results.items() if not f.endswith("u")), key=lambda r: r["users"])
+    only = sorted((r for f, r in results.items() if f.endswith("u")), key=lambda r: r["users"])
+    base = both[0]
+    curves = {
+        "surrogate epoch": (lambda r: r["epoch_seconds"][-1], "o", "C0"),
+        "influence stage (cold)": (lambda r: r["influence"]["wall_s"], "s", "C1"),
+    }
+    memory = {
+        "influence stage, peak RSS": (lambda r: r["influence"]["peak_rss_mib"] / 1024, "s", "C1"),
+        "loading the run only": (lambda r: r["load_only_peak_rss_mib"] / 1024, "o", "C2"),
+        "surrogate training, peak RSS": (lambda r: r["train_peak_rss_mib"] / 1024, "^", "C0"),
+    }
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, series in ((a, curves), (b, memory)):
+        for label, (f, marker, color) in series.items():
+            ax.plot(
+                [r["users"] for r in both],
+                [f(r) for r in both],
+                marker + "-",
+                color=color,
+                label=label + " (items scaled too)",
+            )
+            if only:
+                ax.plot(
+                    [r["users"] for r in only],
+                    [f(r) for r in only],
+                    marker,
+                    color=color,
+                    mfc="none",
+                    ms=9,
+                    label=label + " (users only)",
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel("users")
+    users = [r["users"] for r in both]
+    for f, _, _ in curves.values():
+        a.plot(users, [f(base) * u / base["users"] for u in users], "k:", lw=0.8)
+    a.set(yscale="log", ylabel="seconds", title="time (dotted: linear in users from 1x)")
+    b.set(ylabel="GiB", title="peak resident memory", ylim=(0, None))
+    a.legend(fontsize=7)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    Path(figure).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=120)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--factors", nargs="+", default=["1", "4", "16"], help="k or ku (users only)")
     ap.add_argument("--out", default="runs/scale")
     ap.add_argument("--json", default="runs/scale.json")
     ap.add_argument("--plot", default="", help="print the table of this JSON, draw --figure")
@@ -172,7 +203,7 @@ def main() -> int:
         return 0
     out = Path(args.out)
     if args.stage:  # child process: python bench/scale.py --stage k
-        k = int(args.stage)
+        k = args.stage
         print(json.dumps(train_two_epochs(out / f"x{k}" / "data", out / f"x{k}" / "run")))
         return 0
     results = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
@@ -181,8 +212,8 @@ def main() -> int:
         t0 = time.perf_counter()
         make_data(folder / "data", k)
         r = {
-            "users": k * GAMES_USERS,
-            "items": k * GAMES_ITEMS,
+            "users": sizes(k)[0],
+            "items": sizes(k)[1],
             "data_seconds": round(time.perf_counter() - t0, 1),
         }
         train = timed([sys.executable, __file__, "--out", str(out), "--stage", str(k)])

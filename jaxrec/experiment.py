@@ -85,6 +85,7 @@ class ExperimentArgs(PipelineArgs):
 
     methods: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    points: list[str] = field(default_factory=list)  # "section.key=value" of the sweep
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +103,14 @@ class ExperimentArgs(PipelineArgs):
             default=[],
             help="run only these seeds of the config now (the rest later)",
         )
+        parser.add_argument(
+            "--points",
+            nargs="+",
+            default=[],
+            metavar="KEY=VALUE",
+            help="run only the grid points with these swept values now, as "
+            "'select.n=512 select.n=2048' (the rest later)",
+        )
 
     @classmethod
     def from_args(cls, args):
@@ -111,6 +120,7 @@ class ExperimentArgs(PipelineArgs):
             stages=list(args.stages),
             methods=list(args.methods),
             seeds=list(args.seeds),
+            points=list(args.points),
         )
 
 
@@ -536,17 +546,45 @@ def read_experiment(args: ExperimentArgs) -> tuple[dict, ExperimentConfig, list[
     return data, exp, cells
 
 
-def main(args: ExperimentArgs) -> int:
-    data, exp, cells = read_experiment(args)
-    pipe = data["pipeline"]
-    workdir, dataset, log = prepare_workdir(data, args)
-    wired = wire(data, workdir, dataset, pipe.backend)
-    todo = [
+def chosen_points(points: list[str], sweep: dict) -> dict[str, list]:
+    """``--points`` as ``{swept key: [values]}``; each ``KEY=VALUE`` must name a swept key and
+    one of its values in the config (``VALUE`` read as YAML: ``512`` is an int)."""
+    import yaml
+
+    chosen: dict[str, list] = {}
+    for item in points:
+        key, sep, text = item.partition("=")
+        if not sep or key not in sweep:
+            raise UserError(
+                f"--points: {item!r} is not KEY=VALUE with KEY a swept key of the config "
+                f"({', '.join(sweep) or 'no sweep'})"
+            )
+        value = yaml.safe_load(text)
+        if value not in sweep[key]:
+            raise UserError(f"--points: {value!r} is not in the config's sweep {key}: {sweep[key]}")
+        chosen.setdefault(key, []).append(value)
+    return chosen
+
+
+def selected_cells(cells: list[Cell], args: ExperimentArgs, sweep: dict) -> list[Cell]:
+    """The cells to run now: those of ``--methods``, ``--seeds`` and ``--points`` (each
+    empty = all)."""
+    points = chosen_points(args.points, sweep)
+    return [
         c
         for c in cells
         if (not args.methods or c.method in args.methods)
         and (not args.seeds or c.seed in args.seeds)
+        and all(v in points[k] for k, v in c.point if k in points)
     ]
+
+
+def main(args: ExperimentArgs) -> int:
+    data, exp, cells = read_experiment(args)
+    todo = selected_cells(cells, args, exp.sweep)
+    pipe = data["pipeline"]
+    workdir, dataset, log = prepare_workdir(data, args)
+    wired = wire(data, workdir, dataset, pipe.backend)
     shared = pipe.active(list(SHARED))
     if not NEEDS_EFFORT & {c.method for c in todo}:
         shared.remove("effort")  # nothing to run now reads it

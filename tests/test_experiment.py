@@ -10,10 +10,14 @@ from jaxrec.data.ranking import per_user_recall_ndcg, recall_ndcg
 from jaxrec.errors import UserError
 from jaxrec.experiment import (
     Cell,
+    ExperimentArgs,
     check_sweep,
+    experiment_cells,
+    ExperimentConfig,
     group_rows,
     loss_groups,
     per_user_metrics,
+    selected_cells,
     user_tests,
 )
 
@@ -60,6 +64,37 @@ def test_sweep_grid_and_names():
 def test_sweep_errors(sweep, message):
     with pytest.raises(UserError, match=message):
         check_sweep(sweep, {}, "cfg")
+
+
+def test_points_methods_seeds_choose_the_cells_to_run_now():
+    sweep = {"select.n": [8, 16, 32], "select.lamda": [0.1, 0.3]}
+    exp = ExperimentConfig(methods=["random", "dealrec"], seeds=[0, 1], sweep=sweep)
+    cells = experiment_cells(exp, check_sweep(sweep, {}, "cfg"))
+    assert len(cells) == 24
+    args = ExperimentArgs(config="cfg", points=["select.n=8", "select.n=32"], seeds=[1])
+    now = selected_cells(cells, args, sweep)
+    assert len(now) == 2 * 2 * 2  # n in {8, 32} x both lamdas x both methods, seed 1
+    assert {dict(c.point)["select.n"] for c in now} == {8, 32} and {c.seed for c in now} == {1}
+    args = ExperimentArgs(config="cfg", points=["select.lamda=0.3"], methods=["dealrec"])
+    now = selected_cells(cells, args, sweep)
+    assert [c.name for c in now][:1] == ["dealrec-seed0-select.n=8-select.lamda=0.3"]
+    assert len(now) == 3 * 2
+    assert selected_cells(cells, ExperimentArgs(config="cfg"), sweep) == cells
+
+
+@pytest.mark.parametrize(
+    "points, message",
+    [
+        (["select.n"], "is not KEY=VALUE"),
+        (["select.lamda=0.1"], "is not KEY=VALUE with KEY a swept key"),
+        (["select.n=64"], "64 is not in the config's sweep select.n"),
+    ],
+)
+def test_points_errors(points, message):
+    sweep = {"select.n": [8, 16]}
+    cells = experiment_cells(ExperimentConfig(sweep=sweep), check_sweep(sweep, {}, "cfg"))
+    with pytest.raises(UserError, match=message):
+        selected_cells(cells, ExperimentArgs(config="cfg", points=points), sweep)
 
 
 def _run(tmp_path, name, method, seed, per_user_hits):
