@@ -148,17 +148,23 @@ def negative_draw_parts(surrogate, parts, draws: int, offset: int = 0) -> list[d
     ``[B, draws, w]``: the negatives of every draw of :func:`draw_seeds` (one per target
     position, drawn as training draws them under the surrogate's ``negatives`` option,
     ``jaxrec.train.training_data``), cut like ``parts``. The buckets depend on the
-    targets only, so every draw cuts the same rows."""
+    targets only, so every draw cuts the same rows.
+
+    Each draw's negatives are written into the ``[B, draws, w]`` arrays as it is made, so
+    memory is the result plus one draw's training data (keeping every draw's buckets until a
+    final stack held K copies of the inputs and targets too)."""
     from jaxrec.train import training_data
 
-    drawn = []
-    for seed in draw_seeds(surrogate, draws, offset):
-        data = training_data(surrogate.config, surrogate.data, surrogate.dataset, 0, seed)
-        drawn.append(width_strata(data, surrogate.config.max_len)[1])
-    return [
-        {**part, "negatives": np.stack([d[g]["negatives"] for d in drawn], axis=1)}
-        for g, part in enumerate(parts)
+    out = [
+        np.empty((p["negatives"].shape[0], draws, *p["negatives"].shape[1:]), p["negatives"].dtype)
+        for p in parts
     ]
+    for k, seed in enumerate(draw_seeds(surrogate, draws, offset)):
+        data = training_data(surrogate.config, surrogate.data, surrogate.dataset, 0, seed)
+        for g, part in enumerate(width_strata(data, surrogate.config.max_len)[1]):
+            out[g][:, k] = part["negatives"]
+        del data
+    return [{**part, "negatives": neg} for part, neg in zip(parts, out)]
 
 
 def draw_batches(options, batch_size: int, draws: int):
