@@ -42,6 +42,7 @@ def make_data(folder: Path, factor: str) -> Path:
     from jaxrec.data.synthetic import make_synthetic
 
     users, items, clusters = sizes(factor)
+    seed = users // GAMES_USERS  # k
     if not (folder / "items.jsonl").is_file():
         make_synthetic(
             folder,
@@ -50,7 +51,7 @@ def make_data(folder: Path, factor: str) -> Path:
             n_clusters=clusters,
             min_len=3,
             max_len=9,
-            seed=int(factor.rstrip("u")),
+            seed=seed,
         )
     return folder
 
@@ -105,14 +106,24 @@ def timed(argv: list[str]) -> dict:
     }
 
 
-def report(results: dict, figure: str) -> str:
-    """A Markdown table of ``results`` (per-user costs relative to 1x) and, if ``figure`` is
-    set, a log-log plot of seconds and peak memory against users."""
+def epoch(r: dict) -> float:
+    """Steady-state surrogate epoch seconds (the second epoch) of one result."""
+    return r["epoch_seconds"][-1]
+
+
+def infl(r: dict) -> float:
+    """Wall seconds of the cold ``dealrec influence`` run of one result."""
+    return r["influence"]["wall_s"]
+
+
+def report(results: dict) -> str:
+    """A Markdown table of ``results``, with per-user costs relative to the smallest run."""
     rows = sorted(results.values(), key=lambda r: r["users"])
     base = rows[0]
-    per_user = lambda r, s: s(r) / r["users"]  # noqa: E731
-    epoch = lambda r: r["epoch_seconds"][-1]  # noqa: E731
-    infl = lambda r: r["influence"]["wall_s"]  # noqa: E731
+
+    def per_user(r, seconds):
+        return seconds(r) / r["users"]
+
     lines = [
         "| users | items | parameters | epoch s | epoch us/user (vs 1x) | influence s | "
         "influence us/user (vs 1x) | mean grad / solve / scores s | LiSSA steps | "
@@ -130,8 +141,6 @@ def report(results: dict, figure: str) -> str:
             f"{r['influence']['steps_run'][0]} | {r['influence']['peak_rss_mib']:,.0f} | "
             f"{r['load_only_peak_rss_mib']:,.0f} |"
         )
-    if figure:
-        draw(results, figure)
     return "\n".join(lines)
 
 
@@ -146,10 +155,7 @@ def draw(results: dict, figure: str) -> None:
     both = sorted((r for f, r in results.items() if not f.endswith("u")), key=lambda r: r["users"])
     only = sorted((r for f, r in results.items() if f.endswith("u")), key=lambda r: r["users"])
     base = both[0]
-    curves = {
-        "surrogate epoch": (lambda r: r["epoch_seconds"][-1], "o", "C0"),
-        "influence stage (cold)": (lambda r: r["influence"]["wall_s"], "s", "C1"),
-    }
+    curves = {"surrogate epoch": (epoch, "o", "C0"), "influence stage (cold)": (infl, "s", "C1")}
     memory = {
         "influence stage, peak RSS": (lambda r: r["influence"]["peak_rss_mib"] / 1024, "s", "C1"),
         "loading the run only": (lambda r: r["load_only_peak_rss_mib"] / 1024, "o", "C2"),
@@ -199,7 +205,10 @@ def main() -> int:
     ap.add_argument("--stage", default="", help=argparse.SUPPRESS)  # internal: train in-process
     args = ap.parse_args()
     if args.plot:
-        print(report(json.loads(Path(args.plot).read_text()), args.figure))
+        results = json.loads(Path(args.plot).read_text())
+        print(report(results))
+        if args.figure:
+            draw(results, args.figure)
         return 0
     out = Path(args.out)
     if args.stage:  # child process: python bench/scale.py --stage k

@@ -11,9 +11,9 @@ from jaxrec.errors import UserError
 from jaxrec.experiment import (
     Cell,
     ExperimentArgs,
+    ExperimentConfig,
     check_sweep,
     experiment_cells,
-    ExperimentConfig,
     group_rows,
     loss_groups,
     per_user_metrics,

@@ -47,9 +47,9 @@ def _jit(fn):
 def _grad_sum_fn(per_sample_loss):
     """Jitted ``(params, batch, weight, acc) -> acc + grad sum_i weight_i loss_i``.
 
-    ``acc`` is donated, so XLA adds a batch's gradient into it in place; for the item table
-    that is a scatter-add of the batch's rows instead of a pass over the whole table per
-    batch (2x faster per batch at 16x Games' items; docs/benchmarks.md)."""
+    ``acc`` is donated, so XLA adds a batch's gradient into it in place instead of writing a
+    fresh parameter-sized buffer per batch: 2.1x faster per batch at 16x Games' items, the
+    same at 1x (``bench/donation.py``)."""
 
     @functools.partial(jax.jit, donate_argnums=3)
     def grad_sum(p, batch, weight, acc):
