@@ -4,8 +4,9 @@ fine-tune and evaluation, with a results table, significance tests and a plot.
 The config file is a pipeline config (:mod:`jaxrec.pipeline`) plus an ``experiment:`` section
 (:class:`ExperimentConfig`). The shared stages (surrogate, influence, semantic IDs, effort) run
 once; then every *cell* (method, seed, grid point) runs select -> finetune -> evaluate in
-``workdir/runs/CELL/``. A finished cell is reused, so an interrupted experiment continues where
-it stopped, and ``--methods`` / ``--seeds`` run a part of it now and the rest later; the tables
+``workdir/runs/CELL/`` (:func:`run_folder`: a grid point at the config's own value is the
+un-swept run, so every study of one workdir shares it). A finished cell is reused, so an
+interrupted experiment continues where it stopped, and ``--methods`` / ``--seeds`` run a part of it now and the rest later; the tables
 always cover every finished cell of the config. The evaluation users are the same for every run
 (``evaluate.seed`` is not varied), so runs are paired.
 
@@ -37,6 +38,7 @@ from jaxrec.data import write_json
 from jaxrec.data.ranking import per_user_recall_ndcg
 from jaxrec.errors import UserError
 from jaxrec.pipeline import (
+    resolved_options,
     PipelineArgs,
     add_score_stages,
     baseline_score_options,
@@ -174,10 +176,32 @@ def experiment_cells(exp: ExperimentConfig, points: list[tuple]) -> list[Cell]:
     return [Cell(m, s, p) for p in points for m in exp.methods for s in exp.seeds]
 
 
+def run_folder(cell: Cell, wired: dict) -> str:
+    """The name of ``cell``'s run folder: :attr:`Cell.name` without the swept keys whose value is
+    the config's own (``wired``), so a grid point equal to the base config is the same run as
+    the un-swept cell and runs once (``lamda=0.3`` of the lamda sweep is Table 2's DEALRec run
+    when the config's lamda is 0.3).
+
+    Args:
+      cell: the run.
+      wired: the per-run stages' resolved options before the cell's point is applied.
+    Returns:
+      the folder name under ``workdir/runs``.
+    """
+
+    def base(key: str):
+        section, _, name = key.partition(".")
+        return resolved_options(section, wired[section])[name]
+
+    point = tuple((k, v) for k, v in cell.point if base(k) != v)
+    return Cell(cell.method, cell.seed, point).name
+
+
 def wire_cell(wired: dict, workdir: Path, cell: Cell, llm_reps: bool = False) -> tuple[Path, dict]:
-    """The run folder of ``cell`` and its per-run stages' resolved options (``llm_reps``: its
-    selection reads the ``user_reps`` stage's file, see :func:`jaxrec.pipeline.uses_llm_reps`)."""
-    d = workdir / "runs" / cell.name
+    """The run folder of ``cell`` (:func:`run_folder`) and its per-run stages' resolved options
+    (``llm_reps``: its selection reads the ``user_reps`` stage's file, see
+    :func:`jaxrec.pipeline.uses_llm_reps`)."""
+    d = workdir / "runs" / run_folder(cell, wired)
     w = {k: dict(v) for k, v in wired.items()}
     for key, value in cell.point:
         section, _, name = key.partition(".")
@@ -617,7 +641,7 @@ def main(args: ExperimentArgs) -> int:
         d, w = wire_cell(wired, workdir, cell, llm[cell.method])
         if cell in todo:
             d.mkdir(parents=True, exist_ok=True)
-            log.say(f"run {cell.name}")
+            log.say(f"run {cell.name}" + (f" (in {d.name})" if d.name != cell.name else ""))
             seconds = run_stages(
                 list(PER_RUN),
                 w,

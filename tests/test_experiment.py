@@ -17,6 +17,7 @@ from jaxrec.experiment import (
     group_rows,
     loss_groups,
     per_user_metrics,
+    run_folder,
     selected_cells,
     user_tests,
 )
@@ -50,6 +51,17 @@ def test_sweep_grid_and_names():
     assert len(points) == 4 and points[0] == (("select.n", 8), ("select.lamda", 0.1))
     assert Cell("dealrec", 1, points[3]).name == "dealrec-seed1-select.n=16-select.lamda=0.3"
     assert check_sweep({}, {}, "cfg") == [()]
+
+
+def test_a_point_at_the_configs_own_value_is_the_unswept_run():
+    wired = {"select": {"lamda": 0.5}}  # groups: the default, 50
+    point = (("select.lamda", 0.5), ("select.groups", 50))
+    assert run_folder(Cell("dealrec", 2, point), wired) == "dealrec-seed2"
+    point = (("select.lamda", 1.0), ("select.groups", 50))
+    assert run_folder(Cell("dealrec", 2, point), wired) == "dealrec-seed2-select.lamda=1.0"
+    point = (("select.lamda", 0.5), ("select.groups", 25))
+    assert run_folder(Cell("dealrec", 2, point), wired) == "dealrec-seed2-select.groups=25"
+    assert run_folder(Cell("random", 0), wired) == "random-seed0"
 
 
 @pytest.mark.parametrize(

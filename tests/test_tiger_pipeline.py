@@ -75,8 +75,8 @@ def test_sweep_in_parts_and_after_interruption(config, capsys):
     path = _write(root, exp, "sweep.yaml")
     assert cli(["experiment", path, "--methods", "random", "--seeds", "0"]) == 0  # a part
     runs = root / "work" / "runs"
-    first = {p.parent.name: p.stat().st_mtime_ns for p in runs.glob("random-seed0-*/metrics.json")}
-    assert len(first) == 4
+    first = {p.parent.name: p.stat().st_mtime_ns for p in runs.glob("random-seed0*/metrics.json")}
+    assert len(first) == 4 and "random-seed0" in first  # n=16, groups=4: the config's own
     # an interrupted cell: its evaluation never finished
     victim = runs / "dealrec-seed1-select.n=8-select.groups=2"
     assert cli(["experiment", path, "--methods", "dealrec", "--seeds", "1"]) == 0
@@ -88,7 +88,7 @@ def test_sweep_in_parts_and_after_interruption(config, capsys):
     assert len(cells) == 16 and len(set(cells)) == 16
     assert {
         p.parent.name: p.stat().st_mtime_ns  # never redone
-        for p in runs.glob("random-seed0-*/metrics.json")
+        for p in runs.glob("random-seed0*/metrics.json")
     } == first
     assert log.count(f"run {victim.name}") == 1
     assert "[3/3] evaluate: dealrec evaluate" in log
