@@ -11,7 +11,8 @@ What is the paper's and what is not:
   per position outside the user's whole sequence, redrawn every epoch), the sampler, the
   optimiser (Adam 1e-3, batch 500), the loss (``trainers.cross_entropy``) and the evaluator
   (``FineTrainer.valid/test``) are imported from the official code unchanged, with its default
-  arguments (``utils.get_args``; seed 42, CPU);
+  arguments (``utils.get_args``; seed 42, CPU), except ``--seed`` (default 42, the official
+  one) to see its seed-to-seed spread;
 - the official ``surrogate.train`` evaluates every 5 epochs; this runs its loop body with this
   project's evaluator after every epoch (draws no random numbers) and the official evaluator
   every ``--official-every`` epochs (its datasets draw negatives from Python's ``random``, so
@@ -94,6 +95,7 @@ def main():
         default=5,
         help="also run the official evaluator (slow: ~100 s on a CPU) every N epochs",
     )
+    p.add_argument("--seed", type=int, default=42, help="the official code's seed (default 42)")
     a = p.parse_args()
 
     from jaxrec.data import load_dataset
@@ -105,6 +107,7 @@ def main():
 
     sys.argv = [sys.argv[0], "--no_cuda"]
     args = utils.get_args()  # the official defaults
+    args.seed = a.seed
     utils.set_seed(args.seed)
     args.cuda_condition = False
     user_seq = [[int(i) for i in s] for s in ds.train]
@@ -147,6 +150,7 @@ def main():
         print(json.dumps(rec), flush=True)
         out = {
             "source": "github Linxyhaha/DEALRec code/prune (official), defaults, CPU",
+            "seed": a.seed,
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "history": history,
