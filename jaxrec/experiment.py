@@ -6,9 +6,10 @@ The config file is a pipeline config (:mod:`jaxrec.pipeline`) plus an ``experime
 once; then every *cell* (method, seed, grid point) runs select -> finetune -> evaluate in
 ``workdir/runs/CELL/`` (:func:`run_folder`: a grid point at the config's own value is the
 un-swept run, so every study of one workdir shares it). A finished cell is reused, so an
-interrupted experiment continues where it stopped, and ``--methods`` / ``--seeds`` run a part of it now and the rest later; the tables
-always cover every finished cell of the config. The evaluation users are the same for every run
-(``evaluate.seed`` is not varied), so runs are paired.
+interrupted experiment continues where it stopped, and ``--methods`` / ``--seeds`` run a part
+of it now and the rest later; the tables always cover every finished cell of the config. The
+evaluation users are the same for every run (``evaluate.seed`` is not varied), so runs are
+paired.
 
 Two tests against ``random`` (at the same grid point):
 
@@ -30,6 +31,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -76,6 +78,10 @@ class ExperimentConfig:
     # and grid point), easiest (lowest loss) first
     user_groups: int = 0
     reference: str = "random"
+    # which seed's reference run groups a run: "same" (the paper's Fig. 6: so the reference
+    # run is graded on its own groups, which favours it in the easy group) or "next" (the
+    # reference run of the next seed of `seeds`, cyclic: a model neither compared run is)
+    reference_seed: Literal["same", "next"] = "same"
     # "" = tables and figures in the workdir; NAME = in workdir/studies/NAME (so several studies
     # share one workdir: its shared stages and any run with the same options)
     name: str = ""
@@ -259,15 +265,38 @@ def loss_groups(losses: np.ndarray, n_groups: int = 3) -> np.ndarray:
     return groups
 
 
-def group_rows(rows: list[dict], keys: list[str], reference: str, n_groups: int) -> list[dict]:
-    """Every run's metrics within each user group of the ``reference`` run with the same seed
-    and grid point (a run without its reference is left out): rows with a ``group`` column
-    (1 = easiest)."""
+def group_rows(
+    rows: list[dict],
+    keys: list[str],
+    reference: str,
+    n_groups: int,
+    reference_seed: Literal["same", "next"] = "same",
+    seeds: list[int] = (),
+) -> list[dict]:
+    """Every run's metrics within each user group (paper Fig. 6) of a ``reference`` run at the
+    same grid point (a run without its reference is left out).
+
+    Args:
+      rows: the finished runs (``method``, ``seed``, ``predictions``, the swept ``keys``).
+      keys: the swept keys.
+      reference: the method whose run's per-user test losses define the groups.
+      n_groups: equal-sized groups, by :func:`loss_groups`.
+      reference_seed: ``"same"``: the reference run of the run's own seed (the paper's rule);
+        ``"next"``: of the next seed of ``seeds`` (cyclic), so no run is graded on the groups
+        of its own model.
+      seeds: the experiment's seeds, in order (for ``"next"``).
+    Returns:
+      rows with a ``group`` column (1 = easiest) and the metrics within that group.
+    """
+    if reference_seed == "next" and len(seeds) < 2:
+        raise UserError("reference_seed 'next' needs at least 2 seeds")
+    following = {s: seeds[(i + 1) % len(seeds)] for i, s in enumerate(seeds)}
     index = {(tuple(r[k] for k in keys), r["method"], r["seed"]): r for r in rows}
     out = []
     for r in rows:
         point = tuple(r[k] for k in keys)
-        ref = index.get((point, reference, r["seed"]))
+        seed = following[r["seed"]] if reference_seed == "next" else r["seed"]
+        ref = index.get((point, reference, seed))
         if ref is None:
             continue
         ref_users, ref_loss = per_user_losses(Path(ref["predictions"]))
@@ -450,11 +479,10 @@ def markdown(
             for r in table
         ],
     )
-    lines += [
-        "",
-        "Shared stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in shared_seconds.items()),
-        "",
-    ]
+    lines.append("")
+    if shared_seconds:
+        shared = ", ".join(f"{k} {v:.0f} s" for k, v in shared_seconds.items())
+        lines += [f"Shared stages: {shared}", ""]
     if tests:
         lines += ["Paired t-test against random over seeds (pairs = seeds):", ""]
         lines += _md_table(
@@ -554,6 +582,8 @@ def read_experiment(args: ExperimentArgs) -> tuple[dict, ExperimentConfig, list[
             f"{source}: user_groups must be >= 0 and the reference method "
             f"{exp.reference!r} one of the methods"
         )
+    if exp.user_groups and exp.reference_seed == "next" and len(exp.seeds) < 2:
+        raise UserError(f"{source}: reference_seed 'next' needs at least 2 seeds")
     for method in exp.methods:
         try:
             check_method(method)
@@ -661,12 +691,14 @@ def main(args: ExperimentArgs) -> int:
     results.mkdir(parents=True, exist_ok=True)
     write_results(results, rows, exp.methods, keys, shared_seconds)
     if exp.user_groups > 0:
-        groups = group_rows(rows, keys, exp.reference, exp.user_groups)
+        groups = group_rows(
+            rows, keys, exp.reference, exp.user_groups, exp.reference_seed, exp.seeds
+        )
         table, tests = summarise(groups, exp.methods, [*keys, "group"])
         write_csv(results / "groups.csv", table)
         (results / "groups.md").write_text(
             f"Users split into {exp.user_groups} equal groups by their test loss under the "
-            f"{exp.reference!r} run of the same seed (group 1: lowest loss)\n\n"
+            f"{exp.reference!r} run of the {exp.reference_seed} seed (group 1: lowest loss)\n\n"
             + markdown(table, tests, [], {}, [*keys, "group"])
         )
     write_json(

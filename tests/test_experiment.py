@@ -175,6 +175,36 @@ def test_group_rows_use_the_reference_runs_groups(tmp_path):
     }
 
 
+def test_group_rows_next_seed_reference(tmp_path):
+    def run(name, method, seed, hits, losses):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(
+            "".join(
+                json.dumps({"row": r, "top": [1] if h else [2], "truth": [1], "loss": l}) + "\n"
+                for r, (h, l) in enumerate(zip(hits, losses))
+            )
+        )
+        seconds = {f"{s}_seconds": 0 for s in ("select", "finetune", "evaluate")}
+        return {"method": method, "seed": seed, "predictions": str(path), **seconds}
+
+    # seed 0's random run: users 0-2 easiest; seed 1's: users 3-5 easiest
+    r0 = run("r0", "random", 0, [1, 1, 0, 0, 0, 0], [1, 2, 3, 7, 8, 9])
+    r1 = run("r1", "random", 1, [0, 0, 0, 1, 0, 0], [9, 8, 7, 1, 2, 3])
+    d0 = run("d0", "dealrec", 0, [0, 0, 0, 1, 1, 1], [0] * 6)
+    rows = group_rows([r0, r1, d0], [], "random", 2, "next", [0, 1])
+    got = {(r["method"], r["seed"], r["group"]): r["recall@10"] for r in rows}
+    assert got == {  # seed 0's runs graded on seed 1's groups and the other way round
+        ("random", 0, 1): 0.0,
+        ("random", 0, 2): 2 / 3,
+        ("random", 1, 1): 0.0,
+        ("random", 1, 2): 1 / 3,
+        ("dealrec", 0, 1): 1.0,
+        ("dealrec", 0, 2): 0.0,
+    }
+    with pytest.raises(UserError, match="at least 2 seeds"):
+        group_rows([r0], [], "random", 2, "next", [0])
+
+
 def test_figures_from_a_sweep_and_groups(tmp_path):
     from jaxrec.experiment import summarise, write_csv
     from jaxrec.figures import experiment_figures, read_table
