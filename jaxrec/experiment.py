@@ -40,7 +40,6 @@ from jaxrec.data import write_json
 from jaxrec.data.ranking import per_user_recall_ndcg
 from jaxrec.errors import UserError
 from jaxrec.pipeline import (
-    resolved_options,
     PipelineArgs,
     add_score_stages,
     baseline_score_options,
@@ -49,6 +48,7 @@ from jaxrec.pipeline import (
     key_options,
     prepare_workdir,
     read_experiment_file,
+    resolved_options,
     run_stages,
     stages_finished,
     uses_llm_reps,
