@@ -20,17 +20,35 @@ from jaxrec.errors import UserError
 GAMES = "../shared/data/games"
 
 
+def option(default, text: str, flag: str = ""):
+    """A documented option field: ``text`` is its ``--help`` text. ``flag`` (solver options)
+    names the ``InfluenceConfig`` field, and so the command-line flag, that sets it when that
+    name differs from the option's own."""
+    return field(default=default, metadata={"help": text, **({"flag": flag} if flag else {})})
+
+
+def help_of(cls, name: str) -> str:
+    """The help text of field ``name`` of the dataclass ``cls``."""
+    return cls.__dataclass_fields__[name].metadata["help"]
+
+
 # ----------------------------------------------------------------------------- JAX side
 @dataclass
 class PrepareConfig:
     """``dealrec prepare``: raw Amazon review files -> a dataset folder."""
 
-    reviews: str = ""  # reviews JSON lines (reviewerID, asin, overall, unixReviewTime)
-    meta: str = ""  # metadata JSON lines (asin, title, categories)
-    out: str = "data/prepared"
-    min_rating: float = 4.0  # drop ratings below this
-    k_core: int = 5  # users and items with fewer interactions are filtered, repeatedly
-    split: str = "8:1:1"  # train:valid:test by global time
+    reviews: str = option(
+        "", "reviews file (.gz too): JSON lines of reviewerID, asin, overall, unixReviewTime"
+    )
+    meta: str = option(
+        "", "item metadata file (.gz too): JSON or Python-literal lines of asin, title, categories"
+    )
+    out: str = option("data/prepared", "dataset folder to write")
+    min_rating: float = option(4.0, "drop ratings below this")
+    k_core: int = option(
+        5, "users and items with fewer interactions are filtered, repeatedly, until none is left"
+    )
+    split: str = option("8:1:1", "train:valid:test ratios, cut by global time")
 
 
 SurrogateArch = Literal["official", "kang"]
@@ -44,118 +62,116 @@ class SurrogateConfig:
     """``dealrec train-surrogate`` / ``evaluate-surrogate``: the Flax surrogate (SASRec by
     default; ``jaxrec.models`` lists the others)."""
 
-    data: str = GAMES
-    # surrogate recommender (jaxrec/models/): sasrec (paper), bert4rec (cloze, bidirectional),
-    # gru4rec (next item, GRU), dcrec (debiased contrastive, graph views)
-    model: Literal["sasrec", "bert4rec", "gru4rec", "dcrec"] = "sasrec"
-    out: str = "runs/surrogate"
-    max_len: int = 50
-    hidden: int = 64
-    blocks: int = 2
-    heads: int = 2
-    dropout: float = 0.5
-    lr: float = 1e-3
-    batch_size: int = 500
-    epochs: int = 200
-    patience: int = 10  # epochs without a better valid Recall@20 before stopping
-    eval_every: int = 1
-    seed: int = 0
-    resume: bool = True  # continue from RUN_DIR's latest checkpoint if there is one
-    arch: SurrogateArch = field(
-        default="official",
-        metadata={
-            "help": "official: the paper code's post-LayerNorm (S3Rec/BERT-style) SASRec with its "
-            "initialisation; kang: the pre-LayerNorm block of Kang & McAuley's SASRec"
-        },
+    data: str = option(GAMES, "dataset folder")
+    model: Literal["sasrec", "bert4rec", "gru4rec", "dcrec"] = option(
+        "sasrec",
+        "surrogate recommender: sasrec (paper), bert4rec (cloze, bidirectional), gru4rec (next "
+        "item, GRU), dcrec (debiased contrastive, graph views)",
     )
-    negatives: SurrogateNegatives = field(
-        default="sequence",
-        metadata={
-            "help": "sequence: each negative is drawn from the items outside the user's whole "
-            "training sequence (the paper's code); target: any item but that position's target"
-        },
+    out: str = option(
+        "runs/surrogate", "run folder (checkpoints, config.json, train_state.json, metrics.json)"
     )
-    loss_weighting: SurrogateLossWeighting = field(
-        default="position",
-        metadata={
-            "help": "position: every target position weighs the same (the paper code's "
-            "cross_entropy); sample: each user's loss is the mean over its positions"
-        },
+    max_len: int = option(50, "sequence length: each user's last max_len items are the input")
+    hidden: int = option(64, "hidden size (item embeddings and every layer)")
+    blocks: int = option(2, "transformer blocks (gru4rec: unused, one GRU layer)")
+    heads: int = option(2, "attention heads per block (gru4rec: unused)")
+    dropout: float = option(0.5, "dropout rate during training")
+    lr: float = option(1e-3, "Adam learning rate")
+    batch_size: int = option(500, "users per training batch")
+    epochs: int = option(200, "most training epochs (early stopping may end sooner)")
+    patience: int = option(10, "epochs without a better valid Recall@20 before stopping")
+    eval_every: int = option(
+        1, "epochs between valid Recall@20 evaluations (and best-checkpoint updates)"
     )
-    batching: SurrogateBatching = field(
-        default="bucketed",
-        metadata={
-            "help": "bucketed: batches of users of similar length, each cut to its width (fast, "
-            "exact); random: plain shuffled batches as the paper's code, each cut to its "
-            "longest row"
-        },
+    seed: int = option(0, "seed of the initial parameters, batch order, negatives and dropout")
+    resume: bool = option(
+        True, "continue from OUT's latest checkpoint if it has the same dataset and options"
     )
-    mask_prob: float = 0.2  # bert4rec: cloze masking probability per item (>= 1 masked/sample)
+    arch: SurrogateArch = option(
+        "official",
+        "official: the paper code's post-LayerNorm (S3Rec/BERT-style) SASRec with its "
+        "initialisation; kang: the pre-LayerNorm block of Kang & McAuley's SASRec",
+    )
+    negatives: SurrogateNegatives = option(
+        "sequence",
+        "sequence: each negative is drawn from the items outside the user's whole "
+        "training sequence (the paper's code); target: any item but that position's target",
+    )
+    loss_weighting: SurrogateLossWeighting = option(
+        "position",
+        "position: every target position weighs the same (the paper code's "
+        "cross_entropy); sample: each user's loss is the mean over its positions",
+    )
+    batching: SurrogateBatching = option(
+        "bucketed",
+        "bucketed: batches of users of similar length, each cut to its width (fast, "
+        "exact); random: plain shuffled batches as the paper's code, each cut to its "
+        "longest row",
+    )
+    mask_prob: float = option(
+        0.2, "bert4rec: cloze masking probability per item (>= 1 masked per sample)"
+    )
     # dcrec (authors' settings for Amazon Beauty/Sports, run_DCRec.py):
-    dcrec_cl_weight: float = 0.1  # dcrec: contrastive loss weight (graphcl_coefficient)
-    dcrec_cl_temp: float = 1.0  # dcrec: contrastive temperature (cl_temp)
-    dcrec_graph_dropout: float = 0.5  # dcrec: edge dropout of the graph encoders
-    dcrec_sim_k: int = 4  # dcrec: co-interaction graph: similar items per item (sim_group)
+    dcrec_cl_weight: float = option(0.1, "dcrec: contrastive loss weight (graphcl_coefficient)")
+    dcrec_cl_temp: float = option(1.0, "dcrec: contrastive temperature (cl_temp)")
+    dcrec_graph_dropout: float = option(0.5, "dcrec: edge dropout of the graph encoders")
+    dcrec_sim_k: int = option(
+        4, "dcrec: similar items per item in the co-interaction graph (sim_group)"
+    )
 
 
 @dataclass
 class SurrogateEvalConfig:
     """``dealrec evaluate-surrogate``: full-ranking metrics of a trained surrogate."""
 
-    run: str = "runs/surrogate"
-    data: str = ""  # "" = the dataset the run was trained on
-    splits: str = "valid,test"
-    out: str = ""  # also write the metrics to this JSON file
+    run: str = option("runs/surrogate", "trained surrogate run folder (its best checkpoint)")
+    data: str = option("", "dataset folder; empty = the one the run was trained on")
+    splits: str = option("valid,test", "comma-separated splits to evaluate")
+    out: str = option("", "also write the metrics to this JSON file; empty = print only")
 
 
 # ----------------------------------------------------------------------------- solver options
-def _opt(default, text: str, flag: str = ""):
-    """A documented option field; ``flag`` names the ``InfluenceConfig`` field (and so the
-    command-line flag) that sets it, when that name differs from the option's own."""
-    return field(default=default, metadata={"help": text, **({"flag": flag} if flag else {})})
-
-
 @dataclass(frozen=True)
 class LissaOptions:
     """LiSSA (paper Algorithm 1): ``h <- v + (1 - d) h - H_t h / scale`` on PRNG minibatches."""
 
-    steps: int = _opt(5000, "most LiSSA steps (minibatch HVPs per repeat)")
-    batch_size: int = _opt(
+    steps: int = option(5000, "most LiSSA steps (minibatch HVPs per repeat)")
+    batch_size: int = option(
         16,
         "samples per LiSSA minibatch HVP (all rows when >= n: the "
         "deterministic full-data recursion)",
         "lissa_batch_size",
     )
-    repeats: int = _opt(1, "independent LiSSA runs, averaged (their spread gives rel_std)")
-    seed: int = _opt(0, "PRNG seed of the minibatch draws")
-    tol: float = _opt(
+    repeats: int = option(1, "independent LiSSA runs, averaged (their spread gives rel_std)")
+    seed: int = option(0, "PRNG seed of the minibatch draws")
+    tol: float = option(
         1e-3,
         "convergence stop: once (1 - d)^t, the bound on what is left of the "
         "start-up transient, is below tol and the change of h per chunk "
         "has stopped shrinking (LiSSA's own noise floor); 0 = run all steps",
         "lissa_tol",
     )
-    rtol: float = _opt(
+    rtol: float = option(
         0.0, "also stop when the relative change of h over a chunk is below rtol; 0 = off"
     )
-    chunk: int = _opt(250, "steps per compiled lax.scan chunk (checks run between chunks)")
+    chunk: int = option(250, "steps per compiled lax.scan chunk (checks run between chunks)")
 
 
 @dataclass(frozen=True)
 class CGOptions:
     """Conjugate gradient on full-data HVPs."""
 
-    tol: float = _opt(1e-6, "CG stops at relative residual ||r|| / ||v|| <= tol")
-    maxiter: int = _opt(100, "most CG iterations")
-    batch_size: int = _opt(4096, "samples per full-data HVP batch")
+    tol: float = option(1e-6, "CG stops at relative residual ||r|| / ||v|| <= tol")
+    maxiter: int = option(100, "most CG iterations")
+    batch_size: int = option(4096, "samples per full-data HVP batch")
 
 
 @dataclass(frozen=True)
 class ExactOptions:
     """Dense Hessian from HVPs, float64 NumPy solve (at most 20,000 parameters)."""
 
-    batch_size: int = _opt(4096, "samples per full-data HVP batch")
-    chunk: int = _opt(
+    batch_size: int = option(4096, "samples per full-data HVP batch")
+    chunk: int = option(
         256, "basis vectors per batched HVP while building the Hessian", "exact_chunk"
     )
 
@@ -164,10 +180,10 @@ class ExactOptions:
 class ArnoldiOptions:
     """Arnoldi low-rank inverse (Schioppa et al. 2022) on full-data HVPs."""
 
-    rank: int = _opt(20, "Arnoldi eigenpairs kept")
-    iterations: int = _opt(60, "Arnoldi iterations (Krylov basis size)")
-    seed: int = _opt(0, "PRNG seed of the start vector")
-    batch_size: int = _opt(4096, "samples per full-data HVP batch")
+    rank: int = option(20, "Arnoldi eigenpairs kept")
+    iterations: int = option(60, "Arnoldi iterations (Krylov basis size)")
+    seed: int = option(0, "PRNG seed of the start vector")
+    batch_size: int = option(4096, "samples per full-data HVP batch")
 
 
 SOLVER_OPTIONS = {
@@ -314,35 +330,46 @@ class InfluenceConfig:
 class SelectConfig:
     """``dealrec select``: a few-shot subset (paper Eq. 13, Algorithm 2, and baselines)."""
 
-    method: str = "dealrec"
-    data: str = GAMES
-    influence: str = ""
-    effort: str = ""
-    run: str = ""  # trained surrogate, for grand / el2n / ccs / tfdcon / recranker
-    scores: str = ""  # grand / el2n / ccs: this file instead of RUN/{grand,el2n}.npy
-    llm_reps: str = ""  # tfdcon: optional LLM user representations [n_users, D] (.npy)
-    n: int = 1024
-    lamda: float = 0.3
-    groups: int = 50  # K strata (dealrec, ccs, influence-only, effort-only)
-    hard_prune: float = 0.1  # dealrec / ablations: drop this top fraction by score
-    beta_rule: Literal["rate", "fixed"] = field(
-        default="rate",
-        metadata={
-            "help": "ccs hard cutoff: rate = from the pruning rate r = 1 - n/N as the CCS paper "
-            "tunes it, beta = max(0, r - 0.6) (0.3 at r = 0.9); fixed = --beta"
-        },
+    method: str = option(
+        "dealrec",
+        "selection method: dealrec, random, grand, el2n, ccs, tfdcon, recranker, greedy, "
+        "influence-only, effort-only, or all (every user: full fine-tuning)",
     )
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "ccs with --beta-rule fixed: drop this hardest (top EL2N) fraction"},
+    data: str = option(GAMES, "dataset folder")
+    influence: str = option(
+        "", "influence score file (dealrec influence): dealrec, greedy, influence-only"
     )
-    clusters: int = 50  # tfdcon / recranker: k-means clusters
-    seed: int = 0
-    out: str = "runs/selected.npy"
-
-
-def _h(default, text: str):
-    return field(default=default, metadata={"help": text})
+    effort: str = option("", "effort score file (dealrec effort): dealrec, greedy, effort-only")
+    run: str = option(
+        "",
+        "trained surrogate run folder, for grand / el2n / ccs / tfdcon / recranker (its score "
+        "files from dealrec influence --score)",
+    )
+    scores: str = option("", "grand / el2n / ccs: this file instead of RUN/{grand,el2n}.npy")
+    llm_reps: str = option(
+        "", "tfdcon: optional LLM user representations [n_users, D] (.npy of dealrec user-reps)"
+    )
+    n: int = option(1024, "number of users to select (all: ignored)")
+    lamda: float = option(
+        0.3,
+        "dealrec / greedy: effort weight of Eq. 13, S = minmax(influence) + lamda * minmax(effort)",
+    )
+    groups: int = option(
+        50, "K strata of the score range (dealrec, ccs, influence-only, effort-only)"
+    )
+    hard_prune: float = option(
+        0.1,
+        "dealrec / influence-only / effort-only: first drop this top fraction by score",
+    )
+    beta_rule: Literal["rate", "fixed"] = option(
+        "rate",
+        "ccs hard cutoff: rate = from the pruning rate r = 1 - n/N as the CCS paper "
+        "tunes it, beta = max(0, r - 0.6) (0.3 at r = 0.9); fixed = --beta",
+    )
+    beta: float = option(0.1, "ccs with --beta-rule fixed: drop this hardest (top EL2N) fraction")
+    clusters: int = option(50, "tfdcon / recranker: k-means clusters")
+    seed: int = option(0, "seed of every random draw (random, group members, k-means)")
+    out: str = option("runs/selected.npy", "selection file to write (.npy, plus a .json manifest)")
 
 
 @dataclass
@@ -350,18 +377,20 @@ class LdsConfig:
     """``dealrec lds``: the linear datamodeling score of influence approximations (Ilyas et al.
     2022; Park et al. 2023) on a surrogate (see docs/influence.md, jaxrec/lds.py)."""
 
-    data: str = _h(GAMES, "dataset folder")
-    out: str = _h("runs/lds", "output folder (results.json/.md, lds.png, .npy caches: resumable)")
-    users: int = _h(600, "seeded slice of this many users (0 = every user)")
-    model: str = _h("sasrec", "surrogate model (a SurrogateConfig model choice)")
-    epochs: int = _h(10, "training epochs of every (re)train (fixed: no early stopping)")
-    dropout: float = _h(0.2, "surrogate dropout")
-    lr: float = _h(1e-3, "Adam learning rate")
-    batch_size: int = _h(128, "training batch size")
-    subsets: int = _h(100, "number M of random training subsets (the protocol's 100)")
-    alpha: float = _h(0.5, "fraction of training users in each subset")
-    seeds: int = _h(2, "training seeds per subset; their validation losses are averaged")
-    val_users: int = _h(
+    data: str = option(GAMES, "dataset folder")
+    out: str = option(
+        "runs/lds", "output folder (results.json/.md, lds.png, .npy caches: resumable)"
+    )
+    users: int = option(600, "seeded slice of this many users (0 = every user)")
+    model: str = option("sasrec", "surrogate model (a SurrogateConfig model choice)")
+    epochs: int = option(10, "training epochs of every (re)train (fixed: no early stopping)")
+    dropout: float = option(0.2, "surrogate dropout")
+    lr: float = option(1e-3, "Adam learning rate")
+    batch_size: int = option(128, "training batch size")
+    subsets: int = option(100, "number M of random training subsets (the protocol's 100)")
+    alpha: float = option(0.5, "fraction of training users in each subset")
+    seeds: int = option(2, "training seeds per subset; their validation losses are averaged")
+    val_users: int = option(
         64, "validation users scored (a seeded choice; each costs one inverse-HVP per solver)"
     )
     attributions: list[str] = field(
@@ -378,27 +407,31 @@ class LdsConfig:
             "help": "attributions to compare (exact cg lissa lissa-small arnoldi grad-dot dealrec)"
         },
     )
-    params: str = _h(
+    params: str = option(
         "official",
         "regex (or preset) of the parameter block every attribution works on ('official' = "
         "'^attn_out_1/kernel$', the paper's 64x64 block; exact needs at most 20,000 values; "
         "empty = all parameters, then drop exact)",
     )
-    convention: Convention = _h("dealrec", "damping convention of every inverse (as influence)")
-    damping: float = _h(0.01, "damping d of exact, CG, LiSSA, Arnoldi and DEALRec (the paper's)")
-    small_damping: float = _h(0.001, "damping of the lissa-small attribution")
-    scale: float = _h(25.0, "LiSSA step 1/scale, and the dealrec convention's factor")
-    lissa_steps: int = _h(5000, "most LiSSA steps per solve")
-    lissa_batch_size: int = _h(16, "LiSSA minibatch size")
+    convention: Convention = option("dealrec", "damping convention of every inverse (as influence)")
+    damping: float = option(
+        0.01, "damping d of exact, CG, LiSSA, Arnoldi and DEALRec (the paper's)"
+    )
+    small_damping: float = option(0.001, "damping of the lissa-small attribution")
+    scale: float = option(25.0, "LiSSA step 1/scale, and the dealrec convention's factor")
+    lissa_steps: int = option(5000, "most LiSSA steps per solve")
+    lissa_batch_size: int = option(16, "LiSSA minibatch size")
     lissa_tol: float = _same(LissaOptions, "tol")
     cg_tol: float = _same(CGOptions, "tol")
     cg_maxiter: int = _same(CGOptions, "maxiter")
     arnoldi_rank: int = _same(ArnoldiOptions, "rank")
     arnoldi_iterations: int = _same(ArnoldiOptions, "iterations")
-    bootstrap: int = _h(2000, "bootstrap resamples of the validation users")
-    level: float = _h(0.95, "confidence level of the bootstrap interval")
-    seed: int = _h(0, "seed of the slice, subsets, validation-user choice and initialisation")
-    compile_cache: str = _h("~/.cache/dealrec/jax", "JAX persistent compilation cache; empty = off")
+    bootstrap: int = option(2000, "bootstrap resamples of the validation users")
+    level: float = option(0.95, "confidence level of the bootstrap interval")
+    seed: int = option(0, "seed of the slice, subsets, validation-user choice and initialisation")
+    compile_cache: str = option(
+        "~/.cache/dealrec/jax", "JAX persistent compilation cache; empty = off"
+    )
 
 
 # ----------------------------------------------------------------------------- machinery
@@ -509,6 +542,8 @@ __all__ = [
     "SelectConfig",
     "LdsConfig",
     "GAMES",
+    "option",
+    "help_of",
     "LissaOptions",
     "CGOptions",
     "ExactOptions",

@@ -35,7 +35,7 @@ from typing import Literal
 
 import numpy as np
 
-from jaxrec.config import make_config
+from jaxrec.config import help_of, make_config, option
 from jaxrec.data import write_json
 from jaxrec.data.ranking import per_user_recall_ndcg
 from jaxrec.errors import UserError
@@ -68,32 +68,61 @@ NEEDS_EFFORT = {"dealrec", "greedy", "effort-only"}
 class ExperimentConfig:
     """The ``experiment:`` section of a config file."""
 
-    methods: list[str] = field(default_factory=lambda: ["random", "dealrec"])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    # grid over per-run options, crossed with methods and seeds:
-    # {"select.n": [128, 256], "select.lamda": [0.1, 0.3]} (keys of select / finetune / evaluate)
-    sweep: dict = field(default_factory=dict)
-    # > 0: also report every metric per user group (paper Fig. 6): the evaluated users split into
-    # this many equal groups by their test loss under the `reference` method's run (same seed
-    # and grid point), easiest (lowest loss) first
-    user_groups: int = 0
-    reference: str = "random"
-    # which seed's reference run groups a run: "same" (the paper's Fig. 6: so the reference
-    # run is graded on its own groups, which favours it in the easy group) or "next" (the
-    # reference run of the next seed of `seeds`, cyclic: a model neither compared run is)
-    reference_seed: Literal["same", "next"] = "same"
-    # "" = tables and figures in the workdir; NAME = in workdir/studies/NAME (so several studies
-    # share one workdir: its shared stages and any run with the same options)
-    name: str = ""
+    methods: list[str] = field(
+        default_factory=lambda: ["random", "dealrec"],
+        metadata={"help": "selection methods to compare (select --method values)"},
+    )
+    seeds: list[int] = field(
+        default_factory=lambda: [0],
+        metadata={"help": "seeds of every method's select and finetune runs"},
+    )
+    # e.g. {"select.n": [128, 256], "select.lamda": [0.1, 0.3]}
+    sweep: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "grid over per-run options (select / finetune / evaluate keys), crossed "
+            "with methods and seeds"
+        },
+    )
+    # the evaluated users split into this many equal groups by their test loss under the
+    # `reference` method's run (same seed and grid point), easiest (lowest loss) first
+    user_groups: int = option(
+        0, "> 0: also report every metric per user group (paper Fig. 6); 0 = off"
+    )
+    reference: str = option("random", "user_groups: the method whose test losses group the users")
+    # "same": the paper's Fig. 6, so the reference run is graded on its own groups, which
+    # favours it in the easy group; "next": the reference run of the next seed of `seeds`,
+    # cyclic: a model neither compared run is
+    reference_seed: Literal["same", "next"] = option(
+        "same",
+        "user_groups: which seed's reference run groups a run: same (the paper's) or next "
+        "(the next seed, cyclic)",
+    )
+    # several studies then share one workdir: its shared stages and any run with the same options
+    name: str = option(
+        "", "empty = tables and figures in the workdir; NAME = in workdir/studies/NAME"
+    )
 
 
 @dataclass
 class ExperimentArgs(PipelineArgs):
     """Command line of ``dealrec experiment``: a config file, plus overrides."""
 
-    methods: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    points: list[str] = field(default_factory=list)  # "section.key=value" of the sweep
+    methods: list[str] = field(
+        default_factory=list,
+        metadata={"help": "run only these methods of the config now (the rest later)"},
+    )
+    seeds: list[int] = field(
+        default_factory=list,
+        metadata={"help": "run only these seeds of the config now (the rest later)"},
+    )
+    points: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "run only the grid points with these swept values (section.key=value) now, "
+            "as 'select.n=512 select.n=2048' (the rest later)"
+        },
+    )
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,22 +131,21 @@ class ExperimentArgs(PipelineArgs):
             "--methods",
             nargs="+",
             default=[],
-            help="run only these methods of the config now (the rest later)",
+            help=help_of(ExperimentArgs, "methods"),
         )
         parser.add_argument(
             "--seeds",
             nargs="+",
             type=int,
             default=[],
-            help="run only these seeds of the config now (the rest later)",
+            help=help_of(ExperimentArgs, "seeds"),
         )
         parser.add_argument(
             "--points",
             nargs="+",
             default=[],
             metavar="KEY=VALUE",
-            help="run only the grid points with these swept values now, as "
-            "'select.n=512 select.n=2048' (the rest later)",
+            help=help_of(ExperimentArgs, "points"),
         )
 
     @classmethod

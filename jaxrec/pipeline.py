@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from jaxrec.config import load_config_file, make_config
+from jaxrec.config import help_of, load_config_file, make_config, option
 from jaxrec.errors import UserError
 
 STAGES = (
@@ -72,24 +72,24 @@ BASELINE_SCORE_KEYS = ("score_model", "early_epochs", "early_inits")
 class PipelineConfig:
     """The ``pipeline:`` section of a config file."""
 
-    workdir: str = "runs/demo"
-    data: str = "../shared/data/games"
-    backend: Literal["bigrec", "tiger"] = field(
-        default="bigrec",
-        metadata={
-            "help": "bigrec: LLM + LoRA on titles; tiger: T5 on semantic IDs (adds semantic_ids)"
-        },
+    workdir: str = option("runs/demo", "folder of every stage's output, run.log and resolved.yaml")
+    data: str = option("../shared/data/games", "dataset folder")
+    backend: Literal["bigrec", "tiger"] = option(
+        "bigrec", "bigrec: LLM + LoRA on titles; tiger: T5 on semantic IDs (adds semantic_ids)"
     )
-    users: int = 0  # > 0: run on a seeded slice of this many users
-    slice_seed: int = 0
-    slice_items: bool = False  # with users > 0: keep only the slice's items (renumbered)
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
-    tfdcon_llm_reps: bool = field(
-        default=True,
-        metadata={
-            "help": "tfdcon clusters on the surrogate's and the LLM's user representations "
-            "(the user_reps stage makes the latter); false = the surrogate's only"
-        },
+    users: int = option(
+        0, "> 0: run on a seeded slice of this many users (in WORKDIR/data); 0 = every user"
+    )
+    slice_seed: int = option(0, "seed of the user slice (users > 0)")
+    slice_items: bool = option(False, "with users > 0: keep only the slice's items (renumbered)")
+    stages: list[str] = field(
+        default_factory=lambda: list(STAGES),
+        metadata={"help": "the stages to run, in pipeline order (semantic_ids: tiger only)"},
+    )
+    tfdcon_llm_reps: bool = option(
+        True,
+        "tfdcon clusters on the surrogate's and the LLM's user representations "
+        "(the user_reps stage makes the latter); false = the surrogate's only",
     )
 
     def active(self, requested: list[str] | None = None) -> list[str]:
@@ -106,20 +106,22 @@ class PipelineArgs:
     """Command line of ``dealrec run`` / ``dealrec experiment``: a config file, plus
     overrides."""
 
-    config: str
-    workdir: str = ""
-    stages: list[str] = field(default_factory=list)
+    config: str = field(metadata={"help": "YAML config file (see configs/)"})
+    workdir: str = option("", "override pipeline.workdir")
+    stages: list[str] = field(
+        default_factory=list, metadata={"help": "run only these stages (their inputs must exist)"}
+    )
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("config", help="YAML config file (see configs/)")
-        parser.add_argument("--workdir", default="", help="override pipeline.workdir")
+        parser.add_argument("config", help=help_of(PipelineArgs, "config"))
+        parser.add_argument("--workdir", default="", help=help_of(PipelineArgs, "workdir"))
         parser.add_argument(
             "--stages",
             nargs="+",
             default=[],
             choices=STAGES,
-            help="run only these stages (their inputs must exist)",
+            help=help_of(PipelineArgs, "stages"),
         )
 
     @classmethod
@@ -131,15 +133,13 @@ class PipelineArgs:
 class ReportArgs:
     """Command line of ``dealrec report RUN_DIR``."""
 
-    run_dir: str
-    out: str = ""
+    run_dir: str = field(metadata={"help": "a pipeline workdir (holds influence.npy, ...)"})
+    out: str = option("", "folder for the PNGs; empty = RUN_DIR/report")
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("run_dir", help="a pipeline workdir (holds influence.npy, ...)")
-        parser.add_argument(
-            "--out", default="", help="folder for the PNGs (default RUN_DIR/report)"
-        )
+        parser.add_argument("run_dir", help=help_of(ReportArgs, "run_dir"))
+        parser.add_argument("--out", default="", help=help_of(ReportArgs, "out"))
 
     @classmethod
     def from_args(cls, args):

