@@ -11,7 +11,8 @@ of it now and the rest later; the tables always cover every finished cell of the
 evaluation users are the same for every run (``evaluate.seed`` is not varied), so runs are
 paired.
 
-Two tests against ``random`` (at the same grid point):
+Two tests against the baseline method (``experiment.baseline``, ``random`` by default; the
+paper's Fig. 4 compares its ablations with ``dealrec``), at the same grid point:
 
 * over seeds: a paired t-test of the run means (pairs = seeds; needs >= 2 seeds);
 * over users: every user's metric averaged over the seeds both methods ran, then a paired
@@ -88,6 +89,11 @@ class ExperimentConfig:
     # `reference` method's run (same seed and grid point), easiest (lowest loss) first
     user_groups: int = option(
         0, "> 0: also report every metric per user group (paper Fig. 6); 0 = off"
+    )
+    baseline: str = option(
+        "random",
+        "the method every other one is tested against (paired over seeds and over users); "
+        "the paper's Fig. 4 compares the ablations with dealrec",
     )
     reference: str = option("random", "user_groups: the method whose test losses group the users")
     # "same": the paper's Fig. 6, so the reference run is graded on its own groups, which
@@ -370,14 +376,16 @@ def _groups(rows: list[dict], keys: list[str]) -> dict[tuple, dict[str, list[dic
     return out
 
 
-def summarise(rows: list[dict], methods: list[str], keys: list[str] = ()) -> tuple[list, list]:
-    """Per (grid point, method) mean/std table, and paired t-tests against ``random`` over
-    seeds."""
+def summarise(
+    rows: list[dict], methods: list[str], keys: list[str] = (), baseline: str = "random"
+) -> tuple[list, list]:
+    """Per (grid point, method) mean/std table, and paired t-tests against ``baseline`` over
+    seeds (pairs = seeds both ran)."""
     from scipy import stats
 
     table, tests = [], []
     for point, by_method in _groups(rows, list(keys)).items():
-        base = {r["seed"]: r for r in by_method.get("random", [])}
+        base = {r["seed"]: r for r in by_method.get(baseline, [])}
         for m in [m for m in methods if m in by_method]:
             runs = by_method[m]
             row = {**dict(zip(keys, point)), "method": m, "runs": len(runs)}
@@ -388,7 +396,7 @@ def summarise(rows: list[dict], methods: list[str], keys: list[str] = ()) -> tup
             for stage in PER_RUN:
                 row[f"{stage}_seconds"] = float(np.mean([r[f"{stage}_seconds"] for r in runs]))
             table.append(row)
-            if m == "random" or not base:
+            if m == baseline or not base:
                 continue
             paired = [(r, base[r["seed"]]) for r in runs if r["seed"] in base]
             for k in METRICS:
@@ -427,23 +435,26 @@ def _seed_mean(runs: list[dict], seeds: list[int]) -> tuple[np.ndarray, dict]:
     return users, total
 
 
-def user_tests(rows: list[dict], methods: list[str], keys: list[str] = ()) -> list[dict]:
-    """Per-user paired tests against ``random`` (each user's metric averaged over the seeds
-    both methods ran): paired t-test and Wilcoxon signed-rank test, pairs = users."""
+def user_tests(
+    rows: list[dict], methods: list[str], keys: list[str] = (), baseline: str = "random"
+) -> list[dict]:
+    """Per-user paired tests against ``baseline`` (each user's metric averaged over the seeds
+    both methods ran): paired t-test and Wilcoxon signed-rank test, pairs = users. Each row
+    has the method's mean (``mean``) and the baseline's (``baseline_mean``)."""
     from scipy import stats
 
     out = []
     for point, by_method in _groups(rows, list(keys)).items():
-        if "random" not in by_method:
+        if baseline not in by_method:
             continue
-        for m in [m for m in methods if m in by_method and m != "random"]:
+        for m in [m for m in methods if m in by_method and m != baseline]:
             seeds = sorted(
-                {r["seed"] for r in by_method[m]} & {r["seed"] for r in by_method["random"]}
+                {r["seed"] for r in by_method[m]} & {r["seed"] for r in by_method[baseline]}
             )
             if not seeds:
                 continue
             users, a = _seed_mean(by_method[m], seeds)
-            _, b = _seed_mean(by_method["random"], seeds)
+            _, b = _seed_mean(by_method[baseline], seeds)
             for k in METRICS:
                 d = a[k] - b[k]
                 nonzero = np.any(d != 0)
@@ -457,7 +468,8 @@ def user_tests(rows: list[dict], methods: list[str], keys: list[str] = ()) -> li
                         "n_users": len(users),
                         "seeds": len(seeds),
                         "mean": float(a[k].mean()),
-                        "random": float(b[k].mean()),
+                        "baseline": baseline,
+                        "baseline_mean": float(b[k].mean()),
                         "mean_diff": float(d.mean()),
                         "better": int((d > 0).sum()),
                         "worse": int((d < 0).sum()),
@@ -492,7 +504,9 @@ def markdown(
     utests: list[dict],
     shared_seconds: dict,
     keys: list[str] = (),
+    baseline: str = "random",
 ) -> str:
+    """``results.md``: the mean +- std table, then the tests against ``baseline``."""
     keys = list(keys)
     lines = _md_table(
         [*keys, "method", "runs", *METRICS, "select s", "finetune s", "evaluate s"],
@@ -512,7 +526,7 @@ def markdown(
         shared = ", ".join(f"{k} {v:.0f} s" for k, v in shared_seconds.items())
         lines += [f"Shared stages: {shared}", ""]
     if tests:
-        lines += ["Paired t-test against random over seeds (pairs = seeds):", ""]
+        lines += [f"Paired t-test against {baseline} over seeds (pairs = seeds):", ""]
         lines += _md_table(
             [*keys, "method", "metric", "pairs", "mean diff", "t", "p"],
             [
@@ -531,7 +545,7 @@ def markdown(
         lines.append("")
     if utests:
         lines += [
-            "Paired tests against random over users (each user's metric averaged over "
+            f"Paired tests against {baseline} over users (each user's metric averaged over "
             "seeds; pairs = users):",
             "",
         ]
@@ -543,7 +557,7 @@ def markdown(
                 "users",
                 "seeds",
                 "method mean",
-                "random mean",
+                f"{baseline} mean",
                 "diff",
                 "users better / worse",
                 "t-test p",
@@ -557,7 +571,7 @@ def markdown(
                     t["n_users"],
                     t["seeds"],
                     f"{t['mean']:.4f}",
-                    f"{t['random']:.4f}",
+                    f"{t['baseline_mean']:.4f}",
                     f"{t['mean_diff']:+.4f}",
                     f"{t['better']} / {t['worse']}",
                     f"{t['p_ttest']:.4f}",
@@ -610,6 +624,8 @@ def read_experiment(args: ExperimentArgs) -> tuple[dict, ExperimentConfig, list[
             f"{source}: user_groups must be >= 0 and the reference method "
             f"{exp.reference!r} one of the methods"
         )
+    if exp.baseline not in exp.methods:
+        raise UserError(f"{source}: baseline {exp.baseline!r} is not one of the methods")
     if exp.user_groups and exp.reference_seed == "next" and len(exp.seeds) < 2:
         raise UserError(f"{source}: reference_seed 'next' needs at least 2 seeds")
     for method in exp.methods:
@@ -717,17 +733,17 @@ def main(args: ExperimentArgs) -> int:
     keys = list(exp.sweep)
     results = workdir / "studies" / exp.name if exp.name else workdir
     results.mkdir(parents=True, exist_ok=True)
-    write_results(results, rows, exp.methods, keys, shared_seconds)
+    write_results(results, rows, exp.methods, keys, shared_seconds, exp.baseline)
     if exp.user_groups > 0:
         groups = group_rows(
             rows, keys, exp.reference, exp.user_groups, exp.reference_seed, exp.seeds
         )
-        table, tests = summarise(groups, exp.methods, [*keys, "group"])
+        table, tests = summarise(groups, exp.methods, [*keys, "group"], exp.baseline)
         write_csv(results / "groups.csv", table)
         (results / "groups.md").write_text(
             f"Users split into {exp.user_groups} equal groups by their test loss under the "
             f"{exp.reference!r} run of the {exp.reference_seed} seed (group 1: lowest loss)\n\n"
-            + markdown(table, tests, [], {}, [*keys, "group"])
+            + markdown(table, tests, [], {}, [*keys, "group"], exp.baseline)
         )
     write_json(
         results / "experiment.json",
@@ -752,16 +768,24 @@ def main(args: ExperimentArgs) -> int:
 
 
 def write_results(
-    workdir: Path, rows: list[dict], methods: list[str], keys: list[str], shared_seconds: dict
+    workdir: Path,
+    rows: list[dict],
+    methods: list[str],
+    keys: list[str],
+    shared_seconds: dict,
+    baseline: str = "random",
 ) -> None:
-    """The tables (CSV and Markdown), the tests and the plot of the finished runs."""
-    table, tests = summarise(rows, methods, keys)
-    utests = user_tests(rows, methods, keys)
+    """The tables (CSV and Markdown), the tests against ``baseline`` and the plot of the
+    finished runs."""
+    table, tests = summarise(rows, methods, keys, baseline)
+    utests = user_tests(rows, methods, keys, baseline)
     write_csv(workdir / "runs.csv", rows)
     write_csv(workdir / "results.csv", table)
     write_csv(workdir / "ttest.csv", tests)
     write_csv(workdir / "usertest.csv", utests)
-    (workdir / "results.md").write_text(markdown(table, tests, utests, shared_seconds, keys))
+    (workdir / "results.md").write_text(
+        markdown(table, tests, utests, shared_seconds, keys, baseline)
+    )
     if table:
         bar_plot(workdir / "results.png", table, keys)
 

@@ -130,8 +130,41 @@ def test_user_tests_pair_users_over_seeds(tmp_path):
     ]
     (t,) = [t for t in user_tests(rows, ["random", "dealrec"]) if t["metric"] == "recall@10"]
     assert t["n_users"] == n and t["seeds"] == 2
-    assert t["random"] == pytest.approx(0.25) and t["mean"] == pytest.approx(25 / 40)
+    assert t["baseline"] == "random" and t["baseline_mean"] == pytest.approx(0.25)
+    assert t["mean"] == pytest.approx(25 / 40)
     assert t["better"] == 20 and t["worse"] == 0 and t["p_wilcoxon"] < 1e-3
+
+
+def test_tests_against_another_baseline(tmp_path):
+    """experiment.baseline: the paper's Fig. 4 tests each ablation against dealrec; every
+    number is then the same test with the roles swapped (a hand-worked example: per-seed
+    hits 10 / 10 users for random, 30 / 20 for dealrec, out of 40)."""
+    from jaxrec.experiment import summarise
+
+    n = 40
+    rows = [
+        _run(tmp_path, "r0", "random", 0, [u < 10 for u in range(n)]),
+        _run(tmp_path, "r1", "random", 1, [u < 10 for u in range(n)]),
+        _run(tmp_path, "d0", "dealrec", 0, [u < 30 for u in range(n)]),
+        _run(tmp_path, "d1", "dealrec", 1, [u < 20 for u in range(n)]),
+    ]
+    for r, hits in zip(rows, (10, 10, 30, 20)):
+        r.update({k: hits / n for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")})
+        r.update({f"{s}_seconds": 1.0 for s in ("select", "finetune", "evaluate")})
+    methods = ["random", "dealrec"]
+    (u,) = [t for t in user_tests(rows, methods, baseline="dealrec") if t["metric"] == "recall@10"]
+    assert u["method"] == "random" and u["baseline"] == "dealrec"
+    assert u["mean"] == pytest.approx(0.25) and u["baseline_mean"] == pytest.approx(25 / 40)
+    assert u["better"] == 0 and u["worse"] == 20
+    _, tests = summarise(rows, methods, baseline="dealrec")
+    (t,) = [t for t in tests if t["metric"] == "recall@10"]
+    # random - dealrec per seed: (10 - 30) / 40 and (10 - 20) / 40
+    assert t["method"] == "random" and t["n_pairs"] == 2
+    assert t["mean_diff"] == pytest.approx(-15 / 40)
+    _, default = summarise(rows, methods)
+    (d,) = [t for t in default if t["metric"] == "recall@10"]
+    assert d["method"] == "dealrec" and d["mean_diff"] == pytest.approx(15 / 40)
+    assert d["p"] == pytest.approx(t["p"])
 
 
 def test_loss_groups_partition_equal_and_ordered():
@@ -236,3 +269,12 @@ def test_figures_from_a_sweep_and_groups(tmp_path):
     written = experiment_figures(tmp_path)
     assert {p.name for p in written} == {"sweep_select.n.png", "groups.png"}
     assert all(p.stat().st_size > 5000 for p in written)
+
+
+def test_baseline_must_be_one_of_the_methods(tmp_path):
+    from jaxrec.experiment import read_experiment
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("experiment:\n  methods: [random, greedy]\n  seeds: [0]\n  baseline: dealrec\n")
+    with pytest.raises(UserError, match="baseline 'dealrec' is not one of the methods"):
+        read_experiment(ExperimentArgs(config=str(path)))
