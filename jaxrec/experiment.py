@@ -91,9 +91,10 @@ class ExperimentConfig:
         0, "> 0: also report every metric per user group (paper Fig. 6); 0 = off"
     )
     baseline: str = option(
-        "random",
+        "",
         "the method every other one is tested against (paired over seeds and over users); "
-        "the paper's Fig. 4 compares the ablations with dealrec",
+        "empty = random when it is one of the methods, else no tests; the paper's Fig. 4 "
+        "compares the ablations with dealrec",
     )
     reference: str = option("random", "user_groups: the method whose test losses group the users")
     # "same": the paper's Fig. 6, so the reference run is graded on its own groups, which
@@ -624,7 +625,7 @@ def read_experiment(args: ExperimentArgs) -> tuple[dict, ExperimentConfig, list[
             f"{source}: user_groups must be >= 0 and the reference method "
             f"{exp.reference!r} one of the methods"
         )
-    if exp.baseline not in exp.methods:
+    if exp.baseline and exp.baseline not in exp.methods:
         raise UserError(f"{source}: baseline {exp.baseline!r} is not one of the methods")
     if exp.user_groups and exp.reference_seed == "next" and len(exp.seeds) < 2:
         raise UserError(f"{source}: reference_seed 'next' needs at least 2 seeds")
@@ -642,6 +643,11 @@ def read_experiment(args: ExperimentArgs) -> tuple[dict, ExperimentConfig, list[
             raise UserError(f"{name}: {extra[0]!r} is not in the config's {name[2:]} {known}")
     cells = experiment_cells(exp, check_sweep(exp.sweep, data, source))
     return data, exp, cells
+
+
+def baseline_of(exp: ExperimentConfig) -> str:
+    """The method the tests compare with: ``exp.baseline``, or ``random`` when it is empty."""
+    return exp.baseline or "random"
 
 
 def chosen_points(points: list[str], sweep: dict) -> dict[str, list]:
@@ -733,17 +739,17 @@ def main(args: ExperimentArgs) -> int:
     keys = list(exp.sweep)
     results = workdir / "studies" / exp.name if exp.name else workdir
     results.mkdir(parents=True, exist_ok=True)
-    write_results(results, rows, exp.methods, keys, shared_seconds, exp.baseline)
+    write_results(results, rows, exp.methods, keys, shared_seconds, baseline_of(exp))
     if exp.user_groups > 0:
         groups = group_rows(
             rows, keys, exp.reference, exp.user_groups, exp.reference_seed, exp.seeds
         )
-        table, tests = summarise(groups, exp.methods, [*keys, "group"], exp.baseline)
+        table, tests = summarise(groups, exp.methods, [*keys, "group"], baseline_of(exp))
         write_csv(results / "groups.csv", table)
         (results / "groups.md").write_text(
             f"Users split into {exp.user_groups} equal groups by their test loss under the "
             f"{exp.reference!r} run of the {exp.reference_seed} seed (group 1: lowest loss)\n\n"
-            + markdown(table, tests, [], {}, [*keys, "group"], exp.baseline)
+            + markdown(table, tests, [], {}, [*keys, "group"], baseline_of(exp))
         )
     write_json(
         results / "experiment.json",

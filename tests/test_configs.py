@@ -36,10 +36,13 @@ def test_shipped_config_parses(path):
 
         make_config(LdsConfig, data["lds"], str(path))
     if "experiment" in data:
+        from jaxrec.experiment import ExperimentArgs, read_experiment
+
         exp = make_config(ExperimentConfig, data["experiment"], str(path))
         assert exp.methods and exp.seeds
         for method in exp.methods:
             check_method(method)
+        read_experiment(ExperimentArgs(config=str(path)))  # every check `dealrec experiment` makes
 
 
 def test_experiment_rejects_unknown_method_before_running(tmp_path):

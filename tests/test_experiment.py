@@ -272,9 +272,13 @@ def test_figures_from_a_sweep_and_groups(tmp_path):
 
 
 def test_baseline_must_be_one_of_the_methods(tmp_path):
-    from jaxrec.experiment import read_experiment
+    from jaxrec.experiment import baseline_of, read_experiment
 
     path = tmp_path / "exp.yaml"
     path.write_text("experiment:\n  methods: [random, greedy]\n  seeds: [0]\n  baseline: dealrec\n")
     with pytest.raises(UserError, match="baseline 'dealrec' is not one of the methods"):
         read_experiment(ExperimentArgs(config=str(path)))
+    # by default random is the baseline where it runs; a study without it has no tests
+    path.write_text("experiment:\n  methods: [dealrec]\n  seeds: [0]\n")
+    _, exp, _ = read_experiment(ExperimentArgs(config=str(path)))
+    assert exp.baseline == "" and baseline_of(exp) == "random"
