@@ -9,6 +9,7 @@ an error, never silently ignored. This module imports the standard library and P
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -21,10 +22,14 @@ GAMES = "../shared/data/games"
 
 
 def option(default, text: str, flag: str = ""):
-    """A documented option field: ``text`` is its ``--help`` text. ``flag`` (solver options)
-    names the ``InfluenceConfig`` field, and so the command-line flag, that sets it when that
-    name differs from the option's own."""
-    return field(default=default, metadata={"help": text, **({"flag": flag} if flag else {})})
+    """A documented option field: ``text`` is its ``--help`` text. A list or dict default is
+    copied for every instance (``default_factory``). ``flag`` (solver options) names the
+    ``InfluenceConfig`` field, and so the command-line flag, that sets it when that name
+    differs from the option's own."""
+    metadata = {"help": text, **({"flag": flag} if flag else {})}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def help_of(cls, name: str) -> str:
@@ -393,19 +398,9 @@ class LdsConfig:
     val_users: int = option(
         64, "validation users scored (a seeded choice; each costs one inverse-HVP per solver)"
     )
-    attributions: list[str] = field(
-        default_factory=lambda: [
-            "exact",
-            "cg",
-            "lissa",
-            "lissa-small",
-            "arnoldi",
-            "grad-dot",
-            "dealrec",
-        ],
-        metadata={
-            "help": "attributions to compare (exact cg lissa lissa-small arnoldi grad-dot dealrec)"
-        },
+    attributions: list[str] = option(
+        ["exact", "cg", "lissa", "lissa-small", "arnoldi", "grad-dot", "dealrec"],
+        "attributions to compare (exact cg lissa lissa-small arnoldi grad-dot dealrec)",
     )
     params: str = option(
         "official",

@@ -30,7 +30,7 @@ import csv
 import itertools
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -69,21 +69,15 @@ NEEDS_EFFORT = {"dealrec", "greedy", "effort-only"}
 class ExperimentConfig:
     """The ``experiment:`` section of a config file."""
 
-    methods: list[str] = field(
-        default_factory=lambda: ["random", "dealrec"],
-        metadata={"help": "selection methods to compare (select --method values)"},
+    methods: list[str] = option(
+        ["random", "dealrec"], "selection methods to compare (select --method values)"
     )
-    seeds: list[int] = field(
-        default_factory=lambda: [0],
-        metadata={"help": "seeds of every method's select and finetune runs"},
-    )
+    seeds: list[int] = option([0], "seeds of every method's select and finetune runs")
     # e.g. {"select.n": [128, 256], "select.lamda": [0.1, 0.3]}
-    sweep: dict = field(
-        default_factory=dict,
-        metadata={
-            "help": "grid over per-run options (select / finetune / evaluate keys), crossed "
-            "with methods and seeds"
-        },
+    sweep: dict = option(
+        {},
+        "grid over per-run options (select / finetune / evaluate keys), crossed with methods "
+        "and seeds",
     )
     # the evaluated users split into this many equal groups by their test loss under the
     # `reference` method's run (same seed and grid point), easiest (lowest loss) first
@@ -115,20 +109,12 @@ class ExperimentConfig:
 class ExperimentArgs(PipelineArgs):
     """Command line of ``dealrec experiment``: a config file, plus overrides."""
 
-    methods: list[str] = field(
-        default_factory=list,
-        metadata={"help": "run only these methods of the config now (the rest later)"},
-    )
-    seeds: list[int] = field(
-        default_factory=list,
-        metadata={"help": "run only these seeds of the config now (the rest later)"},
-    )
-    points: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "run only the grid points with these swept values (section.key=value) now, "
-            "as 'select.n=512 select.n=2048' (the rest later)"
-        },
+    methods: list[str] = option([], "run only these methods of the config now (the rest later)")
+    seeds: list[int] = option([], "run only these seeds of the config now (the rest later)")
+    points: list[str] = option(
+        [],
+        "run only the grid points with these swept values (section.key=value) now, as "
+        "'select.n=512 select.n=2048' (the rest later)",
     )
 
     @staticmethod

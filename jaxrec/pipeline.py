@@ -82,9 +82,8 @@ class PipelineConfig:
     )
     slice_seed: int = option(0, "seed of the user slice (users > 0)")
     slice_items: bool = option(False, "with users > 0: keep only the slice's items (renumbered)")
-    stages: list[str] = field(
-        default_factory=lambda: list(STAGES),
-        metadata={"help": "the stages to run, in pipeline order (semantic_ids: tiger only)"},
+    stages: list[str] = option(
+        list(STAGES), "the stages to run, in pipeline order (semantic_ids: tiger only)"
     )
     tfdcon_llm_reps: bool = option(
         True,
@@ -108,9 +107,7 @@ class PipelineArgs:
 
     config: str = field(metadata={"help": "YAML config file (see configs/)"})
     workdir: str = option("", "override pipeline.workdir")
-    stages: list[str] = field(
-        default_factory=list, metadata={"help": "run only these stages (their inputs must exist)"}
-    )
+    stages: list[str] = option([], "run only these stages (their inputs must exist)")
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ The same machinery as :mod:`jaxrec.config`: defaults here, a section of a YAML f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from jaxrec.config import GAMES, option
@@ -62,9 +62,8 @@ class SemanticIdConfig:
     levels: int = option(3, "residual levels of codes (a last code separates collisions)")
     codebook_size: int = option(256, "codes per level")
     code_dim: int = option(32, "rqvae: latent size, the dimension of every codebook vector")
-    hidden: list[int] = field(
-        default_factory=lambda: [512, 256, 128],
-        metadata={"help": "rqvae: encoder MLP widths (the decoder mirrors them)"},
+    hidden: list[int] = option(
+        [512, 256, 128], "rqvae: encoder MLP widths (the decoder mirrors them)"
     )
     epochs: int = option(200, "rqvae: training epochs (the paper trains far longer, on a GPU)")
     batch_size: int = option(1024, "rqvae: items per training batch")

@@ -120,14 +120,19 @@ def _run(tmp_path, name, method, seed, per_user_hits):
     return {"method": method, "seed": seed, "predictions": str(path)}
 
 
-def test_user_tests_pair_users_over_seeds(tmp_path):
-    n = 40
-    rows = [
+def _two_methods(tmp_path, n=40):
+    """Runs of random (hits for 10 and 10 of ``n`` users, seeds 0 and 1) and dealrec (30, 20)."""
+    return [
         _run(tmp_path, "r0", "random", 0, [u < 10 for u in range(n)]),
         _run(tmp_path, "r1", "random", 1, [u < 10 for u in range(n)]),
         _run(tmp_path, "d0", "dealrec", 0, [u < 30 for u in range(n)]),
         _run(tmp_path, "d1", "dealrec", 1, [u < 20 for u in range(n)]),
     ]
+
+
+def test_user_tests_pair_users_over_seeds(tmp_path):
+    n = 40
+    rows = _two_methods(tmp_path, n)
     (t,) = [t for t in user_tests(rows, ["random", "dealrec"]) if t["metric"] == "recall@10"]
     assert t["n_users"] == n and t["seeds"] == 2
     assert t["baseline"] == "random" and t["baseline_mean"] == pytest.approx(0.25)
@@ -142,12 +147,7 @@ def test_tests_against_another_baseline(tmp_path):
     from jaxrec.experiment import summarise
 
     n = 40
-    rows = [
-        _run(tmp_path, "r0", "random", 0, [u < 10 for u in range(n)]),
-        _run(tmp_path, "r1", "random", 1, [u < 10 for u in range(n)]),
-        _run(tmp_path, "d0", "dealrec", 0, [u < 30 for u in range(n)]),
-        _run(tmp_path, "d1", "dealrec", 1, [u < 20 for u in range(n)]),
-    ]
+    rows = _two_methods(tmp_path, n)
     for r, hits in zip(rows, (10, 10, 30, 20)):
         r.update({k: hits / n for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")})
         r.update({f"{s}_seconds": 1.0 for s in ("select", "finetune", "evaluate")})
