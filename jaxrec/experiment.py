@@ -7,7 +7,9 @@ once; then every *cell* (method, seed, grid point) runs select -> finetune -> ev
 ``workdir/runs/CELL/`` (:func:`run_folder`: a grid point at the config's own value is the
 un-swept run, so every study of one workdir shares it). A finished cell is reused, so an
 interrupted experiment continues where it stopped, and ``--methods`` / ``--seeds`` run a part
-of it now and the rest later; the tables always cover every finished cell of the config. The
+of it now and the rest later; the tables always cover every finished cell of the config. With
+``experiment.archive`` a finished cell also lives outside the workdir (:mod:`jaxrec.archive`,
+small enough to commit), and a cell archived there is not rerun after its workdir is gone. The
 evaluation users are the same for every run (``evaluate.seed`` is not varied), so runs are
 paired.
 
@@ -36,6 +38,7 @@ from typing import Literal
 
 import numpy as np
 
+from jaxrec.archive import RunArchive
 from jaxrec.config import help_of, make_config, option
 from jaxrec.data import write_json
 from jaxrec.data.ranking import per_user_recall_ndcg
@@ -51,6 +54,7 @@ from jaxrec.pipeline import (
     read_experiment_file,
     resolved_options,
     run_stages,
+    stage_keys,
     stages_finished,
     uses_llm_reps,
     wire,
@@ -102,6 +106,14 @@ class ExperimentConfig:
     # several studies then share one workdir: its shared stages and any run with the same options
     name: str = option(
         "", "empty = tables and figures in the workdir; NAME = in workdir/studies/NAME"
+    )
+    # runs/ may not outlive the machine; the archive (small: metrics and per-user arrays) can
+    # be committed, and a run found there with the same options is not run again
+    archive: str = option(
+        "",
+        "folder kept outside the workdir (e.g. committed) with every finished run's metrics "
+        "and per-user arrays (jaxrec.archive); a run archived there is not rerun, and each "
+        "run that finishes is added; empty = off",
     )
 
 
@@ -320,9 +332,9 @@ def group_rows(
         ref = index.get((point, reference, seed))
         if ref is None:
             continue
-        ref_users, ref_loss = per_user_losses(Path(ref["predictions"]))
+        ref_users, ref_loss = run_user_losses(ref)
         where = {int(u): g for u, g in zip(ref_users, loss_groups(ref_loss, n_groups))}
-        users, metrics = per_user_metrics(Path(r["predictions"]))
+        users, metrics = run_user_metrics(r)
         group = np.array([where[int(u)] for u in users])
         for g in range(n_groups):
             mask = group == g
@@ -340,7 +352,9 @@ def group_rows(
     return out
 
 
-def cell_row(cell: Cell, d: Path, seconds: dict) -> dict:
+def cell_row(cell: Cell, d: Path, seconds: dict, key: str = "") -> dict:
+    """The results row of the finished run of ``cell`` in folder ``d``; ``key``: its reuse
+    key (what an archive finds it by)."""
     metrics = json.loads((d / "metrics.json").read_text())
     flat = metrics.get("metrics", metrics)
     return {
@@ -351,7 +365,27 @@ def cell_row(cell: Cell, d: Path, seconds: dict) -> dict:
         "n_users": int(flat.get("n_users", 0)),
         **{f"{s}_seconds": float(seconds.get(s, 0.0)) for s in PER_RUN},
         "predictions": str(d / "metrics.predictions.jsonl"),
+        "key": key,
     }
+
+
+def run_user_metrics(row: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(users, {metric: [n_users]})`` of a results row: from its run's predictions, or from
+    the archive it was restored from (``_per_user``, :class:`jaxrec.archive.RunArchive`)."""
+    if "_per_user" in row:
+        users, metrics, _ = row["_per_user"]
+        return users, metrics
+    return per_user_metrics(Path(row["predictions"]))
+
+
+def run_user_losses(row: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``(users, loss)`` of a results row (see :func:`run_user_metrics`)."""
+    if "_per_user" in row:
+        users, _, loss = row["_per_user"]
+        if loss is None:
+            raise UserError(f"archived run {row['key']}: no per-user 'loss'")
+        return users, loss
+    return per_user_losses(Path(row["predictions"]))
 
 
 def _groups(rows: list[dict], keys: list[str]) -> dict[tuple, dict[str, list[dict]]]:
@@ -412,7 +446,7 @@ def _seed_mean(runs: list[dict], seeds: list[int]) -> tuple[np.ndarray, dict]:
     """Per-user metrics averaged over ``seeds`` (users in row order)."""
     total, users = {}, None
     for r in (r for r in runs if r["seed"] in seeds):
-        rows, values = per_user_metrics(Path(r["predictions"]))
+        rows, values = run_user_metrics(r)
         order = np.argsort(rows)
         if users is not None and not np.array_equal(users, rows[order]):
             raise UserError(f"{r['predictions']}: evaluated other users than the other runs")
@@ -472,7 +506,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fields = [k for k in rows[0] if not k.startswith("_")]  # "_per_user": arrays
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -702,9 +737,19 @@ def main(args: ExperimentArgs) -> int:
         )
         for m in exp.methods
     }
+    archive = RunArchive(exp.archive) if exp.archive else None
     rows = []
     for cell in cells:
         d, w = wire_cell(wired, workdir, cell, llm[cell.method])
+        key = stage_keys(list(PER_RUN), w, upstream[cell.method])["evaluate"]
+        finished = stages_finished(list(PER_RUN), w, d / "stages.json", upstream[cell.method])
+        if not finished and archive is not None and key in archive:
+            if cell in todo:
+                log.say(f"run {cell.name}: archived in {archive.folder}, not rerun")
+            rows.append(
+                archive.row(key, {**dict(cell.point), "method": cell.method, "seed": cell.seed})
+            )
+            continue
         if cell in todo:
             d.mkdir(parents=True, exist_ok=True)
             log.say(f"run {cell.name}" + (f" (in {d.name})" if d.name != cell.name else ""))
@@ -716,12 +761,14 @@ def main(args: ExperimentArgs) -> int:
                 state_file=d / "stages.json",
                 upstream=upstream[cell.method],
             )
-        elif stages_finished(list(PER_RUN), w, d / "stages.json", upstream[cell.method]):
+        elif finished:
             state = json.loads((d / "stages.json").read_text())
             seconds = {s: state[s].get("seconds", 0.0) for s in PER_RUN}
         else:
             continue
-        rows.append(cell_row(cell, d, seconds))
+        rows.append(cell_row(cell, d, seconds, key))
+        if archive is not None:
+            archive_run(archive, rows[-1])
     keys = list(exp.sweep)
     results = workdir / "studies" / exp.name if exp.name else workdir
     results.mkdir(parents=True, exist_ok=True)
@@ -757,6 +804,20 @@ def main(args: ExperimentArgs) -> int:
         )
     print((results / "results.md").read_text())
     return 0
+
+
+def archive_run(archive: RunArchive, row: dict) -> None:
+    """Add the finished run ``row`` to ``archive`` with its per-user metrics and (when its
+    evaluation recorded them) test losses, and save the archive at once."""
+    users, metrics = run_user_metrics(row)
+    try:
+        loss_users, loss = run_user_losses(row)
+    except UserError:
+        loss = None
+    if loss is not None and not np.array_equal(loss_users, users):
+        loss = None
+    if archive.add(row, users, metrics, loss):
+        archive.save()
 
 
 def write_results(

@@ -3,6 +3,7 @@ stage, and a ``dealrec experiment`` sweep (two keys x two methods x two seeds) r
 after an interruption: every cell is made once, finished cells are never redone."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -95,6 +96,32 @@ def test_sweep_in_parts_and_after_interruption(config, capsys):
     results = (root / "work" / "results.csv").read_text().splitlines()
     assert results[0].startswith("select.n,select.groups,method,runs")
     assert len(results) == 1 + 8  # 4 points x 2 methods
+
+
+def test_archived_runs_are_not_rerun_once_the_runs_are_gone(config, capsys):
+    root, cfg = config
+    exp = dict(
+        cfg,
+        experiment={
+            "methods": ["random", "dealrec"],
+            "seeds": [0],
+            "sweep": {"select.n": [8, 16]},
+            "user_groups": 3,
+            "archive": str(root / "archive"),
+        },
+    )
+    path = _write(root, exp, "archived.yaml")
+    assert cli(["experiment", path]) == 0  # 4 runs of the sweep above (reused), archived
+    work, tables = root / "work", ("results.csv", "ttest.csv", "usertest.csv", "groups.csv")
+    before = {name: (work / name).read_text() for name in tables}
+    assert len((root / "archive" / "runs.csv").read_text().splitlines()) == 1 + 4
+    shutil.rmtree(work / "runs")  # a new machine: the workdir's runs are gone
+    capsys.readouterr()
+    assert cli(["experiment", path]) == 0
+    log = capsys.readouterr().err
+    assert log.count("not rerun") == 4 and "dealrec select" not in log
+    assert not (work / "runs").exists()
+    assert {name: (work / name).read_text() for name in tables} == before
 
 
 def test_effort_history_must_match_finetune(config, capsys):
