@@ -3,8 +3,9 @@
 A workdir under ``runs/`` holds checkpoints and predictions and need not outlive the machine it
 ran on; an archive holds only what the tables, the tests and the figures of
 ``dealrec experiment`` / ``dealrec report`` read, so it can go into the repository, and a later
-``dealrec experiment`` takes a run found there as finished instead of running it again. An
-archive folder holds:
+``dealrec experiment`` takes a run found there as finished instead of running it again (and,
+when every run it is asked for is archived, runs no shared stage either). An archive folder
+holds:
 
 * ``runs.csv``: one row per finished run: the columns of the experiment's ``runs.csv`` plus
   ``key``, the run's reuse key (the hash of every option its select, finetune and evaluate

@@ -723,7 +723,6 @@ def main(args: ExperimentArgs) -> int:
         f"{len(cells) // (len(exp.methods) * len(exp.seeds))} grid points), "
         f"{len(todo)} of them now, in {workdir}"
     )
-    shared_seconds = run_stages(shared, wired, workdir, log)
     # a run depends on the shared stages it reads (run now or earlier): effort only for the
     # methods that use it
     upstream = {
@@ -738,6 +737,12 @@ def main(args: ExperimentArgs) -> int:
         for m in exp.methods
     }
     archive = RunArchive(exp.archive) if exp.archive else None
+    shared_seconds = (
+        run_stages(shared, wired, workdir, log)
+        if archive is None
+        or any(not archived(c, archive, wired, workdir, llm, upstream) for c in todo)
+        else recorded_seconds(shared, workdir, log)
+    )
     rows = []
     for cell in cells:
         d, w = wire_cell(wired, workdir, cell, llm[cell.method])
@@ -804,6 +809,27 @@ def main(args: ExperimentArgs) -> int:
         )
     print((results / "results.md").read_text())
     return 0
+
+
+def archived(
+    cell: Cell, archive: RunArchive, wired: dict, workdir: Path, llm: dict, upstream: dict
+) -> bool:
+    """Whether ``cell`` needs no stage run: it is in ``archive`` or finished in ``workdir``."""
+    d, w = wire_cell(wired, workdir, cell, llm[cell.method])
+    key = stage_keys(list(PER_RUN), w, upstream[cell.method])["evaluate"]
+    return key in archive or stages_finished(
+        list(PER_RUN), w, d / "stages.json", upstream[cell.method]
+    )
+
+
+def recorded_seconds(shared: list[str], workdir: Path, log) -> dict:
+    """The shared stages' seconds as ``workdir/stages.json`` recorded them (those it has),
+    when every run asked for is archived or finished, so no shared stage needs to run (a fresh
+    clone rebuilds an archived experiment's tables without recomputing the surrogate)."""
+    log.say("every run asked for is archived or finished: the shared stages are not needed")
+    state_file = workdir / "stages.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    return {s: state[s].get("seconds", 0.0) for s in shared if s in state}
 
 
 def archive_run(archive: RunArchive, row: dict) -> None:

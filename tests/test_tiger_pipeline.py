@@ -115,11 +115,12 @@ def test_archived_runs_are_not_rerun_once_the_runs_are_gone(config, capsys):
     work, tables = root / "work", ("results.csv", "ttest.csv", "usertest.csv", "groups.csv")
     before = {name: (work / name).read_text() for name in tables}
     assert len((root / "archive" / "runs.csv").read_text().splitlines()) == 1 + 4
-    shutil.rmtree(work / "runs")  # a new machine: the workdir's runs are gone
+    shutil.rmtree(work)  # a new machine: the workdir is gone, shared stages included
     capsys.readouterr()
     assert cli(["experiment", path]) == 0
     log = capsys.readouterr().err
-    assert log.count("not rerun") == 4 and "dealrec select" not in log
+    assert log.count("not rerun") == 4 and "shared stages are not needed" in log
+    assert "dealrec select" not in log and "dealrec train-surrogate" not in log
     assert not (work / "runs").exists()
     assert {name: (work / name).read_text() for name in tables} == before
 
