@@ -737,17 +737,21 @@ def main(args: ExperimentArgs) -> int:
         for m in exp.methods
     }
     archive = RunArchive(exp.archive) if exp.archive else None
+    # each cell's folder, wired sections, reuse key and whether its folder holds it finished
+    prepared = {}
+    for cell in cells:
+        d, w = wire_cell(wired, workdir, cell, llm[cell.method])
+        key = stage_keys(list(PER_RUN), w, upstream[cell.method])["evaluate"]
+        done = stages_finished(list(PER_RUN), w, d / "stages.json", upstream[cell.method])
+        prepared[cell] = (d, w, key, done)
     shared_seconds = (
         run_stages(shared, wired, workdir, log)
-        if archive is None
-        or any(not archived(c, archive, wired, workdir, llm, upstream) for c in todo)
+        if archive is None or any(not (prepared[c][3] or prepared[c][2] in archive) for c in todo)
         else recorded_seconds(shared, workdir, log)
     )
     rows = []
     for cell in cells:
-        d, w = wire_cell(wired, workdir, cell, llm[cell.method])
-        key = stage_keys(list(PER_RUN), w, upstream[cell.method])["evaluate"]
-        finished = stages_finished(list(PER_RUN), w, d / "stages.json", upstream[cell.method])
+        d, w, key, finished = prepared[cell]
         if not finished and archive is not None and key in archive:
             if cell in todo:
                 log.say(f"run {cell.name}: archived in {archive.folder}, not rerun")
@@ -809,17 +813,6 @@ def main(args: ExperimentArgs) -> int:
         )
     print((results / "results.md").read_text())
     return 0
-
-
-def archived(
-    cell: Cell, archive: RunArchive, wired: dict, workdir: Path, llm: dict, upstream: dict
-) -> bool:
-    """Whether ``cell`` needs no stage run: it is in ``archive`` or finished in ``workdir``."""
-    d, w = wire_cell(wired, workdir, cell, llm[cell.method])
-    key = stage_keys(list(PER_RUN), w, upstream[cell.method])["evaluate"]
-    return key in archive or stages_finished(
-        list(PER_RUN), w, d / "stages.json", upstream[cell.method]
-    )
 
 
 def recorded_seconds(shared: list[str], workdir: Path, log) -> dict:
