@@ -145,6 +145,22 @@ def test_init_seed_decides_the_parameters():
     assert not torch.equal(a.shared.weight, c.shared.weight)
 
 
+def test_cpu_threads_follow_the_environment_and_are_restored(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.delenv(M.THREADS_ENV, raising=False)
+    assert M.default_threads() == M.CPU_THREADS == 1
+    monkeypatch.setenv(M.THREADS_ENV, "2")
+    with M.cpu_threads("cpu"):
+        assert torch.get_num_threads() == 2
+    with M.cpu_threads("cpu", 1):  # an explicit count wins over the environment
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(M.THREADS_ENV, bad)
+        with pytest.raises(UserError, match=M.THREADS_ENV):
+            M.default_threads()
+
+
 # ----------------------------------------------------------------------------- beam search
 def test_trie_tables():
     codes = np.array([[0, 1], [0, 2], [2, 0]])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,15 +50,31 @@ T5_SIZES = {
     "dropout_rate": 0.1,
     "feed_forward_proj": "relu",
 }
-CPU_THREADS = 1  # torch intra-op threads on CPU (see cpu_threads)
+CPU_THREADS = 1  # torch intra-op threads on CPU unless DEALREC_TORCH_THREADS says otherwise
+THREADS_ENV = "DEALREC_TORCH_THREADS"
+
+
+def default_threads() -> int:
+    """Torch intra-op threads for TIGER's CPU work: ``$DEALREC_TORCH_THREADS`` or
+    :data:`CPU_THREADS`. Not part of any reuse key: the thread count changes only the order of
+    floating-point sums."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return CPU_THREADS
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{THREADS_ENV}={value!r}: expected a whole number >= 1")
+    return int(value)
 
 
 @contextlib.contextmanager
-def cpu_threads(device, n: int = CPU_THREADS):
-    """Run torch with ``n`` intra-op threads on a CPU device, then restore the count.
+def cpu_threads(device, n: int | None = None):
+    """Run torch with ``n`` intra-op threads (default :func:`default_threads`) on a CPU device,
+    then restore the count.
 
     The model is small (many small matmuls): on the shared 2-core machine one thread was about
-    2x faster than two under load (``bench/tiger.py`` measures both side by side)."""
+    2x faster than two under load (``bench/tiger.py`` measures both side by side); on a quiet
+    one, two threads fine-tune 1.5x faster (``DEALREC_TORCH_THREADS=2``)."""
+    n = default_threads() if n is None else n
     old = torch.get_num_threads()
     if str(device).startswith("cpu") and n > 0:
         torch.set_num_threads(n)

@@ -26,7 +26,6 @@ a 2-core CPU; the per-level losses are means over elements rather than sums.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 from dataclasses import asdict
@@ -39,26 +38,9 @@ from jaxrec.errors import ScoreFileError, UserError
 from llm_bridge.config import SemanticIdConfig
 
 KMEANS_ITERS = 25
-CPU_THREADS = 1  # intra-op threads for the fits on CPU (see _cpu_threads)
-
-
-@contextlib.contextmanager
-def _cpu_threads(device, n: int = CPU_THREADS):
-    """Run torch with ``n`` intra-op threads on CPU, then restore the previous count.
-
-    The fits are many small ops (1024 x 512 matmuls); on the shared 2-core machine two threads
-    were 5-10x *slower* than one (thread synchronisation under load), measured in
-    ``bench/tiger_semantic_ids.py``.
-    """
-    import torch
-
-    old = torch.get_num_threads()
-    if str(device).startswith("cpu"):
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+# The fits are many small ops (1024 x 512 matmuls): on the shared 2-core machine two torch
+# threads were 5-10x *slower* than one (thread synchronisation under load; measured in
+# bench/tiger_semantic_ids.py), so they run on llm_bridge.tiger.model.cpu_threads' default of 1.
 
 
 # ----------------------------------------------------------------------------- k-means
@@ -254,6 +236,7 @@ def train_rqvae(emb: np.ndarray, cfg: SemanticIdConfig, progress: bool = True):
     from tqdm.auto import tqdm
 
     from llm_bridge.model import resolve_device_dtype
+    from llm_bridge.tiger.model import cpu_threads
 
     device, _ = resolve_device_dtype(cfg.device, "float32")
     torch.manual_seed(cfg.seed)
@@ -264,7 +247,7 @@ def train_rqvae(emb: np.ndarray, cfg: SemanticIdConfig, progress: bool = True):
     ).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     history, resets = [], 0
-    with _cpu_threads(device):
+    with cpu_threads(device):
         _init_codebooks(model, x, gen)
         bar = tqdm(range(cfg.epochs), desc="rq-vae", unit="epoch", disable=not progress)
         for epoch in bar:
@@ -303,11 +286,12 @@ def fit_rkmeans(emb: np.ndarray, cfg: SemanticIdConfig) -> tuple[np.ndarray, dic
     import torch
 
     from llm_bridge.model import resolve_device_dtype
+    from llm_bridge.tiger.model import cpu_threads
 
     device, _ = resolve_device_dtype(cfg.device, "float32")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     x = torch.as_tensor(emb, dtype=torch.float32, device=device)
-    with _cpu_threads(device):
+    with cpu_threads(device):
         books, codes = residual_kmeans(x, cfg.levels, cfg.codebook_size, gen=gen)
         recon = sum(books[level][codes[:, level]] for level in range(cfg.levels))
         mse = float(((recon - x) ** 2).mean())
