@@ -55,9 +55,9 @@ THREADS_ENV = "DEALREC_TORCH_THREADS"
 
 
 def default_threads() -> int:
-    """Torch intra-op threads for TIGER's CPU work: ``$DEALREC_TORCH_THREADS`` or
-    :data:`CPU_THREADS`. Not part of any reuse key: the thread count changes only the order of
-    floating-point sums."""
+    """Torch intra-op threads for TIGER's fine-tune, evaluation and effort on CPU:
+    ``$DEALREC_TORCH_THREADS`` or :data:`CPU_THREADS`. Not part of any reuse key: the thread
+    count changes only the order of floating-point sums."""
     value = os.environ.get(THREADS_ENV, "").strip()
     if not value:
         return CPU_THREADS

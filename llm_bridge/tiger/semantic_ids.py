@@ -40,7 +40,7 @@ from llm_bridge.config import SemanticIdConfig
 KMEANS_ITERS = 25
 # The fits are many small ops (1024 x 512 matmuls): on the shared 2-core machine two torch
 # threads were 5-10x *slower* than one (thread synchronisation under load; measured in
-# bench/tiger_semantic_ids.py), so they run on llm_bridge.tiger.model.cpu_threads' default of 1.
+# bench/tiger_semantic_ids.py), so they always run on one (DEALREC_TORCH_THREADS does not apply).
 
 
 # ----------------------------------------------------------------------------- k-means
@@ -236,7 +236,7 @@ def train_rqvae(emb: np.ndarray, cfg: SemanticIdConfig, progress: bool = True):
     from tqdm.auto import tqdm
 
     from llm_bridge.model import resolve_device_dtype
-    from llm_bridge.tiger.model import cpu_threads
+    from llm_bridge.tiger.model import CPU_THREADS, cpu_threads
 
     device, _ = resolve_device_dtype(cfg.device, "float32")
     torch.manual_seed(cfg.seed)
@@ -247,7 +247,7 @@ def train_rqvae(emb: np.ndarray, cfg: SemanticIdConfig, progress: bool = True):
     ).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     history, resets = [], 0
-    with cpu_threads(device):
+    with cpu_threads(device, CPU_THREADS):
         _init_codebooks(model, x, gen)
         bar = tqdm(range(cfg.epochs), desc="rq-vae", unit="epoch", disable=not progress)
         for epoch in bar:
@@ -286,12 +286,12 @@ def fit_rkmeans(emb: np.ndarray, cfg: SemanticIdConfig) -> tuple[np.ndarray, dic
     import torch
 
     from llm_bridge.model import resolve_device_dtype
-    from llm_bridge.tiger.model import cpu_threads
+    from llm_bridge.tiger.model import CPU_THREADS, cpu_threads
 
     device, _ = resolve_device_dtype(cfg.device, "float32")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     x = torch.as_tensor(emb, dtype=torch.float32, device=device)
-    with cpu_threads(device):
+    with cpu_threads(device, CPU_THREADS):
         books, codes = residual_kmeans(x, cfg.levels, cfg.codebook_size, gen=gen)
         recon = sum(books[level][codes[:, level]] for level in range(cfg.levels))
         mse = float(((recon - x) ** 2).mean())
