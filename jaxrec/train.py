@@ -48,6 +48,7 @@ from jaxrec.data import (
 from jaxrec.data.buckets import TRAIN_WIDTHS, target_lengths, width_of
 from jaxrec.errors import UserError
 from jaxrec.data.ranking import recall_ndcg
+from jaxrec.data.scorefiles import environment
 from jaxrec.metrics import mask_seen, topk_metrics
 from jaxrec.models import sasrec, spec, spec_of, with_negatives
 
@@ -386,6 +387,7 @@ def _final_metrics(model, best, ds: Dataset, cfg: SurrogateConfig, state: dict, 
         # the first epoch includes jit compilation; report the steady state when we have it
         "seconds_per_epoch": float(np.median(trained[1:] if len(trained) > 1 else trained)),
         "dataset": ds.fingerprint(),
+        "environment": environment(),
     }
     write_json(run / "metrics.json", metrics)
     return metrics

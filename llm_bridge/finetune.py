@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from jaxrec.data import load_dataset, load_scores, write_json
 from jaxrec.data.dataset import sha256_file
-from jaxrec.data.scorefiles import atomic_write_bytes
+from jaxrec.data.scorefiles import atomic_write_bytes, environment
 from jaxrec.errors import UserError
 from llm_bridge import loss as lm_loss
 from llm_bridge.config import FinetuneConfig
@@ -445,6 +445,7 @@ def _finish_record(record: dict, n_train: int, out: Path) -> None:
     record["seconds_per_1024_samples_per_epoch"] = (
         round(per_epoch / max(n_train, 1) * 1024, 3) if n_epochs else None
     )
+    record["environment"] = environment()
     record["finished"] = True
     write_json(out / "train_record.json", record)
     print(f"finetune: best epoch {record['best_epoch']} of {n_epochs}; adapter in {out}")

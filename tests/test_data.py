@@ -1,6 +1,7 @@
 """Data layer: alignment, padding, bad-input errors naming file and line, score files."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -98,6 +99,19 @@ def test_cli_bad_data_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "sequential_train.txt:1" in err
     assert not out.exists()
+
+
+def test_manifests_record_the_environment(tmp_path):
+    import platform
+
+    import jax
+
+    fp = {"train_sha256": "abc", "n_users": 2}
+    path = save_scores(tmp_path / "s.npy", np.zeros(2), kind="influence", dataset=fp)
+    env = load_scores(path, kind="influence", dataset=fp)[1]["environment"]
+    assert env["python"] == platform.python_version() and env["cpus"] == os.cpu_count()
+    assert env["libraries"]["numpy"] == np.__version__
+    assert env["libraries"]["jax"] == jax.__version__  # imported, so recorded
 
 
 def test_score_files_roundtrip_and_checks(tmp_path):

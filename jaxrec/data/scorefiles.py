@@ -5,7 +5,8 @@ list of selected rows), written with ``np.save`` and read without pickle. Beside
 ``NAME.json``, the manifest::
 
     {"kind": "influence", "dataset": {"train_sha256": "...", "n_users": 49156},
-     "created": "2026-11-22T10:00:00Z", "options": {...}, "seconds": 41.2, "version": "0.1.0"}
+     "created": "2026-11-22T10:00:00Z", "options": {...}, "seconds": 41.2, "version": "0.1.0",
+     "environment": {"python": "3.11.7", "libraries": {"numpy": "2.4.6", "jax": ...}, ...}}
 
 Every reader checks ``kind``, ``n_users`` and ``train_sha256`` before it trusts a file. Writes
 go to a temporary name in the same folder and are renamed, so a crash never leaves half a file.
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +26,44 @@ import numpy as np
 
 from jaxrec import __version__
 from jaxrec.errors import ScoreFileError
+
+
+# the numeric libraries whose versions a manifest records when the writing process loaded them
+RECORDED_LIBRARIES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft")
+
+
+def environment() -> dict:
+    """Where a file was made: Python, NumPy and whichever of :data:`RECORDED_LIBRARIES` this
+    process has imported (none is imported here), the machine's architecture, CPU model and
+    core count. Every manifest records it, because the same options on another CPU or library
+    version can give other floating-point results (docs/studies.md, 2026-12-02).
+
+    Returns:
+      ``{"python", "libraries": {name: version}, "machine", "cpu", "cpus"}``.
+    """
+    from importlib import metadata
+
+    libraries = {"numpy": np.__version__}
+    for name in RECORDED_LIBRARIES:
+        if name in sys.modules:
+            try:
+                libraries[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                pass
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {
+        "python": platform.python_version(),
+        "libraries": libraries,
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+    }
 
 
 def manifest_path(path: str | Path) -> Path:
@@ -91,6 +132,7 @@ def save_scores(
         "version": __version__,
         "shape": list(array.shape),
         "dtype": str(array.dtype),
+        "environment": environment(),
         **extra,
     }
     atomic_write_bytes(path, lambda f: np.save(f, array, allow_pickle=False))

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from jaxrec.data import load_dataset, load_scores, write_json
 from jaxrec.data.dataset import sha256_file
-from jaxrec.data.scorefiles import atomic_write_bytes
+from jaxrec.data.scorefiles import atomic_write_bytes, environment
 from jaxrec.errors import UserError
 from llm_bridge.config import FinetuneConfig
 from llm_bridge.tiger.model import (
@@ -373,6 +373,7 @@ def main(cfg: FinetuneConfig) -> int:
     n_epochs = len(record["epochs"])
     record["stopped_early"] = early and n_epochs < max_epochs
     record["seconds_per_epoch"] = round(record["seconds"] / max(n_epochs, 1), 3)
+    record["environment"] = environment()
     record["finished"] = True
     write_json(out / "train_record.json", record)
     print(f"finetune: best epoch {record['best_epoch']} of {n_epochs}; model in {out}")
