@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from jaxrec.data import load_dataset
+from jaxrec.data.scorefiles import environment
 from llm_bridge.config import FinetuneConfig
 from llm_bridge.tiger.finetune import make_optimizer, train_epoch
 from llm_bridge.tiger.model import build_model, item_tokens, user_samples
@@ -65,7 +65,7 @@ def main() -> None:
         "seconds": {f"{k}_threads": v for k, v in times.items()},
         "speedup_2_over_1": round(float(np.mean(times[1]) / np.mean(times[2])), 2),
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "environment": environment(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
