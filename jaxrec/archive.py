@@ -7,9 +7,11 @@ ran on; an archive holds only what the tables, the tests and the figures of
 when every run it is asked for is archived, runs no shared stage either). An archive folder
 holds:
 
-* ``runs.csv``: one row per finished run: the columns of the experiment's ``runs.csv`` plus
-  ``key``, the run's reuse key (the hash of every option its select, finetune and evaluate
-  stages and the shared stages it reads ran with, see :func:`jaxrec.pipeline.stage_keys`);
+* ``runs.csv``: one row per finished run: the columns of the experiment's ``runs.csv``
+  (with ``finetune_epochs`` / ``finetune_best_epoch`` from the run's ``train_record.json``;
+  absent in rows archived before 2026-12-06) plus ``key``, the run's reuse key (the hash of
+  every option its select, finetune and evaluate stages and the shared stages it reads ran
+  with, see :func:`jaxrec.pipeline.stage_keys`);
 * ``per_user.npz``: per run (arrays ``KEY.users``, ``KEY.recall@10``, ..., ``KEY.loss``), the
   evaluated users' rows, their Recall/NDCG@10/20 and, where the evaluation recorded it, their
   test loss: what the per-user tests and the user groups (paper Fig. 6) need. Plain float64 /
@@ -72,7 +74,7 @@ class RunArchive:
                 continue
             if name in METRICS or name.endswith("_seconds"):
                 row[name] = float(value)
-            elif name == "n_users":
+            elif name in ("n_users", "finetune_epochs", "finetune_best_epoch"):
                 row[name] = int(value)
             else:
                 row[name] = value

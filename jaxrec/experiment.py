@@ -352,11 +352,15 @@ def group_rows(
     return out
 
 
-def cell_row(cell: Cell, d: Path, seconds: dict, key: str = "") -> dict:
+def cell_row(cell: Cell, d: Path, seconds: dict, key: str = "", model: Path | None = None) -> dict:
     """The results row of the finished run of ``cell`` in folder ``d``; ``key``: its reuse
-    key (what an archive finds it by)."""
+    key (what an archive finds it by); ``model``: its fine-tuned model folder, whose
+    ``train_record.json`` gives the row's ``finetune_epochs`` and ``finetune_best_epoch`` (so
+    an archive keeps them when the workdir is gone)."""
     metrics = json.loads((d / "metrics.json").read_text())
     flat = metrics.get("metrics", metrics)
+    record_file = model / "train_record.json" if model is not None else None
+    record = json.loads(record_file.read_text()) if record_file and record_file.is_file() else {}
     return {
         **dict(cell.point),
         "method": cell.method,
@@ -364,6 +368,8 @@ def cell_row(cell: Cell, d: Path, seconds: dict, key: str = "") -> dict:
         **{k: float(flat[k]) for k in METRICS},
         "n_users": int(flat.get("n_users", 0)),
         **{f"{s}_seconds": float(seconds.get(s, 0.0)) for s in PER_RUN},
+        "finetune_epochs": len(record.get("epochs") or []),
+        "finetune_best_epoch": int(record.get("best_epoch") or 0),
         "predictions": str(d / "metrics.predictions.jsonl"),
         "key": key,
     }
@@ -502,6 +508,13 @@ def user_tests(
     return out
 
 
+def mean_std(row: dict, metric: str) -> str:
+    """``metric``'s mean +- std over the seeds of a summary ``row``; the mean alone for one
+    run (a std over one seed is not zero, it is unknown)."""
+    mean = f"{row[f'{metric}_mean']:.4f}"
+    return mean if row.get("runs", 2) < 2 else f"{mean} ± {row[f'{metric}_std']:.4f}"
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
@@ -537,7 +550,7 @@ def markdown(
                 *(r[k] for k in keys),
                 r["method"],
                 r["runs"],
-                *(f"{r[f'{k}_mean']:.4f} ± {r[f'{k}_std']:.4f}" for k in METRICS),
+                *(mean_std(r, k) for k in METRICS),
                 *(f"{r[f'{s}_seconds']:.0f}" for s in PER_RUN),
             ]
             for r in table
@@ -775,7 +788,7 @@ def main(args: ExperimentArgs) -> int:
             seconds = {s: state[s].get("seconds", 0.0) for s in PER_RUN}
         else:
             continue
-        rows.append(cell_row(cell, d, seconds, key))
+        rows.append(cell_row(cell, d, seconds, key, Path(w["finetune"]["out"])))
         if archive is not None:
             archive_run(archive, rows[-1])
     keys = list(exp.sweep)

@@ -138,13 +138,15 @@ def groups_figure(table: list[dict], path: Path) -> Path:
 
 def full_table(table: list[dict]) -> str:
     """Table 3: each method beside full fine-tuning (method ``all``), with the time ratio."""
+    from jaxrec.experiment import mean_std
+
     full = next(r for r in table if r["method"] == "all")
     lines = [
         "| method | " + " | ".join(METRICS) + " | fine-tune s | time / full |",
         "|---|" + "---|" * (len(METRICS) + 2),
     ]
     for r in table:
-        cells = [f"{r[f'{k}_mean']:.4f} ± {r[f'{k}_std']:.4f}" for k in METRICS]
+        cells = [mean_std(r, k) for k in METRICS]
         ratio = r["finetune_seconds"] / full["finetune_seconds"] if full["finetune_seconds"] else 0
         lines.append(
             f"| {r['method']} | "

@@ -282,3 +282,11 @@ def test_baseline_must_be_one_of_the_methods(tmp_path):
     path.write_text("experiment:\n  methods: [dealrec]\n  seeds: [0]\n")
     _, exp, _ = read_experiment(ExperimentArgs(config=str(path)))
     assert exp.baseline == "" and baseline_of(exp) == "random"
+
+
+def test_one_run_has_no_std_in_tables():
+    from jaxrec.experiment import mean_std
+
+    row = {"runs": 1, "recall@20_mean": 0.03532, "recall@20_std": 0.0}
+    assert mean_std(row, "recall@20") == "0.0353"
+    assert mean_std({**row, "runs": 3, "recall@20_std": 0.0021}, "recall@20") == "0.0353 ± 0.0021"

@@ -85,3 +85,18 @@ def test_bad_config_one_line_exit_2(tmp_path, capsys, bad, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "w").exists()
+
+
+def test_resumed_finetune_keeps_its_recorded_seconds(tmp_path):
+    """A fine-tune resumed after a kill: its last invocation's wall time undercounts, the
+    record's seconds (summed over invocations) count; a stage without a record keeps wall."""
+    from jaxrec.pipeline import stage_seconds
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "train_record.json").write_text(json.dumps({"seconds": 5640.2}))
+    section = {"out": str(out)}
+    assert stage_seconds("finetune", section, 3961.44) == 5640.2  # resumed: the record's total
+    (out / "train_record.json").write_text(json.dumps({"seconds": 150.0}))
+    assert stage_seconds("finetune", section, 170.33) == 170.3  # one invocation: wall time
+    assert stage_seconds("evaluate", {"out": str(tmp_path / "m.json")}, 59.21) == 59.2

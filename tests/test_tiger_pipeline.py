@@ -2,6 +2,7 @@
 stage, and a ``dealrec experiment`` sweep (two keys x two methods x two seeds) run in parts and
 after an interruption: every cell is made once, finished cells are never redone."""
 
+import csv
 import json
 import shutil
 
@@ -114,7 +115,15 @@ def test_archived_runs_are_not_rerun_once_the_runs_are_gone(config, capsys):
     assert cli(["experiment", path]) == 0  # 4 runs of the sweep above (reused), archived
     work, tables = root / "work", ("results.csv", "ttest.csv", "usertest.csv", "groups.csv")
     before = {name: (work / name).read_text() for name in tables}
-    assert len((root / "archive" / "runs.csv").read_text().splitlines()) == 1 + 4
+    with open(root / "archive" / "runs.csv", newline="") as f:
+        archived = list(csv.DictReader(f))
+    assert len(archived) == 4
+    # each run keeps its fine-tune's epochs and best epoch, as its train_record.json has them
+    records = [json.loads(p.read_text()) for p in work.rglob("train_record.json")]
+    kept = {(len(r["epochs"]), r["best_epoch"]) for r in records}
+    for r in archived:
+        epochs, best = int(r["finetune_epochs"]), int(r["finetune_best_epoch"])
+        assert 1 <= best <= epochs and (epochs, best) in kept
     shutil.rmtree(work)  # a new machine: the workdir is gone, shared stages included
     capsys.readouterr()
     assert cli(["experiment", path]) == 0
