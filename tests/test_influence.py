@@ -168,6 +168,29 @@ def test_lissa_early_stop_and_divergence_guard():
         )
 
 
+def test_lissa_negative_curvature_asks_for_damping_not_scale():
+    """H = X'X/n - 3 e0 e0' has an eigenvalue near -2, below -scale*damping = -0.1: the
+    recursion grows; scale 10 is already above 2|lam|, so only more damping is suggested
+    (damping 0.01 in the standard convention: H + 0.01 I)."""
+    loss0, _, params, data, _, v = ridge_problem()
+
+    def loss(p, batch):
+        return loss0(p, batch) - 1.5 * p["w"][0] ** 2
+
+    with pytest.raises(UserError, match=r"below -0.01, the damping .* increase damping=$"):
+        inf.inverse_hvp(
+            loss,
+            params,
+            data,
+            v,
+            solver="lissa",
+            damping=0.01,
+            scale=10.0,
+            steps=3000,
+            batch_size=50,
+        )
+
+
 # ----------------------------------------------------------------------------- 3. scores
 def test_sample_scores_equal_per_sample_grad_loop_and_ignore_batch_size():
     params = mlp_params(jax.random.PRNGKey(0))

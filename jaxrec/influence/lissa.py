@@ -280,8 +280,12 @@ def _diverged(loss, params, data, b, key, scale, d, step, value):
             f"{where}: scale={scale:g} is below the largest minibatch Hessian "
             f"eigenvalue estimate {lam:.3g}; use scale={suggest:g} or larger"
         )
+    # the recursion h <- v + (1 - d) h - H h / scale grows along any eigenvalue below
+    # -scale * d, the damping added to H: more damping fixes it; a larger scale only where
+    # |lam| is above scale / 2
+    also = f" (or use scale={2 * abs(lam):.2g})" if 2 * abs(lam) > scale else ""
     raise UserError(
         f"{where}: largest-magnitude minibatch Hessian eigenvalue estimate is "
-        f"{lam:.3g} (scale={scale:g}); the Hessian has negative curvature, so "
-        f"increase damping= (or use scale={max(2 * abs(lam), scale):.2g})"
+        f"{lam:.3g} (scale={scale:g}); the Hessian has an eigenvalue below -{scale * d:.3g}, "
+        f"the damping added to it (negative curvature), so increase damping=" + also
     )
