@@ -297,16 +297,21 @@ def stage_output(stage: str, section: dict) -> Path:
 def stage_seconds(stage: str, section: dict, wall: float) -> float:
     """Seconds to record for a finished ``stage`` whose last invocation took ``wall`` s.
 
-    A fine-tune resumed after an interruption (a killed session, a lost machine) ran in
-    several invocations; only its own record (``train_record.json``: training seconds summed
-    over every invocation) knows the total, so the larger of the two is kept. Table 3's time
+    A fine-tune or surrogate resumed after an interruption (a killed session, a lost machine)
+    ran in several invocations; only its own record knows the total (``train_record.json``'s
+    seconds; the surrogate's ``metrics.json``: seconds per epoch x epochs run), so the larger
+    of the two is kept. Table 3's time
     ratio depends on it: the last invocation alone undercounts the full fine-tune.
     """
     seconds = float(wall)
-    if stage == "finetune":
-        record = stage_output(stage, section)
-        if record.is_file():
-            seconds = max(seconds, float(json.loads(record.read_text()).get("seconds") or 0.0))
+    record = stage_output(stage, section)
+    if stage == "finetune" and record.is_file():
+        seconds = max(seconds, float(json.loads(record.read_text()).get("seconds") or 0.0))
+    if stage == "surrogate" and record.is_file():  # metrics.json: epochs over every invocation
+        m = json.loads(record.read_text())
+        seconds = max(
+            seconds, float(m.get("seconds_per_epoch") or 0) * int(m.get("epochs_run") or 0)
+        )
     return round(seconds, 1)
 
 

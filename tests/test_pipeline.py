@@ -100,3 +100,5 @@ def test_resumed_finetune_keeps_its_recorded_seconds(tmp_path):
     (out / "train_record.json").write_text(json.dumps({"seconds": 150.0}))
     assert stage_seconds("finetune", section, 170.33) == 170.3  # one invocation: wall time
     assert stage_seconds("evaluate", {"out": str(tmp_path / "m.json")}, 59.21) == 59.2
+    (out / "metrics.json").write_text(json.dumps({"seconds_per_epoch": 70.0, "epochs_run": 40}))
+    assert stage_seconds("surrogate", section, 900.0) == 2800.0  # resumed after 27 epochs
