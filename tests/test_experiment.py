@@ -290,3 +290,28 @@ def test_one_run_has_no_std_in_tables():
     row = {"runs": 1, "recall@20_mean": 0.03532, "recall@20_std": 0.0}
     assert mean_std(row, "recall@20") == "0.0353"
     assert mean_std({**row, "runs": 3, "recall@20_std": 0.0021}, "recall@20") == "0.0353 ± 0.0021"
+
+
+def test_full_table_time_ratio_by_hand():
+    """Table 3: each method's fine-tune seconds over the full fine-tune's (method all)."""
+    from jaxrec.experiment import summarise
+    from jaxrec.figures import full_table
+
+    metrics = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+    rows = [
+        {
+            "method": m,
+            "seed": 0,
+            **{k: acc for k in metrics},
+            "select_seconds": 1.0,
+            "finetune_seconds": sec,
+            "evaluate_seconds": 2.0,
+        }
+        for m, acc, sec in (("all", 0.04, 9600.0), ("dealrec", 0.01, 168.0))
+    ]
+    table, _ = summarise(rows, ["all", "dealrec"])
+    lines = full_table(table).splitlines()
+    assert lines[2] == "| all | 0.0400 | 0.0400 | 0.0400 | 0.0400 | 9600 | 1.000 |"
+    assert (
+        lines[3] == "| dealrec | 0.0100 | 0.0100 | 0.0100 | 0.0100 | 168 | 0.018 |"
+    )  # 168 / 9600 = 0.0175
