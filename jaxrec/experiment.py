@@ -55,6 +55,7 @@ from jaxrec.pipeline import (
     resolved_options,
     run_stages,
     stage_keys,
+    stage_output,
     stages_finished,
     uses_llm_reps,
     wire,
@@ -352,15 +353,14 @@ def group_rows(
     return out
 
 
-def cell_row(cell: Cell, d: Path, seconds: dict, key: str = "", model: Path | None = None) -> dict:
+def cell_row(cell: Cell, d: Path, seconds: dict, key: str = "", record: Path | None = None) -> dict:
     """The results row of the finished run of ``cell`` in folder ``d``; ``key``: its reuse
-    key (what an archive finds it by); ``model``: its fine-tuned model folder, whose
-    ``train_record.json`` gives the row's ``finetune_epochs`` and ``finetune_best_epoch`` (so
-    an archive keeps them when the workdir is gone)."""
+    key (what an archive finds it by); ``record``: its fine-tune's ``train_record.json``, which
+    gives the row's ``finetune_epochs`` and ``finetune_best_epoch`` (so an archive keeps them
+    when the workdir is gone)."""
     metrics = json.loads((d / "metrics.json").read_text())
     flat = metrics.get("metrics", metrics)
-    record_file = model / "train_record.json" if model is not None else None
-    record = json.loads(record_file.read_text()) if record_file and record_file.is_file() else {}
+    record = json.loads(record.read_text()) if record is not None and record.is_file() else {}
     return {
         **dict(cell.point),
         "method": cell.method,
@@ -788,7 +788,7 @@ def main(args: ExperimentArgs) -> int:
             seconds = {s: state[s].get("seconds", 0.0) for s in PER_RUN}
         else:
             continue
-        rows.append(cell_row(cell, d, seconds, key, Path(w["finetune"]["out"])))
+        rows.append(cell_row(cell, d, seconds, key, stage_output("finetune", w["finetune"])))
         if archive is not None:
             archive_run(archive, rows[-1])
     keys = list(exp.sweep)

@@ -300,19 +300,17 @@ def stage_seconds(stage: str, section: dict, wall: float) -> float:
     A fine-tune or surrogate resumed after an interruption (a killed session, a lost machine)
     ran in several invocations; only its own record knows the total (``train_record.json``'s
     seconds; the surrogate's ``metrics.json``: seconds per epoch x epochs run), so the larger
-    of the two is kept. Table 3's time
-    ratio depends on it: the last invocation alone undercounts the full fine-tune.
+    of the two is kept. Table 3's time ratio depends on it.
     """
-    seconds = float(wall)
     record = stage_output(stage, section)
-    if stage == "finetune" and record.is_file():
-        seconds = max(seconds, float(json.loads(record.read_text()).get("seconds") or 0.0))
-    if stage == "surrogate" and record.is_file():  # metrics.json: epochs over every invocation
-        m = json.loads(record.read_text())
-        seconds = max(
-            seconds, float(m.get("seconds_per_epoch") or 0) * int(m.get("epochs_run") or 0)
-        )
-    return round(seconds, 1)
+    if stage not in ("finetune", "surrogate") or not record.is_file():
+        return round(float(wall), 1)
+    m = json.loads(record.read_text())
+    if stage == "finetune":
+        total = float(m.get("seconds") or 0.0)
+    else:
+        total = float(m.get("seconds_per_epoch") or 0.0) * int(m.get("epochs_run") or 0)
+    return round(max(float(wall), total), 1)
 
 
 def digest(obj) -> str:
