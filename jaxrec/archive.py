@@ -98,7 +98,16 @@ class RunArchive:
 
     def save(self) -> None:
         """Write ``runs.csv`` and ``per_user.npz`` (each to a temporary file, then renamed, so
-        a kill leaves the previous archive whole)."""
+        a kill leaves the previous archive whole). Runs another process saved since this one
+        read the folder (two experiments sharing an archive) are merged in, not overwritten."""
+        if (self.folder / "runs.csv").is_file():
+            on_disk = RunArchive(self.folder)
+            for key in on_disk.rows.keys() - self.rows.keys():
+                self.rows[key] = on_disk.rows[key]
+                prefix = f"{key}."
+                self.arrays.update(
+                    {k: a for k, a in on_disk.arrays.items() if k.startswith(prefix)}
+                )
         self.folder.mkdir(parents=True, exist_ok=True)
         fields: list[str] = []
         for row in self.rows.values():

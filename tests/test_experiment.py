@@ -315,3 +315,19 @@ def test_full_table_time_ratio_by_hand():
     assert (
         lines[3] == "| dealrec | 0.0100 | 0.0100 | 0.0100 | 0.0100 | 168 | 0.018 |"
     )  # 168 / 9600 = 0.0175
+
+
+def test_two_processes_sharing_an_archive_keep_both_runs(tmp_path):
+    """Two experiments read the same archive, then each saves its own run: neither is lost."""
+    from jaxrec.archive import METRICS, RunArchive
+
+    first, second = RunArchive(tmp_path), RunArchive(tmp_path)  # both read an empty folder
+    users = np.arange(3)
+    for archive, key, value in ((first, "aaa", 0.1), (second, "bbb", 0.2)):
+        metrics = {k: np.full(3, value) for k in METRICS}
+        archive.add({"key": key, "method": "dealrec", "recall@20": value}, users, metrics, None)
+        archive.save()
+    merged = RunArchive(tmp_path)
+    assert set(merged.rows) == {"aaa", "bbb"}
+    assert merged.arrays["aaa.recall@20"].tolist() == [0.1] * 3
+    assert merged.arrays["bbb.recall@20"].tolist() == [0.2] * 3
