@@ -21,12 +21,19 @@ from jaxrec.errors import UserError
 GAMES = "../shared/data/games"
 
 
-def option(default, text: str, flag: str = ""):
+def option(default, text: str, flag: str = "", since: str = ""):
     """A documented option field: ``text`` is its ``--help`` text. A list or dict default is
     copied for every instance (``default_factory``). ``flag`` (solver options) names the
     ``InfluenceConfig`` field, and so the command-line flag, that sets it when that name
-    differs from the option's own."""
-    metadata = {"help": text, **({"flag": flag} if flag else {})}
+    differs from the option's own. ``since`` (a date) marks an option added after runs were
+    archived whose default keeps the earlier behaviour: while it is at its default it is left
+    out of the stage's reuse key (:func:`jaxrec.pipeline.key_options`), so archived runs stay
+    valid; any other value is keyed as usual."""
+    metadata = {
+        "help": text,
+        **({"flag": flag} if flag else {}),
+        **({"since": since} if since else {}),
+    }
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)

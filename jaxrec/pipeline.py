@@ -361,15 +361,29 @@ def resolved_options(stage: str, section: dict) -> dict:
     return {**dataclasses.asdict(cls()), **section}
 
 
+def at_since_default(fields, name: str, value) -> bool:
+    """Whether option ``name`` was marked ``since`` (:func:`jaxrec.config.option`) and has its
+    default ``value``: such an option is left out of reuse keys."""
+    for f in fields:
+        if f.name == name and f.metadata.get("since"):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            return value == default
+    return False
+
+
 def key_options(stage: str, section: dict) -> dict:
     """The options of ``stage`` that its reuse key covers: all of them, defaults included, so
     a run made before a default changed (say ``surrogate.arch`` or ``influence.negative_draws``)
     is redone rather than silently reused; except that the ``influence`` stage ignores
     :data:`BASELINE_SCORE_KEYS` (only the ``influence:grand`` / ``influence:el2n`` score
     stages, which copy the section, read them). A stage unknown to :func:`config_classes`
-    (tests' stand-ins) keys on ``section`` as given."""
+    (tests' stand-ins) keys on ``section`` as given. An option marked ``since`` in its config
+    class is left out while at its default, so adding it keeps archived runs valid."""
     known = stage.partition(":")[0] in config_classes()
     options = resolved_options(stage, section) if known else section
+    if known:  # options added later, at the default that keeps the earlier behaviour
+        fields = dataclasses.fields(config_classes()[stage.partition(":")[0]])
+        options = {k: v for k, v in options.items() if not at_since_default(fields, k, v)}
     if stage != "influence":
         return options
     return {k: v for k, v in options.items() if k not in BASELINE_SCORE_KEYS}

@@ -102,3 +102,22 @@ def test_resumed_finetune_keeps_its_recorded_seconds(tmp_path):
     assert stage_seconds("evaluate", {"out": str(tmp_path / "m.json")}, 59.21) == 59.2
     (out / "metrics.json").write_text(json.dumps({"seconds_per_epoch": 70.0, "epochs_run": 40}))
     assert stage_seconds("surrogate", section, 900.0) == 2800.0  # resumed after 27 epochs
+
+
+def test_option_marked_since_stays_out_of_the_key_at_its_default():
+    """An option added after runs were archived (``since``) keys only when set off its
+    default, so the archive's earlier runs keep their keys."""
+    import dataclasses
+
+    from jaxrec.config import option
+    from jaxrec.pipeline import at_since_default
+
+    @dataclasses.dataclass
+    class C:
+        old: int = option(1, "an option from the start")
+        new: str = option("a", "added later", since="2026-12-07")
+
+    fields = dataclasses.fields(C)
+    assert at_since_default(fields, "new", "a")
+    assert not at_since_default(fields, "new", "b")
+    assert not at_since_default(fields, "old", 1)
