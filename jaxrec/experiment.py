@@ -45,6 +45,7 @@ from jaxrec.data.ranking import per_user_recall_ndcg
 from jaxrec.errors import UserError
 from jaxrec.pipeline import (
     PipelineArgs,
+    PipelineConfig,
     add_score_stages,
     baseline_score_options,
     config_classes,
@@ -61,13 +62,33 @@ from jaxrec.pipeline import (
     wire,
     wire_llm_reps,
 )
-from jaxrec.select import check_method
+from jaxrec.select import REQUIRES, check_method
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 SHARED = ("surrogate", "influence", "semantic_ids", "effort", "user_reps")
 PER_RUN = ("select", "finetune", "evaluate")
 # methods that need the effort score file
-NEEDS_EFFORT = {"dealrec", "greedy", "effort-only"}
+# the shared stages that a selection input comes from (jaxrec.select.REQUIRES names the inputs)
+INPUT_STAGES = {
+    "influence": ("surrogate", "influence"),
+    "effort": ("effort",),
+    "grand": ("surrogate",),
+    "el2n": ("surrogate",),
+    "representations": ("surrogate",),
+    "interactions": (),
+}
+
+
+def shared_reads(pipe: PipelineConfig, method: str, llm_reps: bool) -> list[str]:
+    """The shared stages a run of ``method`` reads, in pipeline order: those of its selection
+    inputs, ``user_reps`` when its selection reads the LLM's (``llm_reps``), and
+    ``semantic_ids`` (the TIGER backend's fine-tune and evaluation; :meth:`active` drops it for
+    BIGRec). Only these enter the run's reuse key, so a random run does not depend on the
+    influence options."""
+    wanted = {"semantic_ids", *(s for i in REQUIRES[method] for s in INPUT_STAGES[i])}
+    if llm_reps:
+        wanted.add("user_reps")
+    return pipe.active(sorted(wanted))
 
 
 @dataclass
@@ -723,12 +744,9 @@ def main(args: ExperimentArgs) -> int:
     pipe = data["pipeline"]
     workdir, dataset, log = prepare_workdir(data, args)
     wired = wire(data, workdir, dataset, pipe.backend)
-    shared = pipe.active(list(SHARED))
-    if not NEEDS_EFFORT & {c.method for c in todo}:
-        shared.remove("effort")  # nothing to run now reads it
     llm = {m: uses_llm_reps(pipe, data, m) for m in exp.methods}
-    if not any(llm[c.method] for c in todo):
-        shared.remove("user_reps")
+    reads = {m: shared_reads(pipe, m, llm[m]) for m in exp.methods}
+    shared = pipe.active(sorted({s for c in todo for s in reads[c.method]}))
     shared += add_score_stages(wired, sorted({c.method for c in todo}))
     log.say(
         f"dealrec experiment {args.config} ({pipe.backend}): {len(cells)} runs "
@@ -736,17 +754,9 @@ def main(args: ExperimentArgs) -> int:
         f"{len(cells) // (len(exp.methods) * len(exp.seeds))} grid points), "
         f"{len(todo)} of them now, in {workdir}"
     )
-    # a run depends on the shared stages it reads (run now or earlier): effort only for the
-    # methods that use it
+    # a run depends on the shared stages it reads (run now or earlier)
     upstream = {
-        m: digest(
-            [
-                key_options(s, wired[s])
-                for s in pipe.active(list(SHARED))
-                if (s != "effort" or m in NEEDS_EFFORT) and (s != "user_reps" or llm[m])
-            ]
-            + baseline_score_options(wired, m)
-        )
+        m: digest([key_options(s, wired[s]) for s in reads[m]] + baseline_score_options(wired, m))
         for m in exp.methods
     }
     archive = RunArchive(exp.archive) if exp.archive else None

@@ -361,6 +361,12 @@ def resolved_options(stage: str, section: dict) -> dict:
     return {**dataclasses.asdict(cls()), **section}
 
 
+# options that wire() / experiment cells set to paths under the workdir
+WIRED_PATHS = frozenset(
+    {"out", "run", "influence", "effort", "selection", "adapter", "semantic_ids", "llm_reps"}
+)
+
+
 def at_since_default(fields, name: str, value) -> bool:
     """Whether option ``name`` was marked ``since`` (:func:`jaxrec.config.option`) and has its
     default ``value``: such an option is left out of reuse keys."""
@@ -378,12 +384,20 @@ def key_options(stage: str, section: dict) -> dict:
     :data:`BASELINE_SCORE_KEYS` (only the ``influence:grand`` / ``influence:el2n`` score
     stages, which copy the section, read them). A stage unknown to :func:`config_classes`
     (tests' stand-ins) keys on ``section`` as given. An option marked ``since`` in its config
-    class is left out while at its default, so adding it keeps archived runs valid."""
+    class is left out while at its default, so adding it keeps archived runs valid. Of the
+    paths in :data:`WIRED_PATHS` only the file name is keyed, so keys do not depend on the
+    workdir."""
     known = stage.partition(":")[0] in config_classes()
     options = resolved_options(stage, section) if known else section
     if known:  # options added later, at the default that keeps the earlier behaviour
         fields = dataclasses.fields(config_classes()[stage.partition(":")[0]])
         options = {k: v for k, v in options.items() if not at_since_default(fields, k, v)}
+    # the paths wire() fills in name files under the workdir: only their names are keyed, so a
+    # run is found whatever workdir it ran in (the hash chain already covers what they hold)
+    options = {
+        k: Path(v).name if k in WIRED_PATHS and isinstance(v, str) else v
+        for k, v in options.items()
+    }
     if stage != "influence":
         return options
     return {k: v for k, v in options.items() if k not in BASELINE_SCORE_KEYS}

@@ -331,3 +331,37 @@ def test_two_processes_sharing_an_archive_keep_both_runs(tmp_path):
     assert set(merged.rows) == {"aaa", "bbb"}
     assert merged.arrays["aaa.recall@20"].tolist() == [0.1] * 3
     assert merged.arrays["bbb.recall@20"].tolist() == [0.2] * 3
+
+
+def test_a_run_keys_only_the_shared_stages_it_reads():
+    """Random reads no score: its runs keep their key when the influence options change;
+    DEALRec reads the surrogate, influence and effort; TIGER runs read the semantic IDs."""
+    from jaxrec.experiment import shared_reads
+    from jaxrec.pipeline import PipelineConfig
+
+    tiger = PipelineConfig(backend="tiger")
+    assert shared_reads(tiger, "random", False) == ["semantic_ids"]
+    assert shared_reads(tiger, "dealrec", False) == [
+        "surrogate",
+        "influence",
+        "semantic_ids",
+        "effort",
+    ]
+    assert shared_reads(PipelineConfig(backend="bigrec"), "grand", False) == ["surrogate"]
+    assert shared_reads(PipelineConfig(backend="bigrec"), "tfdcon", True) == [
+        "surrogate",
+        "user_reps",
+    ]
+
+
+def test_reuse_keys_do_not_depend_on_the_workdir(tmp_path):
+    """The same options wired under two workdirs give the same keys, so an archived run is
+    found whatever ``--workdir`` is given; another option gives another key."""
+    from jaxrec.pipeline import STAGES, stage_keys, wire
+
+    def keys(workdir, n=1024):
+        wired = wire({"select": {"n": n}}, workdir, "../shared/data/games", "tiger")
+        return stage_keys(list(STAGES), wired)
+
+    assert keys(tmp_path / "a") == keys(tmp_path / "elsewhere" / "b")
+    assert keys(tmp_path / "a")["select"] != keys(tmp_path / "a", n=512)["select"]
