@@ -60,13 +60,15 @@ def timed_mean_gradient(run_dir: str, n: int, draws: int = 32) -> None:
     """ms per mean-gradient batch (``dealrec influence``'s default K-draw batches), plain vs
     donated accumulator."""
     from jaxrec.influence.batching import data_mesh, replicate, strata_batches
-    from jaxrec.influence.cli import draw_mean_losses, negative_draw_parts, width_strata
+    from jaxrec.data.buckets import width_strata
+    from jaxrec.influence.dealrec import draw_mean_losses, draw_parts
     from jaxrec.influence.scores import _grad_sum_fn
-    from jaxrec.train import load_surrogate
+    from jaxrec.train import load_surrogate, negative_draw
 
     sur = load_surrogate(run_dir)
-    _, parts = width_strata(sur.data, sur.config.max_len)
-    parts = negative_draw_parts(sur, parts, draws, 0)
+    order, parts = width_strata(sur.data, sur.config.max_len)
+    draw = negative_draw(sur.config, sur.data, sur.dataset)
+    parts = draw_parts(order, parts, draw, list(range(draws)))
     _, psl = draw_mean_losses(sur.per_sample_loss)
     mesh = data_mesh()
     params = replicate(sur.params, mesh)

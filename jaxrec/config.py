@@ -208,6 +208,7 @@ Solver = Literal["lissa", "cg", "exact", "arnoldi"]
 Convention = Literal["dealrec", "standard"]
 Score = Literal["influence", "grand", "el2n", "representation"]
 ScoreModel = Literal["trained", "early"]
+SampleLoss = Literal["per-user", "training"]
 
 
 def _same(cls, name: str):
@@ -293,6 +294,14 @@ class InfluenceConfig:
             "help": "influence: draw k samples negatives with seed surrogate seed + "
             "negative_seed + k (0 = starting from the surrogate's own draw)"
         },
+    )
+    sample_loss: SampleLoss = option(
+        "per-user",
+        "influence: the loss whose gradient g_i scores user i (Eq. 11). per-user = that user's "
+        "own loss as the paper code's trainer computes it on a batch of one (SASRec: the mean "
+        "over the user's target positions, trainers.get_sample_loss); training = the user's "
+        "term of the training loss (SASRec, loss_weighting position: the sum of its position terms "
+        "over a constant). The mean gradient v and the HVPs always use the training loss",
     )
     damping: float = field(default=0.01, metadata={"help": "damping d of the inverse"})
     scale: float = field(
@@ -420,6 +429,15 @@ class LdsConfig:
         0.01, "damping d of exact, CG, LiSSA, Arnoldi and DEALRec (the paper's)"
     )
     small_damping: float = option(0.001, "damping of the lissa-small attribution")
+    negative_draws: int = option(
+        InfluenceConfig.negative_draws,
+        "dealrec row: negative draws of its score, as influence.negative_draws (the other "
+        "attributions use the surrogate's one draw)",
+    )
+    sample_loss: SampleLoss = option(
+        InfluenceConfig.sample_loss,
+        "dealrec row: the loss whose gradient scores a user, as influence.sample_loss",
+    )
     scale: float = option(25.0, "LiSSA step 1/scale, and the dealrec convention's factor")
     lissa_steps: int = option(5000, "most LiSSA steps per solve")
     lissa_batch_size: int = option(16, "LiSSA minibatch size")

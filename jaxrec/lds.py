@@ -48,6 +48,7 @@ from jaxrec.config import (
     ArnoldiOptions,
     CGOptions,
     ExactOptions,
+    InfluenceConfig,
     LdsConfig,
     LissaOptions,
     SurrogateConfig,
@@ -398,35 +399,45 @@ def grad_dot_attribution(
     return _columns(per_sample_loss, params, data, val_grads, progress)
 
 
+def influence_config(cfg: LdsConfig) -> InfluenceConfig:
+    """The :class:`InfluenceConfig` of the ``dealrec`` row: the influence stage's defaults with
+    ``cfg``'s parameter block, solver settings (LiSSA), negative draws and sample loss."""
+    return InfluenceConfig(
+        solver="lissa",
+        params=cfg.params,
+        convention=cfg.convention,
+        damping=cfg.damping,
+        scale=cfg.scale,
+        steps=cfg.lissa_steps,
+        lissa_batch_size=cfg.lissa_batch_size,
+        lissa_tol=cfg.lissa_tol,
+        seed=cfg.seed,
+        negative_draws=cfg.negative_draws,
+        sample_loss=cfg.sample_loss,
+    )
+
+
 def dealrec_attribution(
     loss,
     per_sample_loss,
+    sample_loss,
     params,
-    data,
+    data: dict,
     n_val: int,
+    cfg: InfluenceConfig,
     *,
-    solver="lissa",
-    damping: float = 0.01,
-    convention: str = "dealrec",
-    scale: float = 25.0,
+    draw=None,
     progress: bool | None = None,
 ) -> np.ndarray:
-    """The DEALRec score (paper Eq. 11) ``g_i . H^-1 g_mean / n^2``
-    (:func:`jaxrec.influence.influence_scores`), repeated for each of the ``n_val``
-    validation users: it targets the training risk, not a validation loss. Returns
-    ``[n, n_val]``."""
-    from jaxrec.influence import influence_scores
+    """The DEALRec score (paper Eq. 11) ``g_i . H^-1 g_mean / n^2`` exactly as the pipeline's
+    influence stage computes it (:func:`jaxrec.influence.dealrec.dealrec_scores`, same
+    arguments: full ``params``, user-order ``data``, ``draw`` for the negative draws),
+    repeated for each of the ``n_val`` validation users: it targets the training risk, not a
+    validation loss. Returns ``[n, n_val]`` in user order."""
+    from jaxrec.influence.dealrec import dealrec_scores
 
-    s, _ = influence_scores(
-        loss,
-        per_sample_loss,
-        params,
-        data,
-        solver=solver,
-        damping=damping,
-        convention=convention,
-        scale=scale,
-        progress=progress,
+    s, _ = dealrec_scores(
+        loss, per_sample_loss, sample_loss, params, data, cfg, draw=draw, progress=progress
     )
     return np.repeat(np.asarray(s, np.float64)[:, None], n_val, 1)
 
@@ -434,8 +445,9 @@ def dealrec_attribution(
 def attribution(
     name: str, loss, per_sample_loss, params, data, val_grads, cfg: LdsConfig, progress=None
 ):
-    """The attribution ``name`` (one of :data:`ATTRIBUTIONS`) with the solver settings of
-    ``cfg``: ``[n, len(val_grads)]``."""
+    """The attribution ``name`` (one of :data:`ATTRIBUTIONS` but ``dealrec``, see
+    :func:`dealrec_attribution`) with the solver settings of ``cfg``: ``[n, len(val_grads)]``
+    on the parameter block of ``params`` and ``data``'s rows."""
     common = dict(convention=cfg.convention, scale=cfg.scale, progress=progress)
     lissa = LissaOptions(
         steps=cfg.lissa_steps, batch_size=cfg.lissa_batch_size, seed=cfg.seed, tol=cfg.lissa_tol
@@ -482,17 +494,8 @@ def attribution(
         )
     if name == "grad-dot":
         return grad_dot_attribution(per_sample_loss, params, data, val_grads, progress=progress)
-    if name == "dealrec":
-        return dealrec_attribution(
-            loss,
-            per_sample_loss,
-            params,
-            data,
-            len(val_grads),
-            solver=lissa,
-            damping=cfg.damping,
-            **common,
-        )
+    if name == "dealrec":  # run() scores it on the full model (dealrec_attribution)
+        raise UserError("the dealrec attribution needs the full model: use dealrec_attribution")
     raise UserError(f"unknown attribution {name!r}; expected one of {', '.join(ATTRIBUTIONS)}")
 
 
@@ -508,6 +511,7 @@ class SurrogateTask:
     init_params: callable
     loss: callable
     per_sample_loss: callable
+    sample_loss: callable  # the per-user loss (jaxrec.models.sample_loss): DEALRec's g_i
     arrays: dict
     train_data: dict
     valid: dict
@@ -550,6 +554,7 @@ def surrogate_task(cfg: SurrogateConfig, ds) -> SurrogateTask:
     import optax
 
     from jaxrec.data import training_arrays
+    from jaxrec.models import sample_loss
     from jaxrec.models.sasrec import positions_per_sample
     from jaxrec.train import build_model, loss_fns, make_train_step, training_data
 
@@ -566,6 +571,7 @@ def surrogate_task(cfg: SurrogateConfig, ds) -> SurrogateTask:
         init_params=model_spec.init_params,
         loss=loss,
         per_sample_loss=per_sample_loss,
+        sample_loss=sample_loss(model),
         arrays=arrays,
         train_data=training_data(cfg, arrays, ds, 0),
         valid=valid,
@@ -642,6 +648,8 @@ def surrogate_config(cfg: LdsConfig, data: str) -> SurrogateConfig:
 # attributions, bootstrap) may change between runs on one folder: masks and seeds are drawn as
 # prefixes, and attributions are cached one file each.
 _SCORING_ONLY = {"out", "subsets", "seeds", "attributions", "bootstrap", "level", "compile_cache"}
+# Fields only the dealrec row reads: keyed in its file name (_dealrec_tag), not the folder's.
+_DEALREC_ONLY = {"negative_draws", "sample_loss"}
 _RETRAIN_KEYS = {"data", "users", "alpha", "epochs", "dropout", "lr", "batch_size", "seed", "model"}
 
 
@@ -650,10 +658,19 @@ def _fingerprint(cfg: LdsConfig, keys) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _dealrec_tag(cfg: LdsConfig) -> str:
+    """The suffix of the dealrec row's cache file: its own options (and the score's version:
+    since issue 23 it is :func:`jaxrec.influence.dealrec.dealrec_scores`, so a file of the
+    earlier one-draw, training-loss score is never reused)."""
+    return "v2_" + _fingerprint(cfg, _DEALREC_ONLY)[:8]
+
+
 def _check_folder(out: Path, cfg: LdsConfig) -> None:
     """Refuse to mix runs: ``out/settings.json`` must match ``cfg`` (except scoring-only
     fields). Writes it on a fresh folder."""
-    keep = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _SCORING_ONLY}
+    keep = {
+        k: v for k, v in dataclasses.asdict(cfg).items() if k not in _SCORING_ONLY | _DEALREC_ONLY
+    }
     f = out / "settings.json"
     if f.is_file():
         old = json.loads(f.read_text())
@@ -686,6 +703,7 @@ def run(cfg: LdsConfig, *, progress: bool | None = None) -> dict:
     from jaxrec.data.buckets import width_strata
     from jaxrec.data.subset import write_user_subset
     from jaxrec.influence import ParamSubset
+    from jaxrec.train import negative_draw
 
     unknown = [a for a in cfg.attributions if a not in ATTRIBUTIONS]
     if unknown:
@@ -715,7 +733,7 @@ def run(cfg: LdsConfig, *, progress: bool | None = None) -> dict:
     )
 
     timing, engine = {}, {}
-    fp = _fingerprint(cfg, set(dataclasses.asdict(cfg)) - _SCORING_ONLY)
+    fp = _fingerprint(cfg, set(dataclasses.asdict(cfg)) - _SCORING_ONLY - _DEALREC_ONLY)
     meta = out / "attributions" / f"meta_{fp}.json"
 
     def setup():
@@ -729,6 +747,7 @@ def run(cfg: LdsConfig, *, progress: bool | None = None) -> dict:
             val_rows = {k: v for k, v in val_rows.items() if k != "index"}
             psl = sub.restrict(task.per_sample_loss)
             engine.update(
+                params=full_params,
                 sub=sub,
                 loss=sub.restrict(task.loss),
                 psl=psl,
@@ -744,6 +763,18 @@ def run(cfg: LdsConfig, *, progress: bool | None = None) -> dict:
 
         def compute(name=name):
             e = setup()
+            if name == "dealrec":  # the influence stage's score: library call, user order
+                return dealrec_attribution(
+                    task.loss,
+                    task.per_sample_loss,
+                    task.sample_loss,
+                    e["params"],
+                    task.train_data,
+                    len(e["val_grads"]),
+                    influence_config(cfg),
+                    draw=negative_draw(task.cfg, task.train_data, task.dataset),
+                    progress=progress,
+                )
             order, parts = e["strata"]
             a = attribution(
                 name, e["loss"], e["psl"], e["sub"].params, parts, e["val_grads"], cfg, progress
@@ -752,7 +783,8 @@ def run(cfg: LdsConfig, *, progress: bool | None = None) -> dict:
             back[order] = a  # strata order -> user order
             return back
 
-        attributions[name] = _cached(out / "attributions" / f"{name}_{fp}.npy", compute)
+        tag = f"{fp}_{_dealrec_tag(cfg)}" if name == "dealrec" else fp
+        attributions[name] = _cached(out / "attributions" / f"{name}_{tag}.npy", compute)
         timing[f"attribution_{name}"] = time.perf_counter() - t
     n_params = json.loads(meta.read_text())["n_params"] if meta.is_file() else setup()["sub"].size
     retrain_seconds = []

@@ -50,7 +50,7 @@ from jaxrec.errors import UserError
 from jaxrec.data.ranking import recall_ndcg
 from jaxrec.data.scorefiles import environment
 from jaxrec.metrics import mask_seen, topk_metrics
-from jaxrec.models import sasrec, spec, spec_of, with_negatives
+from jaxrec.models import sample_loss, sasrec, spec, spec_of, with_negatives
 
 
 @dataclass
@@ -64,6 +64,7 @@ class Surrogate:
     data: dict  # inputs / targets / negatives / index, one row per user (NumPy)
     loss: callable
     per_sample_loss: callable
+    sample_loss: callable  # per-user loss (jaxrec.models.sample_loss): the g_i of the scores
 
     def user_representations(self, params, inputs):
         """``[B, L] -> [B, hidden]``: hidden state at the newest position."""
@@ -109,6 +110,21 @@ def training_data(cfg: SurrogateConfig, arrays: dict, ds: Dataset, epoch: int, s
     recomputed on its own. ``seed`` defaults to ``cfg.seed``."""
     seed = cfg.seed if seed is None else seed
     return spec(cfg.model).training_data(arrays, seed, epoch, ds.n_items, cfg, ds.train)
+
+
+def negative_draw(cfg: SurrogateConfig, arrays: dict, ds: Dataset):
+    """``k -> negatives [n, L]``: draw ``k`` of the negatives of ``arrays``'s users (seed
+    ``cfg.seed + k``, epoch 0, sampled as training samples them), the draws
+    ``influence.negative_draws`` averages over; draw 0 is :func:`load_surrogate`'s fixed data.
+    ``None`` for a model whose loss reads no sampled negatives (``ModelSpec.sampled_negatives``
+    False: BERT4Rec, scored with its one fixed draw of cloze masks)."""
+    if not spec(cfg.model).sampled_negatives:
+        return None
+
+    def draw(k: int) -> np.ndarray:
+        return np.asarray(training_data(cfg, arrays, ds, 0, cfg.seed + k)["negatives"])
+
+    return draw
 
 
 def epoch_batches(
@@ -272,7 +288,7 @@ def load_surrogate(run_dir: str | Path, data: str | None = None) -> Surrogate:
         raise UserError(f"{run}: checkpoint does not match the dataset/model ({e})") from None
     arrays = training_data(cfg, training_arrays(ds, cfg.max_len), ds, 0)
     loss, per_sample_loss = loss_fns(cfg, model, arrays)
-    return Surrogate(model, params, cfg, ds, arrays, loss, per_sample_loss)
+    return Surrogate(model, params, cfg, ds, arrays, loss, per_sample_loss, sample_loss(model))
 
 
 # ----------------------------------------------------------------------------- training

@@ -133,6 +133,8 @@ def test_cli_equals_library_influence_scores(trained_run, surrogate, tmp_path):
                 "",
                 "--negative-draws",
                 "1",
+                "--sample-loss",
+                "training",  # g_i of the training loss: what influence_scores defaults to
             ]
         )
         == 0
@@ -263,7 +265,14 @@ def test_negative_draws_one_is_today_and_two_is_the_draw_averaged_loss(surrogate
     from jaxrec.train import training_data
 
     block = r"^attn_out_1/bias$"
-    common = dict(params=block, solver="exact", convention="dealrec", damping=0.01, scale=25.0)
+    common = dict(
+        params=block,
+        solver="exact",
+        convention="dealrec",
+        damping=0.01,
+        scale=25.0,
+        sample_loss="training",  # scores_of scores with the training loss's g_i
+    )
     sub = ParamSubset(surrogate.params, block)
     loss, psl = sub.restrict(surrogate.loss), sub.restrict(surrogate.per_sample_loss)
     opts = dict(solver="exact", damping=0.01, convention="dealrec", scale=25.0)

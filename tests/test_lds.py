@@ -189,6 +189,11 @@ def test_command_on_synthetic_data_resumes_after_a_kill(tmp_path):
         "--attributions",
         "exact",
         "grad-dot",
+        "dealrec",
+        "--lissa-steps",
+        "200",
+        "--negative-draws",
+        "2",
         "--params",
         "^attn_out_1/bias$",
         "--bootstrap",
@@ -200,7 +205,9 @@ def test_command_on_synthetic_data_resumes_after_a_kill(tmp_path):
     ]
     assert main(args) == 0
     first = json.loads((out / "results.json").read_text())
-    assert set(first["lds"]) == {"exact", "grad-dot"} and first["subsets"] == 3
+    assert set(first["lds"]) == {"exact", "grad-dot", "dealrec"} and first["subsets"] == 3
+    # the dealrec row is the influence stage's score, cached under its own options
+    assert len(list(out.glob("attributions/dealrec_*_v2_*.npy"))) == 1
     assert (out / "results.md").is_file() and (out / "lds.png").is_file()
     retrained = sorted(out.glob("retrained/*/*.npy"))
     assert len(retrained) == 3
@@ -212,3 +219,21 @@ def test_command_on_synthetic_data_resumes_after_a_kill(tmp_path):
     assert again["lds"] == first["lds"] and again["per_user"] == first["per_user"]
     # other settings on the same folder are refused, not mixed
     assert main([*args, "--epochs", "2"]) == 2
+
+
+def test_dealrec_row_takes_the_influence_stage_options():
+    """``dealrec lds``'s dealrec row runs ``dealrec_scores`` with an ``InfluenceConfig``: the
+    influence stage's defaults (32 negative draws, the per-user sample loss) and the LDS run's
+    block, damping convention and LiSSA settings; only that row's cache name keys them."""
+    from jaxrec.config import InfluenceConfig, LdsConfig
+
+    cfg = LdsConfig(params="^x$", damping=0.02, lissa_steps=300, seed=4)
+    got = lds.influence_config(cfg)
+    want = InfluenceConfig(
+        solver="lissa", params="^x$", damping=0.02, steps=300, seed=4, lissa_batch_size=16
+    )
+    assert got == want and got.negative_draws == 32 and got.sample_loss == "per-user"
+    other = LdsConfig(params="^x$", damping=0.02, lissa_steps=300, seed=4, negative_draws=1)
+    assert lds._dealrec_tag(other) != lds._dealrec_tag(cfg)
+    keys = set(vars(cfg)) - lds._SCORING_ONLY - lds._DEALREC_ONLY
+    assert lds._fingerprint(other, keys) == lds._fingerprint(cfg, keys)

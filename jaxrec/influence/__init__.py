@@ -5,12 +5,14 @@ model given pure ``loss(params, batch) -> scalar`` and ``per_sample_loss(params,
     u  = inverse_hvp(loss, params, data, v, solver="cg", damping=lam)   # (H + lam I)^-1 v
     u  = inverse_hvp(loss, params, data, v, solver=LissaOptions(steps=2000), damping=lam)
     s  = sample_scores(per_sample_loss, params, data, u)    # g_i . u, one JVP per batch
+    s, info = dealrec_scores(loss, per_sample_loss, sample_loss, params, data, cfg)  # the stage
 """
 
 from jaxrec.influence.hvp import hvp
 from jaxrec.config import ArnoldiOptions, CGOptions, ExactOptions, LissaOptions
 from jaxrec.influence.inverse import CONVENTIONS, SOLVERS, inverse_hvp
 from jaxrec.influence.params import ParamSubset, parameter_paths
+from jaxrec.influence.dealrec import dealrec_scores
 from jaxrec.influence.scores import (
     el2n_scores,
     grand_scores,
@@ -30,6 +32,7 @@ __all__ = [
     "sample_scores",
     "mean_gradient",
     "influence_scores",
+    "dealrec_scores",
     "grand_scores",
     "el2n_scores",
     "per_sample_map",

@@ -1,7 +1,8 @@
 """``dealrec influence``: score every training user of a trained surrogate (any model).
 
-``--score influence`` (default): :func:`jaxrec.influence.influence_scores` (paper Eq. 11,
-Algorithm 1); ``--score grand``: per-sample gradient norm; ``--score el2n``: the model's EL2N
+``--score influence`` (default): :func:`jaxrec.influence.dealrec.dealrec_scores` (paper Eq.
+11, Algorithm 1; the library function ``dealrec lds`` scores its ``dealrec`` row with too);
+``--score grand``: per-sample gradient norm; ``--score el2n``: the model's EL2N
 error (e.g. :func:`jaxrec.models.sasrec.el2n_error`); ``--score representation``: the surrogate's
 user representation ``[n, hidden]`` (for TF-DCon / RecRanker).
 
@@ -18,7 +19,6 @@ buckets (:func:`jaxrec.data.buckets.width_strata`). Writes ``OUT.npy`` + manifes
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import re
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxrec.config import InfluenceConfig, LissaOptions, solver_options, to_dict
+from jaxrec.config import InfluenceConfig, to_dict
 from jaxrec.data.buckets import width_strata
 from jaxrec.data.scorefiles import atomic_write_bytes, save_scores
 from jaxrec.errors import UserError
@@ -58,8 +58,11 @@ def compute(cfg: InfluenceConfig, surrogate, *, progress: bool | None = None):
     """The scores of ``cfg.score`` for every user (order of ``sequential_train.txt``).
 
     Returns ``(scores, info)``; ``info`` has the parameter subset, per-stage seconds and, for
-    ``influence``, the solver report (LiSSA: ``norm_trace``, ``steps_run``)."""
+    ``influence``, the solver report (LiSSA: ``norm_trace``, ``steps_run``). ``influence`` is
+    :func:`jaxrec.influence.dealrec.dealrec_scores` on the surrogate's losses and data."""
+    from jaxrec.influence.dealrec import dealrec_scores
     from jaxrec.influence.params import ParamSubset
+    from jaxrec.train import negative_draw
 
     if cfg.score == "representation":
         from jaxrec.train import user_representations
@@ -67,6 +70,20 @@ def compute(cfg: InfluenceConfig, surrogate, *, progress: bool | None = None):
         t = time.perf_counter()
         reps = user_representations(surrogate, cfg.batch_size)
         return reps, {"params": "", "n_params": 0, "seconds": {"scores": time.perf_counter() - t}}
+    if cfg.score == "influence":
+        scores, info = dealrec_scores(
+            surrogate.loss,
+            surrogate.per_sample_loss,
+            surrogate.sample_loss,
+            surrogate.params,
+            surrogate.data,
+            cfg,
+            draw=negative_draw(surrogate.config, surrogate.data, surrogate.dataset),
+            progress=progress,
+        )
+        draws = info["solver"]["negative_draws"]
+        info["solver"]["negative_seeds"] = draw_seeds(surrogate, draws, cfg.negative_seed)
+        return scores, info
     sub = ParamSubset(surrogate.params, cfg.params)
     order, parts = width_strata(surrogate.data, surrogate.config.max_len)
     info = {"params": sub.pattern, "n_params": sub.size}
@@ -78,36 +95,11 @@ def compute(cfg: InfluenceConfig, surrogate, *, progress: bool | None = None):
 
 
 def _score(cfg, surrogate, sub, parts, progress):
-    """``(scores in strata order, info)`` of one score kind over the buckets ``parts``."""
+    """``(scores in strata order, info)`` of a baseline score (GraNd, EL2N) over the buckets
+    ``parts``."""
     from jaxrec.influence.params import ParamSubset
-    from jaxrec.influence.scores import influence_scores
 
     t = time.perf_counter()
-    if cfg.score == "influence":
-        loss, psl = sub.restrict(surrogate.loss), sub.restrict(surrogate.per_sample_loss)
-        options, batch_size = solver_options(cfg), cfg.batch_size
-        draws = cfg.negative_draws if samples_negatives(surrogate) else 1
-        if draws > 1 or cfg.negative_seed != 0:
-            parts = negative_draw_parts(surrogate, parts, draws, cfg.negative_seed)
-            loss, psl = draw_mean_losses(psl)
-            options, batch_size = draw_batches(options, batch_size, draws)
-        s, solver = influence_scores(
-            loss,
-            psl,
-            sub.params,
-            parts,
-            solver=options,
-            damping=cfg.damping,
-            convention=cfg.convention,
-            scale=cfg.scale,
-            batch_size=batch_size,
-            progress=progress,
-        )
-        seconds = solver.pop("seconds")
-        seconds.pop("total", None)
-        solver["negative_draws"] = draws
-        solver["negative_seeds"] = draw_seeds(surrogate, draws, cfg.negative_seed)
-        return s, {"seconds": seconds, "solver": solver}
     if cfg.score_model == "trained":
         s = _baseline_score(cfg, surrogate, sub, parts, progress)
         return s, {"seconds": {"scores": time.perf_counter() - t}}
@@ -127,83 +119,11 @@ def _score(cfg, surrogate, sub, parts, progress):
     return total / len(seeds), info
 
 
-def samples_negatives(surrogate) -> bool:
-    """Whether the surrogate's loss reads sampled negatives (``ModelSpec.sampled_negatives``:
-    SASRec, GRU4Rec, DCRec), the only thing ``--negative-draws`` redraws. BERT4Rec's has none
-    (its cloze masks are one fixed draw), so it is scored with one draw."""
-    from jaxrec.models import spec
-
-    return spec(surrogate.config.model).sampled_negatives
-
-
 def draw_seeds(surrogate, draws: int, offset: int = 0) -> list[int]:
     """The negative-sampling seeds of ``draws`` draws: ``surrogate seed + offset + k`` (each at
-    epoch 0). Draw 0 with ``offset=0`` is the surrogate's own fixed draw
-    (``load_surrogate``'s ``data``)."""
+    epoch 0; :func:`jaxrec.train.negative_draw`). Draw 0 with ``offset=0`` is the surrogate's
+    own fixed draw (``load_surrogate``'s ``data``)."""
     return [surrogate.config.seed + offset + k for k in range(draws)]
-
-
-def negative_draw_parts(surrogate, parts, draws: int, offset: int = 0) -> list[dict]:
-    """``parts`` (the width buckets of ``surrogate.data``) with ``negatives`` replaced by
-    ``[B, draws, w]``: the negatives of every draw of :func:`draw_seeds` (one per target
-    position, drawn as training draws them under the surrogate's ``negatives`` option,
-    ``jaxrec.train.training_data``), cut like ``parts``. The buckets depend on the
-    targets only, so every draw cuts the same rows.
-
-    Each draw's negatives are written into the ``[B, draws, w]`` arrays as it is made, so
-    memory is the result plus one draw's training data (keeping every draw's buckets until a
-    final stack held K copies of the inputs and targets too)."""
-    from jaxrec.train import training_data
-
-    out = [
-        np.empty((p["negatives"].shape[0], draws, *p["negatives"].shape[1:]), p["negatives"].dtype)
-        for p in parts
-    ]
-    for k, seed in enumerate(draw_seeds(surrogate, draws, offset)):
-        data = training_data(surrogate.config, surrogate.data, surrogate.dataset, 0, seed)
-        for g, part in enumerate(width_strata(data, surrogate.config.max_len)[1]):
-            out[g][:, k] = part["negatives"]
-        del data
-    return [{**part, "negatives": neg} for part, neg in zip(parts, out)]
-
-
-def draw_batches(options, batch_size: int, draws: int):
-    """``(options, batch_size)`` for K-draw batches: the full-data batches (JVP scores, mean
-    gradient, and the CG / exact / Arnoldi HVPs) hold ``batch_size // K`` users (at least 1),
-    so a batch holds as many (user, draw) losses, and as much memory, as a one-draw batch of
-    ``batch_size``. LiSSA's minibatch (16 users) is left as it is: its HVP sees all K draws of
-    each of its users."""
-    users = max(1, batch_size // draws)
-    if not isinstance(options, LissaOptions):
-        options = dataclasses.replace(options, batch_size=max(1, options.batch_size // draws))
-    return options, users
-
-
-@functools.lru_cache(maxsize=8)
-def draw_mean_losses(per_sample_loss):
-    """``(loss, per_sample_loss)`` averaged over negative draws: batches carry ``negatives``
-    ``[B, K, w]`` and sample ``i``'s loss is ``(1/K) sum_k L_i(theta; negatives[:, k])``.
-
-    The K-draw influence (``--negative-draws K``) is paper Eq. 11 for this averaged loss: the
-    mean gradient, the Hessian (HVPs) and the per-sample gradients are all means over the K
-    fixed draws. (It is not the mean of K single-draw influence scores: the inverse Hessian of
-    a mean is not the mean of the inverses.) ``vmap`` over the draws leaves the sequence
-    encoder, which does not depend on the negatives, unbatched: it runs once per batch. The
-    same function object comes back for the same ``per_sample_loss`` (jit caches hit).
-    """
-    import jax
-    import jax.numpy as jnp
-
-    def mean_psl(params, batch):
-        def one(neg):
-            return per_sample_loss(params, {**batch, "negatives": neg})
-
-        return jnp.mean(jax.vmap(one, in_axes=1)(batch["negatives"]), axis=0)
-
-    def loss(params, batch):
-        return jnp.mean(mean_psl(params, batch))
-
-    return loss, mean_psl
 
 
 def _baseline_score(cfg, surrogate, sub, parts, progress):

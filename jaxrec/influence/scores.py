@@ -168,15 +168,21 @@ def influence_scores(
     convention: str = InfluenceConfig.convention,
     scale: float = InfluenceConfig.scale,
     batch_size: int = InfluenceConfig.batch_size,
+    sample_loss=None,
     progress: bool | None = None,
     **solver_options,
 ):
     """DEALRec influence of removing each sample on the empirical risk (paper Eq. 11):
     ``score_i = g_i . H^-1 g_mean / n^2``.
 
-    ``v = mean_gradient``, ``u = inverse_hvp(loss, ..., v)``, ``s = sample_scores(..., u)``;
-    ``solver``, ``damping``, ``convention``, ``scale`` and ``solver_options`` go to
-    :func:`~jaxrec.influence.inverse_hvp`, ``batch_size`` to the gradient and score passes.
+    ``v = mean_gradient(per_sample_loss)``, ``u = inverse_hvp(loss, ..., v)``,
+    ``s = sample_scores(sample_loss, ..., u)``; ``solver``, ``damping``, ``convention``,
+    ``scale`` and ``solver_options`` go to :func:`~jaxrec.influence.inverse_hvp`,
+    ``batch_size`` to the gradient and score passes. ``sample_loss(params, batch) -> [B]``
+    is the loss whose gradient ``g_i`` scores sample ``i`` (default ``per_sample_loss``, the
+    training loss's per-sample terms); the paper's code scores a user with that user's own
+    loss on a batch of one (:func:`jaxrec.models.sample_loss`), while ``g_mean`` and the
+    Hessian are those of the training loss.
 
     The defaults are ``dealrec influence``'s, read from the same :class:`InfluenceConfig`
     fields: LiSSA, ``convention="dealrec"`` (what the paper's LiSSA recursion converges to,
@@ -205,7 +211,8 @@ def influence_scores(
     )
     jax.block_until_ready(u)
     t2 = time.perf_counter()
-    s = sample_scores(per_sample_loss, params, data, u, batch_size, progress=progress) / n**2
+    score_loss = per_sample_loss if sample_loss is None else sample_loss
+    s = sample_scores(score_loss, params, data, u, batch_size, progress=progress) / n**2
     t3 = time.perf_counter()
     info = dict(
         info,

@@ -14,6 +14,14 @@ length buckets, the influence engine and the score files are shared unchanged.
     s.user_representations(model, params, inputs) -> [B, D]
     s.training_data(arrays, seed, epoch, n_items, cfg, sequences=None) -> batch arrays
     s.el2n_error(model) -> error(params, batch) -> [B]
+    sample_loss(model) -> per_user_loss(params, batch) -> [B]  # g_i of the influence score
+
+``sample_loss(model)`` (:func:`sample_loss`) is the per-sample loss that scores a user (paper
+Eq. 11's ``g_i``): the loss the model's paper code computes for that user on a batch of one.
+It is ``s.sample_loss(model)`` where the model's training loss gives a user another weight
+(SASRec: ``trainers.cross_entropy`` on a batch of one is the mean over the user's target
+positions, while the ``"position"`` training loss sums them over a constant), else the
+training ``per_sample_loss`` itself (GRU4Rec, BERT4Rec, DCRec: already a per-user mean).
 
 ``s.weighted`` marks a model whose ``make_loss_fns`` / ``train_per_sample`` take the extra
 ``(weighting, positions)`` of ``SurrogateConfig.loss_weighting`` (SASRec: the paper code's
@@ -45,6 +53,8 @@ class ModelSpec:
     el2n_error: Callable
     weighted: bool = False
     sampled_negatives: bool = True  # its loss reads batch["negatives"] (--negative-draws)
+    # sample_loss(model) -> per-user loss [B], where it differs from make_loss_fns' per-sample
+    sample_loss: Callable | None = None
 
 
 def spec(name: str) -> ModelSpec:
@@ -65,6 +75,27 @@ def spec(name: str) -> ModelSpec:
 def spec_of(model) -> ModelSpec:
     """The :class:`ModelSpec` of a built Flax model (by the module that defines its class)."""
     return spec(type(model).__module__.rsplit(".", 1)[-1])
+
+
+def sample_loss(model) -> Callable:
+    """The per-user sample loss of a built model: ``(params, batch) -> [B]``, each user's loss
+    as the model's paper code computes it on a batch of one (the ``g_i`` of paper Eq. 11 under
+    ``influence.sample_loss: per-user``).
+
+    Args:
+      model: a Flax model of :data:`MODELS` (from ``spec(name).build``).
+    Returns:
+      SASRec: the mean over the user's target positions of ``-log s(pos) - log(1 - s(neg))``
+      (official ``trainers.get_sample_loss`` -> ``cross_entropy``, whose divisor is the
+      batch's number of target positions: on a batch of one, the user's own); the other
+      models: their training ``per_sample_loss`` (already a per-user mean, see
+      docs/surrogates.md). Build it once per model: each call makes a new function (and new
+      jit compilations).
+    """
+    s = spec_of(model)
+    if s.sample_loss is not None:
+        return s.sample_loss(model)
+    return s.make_loss_fns(model)[1]
 
 
 def _sasrec_spec() -> ModelSpec:
@@ -98,6 +129,7 @@ def _sasrec_spec() -> ModelSpec:
         training_data=with_negatives,
         el2n_error=sasrec.el2n_error,
         weighted=True,
+        sample_loss=sasrec.per_user_loss,
     )
 
 
@@ -159,4 +191,4 @@ def bce_el2n(pos, neg, mask):
     return jnp.sum(jnp.where(mask, e, 0.0), -1) / jnp.maximum(jnp.sum(mask, -1), 1)
 
 
-__all__ = ["MODELS", "bce_el2n", "ModelSpec", "spec", "spec_of", "with_negatives"]
+__all__ = ["MODELS", "bce_el2n", "ModelSpec", "sample_loss", "spec", "spec_of", "with_negatives"]

@@ -242,6 +242,29 @@ def make_loss_fns(model: SASRec, weighting: LossWeighting = "sample", positions:
     return loss, per_sample_loss
 
 
+def per_user_loss(model: SASRec):
+    """Each user's loss as the paper's code computes it on a batch of one:
+    ``(params, batch) -> [B]``, the mean over the user's target positions of
+    ``-log s(pos) - log(1 - s(neg))`` (:func:`bce_per_sample` with ``weighting="sample"``).
+
+    The official ``FineTrainer.get_sample_loss`` (github Linxyhaha/DEALRec
+    ``code/prune/trainers.py``) runs ``cross_entropy`` on the user's sample alone, in eval mode:
+    ``sum_t istarget_t (-log(s(pos_t) + 1e-24) - log(1 - s(neg_t) + 1e-24)) / (sum_t
+    istarget_t + 1e-24)``, ``istarget = target > 0``, one negative per position. The influence
+    score of user ``i`` (paper Eq. 11) is the gradient of this loss, whatever the training
+    loss's weighting (``influence.sample_loss: per-user``). Departure: ``softplus`` instead of
+    ``log(s + 1e-24)``: the same value and gradient wherever ``s(neg) < 1`` in float32 (the
+    official float32 form saturates at a loss of 55.3 with a zero gradient once ``s(neg)``
+    rounds to 1, at a negative logit above about 17); a user without targets has loss 0 in
+    both.
+    """
+
+    def loss(params, batch):
+        return bce_per_sample(*position_logits(model, params, batch), "sample")
+
+    return loss
+
+
 def user_representations(model: SASRec, params, inputs):
     """The hidden state at the newest position ``[B, hidden]``: the user's representation,
     scored against item embeddings for full ranking."""
