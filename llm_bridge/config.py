@@ -196,6 +196,28 @@ class FinetuneConfig:
     init_seed: int = option(
         0, "tiger: seed of the model's initial parameters (the state `effort` scores)"
     )
+    train_samples: Literal["last", "prefixes"] = option(
+        "last",
+        "tiger: last = one sample per selected user, its last train item given the earlier "
+        "ones (the paper's n-shot); prefixes = every prefix of a user's train items predicts "
+        "the next one, users with one train item give none (the authors' TIGER code, --subseq)",
+        since="2026-12-07",
+    )
+    valid_users: Literal["selected", "fixed"] = option(
+        "selected",
+        "early-stopping users: selected = the selected users with a valid item (the paper's "
+        "few-shot code); fixed = a seeded set of --valid-fixed-n users with a valid item, the "
+        "same for every selection and --seed",
+        since="2026-12-07",
+    )
+    valid_fixed_n: int = option(
+        1024, "valid_users fixed: how many users with a valid item", since="2026-12-07"
+    )
+    valid_fixed_seed: int = option(
+        0,
+        "valid_users fixed: seed of that set (independent of --seed and the selection)",
+        since="2026-12-07",
+    )
     batch_size: int = option(8, "samples per forward/backward (micro-batch)")
     grad_accum: int = option(16, "micro-batches per optimizer step (8 x 16 = BIGRec's 128)")
     cutoff_len: int = option(

@@ -5,7 +5,8 @@ The selected users' training samples (the LLM loss chosen by ``loss=``, :mod:`ll
 code's ``--train_on_inputs``) train the LoRA adapter with AdamW (lr 1e-4), gradient
 accumulation and a seeded sample order. After every epoch the same users' *valid-period*
 samples are scored (history = all train titles, response = the first valid item's title,
-for the selected users that have valid items); training stops when that loss has not
+for the selected users that have valid items, or with ``valid_users: fixed`` for one seeded
+set of users, :func:`fixed_valid_users`); training stops when that loss has not
 improved for ``patience`` epochs, and the adapter of the best epoch is kept. If no selected
 user has a valid item, a fixed ``fallback_epochs`` are trained and the last adapter is kept
 (the record says so).
@@ -87,6 +88,50 @@ def check_selection(
             f"{int(counts[counts > 1][0])} times (duplicates are not allowed)"
         )
     return selection.astype(np.int64)
+
+
+def fixed_valid_users(ds, n: int, seed: int) -> np.ndarray:
+    """``finetune.valid_users: fixed``: ``n`` user rows drawn without replacement, seeded by
+    ``seed`` alone, among the users with a valid item; sorted. The same for every selection and
+    every run seed, so two selections are early-stopped on the same users.
+
+    Departs from the paper's few-shot code, whose valid set is the selected users' own valid
+    items (``code/finetune/data/gen_fewshot.py``, the default ``selected``).
+
+    Raises :class:`UserError` when ``n`` is not in ``1..`` the number of such users."""
+    eligible = np.flatnonzero([len(v) > 0 for v in ds.valid])
+    if not 1 <= n <= len(eligible):
+        raise UserError(
+            f"valid_fixed_n={n}: expected 1..{len(eligible)} (the users with a valid item)"
+        )
+    return np.sort(np.random.default_rng(seed).choice(eligible, n, replace=False))
+
+
+def valid_rows(ds, selection: np.ndarray, cfg: FinetuneConfig) -> np.ndarray:
+    """The user rows whose valid samples early-stop the fine-tune: the selection
+    (``valid_users: selected``; users without a valid item give no sample) or
+    :func:`fixed_valid_users` (``fixed``)."""
+    if cfg.valid_users == "selected":
+        return selection
+    if cfg.valid_users == "fixed":
+        return fixed_valid_users(ds, cfg.valid_fixed_n, cfg.valid_fixed_seed)
+    raise UserError(f"--valid-users {cfg.valid_users!r}: expected selected or fixed")
+
+
+def added_settings(cfg: FinetuneConfig) -> dict:
+    """The options added after checkpoints were made (``option(since=...)``) that are not at
+    their default: part of a checkpoint's settings, so a checkpoint made before they existed
+    still resumes at their defaults."""
+    from dataclasses import fields
+
+    from jaxrec.pipeline import at_since_default
+
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in fields(cfg)
+        if f.metadata.get("since")
+        and not at_since_default(fields(cfg), f.name, getattr(cfg, f.name))
+    }
 
 
 def _batches(samples: list[dict], order, batch_size: int, pad_id: int, device):
@@ -198,12 +243,13 @@ def main(cfg: FinetuneConfig) -> int:
         "dataset": ds.fingerprint(),
         "selection_sha256": sha256_file(Path(cfg.selection)),
         **{k: getattr(cfg, k) for k in _RESUME_KEYS},
+        **added_settings(cfg),
     }
     resuming = _can_resume(cfg, ckpt, settings)
     tokenizer, model, info = _lora_model(cfg)
     enc = dict(cutoff_len=cfg.cutoff_len, train_on_inputs=lm_loss.labels_every_token(cfg.loss))
     train = encode_users(tokenizer, ds, selection, split="train", **enc)
-    valid = encode_users(tokenizer, ds, selection, split="valid", **enc)
+    valid = encode_users(tokenizer, ds, valid_rows(ds, selection, cfg), split="valid", **enc)
     early_stopping = len(valid) > 0
     max_epochs = cfg.epochs if early_stopping else min(cfg.epochs, cfg.fallback_epochs)
     if not early_stopping:
@@ -280,6 +326,8 @@ def _check_inputs(cfg: FinetuneConfig):
     """``(dataset, selected rows, output folder)``, every check done before any work."""
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1 or cfg.patience < 1:
         raise UserError("batch_size, grad_accum, epochs and patience must be >= 1")
+    if cfg.train_samples != "last":
+        raise UserError(f"--train-samples {cfg.train_samples}: tiger only (bigrec: last)")
     if cfg.adapter:
         check_adapter_folder(cfg.adapter)
     ds = load_dataset(cfg.data)

@@ -7,10 +7,12 @@ the mean token cross-entropy of the target tokens, as in TIGER) with AdamW (``lr
 ``weight_decay``; no decay on the layer-norm weights, as the HF Trainer of TIGER's few-shot
 code does), a per-step cosine schedule from ``lr`` to 0 over ``epochs`` epochs (or a constant
 rate), micro-batches of ``batch_size`` with ``grad_accum`` micro-batches per step, dropout 0.1,
-and a seeded sample order (``seed``; also the dropout RNG). After every epoch the same users'
-valid samples (history = all train items, target = the first valid item) are scored in eval
+and a seeded sample order (``seed``; also the dropout RNG). With ``train_samples: prefixes``
+every prefix of a user's train items is a sample, as in the authors' TIGER code (``--subseq``).
+After every epoch the same users' valid samples (history = all train items, target = the first
+valid item; ``valid_users: fixed``: one seeded set of users instead) are scored in eval
 mode; training stops when that loss has not improved for ``patience`` epochs and the best
-epoch's model is kept. When no selected user has a valid item, a fixed ``fallback_epochs`` are
+epoch's model is kept. When no such user has a valid item, a fixed ``fallback_epochs`` are
 trained and the last model is kept.
 
 Output folder ``OUT``: ``config.json`` + ``model.safetensors`` (the best model,
@@ -46,6 +48,7 @@ from llm_bridge.tiger.model import (
     cpu_threads,
     item_tokens,
     pad_inputs,
+    prefix_samples,
     user_samples,
 )
 
@@ -75,6 +78,21 @@ def load_codes(path: str, ds) -> tuple[np.ndarray, list[int]]:
         raise UserError("--backend tiger needs --semantic-ids (the file of `dealrec semantic-ids`)")
     codes, manifest = load_semantic_ids(path, ds)
     return codes, vocab_sizes(manifest)
+
+
+def train_samples(ds, selection, tokens, cfg: FinetuneConfig) -> tuple[list, np.ndarray]:
+    """``(inputs, targets)`` of the selected users' training samples: one per user
+    (``train_samples: last``, :func:`~llm_bridge.tiger.model.user_samples`) or every prefix
+    (``prefixes``, :func:`~llm_bridge.tiger.model.prefix_samples`)."""
+    if cfg.train_samples not in ("last", "prefixes"):
+        raise UserError(f"--train-samples {cfg.train_samples!r}: expected last or prefixes")
+    if cfg.train_samples == "prefixes":
+        inputs, targets, _ = prefix_samples(ds, selection, tokens, cfg.max_history)
+    else:
+        inputs, targets, _ = user_samples(ds, selection, tokens, cfg.max_history, "train")
+    if not inputs:
+        raise UserError("--train-samples prefixes: no selected user has two train items")
+    return inputs, targets
 
 
 def _check(cfg: FinetuneConfig) -> None:
@@ -318,7 +336,7 @@ def _fit(model, opt, sched, cfg, train, valid, record: dict, out: Path, resume) 
 def main(cfg: FinetuneConfig) -> int:
     """Fine-tune all T5 parameters on the selection's samples, early-stopped on the same
     users' valid loss; write the best model, then ``train_record.json``, to ``cfg.out``."""
-    from llm_bridge.finetune import check_selection
+    from llm_bridge.finetune import added_settings, check_selection, valid_rows
     from llm_bridge.model import resolve_device_dtype
 
     _check(cfg)
@@ -334,14 +352,15 @@ def main(cfg: FinetuneConfig) -> int:
         "selection_sha256": sha256_file(Path(cfg.selection)),
         "semantic_ids": codes_digest(codes, sizes),
         **{k: getattr(cfg, k) for k in _RESUME_KEYS},
+        **added_settings(cfg),
     }
     resume = _resume_state(cfg, out / "checkpoint", settings)
     device, _ = resolve_device_dtype(cfg.device, "float32")
     model = build_model(sizes, cfg.init_seed, device)
     torch.manual_seed(cfg.seed)  # sample order is numpy; this is dropout
     tokens = item_tokens(codes, sizes)
-    train = user_samples(ds, selection, tokens, cfg.max_history, "train")[:2]
-    valid = user_samples(ds, selection, tokens, cfg.max_history, "valid")[:2]
+    train = train_samples(ds, selection, tokens, cfg)
+    valid = user_samples(ds, valid_rows(ds, selection, cfg), tokens, cfg.max_history, "valid")[:2]
     early = len(valid[0]) > 0
     max_epochs = cfg.epochs if early else min(cfg.epochs, cfg.fallback_epochs)
     if not early:

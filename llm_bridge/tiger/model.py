@@ -172,6 +172,35 @@ def user_samples(ds, rows, tokens: np.ndarray, max_history: int, split: str = "t
     )
 
 
+def prefix_samples(ds, rows, tokens: np.ndarray, max_history: int):
+    """``finetune.train_samples: prefixes``: every prefix of a user's train items predicts the
+    next one, as the authors' TIGER code trains with ``--subseq`` (Linxyhaha/TransRec, commit
+    04cb471, ``baselines/TIGER/data.py`` lines 263-285): for train items ``x_1..x_m`` with
+    ``m >= 2``, the samples ``x_1..x_{i-1} -> x_i`` for ``i = 2..m`` (history cut to its last
+    ``max_history`` items); a user with one train item gives none; valid items are not used.
+
+    Departs from the paper's n-shot (one sample per user, :func:`user_samples`): a user weighs
+    ``m - 1`` samples.
+
+    Returns:
+      ``(inputs, targets [n, L + 1] int64, the user row of each sample)``, users in ``rows``
+      order, each user's prefixes shortest first.
+    """
+    inputs, targets, kept = [], [], []
+    for row in (int(r) for r in rows):
+        train = ds.train[row]
+        for i in range(1, len(train)):
+            inputs.append(history_input(train[:i], tokens, max_history))
+            targets.append(target_tokens(train[i], tokens))
+            kept.append(row)
+    width = tokens.shape[1] + 1
+    return (
+        inputs,
+        np.asarray(targets, dtype=np.int64).reshape(-1, width),
+        np.asarray(kept, np.int64),
+    )
+
+
 def pad_inputs(inputs: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids [B, S]`` (PAD) and ``attention_mask [B, S]`` (int64)."""
     width = max(len(x) for x in inputs)
