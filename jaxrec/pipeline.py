@@ -415,12 +415,36 @@ def baseline_score_options(wired: dict, method: str) -> list:
     return [{k: options[k] for k in BASELINE_SCORE_KEYS}]
 
 
+# the shared stages each shared stage reads (a score stage ``influence:KIND`` reads the surrogate)
+SHARED_INPUTS = {
+    "surrogate": (),
+    "semantic_ids": (),
+    "user_reps": (),
+    "influence": ("surrogate",),
+    "effort": ("semantic_ids",),  # TIGER's effort reads the semantic IDs
+}
+
+
+def shared_key(stage: str, wired: dict) -> str:
+    """The reuse key of shared ``stage``: a hash of its resolved options and of the keys of
+    the shared stages it reads (:data:`SHARED_INPUTS`), and of nothing else, so its output is
+    reused whichever other stages ran with it (``--stages semantic_ids`` alone, or an
+    experiment whose methods need no surrogate)."""
+    inputs = [shared_key(s, wired) for s in SHARED_INPUTS[stage.partition(":")[0]]]
+    return digest([digest(inputs) if inputs else "", stage, key_options(stage, wired[stage])])
+
+
 def stage_keys(stages: list[str], wired: dict, upstream: str = "") -> dict[str, str]:
-    """The reuse key of each stage: a hash of its resolved options chained over the stages
-    before it (and ``upstream``), so changing any earlier stage invalidates the later ones."""
+    """The reuse key of each stage. A shared stage's is :func:`shared_key`; any other stage's
+    is a hash of its resolved options chained over the stages before it (and ``upstream``),
+    so changing any earlier stage invalidates the later ones."""
     keys, key = {}, upstream
     for stage in stages:
-        key = keys[stage] = digest([key, stage, key_options(stage, wired[stage])])
+        if stage.partition(":")[0] in SHARED_INPUTS:
+            keys[stage] = shared_key(stage, wired)
+            key = digest([key, keys[stage]])
+        else:
+            key = keys[stage] = digest([key, stage, key_options(stage, wired[stage])])
     return keys
 
 
