@@ -2,6 +2,7 @@
 grid and its checks, and the per-user paired tests."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -365,3 +366,38 @@ def test_reuse_keys_do_not_depend_on_the_workdir(tmp_path):
 
     assert keys(tmp_path / "a") == keys(tmp_path / "elsewhere" / "b")
     assert keys(tmp_path / "a")["select"] != keys(tmp_path / "a", n=512)["select"]
+
+
+def test_archived_runs_keep_their_keys():
+    """The reuse key of an archived run of ``configs/studies/seeds30_tiger.yaml``, recomputed by
+    today's code, is the key it was archived under: a change that moved it would silently
+    rerun hours of committed runs (options added later are declared ``since``)."""
+    import csv
+
+    from jaxrec.experiment import (
+        PER_RUN,
+        ExperimentArgs,
+        read_experiment,
+        shared_reads,
+        wire_cell,
+    )
+    from jaxrec.pipeline import baseline_score_options, digest, key_options, stage_keys, wire
+
+    root = Path(__file__).resolve().parents[1]
+    archived = {r["key"] for r in csv.DictReader(open(root / "results/tiger_games/runs.csv"))}
+    # two runs archived by the pinned clone of 2026-12-07 (commit 34e6704)
+    known = {("random", 0): "9ba9f1608fab089e", ("random", 1): "6f8a3e2307a5a4b6"}
+    assert set(known.values()) <= archived
+    args = ExperimentArgs(config=str(root / "configs/studies/seeds30_tiger.yaml"))
+    data, exp, cells = read_experiment(args)
+    pipe = data["pipeline"]
+    wired = wire(data, Path("/anywhere"), pipe.data, pipe.backend)
+    for cell in cells:
+        if (cell.method, cell.seed) not in known:
+            continue
+        reads = shared_reads(pipe, cell.method, False)
+        upstream = digest(
+            [key_options(s, wired[s]) for s in reads] + baseline_score_options(wired, cell.method)
+        )
+        _, w = wire_cell(wired, Path("/anywhere"), cell)
+        assert stage_keys(list(PER_RUN), w, upstream)["evaluate"] == known[cell.method, cell.seed]
