@@ -229,6 +229,17 @@ class FinetuneConfig:
     lora_dropout: float = option(0.05, "bigrec: dropout of the fresh LoRA")
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", "bigrec: " + DTYPE_HELP)
+    autocast: str = option(
+        "",
+        "tiger: the training forward passes: " + AUTOCAST_HELP + "; the valid loss stays float32",
+        since="2026-12-07",
+    )
+    fast_dropout: bool = option(
+        False,
+        "tiger: dropout masks from 16 random bits per value (drop probability 6554/65536) "
+        "instead of torch's Bernoulli draws: same law, another random stream, faster on CPU",
+        since="2026-12-07",
+    )
     seed: int = option(0, "seed of the sample order each epoch and (bigrec) of the fresh LoRA")
     resume: bool = option(
         True, "continue from OUT/checkpoint (one made with other settings is an error)"
@@ -268,4 +279,7 @@ class EvaluateConfig:
     )
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", "bigrec: " + DTYPE_HELP)
+    autocast: str = option(
+        "", "tiger: beam search and target losses: " + AUTOCAST_HELP, since="2026-12-07"
+    )
     seed: int = option(0, "seed of the --users subsample (and of torch)")
