@@ -9,20 +9,39 @@ un-swept run, so every study of one workdir shares it). A finished cell is reuse
 interrupted experiment continues where it stopped, and ``--methods`` / ``--seeds`` run a part
 of it now and the rest later; the tables always cover every finished cell of the config. With
 ``experiment.archive`` a finished cell also lives outside the workdir (:mod:`jaxrec.archive`,
-small enough to commit), and a cell archived there is not rerun after its workdir is gone. The
-evaluation users are the same for every run (``evaluate.seed`` is not varied), so runs are
-paired.
+small enough to commit), and a cell archived there is not rerun after its workdir is gone
+(whatever ``--workdir``: reuse keys do not depend on it). The evaluation users are the same for
+every run (``evaluate.seed`` is not varied).
 
-Two tests against the baseline method (``experiment.baseline``, ``random`` by default; the
-paper's Fig. 4 compares its ablations with ``dealrec``), at the same grid point:
+The headline is seed-level (:mod:`jaxrec.experiment.stats`; issue 23): within one seed all users
+share one selected subset and one fine-tuned model, so the seed is the unit of evidence about a
+method. Per method and grid point: each metric's mean over seeds with a 95 % t-interval; the
+metrics are Recall/NDCG@10/20 and the test loss (the mean over the evaluated users of the
+fine-tuned model's loss of the test target), co-primary. Per comparison with the baseline
+(``experiment.baseline``, ``random`` by default; the paper's Fig. 4 compares its ablations with
+``dealrec``) at the same grid point: the difference of the means with its 95 % interval,
+Welch's t-test over seeds (the arms share no data, so no pairing by seed), the minimum
+detectable difference at the observed spread and, with ``experiment.bootstrap``, a cluster
+bootstrap over seeds and users. One seed: "one seed: no test". Below, per-user paired t-tests
+and Wilcoxon tests (each user's metric averaged over the seeds both methods ran), labelled as
+what they are: conditional on the trained models, not evidence about a method.
 
-* over seeds: a paired t-test of the run means (pairs = seeds; needs >= 2 seeds);
-* over users: every user's metric averaged over the seeds both methods ran, then a paired
-  t-test and a Wilcoxon signed-rank test over the evaluated users (pairs = users).
+Methods may run different seeds (``experiment.seeds_of``). Before any stage starts the command
+says how many runs it asked for are archived, finished and to run, and about how long. Several
+processes (on one machine, or on several sharing the workdir's storage) may run one experiment
+at once: each run is taken under a lock file (:mod:`jaxrec.experiment.locks`), the shared
+stages run in one process while the others wait.
 
-Outputs in ``workdir``: ``results.md``, ``results.csv`` (one row per method and grid point:
-mean and std over seeds, seconds per stage), ``runs.csv`` (one row per run), ``ttest.csv``
-(over seeds), ``usertest.csv`` (over users) and ``results.png``.
+Outputs in ``workdir`` (or ``workdir/studies/NAME``): ``results.md``, ``results.csv`` (one row
+per method and grid point: mean, std and 95 % interval over seeds, seconds per stage),
+``runs.csv`` (one row per run), ``ttest.csv`` (the seed-level comparisons), ``usertest.csv``
+(over users) and ``results.png``.
+
+Modules, by job: :mod:`~jaxrec.experiment.grid` (the ``experiment:`` section, the command line,
+the cells and their checks), :mod:`~jaxrec.experiment.rows` (a finished run's results, per-user
+arrays, user groups, archiving), :mod:`~jaxrec.experiment.stats`, :mod:`~jaxrec.experiment.tables`
+(CSV, Markdown), :mod:`~jaxrec.experiment.plots`, :mod:`~jaxrec.experiment.locks` and
+:mod:`~jaxrec.experiment.run` (``main``).
 """
 
 from jaxrec.experiment.grid import (

@@ -24,6 +24,10 @@ from jaxrec.select import REQUIRES, check_method
 
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+# the mean over the evaluated users of the fine-tuned model's loss of the user's test target:
+# co-primary with R@20 / N@20 (issue 23: far less noisy over seeds); lower is better
+LOSS = "test_loss"
+TABLE_METRICS = (*METRICS, LOSS)
 SHARED = ("surrogate", "influence", "semantic_ids", "effort", "user_reps")
 PER_RUN = ("select", "finetune", "evaluate")
 # methods that need the effort score file
@@ -58,6 +62,12 @@ class ExperimentConfig:
         ["random", "dealrec"], "selection methods to compare (select --method values)"
     )
     seeds: list[int] = option([0], "seeds of every method's select and finetune runs")
+    # issue 23's Table 2: random and dealrec at 30 seeds, the DEALRec variants at 10, greedy at 3
+    seeds_of: dict[str, list[int]] = option(
+        {},
+        "per-method seeds, {method: [seeds]}, overriding `seeds` for those methods (e.g. "
+        "{greedy: [0, 1, 2]}); the others run `seeds`",
+    )
     # e.g. {"select.n": [128, 256], "select.lamda": [0.1, 0.3]}
     sweep: dict = option(
         {},
@@ -84,6 +94,11 @@ class ExperimentConfig:
         "user_groups: which seed's reference run groups a run: same (the paper's) or next "
         "(the next seed, cyclic)",
     )
+    bootstrap: int = option(
+        0,
+        "> 0: also a cluster bootstrap over seeds and users (this many draws) of each "
+        "difference from the baseline; 0 = off",
+    )
     # several studies then share one workdir: its shared stages and any run with the same options
     name: str = option(
         "", "empty = tables and figures in the workdir; NAME = in workdir/studies/NAME"
@@ -97,6 +112,14 @@ class ExperimentConfig:
         "run that finishes is added; empty = off",
     )
 
+    def seeds_for(self, method: str) -> list[int]:
+        """The seeds ``method`` runs: its ``seeds_of`` entry, else ``seeds``."""
+        return list(self.seeds_of.get(method, self.seeds))
+
+    def all_seeds(self) -> list[int]:
+        """Every seed some method runs, in first-seen order."""
+        return list(dict.fromkeys(s for m in self.methods for s in self.seeds_for(m)))
+
 
 @dataclass
 class ExperimentArgs(PipelineArgs):
@@ -108,6 +131,12 @@ class ExperimentArgs(PipelineArgs):
         [],
         "run only the grid points with these swept values (section.key=value) now, as "
         "'select.n=512 select.n=2048' (the rest later)",
+    )
+    shard: str = option(
+        "",
+        "I/K: run only every K-th of the runs asked for, starting at the I-th (1 <= I <= K), "
+        "so K machines without a shared workdir split an experiment; empty = all (processes "
+        "sharing a workdir need no shards: a lock file per run keeps them apart)",
     )
 
     @staticmethod
@@ -133,6 +162,9 @@ class ExperimentArgs(PipelineArgs):
             metavar="KEY=VALUE",
             help=help_of(ExperimentArgs, "points"),
         )
+        parser.add_argument(
+            "--shard", default="", metavar="I/K", help=help_of(ExperimentArgs, "shard")
+        )
 
     @classmethod
     def from_args(cls, args):
@@ -143,6 +175,7 @@ class ExperimentArgs(PipelineArgs):
             methods=list(args.methods),
             seeds=list(args.seeds),
             points=list(args.points),
+            shard=args.shard,
         )
 
 
@@ -193,7 +226,8 @@ def check_sweep(sweep: dict, sections: dict, source: str) -> list[tuple]:
 
 
 def experiment_cells(exp: ExperimentConfig, points: list[tuple]) -> list[Cell]:
-    return [Cell(m, s, p) for p in points for m in exp.methods for s in exp.seeds]
+    """Every run: each grid point x method x the method's seeds (``seeds_for``)."""
+    return [Cell(m, s, p) for p in points for m in exp.methods for s in exp.seeds_for(m)]
 
 
 def run_folder(cell: Cell, wired: dict) -> str:
@@ -247,8 +281,11 @@ def read_experiment(args: ExperimentArgs) -> tuple[dict, ExperimentConfig, list[
         )
     if exp.baseline and exp.baseline not in exp.methods:
         raise UserError(f"{source}: baseline {exp.baseline!r} is not one of the methods")
-    if exp.user_groups and exp.reference_seed == "next" and len(exp.seeds) < 2:
+    check_seeds_of(exp, source)
+    if exp.user_groups and exp.reference_seed == "next" and len(exp.seeds_for(exp.reference)) < 2:
         raise UserError(f"{source}: reference_seed 'next' needs at least 2 seeds")
+    if exp.bootstrap < 0:
+        raise UserError(f"{source}: bootstrap must be >= 0 (draws), got {exp.bootstrap}")
     for method in exp.methods:
         try:
             check_method(method)
@@ -256,13 +293,31 @@ def read_experiment(args: ExperimentArgs) -> tuple[dict, ExperimentConfig, list[
             raise UserError(f"{source}: {err}") from None
     for name, chosen, known in (
         ("--methods", args.methods, exp.methods),
-        ("--seeds", args.seeds, exp.seeds),
+        ("--seeds", args.seeds, exp.all_seeds()),
     ):
         extra = [c for c in chosen if c not in known]
         if extra:
             raise UserError(f"{name}: {extra[0]!r} is not in the config's {name[2:]} {known}")
     cells = experiment_cells(exp, check_sweep(exp.sweep, data, source))
     return data, exp, cells
+
+
+def check_seeds_of(exp: ExperimentConfig, source: str) -> None:
+    """``experiment.seeds_of``: a mapping of the experiment's methods to non-empty lists of
+    distinct int seeds."""
+    if not isinstance(exp.seeds_of, dict):
+        raise UserError(f"{source}: seeds_of must be a mapping {{method: [seeds]}}")
+    for method, seeds in exp.seeds_of.items():
+        if method not in exp.methods:
+            raise UserError(f"{source}: seeds_of names {method!r}, not one of the methods")
+        ints = isinstance(seeds, list) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in seeds
+        )
+        if not ints or not seeds or len(set(seeds)) != len(seeds):
+            raise UserError(
+                f"{source}: seeds_of {method}: needs a non-empty list of distinct int seeds, "
+                f"got {seeds!r}"
+            )
 
 
 def baseline_of(exp: ExperimentConfig) -> str:
@@ -292,12 +347,29 @@ def chosen_points(points: list[str], sweep: dict) -> dict[str, list]:
 
 def selected_cells(cells: list[Cell], args: ExperimentArgs, sweep: dict) -> list[Cell]:
     """The cells to run now: those of ``--methods``, ``--seeds`` and ``--points`` (each
-    empty = all)."""
+    empty = all), and of them, with ``--shard I/K``, the I-th of every K (in the grid's
+    order, the same in every process given the same command)."""
     points = chosen_points(args.points, sweep)
-    return [
+    chosen = [
         c
         for c in cells
         if (not args.methods or c.method in args.methods)
         and (not args.seeds or c.seed in args.seeds)
         and all(v in points[k] for k, v in c.point if k in points)
     ]
+    if not args.shard:
+        return chosen
+    index, count = parse_shard(args.shard)
+    return chosen[index - 1 :: count]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``--shard I/K`` as ``(I, K)``, 1 <= I <= K."""
+    i, sep, k = text.partition("/")
+    try:
+        index, count = int(i), int(k)
+    except ValueError:
+        index, count = 0, 0
+    if not sep or not 1 <= index <= count:
+        raise UserError(f"--shard: {text!r} is not I/K with 1 <= I <= K, as 1/2")
+    return index, count

@@ -13,7 +13,7 @@ import numpy as np
 from jaxrec.archive import RunArchive
 from jaxrec.data.ranking import per_user_recall_ndcg
 from jaxrec.errors import UserError
-from jaxrec.experiment.grid import METRICS, PER_RUN, Cell
+from jaxrec.experiment.grid import LOSS, METRICS, PER_RUN, Cell
 
 
 def per_user_metrics(predictions: Path, ks=(10, 20)) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -91,7 +91,7 @@ def group_rows(
     out = []
     for r in rows:
         point = tuple(r[k] for k in keys)
-        seed = following[r["seed"]] if reference_seed == "next" else r["seed"]
+        seed = following.get(r["seed"]) if reference_seed == "next" else r["seed"]
         ref = index.get((point, reference, seed))
         if ref is None:
             continue
@@ -99,6 +99,7 @@ def group_rows(
         where = {int(u): g for u, g in zip(ref_users, loss_groups(ref_loss, n_groups))}
         users, metrics = run_user_metrics(r)
         group = np.array([where[int(u)] for u in users])
+        loss = _aligned_losses(r, users)
         for g in range(n_groups):
             mask = group == g
             out.append(
@@ -108,11 +109,22 @@ def group_rows(
                     "method": r["method"],
                     "seed": r["seed"],
                     **{k: float(metrics[k][mask].mean()) for k in METRICS},
+                    **({} if loss is None else {LOSS: float(loss[mask].mean())}),
                     "n_users": int(mask.sum()),
                     **{f"{s}_seconds": r[f"{s}_seconds"] for s in PER_RUN},
                 }
             )
     return out
+
+
+def _aligned_losses(row: dict, users: np.ndarray) -> np.ndarray | None:
+    """The run's per-user test losses in the order of ``users``, or ``None`` when its
+    evaluation recorded none (or for other users)."""
+    try:
+        loss_users, loss = run_user_losses(row)
+    except (UserError, FileNotFoundError):
+        return None
+    return loss if np.array_equal(loss_users, users) else None
 
 
 def cell_row(cell: Cell, d: Path, seconds: dict, key: str = "", record: Path | None = None) -> dict:
@@ -123,18 +135,30 @@ def cell_row(cell: Cell, d: Path, seconds: dict, key: str = "", record: Path | N
     metrics = json.loads((d / "metrics.json").read_text())
     flat = metrics.get("metrics", metrics)
     record = json.loads(record.read_text()) if record is not None and record.is_file() else {}
+    predictions = d / "metrics.predictions.jsonl"
     return {
         **dict(cell.point),
         "method": cell.method,
         "seed": cell.seed,
         **{k: float(flat[k]) for k in METRICS},
+        **mean_test_loss(predictions),
         "n_users": int(flat.get("n_users", 0)),
         **{f"{s}_seconds": float(seconds.get(s, 0.0)) for s in PER_RUN},
         "finetune_epochs": len(record.get("epochs") or []),
         "finetune_best_epoch": int(record.get("best_epoch") or 0),
-        "predictions": str(d / "metrics.predictions.jsonl"),
+        "predictions": str(predictions),
         "key": key,
     }
+
+
+def mean_test_loss(predictions: Path) -> dict:
+    """``{"test_loss": mean}`` over the users of an evaluation's predictions (their recorded
+    per-user loss of the test target), or ``{}`` when it recorded none."""
+    try:
+        _, losses = per_user_losses(predictions)
+    except (UserError, FileNotFoundError):
+        return {}
+    return {LOSS: float(losses.mean())} if len(losses) else {}
 
 
 def run_user_metrics(row: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -160,11 +184,6 @@ def archive_run(archive: RunArchive, row: dict) -> None:
     """Add the finished run ``row`` to ``archive`` with its per-user metrics and (when its
     evaluation recorded them) test losses, and save the archive at once."""
     users, metrics = run_user_metrics(row)
-    try:
-        loss_users, loss = run_user_losses(row)
-    except UserError:
-        loss = None
-    if loss is not None and not np.array_equal(loss_users, users):
-        loss = None
+    loss = _aligned_losses(row, users)
     if archive.add(row, users, metrics, loss):
         archive.save()
