@@ -575,6 +575,24 @@ def test_a_stale_lock_of_a_dead_local_process_is_taken_over(tmp_path):
     assert not list(tmp_path.glob("*.stale.*"))
 
 
+def test_figures_draw_no_zero_bars_and_no_one_point_sweeps(tmp_path):
+    """One seed: no error bar (its spread is unknown, not zero); a swept key with one finished
+    value: no sweep plot, the per-method figure instead."""
+    from jaxrec.experiment import summarise, write_csv
+    from jaxrec.figures import error_bars, experiment_figures
+
+    rows = _metric_rows({"random": [0.01], "dealrec": [0.02, 0.03]})
+    for r in rows:
+        r["select.n"] = 8
+    table, _ = summarise(rows, ["random", "dealrec"], ["select.n"])
+    bars = error_bars(table, "recall@20")
+    assert np.isnan(bars[0]) and bars[1] == pytest.approx(np.std([0.02, 0.03], ddof=1))
+    assert error_bars(table[:1], "recall@20") is None
+    write_csv(tmp_path / "results.csv", table)
+    (tmp_path / "experiment.json").write_text(json.dumps({"sweep": {"select.n": [8, 16]}}))
+    assert [p.name for p in experiment_figures(tmp_path)] == ["methods.png"]
+
+
 def test_shards_split_the_runs_asked_for():
     sweep = {"select.n": [8, 16]}
     exp = ExperimentConfig(methods=["random", "dealrec"], seeds=[0, 1, 2], sweep=sweep)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxrec.experiment.grid import METRICS
+from jaxrec.figures import error_bars
 
 
 def bar_plot(path: Path, table: list[dict], keys: list[str] = (), title: str = "") -> None:
@@ -23,13 +24,13 @@ def bar_plot(path: Path, table: list[dict], keys: list[str] = (), title: str = "
             x + j * width,
             [r[f"{k}_mean"] for r in table],
             width,
-            yerr=[r[f"{k}_std"] for r in table],
+            yerr=error_bars(table, k),
             label=k,
             capsize=2,
         )
     labels = [" ".join([r["method"], *(f"{k}={r[k]}" for k in keys)]) for r in table]
     ax.set_xticks(x + width * (len(METRICS) - 1) / 2, labels, rotation=30, ha="right")
-    ax.set_ylabel("metric (mean ± std over seeds)")
+    ax.set_ylabel("metric (mean ± std over seeds; one seed: no bar)")
     ax.legend(fontsize=8)
     ax.set_title(title or "Few-shot fine-tuned recommender, by selection method")
     fig.tight_layout()
