@@ -20,9 +20,9 @@ holds:
   int64 arrays (so tables and tests come out identical from an archive), read with
   ``allow_pickle=False``.
 
-A run's key covers its workdir's paths, so an archive serves the workdir it was made in (the
-shipped TIGER configs: ``runs/table2_tiger`` and the Table 4 workdirs, all archived in
-``results/tiger_games``).
+A run's key covers only the file names of its wired paths, not its workdir, so an archive serves
+any workdir: ``dealrec experiment CONFIG --workdir ANY`` on a fresh clone finds every archived
+run (the shipped TIGER configs' runs are archived in ``results/tiger_games``).
 """
 
 from __future__ import annotations

@@ -161,6 +161,17 @@ def test_a_second_workdir_finds_the_archived_runs_and_starts_no_stage(config, ca
     assert not (other / "runs").exists()
     for name in ("results.csv", "ttest.csv", "usertest.csv", "groups.csv"):
         assert (other / name).read_text() == (root / "work" / name).read_text()
+    # --plan: what would run and about how long (from the 4 archived runs' seconds), no more
+    exp = yaml.safe_load((root / "archived.yaml").read_text())
+    exp["experiment"]["seeds"] = [0, 9]
+    path = _write(root, exp, "plan.yaml")
+    assert cli(["experiment", path, "--workdir", str(root / "planned"), "--plan"]) == 0
+    log = capsys.readouterr().err
+    assert "8 runs asked for: 4 archived, 0 finished in the workdir, 4 to run, about " in log
+    assert "(the mean seconds of 4 timed runs)" in log
+    assert not re.search(r"\[\d+/\d+\] \w+: dealrec ", log)
+    assert not (root / "planned" / "runs").exists()
+    assert not (root / "planned" / "results.csv").exists()
 
 
 def test_two_processes_take_the_runs_of_one_experiment(config):

@@ -132,6 +132,9 @@ class ExperimentArgs(PipelineArgs):
         "run only the grid points with these swept values (section.key=value) now, as "
         "'select.n=512 select.n=2048' (the rest later)",
     )
+    plan: bool = option(
+        False, "say how many runs are archived, finished and to run, and about how long, then stop"
+    )
     shard: str = option(
         "",
         "I/K: run only every K-th of the runs asked for, starting at the I-th (1 <= I <= K), "
@@ -162,6 +165,7 @@ class ExperimentArgs(PipelineArgs):
             metavar="KEY=VALUE",
             help=help_of(ExperimentArgs, "points"),
         )
+        parser.add_argument("--plan", action="store_true", help=help_of(ExperimentArgs, "plan"))
         parser.add_argument(
             "--shard", default="", metavar="I/K", help=help_of(ExperimentArgs, "shard")
         )
@@ -176,6 +180,7 @@ class ExperimentArgs(PipelineArgs):
             seeds=list(args.seeds),
             points=list(args.points),
             shard=args.shard,
+            plan=args.plan,
         )
 
 

@@ -84,6 +84,8 @@ def main(args: ExperimentArgs) -> int:
         prepared[cell] = Prepared(d, w, key, done)
     pending = [c for c in todo if not (prepared[c].finished or _in(archive, prepared[c].key))]
     log.say(plan_text(todo, pending, prepared, archive, shared))
+    if args.plan:
+        return 0
     if archive is None or pending:
         with locks.held(workdir / "shared.lock", log.say):
             shared_seconds = run_stages(shared, wired, workdir, log)
