@@ -13,7 +13,9 @@ from jaxrec.data import write_json
 from jaxrec.experiment import locks
 from jaxrec.experiment.grid import (
     PER_RUN,
+    Cell,
     ExperimentArgs,
+    ExperimentConfig,
     baseline_of,
     read_experiment,
     selected_cells,
@@ -24,6 +26,7 @@ from jaxrec.experiment.rows import archive_run, cell_row, group_rows
 from jaxrec.experiment.stats import summarise
 from jaxrec.experiment.tables import markdown, write_csv, write_results
 from jaxrec.pipeline import (
+    RunLog,
     add_score_stages,
     baseline_score_options,
     digest,
@@ -111,7 +114,14 @@ def _in(archive: RunArchive | None, key: str) -> bool:
     return archive is not None and key in archive
 
 
-def describe(args, exp, cells: list, todo: list, backend: str, workdir: Path) -> str:
+def describe(
+    args: ExperimentArgs,
+    exp: ExperimentConfig,
+    cells: list[Cell],
+    todo: list[Cell],
+    backend: str,
+    workdir: Path,
+) -> str:
     """The first log line: the experiment's size and what runs now."""
     seeds = {len(exp.seeds_for(m)) for m in exp.methods}
     per_method = (
@@ -143,7 +153,11 @@ def run_seconds(rows: list[dict]) -> dict[str, list[float]]:
 
 
 def plan_text(
-    todo: list, pending: list, prepared: dict, archive: RunArchive | None, shared: list[str]
+    todo: list[Cell],
+    pending: list[Cell],
+    prepared: dict[Cell, Prepared],
+    archive: RunArchive | None,
+    shared: list[str],
 ) -> str:
     """What the command will do, said before any long stage starts: how many of the runs asked
     for are archived or finished, how many it will run and a rough time: each run at the mean
@@ -184,7 +198,12 @@ def _duration(seconds: float) -> str:
 
 
 def run_cell(
-    cell, prep: Prepared, now: bool, archive: RunArchive | None, upstream: dict, log
+    cell: Cell,
+    prep: Prepared,
+    now: bool,
+    archive: RunArchive | None,
+    upstream: dict[str, str],
+    log: RunLog,
 ) -> dict | None:
     """The results row of ``cell``: from the archive, from its finished folder, or by running
     it now (``now``: it is one of the cells asked for) under its run lock; ``None`` when it
@@ -230,7 +249,7 @@ def run_cell(
 def write_all(
     results: Path,
     rows: list[dict],
-    exp,
+    exp: ExperimentConfig,
     args: ExperimentArgs,
     backend: str,
     shared_seconds: dict,
@@ -273,7 +292,7 @@ def write_all(
     )
 
 
-def recorded_seconds(shared: list[str], workdir: Path, log) -> dict:
+def recorded_seconds(shared: list[str], workdir: Path, log: RunLog) -> dict:
     """The shared stages' seconds as ``workdir/stages.json`` recorded them (those it has),
     when every run asked for is archived or finished, so no shared stage needs to run (a fresh
     clone rebuilds an archived experiment's tables without recomputing the surrogate)."""
