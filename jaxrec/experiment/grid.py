@@ -81,7 +81,7 @@ class ExperimentConfig:
     )
     baseline: str = option(
         "",
-        "the method every other one is tested against (paired over seeds and over users); "
+        "the method every other one is tested against (Welch over seeds; per user, paired); "
         "empty = random when it is one of the methods, else no tests; the paper's Fig. 4 "
         "compares the ablations with dealrec",
     )
