@@ -615,3 +615,31 @@ def test_shards_split_the_runs_asked_for():
     for bad in ("0/2", "3/2", "1", "a/b"):
         with pytest.raises(UserError, match="is not I/K"):
             selected_cells(cells, ExperimentArgs(config="cfg", shard=bad), sweep)
+
+
+def test_plan_says_what_would_run_and_stops(tmp_path, capsys):
+    """``--plan``: the runs asked for, archived, finished and to run, and a rough time (no
+    timed run here: 10 min a run), said before any stage; then nothing runs or is written."""
+    import yaml
+
+    from jaxrec.cli import main as cli
+    from jaxrec.data.synthetic import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", n_users=40, n_items=20, n_clusters=2, max_len=6)
+    cfg = {
+        "pipeline": {"workdir": str(tmp_path / "w"), "data": str(data), "backend": "tiger"},
+        "experiment": {
+            "methods": ["random", "dealrec"],
+            "seeds": [0, 1],
+            "seeds_of": {"dealrec": [3]},
+        },
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli(["experiment", str(path), "--plan"]) == 0
+    log = capsys.readouterr().err
+    assert "3 runs (2 methods x seeds random 2, dealrec 1 x 1 grid points)" in log
+    assert "3 runs asked for: 0 archived, 0 finished in the workdir, 3 to run, about 30 min" in log
+    assert "(10 min a run, no timed run to go by)" in log
+    assert "dealrec train-surrogate" not in log and not (tmp_path / "w" / "runs").exists()
+    assert not (tmp_path / "w" / "results.csv").exists()
