@@ -91,20 +91,22 @@ def _plot_scatter(plt, scores: dict, selected, path: Path) -> Path:
 
 
 def _plot_groups(plt, info: dict, path: Path) -> Path:
+    """Users per score group and those selected from it, each on its own linear axis (on one
+    log axis the few selected users of a group were cut off, and a group with none vanished)."""
     sizes = np.asarray(info["group_sizes"])
     chosen = np.asarray(info.get("group_selected") or np.zeros_like(sizes))
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 4.8), sharex=True)
     x = np.arange(len(sizes))
-    ax.bar(x, sizes, color="lightgrey", label="group size")
-    ax.bar(x, chosen, color="tab:red", label="selected")
-    ax.set_yscale("log")
-    ax.set_xlabel("score group (low -> high overall score)")
-    ax.set_ylabel("users (log)")
-    ax.set_title(
+    top.bar(x, sizes, color="lightgrey")
+    top.set_ylabel("users in group")
+    bottom.bar(x, chosen, color="tab:red")
+    bottom.set_ylabel("selected")
+    bottom.set_ylim(0, max(1, int(chosen.max())) * 1.1)
+    bottom.set_xlabel("score group (low -> high overall score)")
+    top.set_title(
         f"Coverage-enhanced sampling: {int(chosen.sum())} selected, "
         f"{info.get('n_pruned', 0)} hard-pruned"
     )
-    ax.legend()
     fig.tight_layout()
     return _save(fig, path, plt)
 
