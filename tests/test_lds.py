@@ -212,3 +212,29 @@ def test_command_on_synthetic_data_resumes_after_a_kill(tmp_path):
     assert again["lds"] == first["lds"] and again["per_user"] == first["per_user"]
     # other settings on the same folder are refused, not mixed
     assert main([*args, "--epochs", "2"]) == 2
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--alpha", "1.5"], "--alpha 1.5"),
+        (["--params", "attn_out_1/kernel("], "--params"),
+        (["--params", "^no_such_leaf$"], "matches no parameter path"),
+        (["--params", ""], "the exact attribution takes at most"),
+        (["--seeds", "0", "--val-users", "0"], "--seeds 0, --val-users 0: must be >= 1"),
+        (["--subsets", "1"], "--subsets 1"),
+    ],
+)
+def test_bad_options_exit_2_before_anything_is_written(tmp_path, capsys, flags, words):
+    """Checked before OUT (its data slice, settings.json) exists, so a corrected rerun is not
+    blocked; the message names the flags as spelled and no --solver (lds has none)."""
+    from jaxrec.cli import main
+    from jaxrec.data.synthetic import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", n_users=40, n_items=20, seed=0)
+    out = tmp_path / "lds"
+    argv = ["lds", "--data", str(data), "--users", "20", "--compile-cache", "", "--out", str(out)]
+    assert main([*argv, *flags]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "--solver" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
