@@ -383,6 +383,17 @@ class SelectConfig:
     seed: int = option(0, "seed of every random draw (random, group members, k-means)")
     out: str = option("runs/selected.npy", "selection file to write (.npy, plus a .json manifest)")
 
+    def __post_init__(self):
+        """The range of every number (so ``dealrec run`` refuses them before any stage)."""
+        for name in ("n", "groups", "clusters"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not self.lamda >= 0:
+            raise UserError(f"lamda={self.lamda}: the effort weight of Eq. 13 must be >= 0")
+        for name in ("hard_prune", "beta"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"{name}={getattr(self, name)}: must be in [0, 1)")
+
 
 @dataclass
 class LdsConfig:

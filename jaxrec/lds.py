@@ -677,7 +677,8 @@ def check_options(cfg: LdsConfig) -> None:
     unknown = [a for a in cfg.attributions if a not in ATTRIBUTIONS]
     if unknown:
         raise UserError(
-            f"unknown attribution {unknown[0]!r} in attributions=; expected {', '.join(ATTRIBUTIONS)}"
+            f"unknown attribution {unknown[0]!r} in attributions=; expected "
+            + ", ".join(ATTRIBUTIONS)
         )
     if not cfg.attributions or len(set(cfg.attributions)) != len(cfg.attributions):
         raise UserError(f"attributions= must name distinct attributions, got {cfg.attributions}")

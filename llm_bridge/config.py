@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from jaxrec.config import GAMES, option
+from jaxrec.errors import UserError
 
 Backend = Literal["bigrec", "tiger"]
 BACKEND_HELP = (
@@ -247,3 +248,15 @@ class EvaluateConfig:
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", "bigrec: " + DTYPE_HELP)
     seed: int = option(0, "seed of the --users subsample (and of torch)")
+
+    def __post_init__(self):
+        """Checks that need no file (so ``dealrec run`` can make them before any stage)."""
+        for name in ("beams", "batch_size", "max_new_tokens", "max_history"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.users < 0:
+            raise UserError(f"users={self.users}: must be >= 0 (0 = every user)")
+        if self.backend == "tiger" and self.beams < 20:
+            raise UserError(
+                f"beams={self.beams}: TIGER needs at least 20 beams (K = 20 of Recall@20)"
+            )

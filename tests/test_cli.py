@@ -172,3 +172,31 @@ def test_every_documented_command_line_parses(where, line):
         cfg_ref, section, _runner, _help = COMMANDS[args.command]
         args.config, args.config_file = config, None
         config_from_args(_load(cfg_ref), args, section, section_classes())
+
+
+def test_run_refuses_a_bad_select_value_before_any_stage(tmp_path, capsys):
+    """``select.n: -5`` in a pipeline file: exit 2 before the workdir (and its data slice)
+    exists."""
+    cfg = tmp_path / "p.yaml"
+    work = tmp_path / "w"
+    cfg.write_text(f"pipeline:\n  workdir: {work}\n  users: 50\nselect:\n  n: -5\n")
+    err = _error(capsys, ["run", str(cfg)])
+    assert "[select]: n=-5: must be >= 1" in err
+    assert not work.exists()
+
+
+def test_tiger_evaluate_with_fewer_beams_than_k_is_refused_at_once(tmp_path, capsys):
+    err = _error(capsys, ["evaluate", "--backend", "tiger", "--beams", "5", "--out", "m.json"])
+    assert "--beams 5: TIGER needs at least 20 beams" in err
+
+
+def test_a_codebook_larger_than_the_items_is_refused(tmp_path, capsys):
+    from jaxrec.data.synthetic import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", n_users=30, n_items=20, seed=0)
+    out = tmp_path / "codes.npy"
+    argv = ["semantic-ids", "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path)]
+    err = _error(capsys, [*argv, "--codebook-size", "64"])
+    assert "--codebook-size 64 is larger than the 20 items" in err
+    assert "--codebook-size 1: must be >= 2" in _error(capsys, [*argv, "--codebook-size", "1"])
+    assert not out.exists()

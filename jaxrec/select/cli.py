@@ -36,18 +36,10 @@ def _record(path: Path, manifest: dict) -> dict:
 
 
 def check_config(cfg: SelectConfig) -> None:
-    """Every check that needs no file: method, n, groups, fractions, clusters, output name."""
+    """Every check that needs no file: method, the options' combination, output name (the
+    range of each number is :class:`SelectConfig`'s own check)."""
+    SelectConfig(**dataclasses.asdict(cfg))  # a config changed after construction
     check_method(cfg.method)
-    if cfg.n <= 0:
-        raise UserError(f"--n must be >= 1, got {cfg.n}")
-    if cfg.groups <= 0:
-        raise UserError(f"--groups must be >= 1, got {cfg.groups}")
-    if cfg.clusters <= 0:
-        raise UserError(f"--clusters must be >= 1, got {cfg.clusters}")
-    for name in ("hard_prune", "beta"):
-        value = getattr(cfg, name)
-        if not 0.0 <= value < 1.0:
-            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
     if cfg.beta_rule == "rate" and cfg.beta != SelectConfig.beta:
         raise UserError(
             f"--beta {cfg.beta:g} is used only with --beta-rule fixed (the default, rate, "
