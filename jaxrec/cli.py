@@ -99,7 +99,8 @@ COMMANDS = {
         "jaxrec.pipeline:ReportArgs",
         None,
         "jaxrec.report:main",
-        "PNG plots of a run's scores and selection",
+        "PNG plots of a pipeline workdir (scores, selection) or of an experiment folder "
+        "(the paper's Figures 4-7 and Table 3)",
     ),
 }
 

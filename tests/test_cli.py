@@ -200,3 +200,16 @@ def test_a_codebook_larger_than_the_items_is_refused(tmp_path, capsys):
     assert "--codebook-size 64 is larger than the 20 items" in err
     assert "--codebook-size 1: must be >= 2" in _error(capsys, [*argv, "--codebook-size", "1"])
     assert not out.exists()
+
+
+def test_report_on_a_folder_with_nothing_to_plot_writes_nothing(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("x")
+    err = _error(capsys, ["report", str(tmp_path / "run")])
+    assert "nothing to plot" in err and "experiment folder" in err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"]
+    assert "run folder not found" in _error(capsys, ["report", str(tmp_path / "nope")])
+    assert not (tmp_path / "nope").exists()
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    assert "experiment folder" in capsys.readouterr().out
