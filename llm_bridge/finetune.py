@@ -405,7 +405,7 @@ def warmup(
     lm_loss.check_loss(loss)
     if steps < 1 or batch_size < 1:
         raise UserError("warm-up needs steps >= 1 and batch_size >= 1")
-    rows = np.arange(dataset.n_users) if rows is None else np.asarray(rows)
+    rows = np.flatnonzero(dataset.has_sample) if rows is None else np.asarray(rows)
     n = steps * batch_size
     pick = np.random.default_rng([seed, 7]).choice(rows, size=n, replace=n > len(rows))
     samples = encode_users(

@@ -88,7 +88,13 @@ def run_select(cfg: SelectConfig):
     check_config(cfg)
     ds = load_dataset(cfg.data)
     fp = ds.fingerprint()
+    eligible = ds.has_sample  # a user without a training sample is never chosen
     if cfg.method != "all":
+        if cfg.n > eligible.sum() and not eligible.all():
+            raise UserError(
+                f"n={cfg.n} is larger than the {int(eligible.sum())} users with a training "
+                f"sample ({ds.n_users - int(eligible.sum())} of {ds.n_users} have none)"
+            )
         check_n(cfg.n, ds.n_users)
     needs = set(REQUIRES[cfg.method])
     arrays, inputs = {}, {}
@@ -122,6 +128,7 @@ def run_select(cfg: SelectConfig):
         hard_prune=cfg.hard_prune,
         beta=cfg.beta if cfg.beta_rule == "fixed" else None,
         clusters=cfg.clusters,
+        eligible=eligible,
         **arrays,
     )
     inputs["data"] = {"path": str(ds.path), **fp}
