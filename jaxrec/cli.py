@@ -95,6 +95,12 @@ COMMANDS = {
         "jaxrec.experiment:main",
         "selection methods x seeds (x a sweep grid) through finetune + evaluate",
     ),
+    "doctor": (
+        "jaxrec.doctor:DoctorArgs",
+        None,
+        "jaxrec.doctor:main",
+        "what each side will run on: JAX and torch devices, threads, memory, embedded models",
+    ),
     "report": (
         "jaxrec.pipeline:ReportArgs",
         None,
