@@ -213,3 +213,32 @@ def test_report_on_a_folder_with_nothing_to_plot_writes_nothing(tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["report", "--help"])
     assert "experiment folder" in capsys.readouterr().out
+
+
+def test_resume_is_the_default_and_keyed_as_archived():
+    """Every resumable command resumes by default; ``resume`` and the cache folders do not
+    change results, so reuse keys hold the value archived keys were made with
+    (``keyed_value``; the pipeline's key_options applies it)."""
+    from jaxrec.config import SurrogateConfig, keyed_value
+    from llm_bridge.config import (
+        EffortConfig,
+        EvaluateConfig,
+        FinetuneConfig,
+        SemanticIdConfig,
+        UserRepsConfig,
+    )
+
+    archived = {
+        (SurrogateConfig, "resume"): True,
+        (EffortConfig, "resume"): False,
+        (UserRepsConfig, "resume"): False,
+        (FinetuneConfig, "resume"): True,
+        (SemanticIdConfig, "cache_dir"): "runs/cache",
+        (EvaluateConfig, "cache_dir"): "runs/cache",
+    }
+    for (cls, name), value in archived.items():
+        f = cls.__dataclass_fields__[name]
+        assert keyed_value(f, "elsewhere") == value, (cls.__name__, name)
+        if name == "resume":
+            assert f.default is True, cls.__name__
+    assert keyed_value(SurrogateConfig.__dataclass_fields__["lr"], 0.5) == 0.5
