@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from jaxrec.config import help_of, load_config_file, make_config, option
+from jaxrec.config import help_of, keyed_value, load_config_file, make_config, option
 from jaxrec.errors import UserError
 
 STAGES = (
@@ -384,13 +384,18 @@ def key_options(stage: str, section: dict) -> dict:
     :data:`BASELINE_SCORE_KEYS` (only the ``influence:grand`` / ``influence:el2n`` score
     stages, which copy the section, read them). A stage unknown to :func:`config_classes`
     (tests' stand-ins) keys on ``section`` as given. An option marked ``since`` in its config
-    class is left out while at its default, so adding it keeps archived runs valid. Of the
+    class is left out while at its default, so adding it keeps archived runs valid; one marked
+    ``keyed_as`` keys as that value whatever its own (:func:`jaxrec.config.keyed_value`). Of the
     paths in :data:`WIRED_PATHS` only the file name is keyed, so keys do not depend on the
     workdir."""
     known = stage.partition(":")[0] in config_classes()
     options = resolved_options(stage, section) if known else section
-    if known:  # options added later, at the default that keeps the earlier behaviour
+    if known:
         fields = dataclasses.fields(config_classes()[stage.partition(":")[0]])
+        # options that do not change results (resume, a cache folder) key as archived keys did
+        by_name = {f.name: f for f in fields}
+        options = {k: keyed_value(by_name[k], v) if k in by_name else v for k, v in options.items()}
+        # options added later, at the default that keeps the earlier behaviour
         options = {k: v for k, v in options.items() if not at_since_default(fields, k, v)}
     # the paths wire() fills in name files under the workdir: only their names are keyed, so a
     # run is found whatever workdir it ran in (the hash chain already covers what they hold)

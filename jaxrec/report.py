@@ -39,7 +39,6 @@ def make_report(run_dir: str | Path, out: str | Path = "") -> list[Path]:
     if not run.is_dir():
         raise UserError(f"{run}: run folder not found")
     out = Path(out) if out else run / "report"
-    out.mkdir(parents=True, exist_ok=True)
     scores = {}
     for kind in ("influence", "effort"):
         if (run / f"{kind}.npy").is_file():
@@ -47,18 +46,23 @@ def make_report(run_dir: str | Path, out: str | Path = "") -> list[Path]:
     selected, sel_manifest = None, {}
     if (run / "selected.npy").is_file():
         selected, sel_manifest = load_scores(run / "selected.npy", kind="selection")
+    info = sel_manifest.get("selection") or {}
+    trace = (run / "influence_trace.npy").is_file()
+    if not (scores or info.get("group_sizes") or trace):
+        raise UserError(
+            f"{run}: nothing to plot (no influence.npy, effort.npy or selected.npy; "
+            "report takes a pipeline workdir or an experiment folder)"
+        )
+    out.mkdir(parents=True, exist_ok=True)  # everything read and checked: now write
     written = []
     if scores:
         written.append(_plot_hist(plt, scores, out / "scores_hist.png"))
     if len(scores) == 2:
         written.append(_plot_scatter(plt, scores, selected, out / "scores_scatter.png"))
-    info = sel_manifest.get("selection") or {}
     if info.get("group_sizes"):
         written.append(_plot_groups(plt, info, out / "groups.png"))
-    if (run / "influence_trace.npy").is_file():
+    if trace:
         written.append(_plot_trace(plt, run, out / "lissa_trace.png"))
-    if not written:
-        raise UserError(f"{run}: nothing to plot (no influence.npy, effort.npy or selected.npy)")
     return written
 
 

@@ -26,6 +26,7 @@ from jaxrec.data import history, load_dataset, write_json
 from jaxrec.data.scorefiles import atomic_write_bytes
 from jaxrec.errors import UserError
 from llm_bridge.config import EvaluateConfig
+from llm_bridge.model import read_json
 from llm_bridge.tiger.finetune import load_codes
 from llm_bridge.tiger.generate import build_trie, generate
 from llm_bridge.tiger.model import (
@@ -54,7 +55,7 @@ def check_model_folder(folder: str, ds, codes: np.ndarray, sizes: list[int]) -> 
         raise UserError(
             f"{path}: not a finished TIGER model folder (no train_record.json or config.json)"
         )
-    record = json.loads(rec.read_text())
+    record = read_json(rec, "re-run `dealrec finetune --backend tiger` into this folder")
     settings = record.get("settings", {})
     if record.get("backend") != "tiger":
         raise UserError(

@@ -29,7 +29,6 @@ losses, best epoch, seconds).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -256,16 +255,20 @@ def load_checkpoint(ckpt: Path, model, opt, sched) -> dict:
     """Restore model, optimizer, scheduler and RNG state; returns ``state.json``."""
     from safetensors.torch import load_file
 
-    state = json.loads((ckpt / "state.json").read_text())
+    from llm_bridge.model import RESTART, read_json, reading
+
+    state = read_json(ckpt / "state.json", RESTART)
     epoch = state["epoch"]
     device = next(model.parameters()).device
-    weights = load_file(str(ckpt / f"model-{epoch}.safetensors"), device=str(device))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(weights[name])
-    extra = torch.load(ckpt / f"optimizer-{epoch}.pt", map_location=device, weights_only=True)
-    opt.load_state_dict(extra["optimizer"])
-    sched.load_state_dict(extra["scheduler"])
+    with reading(ckpt / f"model-{epoch}.safetensors", RESTART):
+        weights = load_file(str(ckpt / f"model-{epoch}.safetensors"), device=str(device))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(weights[name])
+    with reading(ckpt / f"optimizer-{epoch}.pt", RESTART):
+        extra = torch.load(ckpt / f"optimizer-{epoch}.pt", map_location=device, weights_only=True)
+        opt.load_state_dict(extra["optimizer"])
+        sched.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"].cpu())
     if "cuda_rng" in extra and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in extra["cuda_rng"]])
@@ -275,9 +278,13 @@ def load_checkpoint(ckpt: Path, model, opt, sched) -> dict:
 # ----------------------------------------------------------------------------- main
 def _resume_state(cfg: FinetuneConfig, ckpt: Path, settings: dict) -> dict | None:
     """The checkpoint's ``state.json`` when resuming; :class:`UserError` if made otherwise."""
+    from llm_bridge.model import RESTART, read_json
+
     if not (cfg.resume and (ckpt / "state.json").is_file()):
         return None
-    state = json.loads((ckpt / "state.json").read_text())
+    state = read_json(ckpt / "state.json", RESTART)
+    if not isinstance(state.get("epoch"), int):
+        raise UserError(f"{ckpt / 'state.json'}: damaged (no epoch); {RESTART}")
     if state.get("settings") != settings:
         old = state.get("settings", {})
         diff = sorted(k for k in {*settings, *old} if old.get(k) != settings.get(k))

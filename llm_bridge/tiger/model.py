@@ -272,7 +272,10 @@ def load_model(folder, device="cpu"):
     """The model saved by ``save_pretrained`` in ``folder`` (local files only), eval mode."""
     from transformers import T5ForConditionalGeneration
 
-    model = T5ForConditionalGeneration.from_pretrained(str(folder), local_files_only=True)
+    from llm_bridge.model import reading
+
+    with reading(folder, "re-run `dealrec finetune --backend tiger` into this folder"):
+        model = T5ForConditionalGeneration.from_pretrained(str(folder), local_files_only=True)
     return model.to(device).eval()
 
 
