@@ -147,10 +147,24 @@ def _tapped(fn, layers):
     return f
 
 
+def _indexed(data) -> list:
+    """``data``'s strata, each paired with its rows' global indices (the sampled Fisher draws
+    each row's labels from ``fold_in(key, row)``, so batching and devices do not change it)."""
+    from jaxrec.influence.batching import data_size, strata
+
+    out, start = [], 0
+    for part in strata(data):
+        m = data_size(part)
+        out.append((part, np.arange(start, start + m, dtype=np.int32)))
+        start += m
+    return out
+
+
 def _stats(state, layers, p, batch, weight, key):
     """One batch's activations ``{layer: [B, T, in(+1)]}`` (rows weighted) and pseudo-loss
     pre-activation gradients ``{layer: [R, B, T, out]}`` (see the module docstring)."""
     opts = state.options
+    batch, row_ids = batch
     fn = state.per_sample_loss if opts.fisher == "empirical" else state.output
     tapped = _tapped(fn, layers)
     zeros = {
@@ -167,7 +181,8 @@ def _stats(state, layers, p, batch, weight, key):
     if opts.fisher == "gauss-newton":
         cot = jnp.eye(k, dtype=out.dtype)[:, None, :] * w[None, :, None]  # [K, B, K]
     elif opts.fisher == "sampled":
-        cot = (jax.random.normal(key, (b, k), out.dtype) * w[:, None])[None]
+        draw = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), (k,), out.dtype))
+        cot = (draw(row_ids) * w[:, None])[None]
     else:
         cot = w[None, :, None]
     grads = jax.vmap(lambda c: vjp(c)[0])(cot)  # {key: [R, B, ..., out]}
@@ -224,29 +239,25 @@ def fit_state(state, progress=None) -> dict:
     if not layers:
         raise UserError("K-FAC found no Dense layer with parameters in params=")
     n = total_size(state.data)
+    data = _indexed(state.data)
     base = jax.random.PRNGKey(opts.seed)
     dtype = jax.tree.leaves(state.params)[0].dtype
     sizes = _sizes(state, layers)
 
     def cov(p, batch, weight, acc):
-        (covs, step) = acc
-        a, s = _stats(state, layers, p, batch, weight, jax.random.fold_in(base, step))
-        new = {
+        a, s = _stats(state, layers, p, batch, weight, base)
+        return {
             mp: (
-                covs[mp][0] + jnp.einsum("bti,btj->ij", a[mp], a[mp]),
-                covs[mp][1] + jnp.einsum("rbto,rbtp->op", s[mp], s[mp]),
+                acc[mp][0] + jnp.einsum("bti,btj->ij", a[mp], a[mp]),
+                acc[mp][1] + jnp.einsum("rbto,rbtp->op", s[mp], s[mp]),
             )
             for mp in layers
         }
-        return new, step + 1
 
-    init = (
-        {mp: (jnp.zeros((i, i), dtype), jnp.zeros((o, o), dtype)) for mp, (i, o) in sizes.items()},
-        jnp.zeros((), jnp.int32),
-    )
-    covs, _ = batch_reduce(
-        cov, state.params, state.data, init, opts.fit_batch_size, desc="kfac covariances"
-    )
+    init = {
+        mp: (jnp.zeros((i, i), dtype), jnp.zeros((o, o), dtype)) for mp, (i, o) in sizes.items()
+    }
+    covs = batch_reduce(cov, state.params, data, init, opts.fit_batch_size, desc="kfac covariances")
     out = {}
     for mp, (a_cov, s_cov) in covs.items():
         la, qa = np.linalg.eigh(np.asarray(a_cov, np.float64) / n)
@@ -263,20 +274,19 @@ def fit_state(state, progress=None) -> dict:
         }
 
         def corr(p, batch, weight, acc, rot):
-            (lams, step) = acc
-            a, s = _stats(state, layers, p, batch, weight, jax.random.fold_in(base, step))
+            a, s = _stats(state, layers, p, batch, weight, base)
             new = {}
             for mp in layers:
                 qa, qs = rot[mp]
                 g = jnp.einsum("bti,rbto->rbio", a[mp] @ qa, s[mp] @ qs)
-                new[mp] = lams[mp] + jnp.sum(g**2, (0, 1))
-            return new, step + 1
+                new[mp] = acc[mp] + jnp.sum(g**2, (0, 1))
+            return new
 
-        init = ({mp: jnp.zeros(sizes[mp], dtype) for mp in layers}, jnp.zeros((), jnp.int32))
-        lams, _ = batch_reduce(
+        init = {mp: jnp.zeros(sizes[mp], dtype) for mp in layers}
+        lams = batch_reduce(
             corr,
             state.params,
-            state.data,
+            data,
             init,
             opts.fit_batch_size,
             extra=(rot,),
