@@ -66,7 +66,7 @@ def problem(model, n=40, q=6, shape=(4,), out=3, seed=0):
 
 
 def rows(data):
-    n = len(data["x"])
+    n = len(jax.tree.leaves(data)[0])
     return [{k: v[i : i + 1] for k, v in data.items()} for i in range(n)]
 
 
@@ -307,3 +307,95 @@ def test_unknown_options_are_an_error(mlp):
     loss, psl, _, params, train, _ = mlp
     with pytest.raises(UserError, match="options must be one of"):
         at.fit(ExactOptions(), loss, psl, params, train)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "gauss-newton"])
+def test_ekfac_on_a_sasrec_block(fisher):
+    """EK-FAC on a tiny SASRec's attention output projection and first FFN layer (a
+    ParamSubset, the sequence axis as tokens): its corrected eigenvalues are the diagonal, in
+    the Kronecker eigenbasis, of the exact curvature: per-sample gradient outer products, or
+    J^T H J with J the Jacobian of the logits and H the Hessian of the BCE loss in the logits
+    (both by jax.jacobian / jax.hessian). The Gauss-Newton output whitens the logits with the
+    square root of that (diagonal) Hessian."""
+    from jaxrec.influence import ParamSubset
+    from jaxrec.models import sasrec
+
+    model = sasrec.SASRec(n_items=12, hidden=8, blocks=2, heads=2, max_len=5, dropout=0.0)
+    params = sasrec.init_params(model, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    n, L = 24, 5
+    seq = rng.integers(1, 13, size=(n, L + 1))
+    for i, start in enumerate(rng.integers(0, 3, size=n)):
+        seq[i, :start] = 0  # left padding
+    data = {
+        "inputs": seq[:, :-1].astype(np.int32),
+        "targets": np.where(seq[:, :-1] > 0, seq[:, 1:], 0).astype(np.int32),
+        "negatives": rng.integers(1, 13, size=(n, L)).astype(np.int32),
+    }
+    _, psl_full = sasrec.make_loss_fns(model)
+
+    def out_full(p, b):
+        pos, neg, mask = sasrec.position_logits(model, p, b)
+        z = jnp.concatenate([pos, neg], -1)
+        m = jnp.concatenate([mask, mask], -1)
+        s = jax.nn.sigmoid(z)
+        h = s * (1 - s) / jnp.maximum(jnp.sum(mask, -1, keepdims=True), 1)
+        return jnp.where(m, jnp.sqrt(jax.lax.stop_gradient(h)) * z, 0.0)
+
+    sub = ParamSubset(params, r"^(attn_out_1|ffn_1_0)/")
+    psl, output = sub.restrict(psl_full), sub.restrict(out_full)
+    loss = lambda p, b: jnp.mean(psl(p, b))
+    state = at.fit(EKFACOptions(fisher=fisher), loss, psl, sub.params, data, output=output)
+    assert set(state.fitted["layers"]) == {"attn_out_1", "ffn_1_0"}
+    flat, unravel = ravel_pytree(sub.params)
+
+    def logits(t, b):
+        pos, neg, _ = sasrec.position_logits(model, sub.combine(unravel(t)), b)
+        return jnp.concatenate([pos, neg], -1)[0]
+
+    def bce(z, b):
+        return sasrec.bce_per_sample(z[None, :L], z[None, L:], b["targets"] > 0)[0]
+
+    jz, hz = jax.jit(jax.jacobian(logits)), jax.jit(jax.hessian(bce))
+    gfn = jax.jit(jax.grad(lambda t, b: psl(unravel(t), b)[0]))
+    curv = []
+    for r in rows(data):
+        if fisher == "empirical":
+            g = np.asarray(gfn(flat, r), np.float64)
+            curv.append(np.outer(g, g))
+        else:
+            j = np.asarray(jz(flat, r), np.float64)
+            curv.append(j.T @ np.asarray(hz(np.asarray(logits(flat, r)), r), np.float64) @ j)
+    b_all = sum(curv) / n
+    tree = unravel(jnp.arange(flat.size, dtype=jnp.float32))
+    for name, layer in state.fitted["layers"].items():
+        cols = np.concatenate(
+            [np.asarray(tree[f"{name}/kernel"]), np.asarray(tree[f"{name}/bias"])[None]], 0
+        )
+        cols = cols.astype(int).ravel()
+        q = np.kron(layer["qa"], layer["qs"])
+        want = np.diag(q.T @ b_all[np.ix_(cols, cols)] @ q)
+        assert want.max() > 1e-6
+        np.testing.assert_allclose(
+            layer["eigenvalues"].ravel(), want, rtol=0, atol=2e-3 * want.max()
+        )
+    query = {k: v[:3] for k, v in data.items()}
+    a = at.attribute(state, data, query)
+    assert a.shape == (n, 3) and np.all(np.isfinite(a))
+
+
+def test_sampled_fisher_converges_to_gauss_newton():
+    """fisher="sampled" draws e ~ N(0, I) per row: on one Dense layer its S tends to the
+    identity (the Gauss-Newton's), so K-FAC's eigenvalues approach the exact ones."""
+    loss, psl, output, params, train, _ = problem(Linear(out=2), n=3000)
+    gn = np.linalg.eigvalsh(gauss_newton(output, params, train))
+    state = at.fit(
+        KFACOptions(fisher="sampled", damping=0.1, fit_batch_size=1000),
+        loss,
+        psl,
+        params,
+        train,
+        output=output,
+    )
+    got = np.sort(state.fitted["layers"]["lin"]["eigenvalues"].ravel())
+    np.testing.assert_allclose(got, np.sort(gn), rtol=0.15)
