@@ -132,12 +132,12 @@ def test_solver_estimators_equal_lds_attributions(mlp):
         query,
     )
     close(cg, a, 1e-3)
-    lissa = LissaOptions(steps=300, batch_size=8)
+    lissa = LissaOptions(steps=60, batch_size=8, chunk=30)
     got = at.attribute(
         at.fit(at.InfluenceOptions(lissa, **kw), loss, psl, params, train), train, query
     )
     close(got, lds.solver_attribution(loss, psl, params, train, val, solver=lissa, **kw))
-    arn = ArnoldiOptions(rank=10, iterations=30)
+    arn = ArnoldiOptions(rank=5, iterations=12)
     got = at.attribute(
         at.fit(at.InfluenceOptions(arn, **kw), loss, psl, params, train), train, query
     )
