@@ -399,3 +399,19 @@ def test_sampled_fisher_converges_to_gauss_newton():
     )
     got = np.sort(state.fitted["layers"]["lin"]["eigenvalues"].ravel())
     np.testing.assert_allclose(got, np.sort(gn), rtol=0.15)
+
+
+def test_strata_lists_equal_their_concatenation(mlp):
+    """Data given as a list of strata (as lds passes SASRec's length buckets) scores as their
+    concatenation, for the estimators with their own fitting passes."""
+    loss, psl, output, params, train, query = mlp
+    parts = [{k: v[:15] for k, v in train.items()}, {k: v[15:] for k, v in train.items()}]
+    for opts in (
+        EKFACOptions(fisher="sampled", fit_batch_size=8),
+        TRAKOptions(dim=16, damping=0.01, batch_size=8),
+        DataInfOptions(grad_batch_size=8),
+        at.GradCosOptions(norm_batch_size=8),
+    ):
+        whole = at.attribute(at.fit(opts, loss, psl, params, train, output=output), train, query)
+        split = at.attribute(at.fit(opts, loss, psl, params, parts, output=output), parts, query)
+        close(split, whole)
