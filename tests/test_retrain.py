@@ -22,7 +22,7 @@ def test_vmapped_retrains_equal_one_at_a_time(tmp_path):
     masks = lds.draw_subsets(ds.n_users, 3, 0.5, seed=1)
     seeds = [0, 1, 0]
     t0 = time.perf_counter()
-    stacked = retrain_many(task, masks, seeds, group=2)  # two groups: 2 + 1 models
+    stacked = retrain_many(task, masks, seeds)
     t1 = time.perf_counter()
     one = [lds.retrain(task, mask, s) for mask, s in zip(masks, seeds)]
     t2 = time.perf_counter()
