@@ -183,6 +183,12 @@ def read_experiment_file(path: str | Path, extra_sections: tuple[str, ...] = ())
     bad = sorted(set(data["pipeline"].stages) - set(STAGES))
     if bad:
         raise UserError(f"{path} [pipeline]: unknown stage {bad[0]!r}")
+    # every stage as it will run (the backend and paths filled in: TIGER's beams >= 20, say),
+    # checked before any stage starts; wire() writes nothing
+    pipe = data["pipeline"]
+    wired = wire(data, Path(pipe.workdir), pipe.data, pipe.backend)
+    for stage in STAGES:
+        make_config(classes[stage], wired[stage], f"{path} [{stage}]")
     return data
 
 
@@ -210,6 +216,8 @@ def wire(sections: dict, workdir: Path, data: str, backend: str = "bigrec") -> d
     wired["surrogate"].update(data=data, out=f"{w}/surrogate")
     wired["influence"].update(run=f"{w}/surrogate", out=f"{w}/influence.npy")
     wired["semantic_ids"].update(data=data, out=f"{w}/semantic_ids.npy")
+    for stage in ("semantic_ids", "evaluate"):  # the encoder cache lives in the workdir
+        wired[stage].setdefault("cache_dir", f"{w}/cache")
     for stage in BACKEND_STAGES:
         wired[stage]["backend"] = backend
         if backend == "tiger":

@@ -678,3 +678,29 @@ def test_plan_says_what_would_run_and_stops(tmp_path, capsys):
     assert "(10 min a run, no timed run to go by)" in log
     assert "dealrec train-surrogate" not in log and not (tmp_path / "w" / "runs").exists()
     assert not (tmp_path / "w" / "results.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "field,values", [("methods", "[random, dealrec, random]"), ("seeds", "[0, 1, 0]")]
+)
+def test_an_experiment_listing_a_method_or_seed_twice_is_refused(tmp_path, field, values):
+    from jaxrec.errors import UserError
+    from jaxrec.experiment import ExperimentArgs, read_experiment
+
+    config = tmp_path / "exp.yaml"
+    other = "seeds: [0]" if field == "methods" else "methods: [random]"
+    config.write_text(f"experiment:\n  {field}: {values}\n  {other}\n")
+    with pytest.raises(UserError, match=f"{field} lists .* twice"):
+        read_experiment(ExperimentArgs(config=str(config)))
+
+
+def test_tiger_beams_below_20_are_refused_before_any_stage(tmp_path):
+    """A TIGER run with ``evaluate.beams: 5`` (fewer than Recall@20's 20) fails when the config
+    is read, not at stage 7."""
+    from jaxrec.errors import UserError
+    from jaxrec.pipeline import read_experiment_file
+
+    config = tmp_path / "run.yaml"
+    config.write_text("pipeline:\n  backend: tiger\nevaluate:\n  beams: 5\n")
+    with pytest.raises(UserError, match="beams"):
+        read_experiment_file(config)

@@ -279,6 +279,10 @@ def read_experiment(args: ExperimentArgs) -> tuple[dict, ExperimentConfig, list[
     exp = make_config(ExperimentConfig, data.get("experiment") or {}, source)
     if not exp.methods or not exp.seeds:
         raise UserError(f"{source}: methods and seeds must not be empty")
+    for name, values in (("methods", exp.methods), ("seeds", exp.seeds)):
+        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        if twice:
+            raise UserError(f"{source}: {name} lists {twice[0]!r} twice")
     if exp.user_groups < 0 or (exp.user_groups and exp.reference not in exp.methods):
         raise UserError(
             f"{source}: user_groups must be >= 0 and the reference method "
