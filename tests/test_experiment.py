@@ -386,8 +386,13 @@ def test_archived_runs_keep_their_keys():
 
     root = Path(__file__).resolve().parents[1]
     archived = {r["key"] for r in csv.DictReader(open(root / "results/tiger_games/runs.csv"))}
-    # two runs archived by the pinned clone of 2026-12-07 (commit 34e6704)
-    known = {("random", 0): "9ba9f1608fab089e", ("random", 1): "6f8a3e2307a5a4b6"}
+    # runs archived by the pinned clones of 2026-12-07 (random: 34e6704, DEALRec: 5ac7c44)
+    known = {
+        ("random", 0): "9ba9f1608fab089e",
+        ("random", 1): "6f8a3e2307a5a4b6",
+        ("dealrec", 0): "576cc3069bff0f09",
+        ("dealrec", 5): "f0499471926ada55",
+    }
     assert set(known.values()) <= archived
     args = ExperimentArgs(config=str(root / "configs/studies/seeds30_tiger.yaml"))
     data, exp, cells = read_experiment(args)
