@@ -4,7 +4,7 @@
 # make demo : install everything, then run the main job on the embedded default
 PY ?= python3
 
-.PHONY: install test demo bench
+.PHONY: install test demo
 install:
 	PYTHON=$(PY) bash scripts/install.sh
 
@@ -14,5 +14,3 @@ test: install
 demo: install
 	dealrec run configs/demo.yaml
 
-bench: install
-	$(PY) bench/run_all.py

@@ -130,7 +130,12 @@ class PipelineArgs:
 class ReportArgs:
     """Command line of ``dealrec report RUN_DIR``."""
 
-    run_dir: str = field(metadata={"help": "a pipeline workdir (holds influence.npy, ...)"})
+    run_dir: str = field(
+        metadata={
+            "help": "a pipeline workdir (holds influence.npy, ...) or an experiment's results "
+            "folder (results.csv, experiment.json: the paper's figures)"
+        }
+    )
     out: str = option("", "folder for the PNGs; empty = RUN_DIR/report")
 
     @staticmethod
