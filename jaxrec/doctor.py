@@ -22,6 +22,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+
+from jaxrec.config import help_of, option
+
 JAX_PROBE = """
 import json, jax
 devices = jax.devices()
@@ -49,13 +52,11 @@ print(json.dumps({"version": torch.__version__, "cuda": torch.cuda.is_available(
 class DoctorArgs:
     """Command line of ``dealrec doctor``."""
 
-    json: bool = False
+    json: bool = option(False, "print the findings as one JSON object")
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--json", action="store_true", help="print the findings as one JSON object"
-        )
+        parser.add_argument("--json", action="store_true", help=help_of(DoctorArgs, "json"))
 
     @classmethod
     def from_args(cls, args):

@@ -673,6 +673,7 @@ def test_plan_says_what_would_run_and_stops(tmp_path, capsys):
             "seeds": [0, 1],
             "seeds_of": {"dealrec": [3]},
         },
+        "evaluate": {"beams": 20},  # TIGER needs 20 beams for Recall@20 (checked when read)
     }
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg))
