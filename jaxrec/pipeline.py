@@ -445,10 +445,10 @@ SHARED_INPUTS = {
 
 def shared_key(stage: str, wired: dict) -> str:
     """The reuse key of shared ``stage``: a hash of its resolved options and of the keys of
-    the shared stages it reads (:data:`SHARED_INPUTS`), and of nothing else, so its output is
-    reused whichever other stages ran with it (``--stages semantic_ids`` alone, or an
-    experiment whose methods need no surrogate)."""
-    inputs = [shared_key(s, wired) for s in SHARED_INPUTS[stage.partition(":")[0]]]
+    the shared stages it reads (:data:`SHARED_INPUTS`, those in ``wired``), and of nothing
+    else, so its output is reused whichever other stages ran with it (``--stages
+    semantic_ids`` alone, or an experiment whose methods need no surrogate)."""
+    inputs = [shared_key(s, wired) for s in SHARED_INPUTS[stage.partition(":")[0]] if s in wired]
     return digest([digest(inputs) if inputs else "", stage, key_options(stage, wired[stage])])
 
 
