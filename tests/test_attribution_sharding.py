@@ -2,12 +2,9 @@
 batches (scoring, covariances, projections, DataInf sums) are padded and sharded as the
 engine's scores are (tests/test_influence_sharding.py)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
+
+from tests.conftest import run_on_forced_devices
 
 SCRIPT = r"""
 import json
@@ -59,16 +56,7 @@ print(json.dumps(out))
 
 
 def run(devices: int) -> dict:
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_on_forced_devices(SCRIPT, devices)
 
 
 def test_four_devices_equal_one():
