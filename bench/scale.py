@@ -183,6 +183,10 @@ def draw(results: dict, figure: str) -> None:
                 )
         ax.set_xscale("log")
         ax.set_xlabel("users")
+        # the measured sizes as plain numbers; matplotlib's minor 3x10^5, 4x10^5 overlapped
+        sizes = sorted({r["users"] for r in both + only})
+        ax.set_xticks(sizes, [f"{u:,}" for u in sizes])
+        ax.minorticks_off()
     users = [r["users"] for r in both]
     for f, _, _ in curves.values():
         a.plot(users, [f(base) * u / base["users"] for u in users], "k:", lw=0.8)

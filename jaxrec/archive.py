@@ -9,7 +9,9 @@ holds:
 
 * ``runs.csv``: one row per finished run: the columns of the experiment's ``runs.csv``
   (with ``finetune_epochs`` / ``finetune_best_epoch`` from the run's ``train_record.json``;
-  absent in rows archived before 2026-12-06) plus ``key``, the run's reuse key (the hash of
+  absent in rows archived before 2026-12-06; ``test_loss``, the mean of the run's per-user
+  ``loss``, absent in rows archived before 2026-12-07 and then computed from ``per_user.npz``
+  by :meth:`RunArchive.row`) plus ``key``, the run's reuse key (the hash of
   every option its select, finetune and evaluate stages and the shared stages it reads ran
   with, see :func:`jaxrec.pipeline.stage_keys`);
 * ``per_user.npz``: per run (arrays ``KEY.users``, ``KEY.recall@10``, ..., ``KEY.loss``), the
@@ -18,9 +20,9 @@ holds:
   int64 arrays (so tables and tests come out identical from an archive), read with
   ``allow_pickle=False``.
 
-A run's key covers its workdir's paths, so an archive serves the workdir it was made in (the
-shipped TIGER configs: ``runs/table2_tiger`` and the Table 4 workdirs, all archived in
-``results/tiger_games``).
+A run's key covers only the file names of its wired paths, not its workdir, so an archive serves
+any workdir: ``dealrec experiment CONFIG --workdir ANY`` on a fresh clone finds every archived
+run (the shipped TIGER configs' runs are archived in ``results/tiger_games``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 from jaxrec.errors import UserError
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+LOSS = "test_loss"  # the mean of the per-user array ``loss`` (jaxrec.experiment.grid.LOSS)
 
 
 class RunArchive:
@@ -72,7 +75,7 @@ class RunArchive:
         for name, value in stored.items():
             if name in fields or value == "":
                 continue
-            if name in METRICS or name.endswith("_seconds"):
+            if name in METRICS or name == LOSS or name.endswith("_seconds"):
                 row[name] = float(value)
             elif name in ("n_users", "finetune_epochs", "finetune_best_epoch"):
                 row[name] = int(value)
@@ -81,6 +84,8 @@ class RunArchive:
         users = self.arrays[f"{key}.users"]
         metrics = {k: self.arrays[f"{key}.{k}"] for k in METRICS}
         loss = self.arrays.get(f"{key}.loss")
+        if LOSS not in row and loss is not None and len(loss):
+            row[LOSS] = float(loss.mean())  # a row archived before test_loss was a column
         return {**fields, **row, "key": key, "_per_user": (users, metrics, loss)}
 
     def add(self, row: dict, users: np.ndarray, metrics: dict, loss: np.ndarray | None) -> bool:

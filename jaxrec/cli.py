@@ -9,6 +9,7 @@ line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 
@@ -94,13 +95,24 @@ COMMANDS = {
         "jaxrec.experiment:main",
         "selection methods x seeds (x a sweep grid) through finetune + evaluate",
     ),
+    "doctor": (
+        "jaxrec.doctor:DoctorArgs",
+        None,
+        "jaxrec.doctor:main",
+        "what each side will run on: JAX and torch devices, threads, memory, embedded models",
+    ),
     "report": (
         "jaxrec.pipeline:ReportArgs",
         None,
         "jaxrec.report:main",
-        "PNG plots of a run's scores and selection",
+        "PNG plots of a pipeline workdir (scores, selection) or of an experiment folder "
+        "(the paper's Figures 4-7 and Table 3)",
     ),
 }
+
+
+# config-file sections that no stage command reads: ``dealrec run`` / ``experiment`` check them
+PIPELINE_SECTIONS = ("pipeline", "experiment")
 
 
 def _load(ref: str):
@@ -108,10 +120,29 @@ def _load(ref: str):
     return getattr(importlib.import_module(module), name)
 
 
+def section_classes() -> dict:
+    """Every section a config file may hold -> the config class that reads it (``None``: a
+    section only ``run`` / ``experiment`` read). A command given a file checks all of them
+    (:func:`jaxrec.config.check_sections`)."""
+    classes = dict.fromkeys(PIPELINE_SECTIONS)
+    for cfg_ref, section, _runner, _help in COMMANDS.values():
+        if section is not None:
+            try:
+                classes[section] = _load(cfg_ref)
+            except (ImportError, AttributeError):
+                classes[section] = None  # not in this build
+    return classes
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxrec.config import add_config_arguments
 
-    parser = argparse.ArgumentParser(prog="dealrec", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dealrec",
+        description="DEALRec's data-efficient fine-tuning of LLM recommenders: one command "
+        "per stage, `dealrec run CONFIG` for the whole pipeline, `dealrec doctor` for what "
+        "each side will run on.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cfg_ref, _section, _runner, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -130,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg_ref, section, runner_ref, _ = COMMANDS[args.command]
+    from jaxrec.config import flag_words
+
+    cls = None
     try:
         cls = _load(cfg_ref)
         if hasattr(cls, "from_args"):
@@ -137,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from jaxrec.config import config_from_args
 
-            cfg = config_from_args(cls, args, section)
+            cfg = config_from_args(cls, args, section, section_classes())
         runner = _load(runner_ref)
         return int(runner(cfg) or 0)
     except UserError as e:
-        print(f"dealrec {args.command}: error: {e}", file=sys.stderr)
+        message = flag_words(str(e), cls) if dataclasses.is_dataclass(cls) else str(e)
+        print(f"dealrec {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dealrec {args.command}: interrupted", file=sys.stderr)

@@ -21,22 +21,35 @@ from jaxrec.errors import UserError
 GAMES = "../shared/data/games"
 
 
-def option(default, text: str, flag: str = "", since: str = ""):
+_UNSET = object()
+
+
+def option(default, text: str, flag: str = "", since: str = "", keyed_as=_UNSET):
     """A documented option field: ``text`` is its ``--help`` text. A list or dict default is
     copied for every instance (``default_factory``). ``flag`` (solver options) names the
     ``InfluenceConfig`` field, and so the command-line flag, that sets it when that name
     differs from the option's own. ``since`` (a date) marks an option added after runs were
     archived whose default keeps the earlier behaviour: while it is at its default it is left
     out of the stage's reuse key (:func:`jaxrec.pipeline.key_options`), so archived runs stay
-    valid; any other value is keyed as usual."""
+    valid; any other value is keyed as usual. ``keyed_as`` marks an option that does not
+    change a stage's results (resume, a cache folder): a reuse key holds this value whatever
+    the option's, namely the default archived keys were made with, so the option and its
+    default may change without invalidating them (:func:`keyed_value`)."""
     metadata = {
         "help": text,
         **({"flag": flag} if flag else {}),
         **({"since": since} if since else {}),
+        **({"keyed_as": keyed_as} if keyed_as is not _UNSET else {}),
     }
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def keyed_value(f: dataclasses.Field, value):
+    """The value a reuse key records for option field ``f`` set to ``value``: its
+    ``keyed_as`` (:func:`option`) when it has one, else ``value``."""
+    return f.metadata.get("keyed_as", value)
 
 
 def help_of(cls, name: str) -> str:
@@ -97,7 +110,9 @@ class SurrogateConfig:
     )
     seed: int = option(0, "seed of the initial parameters, batch order, negatives and dropout")
     resume: bool = option(
-        True, "continue from OUT's latest checkpoint if it has the same dataset and options"
+        True,
+        "continue from OUT's latest checkpoint if it has the same dataset and options",
+        keyed_as=True,
     )
     arch: SurrogateArch = option(
         "official",
@@ -406,6 +421,17 @@ class SelectConfig:
     seed: int = option(0, "seed of every random draw (random, group members, k-means)")
     out: str = option("runs/selected.npy", "selection file to write (.npy, plus a .json manifest)")
 
+    def __post_init__(self):
+        """The range of every number (so ``dealrec run`` refuses them before any stage)."""
+        for name in ("n", "groups", "clusters"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not self.lamda >= 0:
+            raise UserError(f"lamda={self.lamda}: the effort weight of Eq. 13 must be >= 0")
+        for name in ("hard_prune", "beta"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"{name}={getattr(self, name)}: must be in [0, 1)")
+
 
 @dataclass
 class LdsConfig:
@@ -476,6 +502,13 @@ def _field_type(cls, f: dataclasses.Field):
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """Add ``--config FILE`` and one ``--flag`` per field of the dataclass ``cls``."""
+    parser.add_argument(
+        "config_file",
+        nargs="?",
+        default=None,
+        metavar="CONFIG",
+        help="YAML config file (see configs/), the same as --config",
+    )
     parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -545,16 +578,66 @@ def make_config(cls, values: dict | None = None, source: str = "config"):
                 raise UserError(f"{source}: {key} must be one of {choices}, got {value!r}")
         elif typ in (int, float, str, bool) and not isinstance(value, typ):
             raise UserError(f"{source}: {key} must be {typ.__name__}, got {value!r}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except UserError as e:  # a range check of the class (``__post_init__``)
+        raise UserError(f"{source}: {e}") from None
 
 
-def config_from_args(cls, args: argparse.Namespace, section: str):
-    """Defaults <- section of ``--config`` file <- command-line flags."""
+def check_sections(data: dict, source: str, section: str, classes: dict) -> None:
+    """Refuse a config file whose sections a command would silently ignore.
+
+    Args:
+      data: the file's sections (:func:`load_config_file`).
+      source: the file's name, for messages.
+      section: the section the command reads; it must be present (a file without it would
+        run every default).
+      classes: every section name a config file may hold -> its config class, or ``None``
+        when the command cannot check it (``pipeline``, ``experiment``: ``dealrec run`` /
+        ``experiment`` do). A name ``STAGE:KIND`` (a pipeline's score stage, e.g.
+        ``influence:grand``) counts as ``STAGE``.
+
+    Raises :class:`UserError` on an unknown section (with the closest known name), a missing
+    ``section``, or an unknown key or bad value in any section whose class is known."""
+    import difflib
+
+    known = sorted(classes)
+    unknown = sorted(name for name in data if str(name).partition(":")[0] not in classes)
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(
+            f"{source}: unknown section {unknown[0]!r}{hint}; known: {', '.join(known)}"
+        )
+    if section not in data:
+        have = ", ".join(map(str, data)) or "none"
+        raise UserError(
+            f"{source}: no {section!r} section, the one this command reads (sections: {have}); "
+            f"add '{section}:' or give the options as flags without the file"
+        )
+    for name, values in data.items():
+        if values is not None and not isinstance(values, dict):
+            raise UserError(f"{source}: section {name!r} must be a mapping of keys")
+        cls = classes[str(name).partition(":")[0]]
+        if cls is not None and name != section:
+            make_config(cls, values or {}, f"{source} [{name}]")
+
+
+def config_from_args(cls, args: argparse.Namespace, section: str, classes: dict | None = None):
+    """Defaults <- section of the config file (``CONFIG`` or ``--config``) <- command-line
+    flags. The file is checked by :func:`check_sections` against ``classes`` (default: only
+    ``section``, of ``cls``)."""
     values = {}
-    if getattr(args, "config", None):
-        data = load_config_file(args.config)
+    path = getattr(args, "config", None)
+    positional = getattr(args, "config_file", None)
+    if path and positional and path != positional:
+        raise UserError(f"two config files, {positional} and --config {path}: give one")
+    path = path or positional
+    if path:
+        data = load_config_file(path)
+        check_sections(data, str(path), section, classes or {section: cls})
         values.update(data.get(section) or {})
-        source = f"{args.config} [{section}]"
+        source = f"{path} [{section}]"
     else:
         source = "config"
     for f in dataclasses.fields(cls):
@@ -562,6 +645,24 @@ def config_from_args(cls, args: argparse.Namespace, section: str):
         if flag is not None:
             values[f.name] = flag
     return make_config(cls, values, source)
+
+
+def flag_words(message: str, cls) -> str:
+    """A library message for the command line: ``name=`` of a field of the config class
+    ``cls`` becomes its flag, ``"increase damping="`` -> ``"increase --damping"``,
+    ``"out='x'"`` -> ``"--out x"``; other names are left as they are."""
+    import re
+
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not names:
+        return message
+
+    def sub(m):
+        value = m.group(2).strip("'")
+        return "--" + m.group(1).replace("_", "-") + (f" {value}" if value else "")
+
+    pattern = r"(?<![\w.\-])(" + "|".join(map(re.escape, names)) + r")=('[^']*'|[\w.+\-]*)"
+    return re.sub(pattern, sub, message)
 
 
 def to_dict(cfg) -> dict:
@@ -585,7 +686,10 @@ __all__ = [
     "SOLVER_OPTIONS",
     "solver_options",
     "add_config_arguments",
+    "check_sections",
+    "keyed_value",
     "config_from_args",
+    "flag_words",
     "load_config_file",
     "make_config",
     "to_dict",

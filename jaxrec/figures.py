@@ -4,11 +4,13 @@ Reads ``experiment.json``, ``results.csv`` and, when the experiment split users 
 ``groups.csv`` (all written by :mod:`jaxrec.experiment`), and writes PNGs and Markdown:
 
 * ``methods.png`` (paper Fig. 4, the ablations): every metric per method, error bars = std over
-  seeds;
+  seeds (none for a method with one seed: its spread is unknown, not zero);
 * ``sweep_KEY.png`` (Fig. 5 for ``select.n``, Fig. 7 for ``select.lamda``, the K sweep for
-  ``select.groups``): every metric against the swept value, one line per method; for
+  ``select.groups``; drawn only for a key with >= 2 finished values): every metric against the
+  swept value, one line per method; for
   ``select.n`` the fine-tuning time on a second axis;
-* ``groups.png`` (Fig. 6): Recall@20 and NDCG@20 per user group and method;
+* ``groups.png`` (Fig. 6): Recall@20 and NDCG@20 per user group and method, with a caption
+  saying what the groups are;
 * ``full.md`` (Table 3): with a method ``all`` in the experiment, every method's metrics and
   fine-tuning time beside full fine-tuning, with the time ratio.
 """
@@ -39,6 +41,22 @@ def read_table(path: Path) -> list[dict]:
         return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def error_bars(rows: list[dict], metric: str) -> list[float] | None:
+    """Error bars: the std over seeds where a row has >= 2 runs, none (nan) where it has one
+    (its spread is unknown, not zero); ``None`` when no row has a spread."""
+    errs = [
+        float(r[f"{metric}_std"])
+        if r.get("runs", 2) >= 2 and _finite(r.get(f"{metric}_std"))
+        else float("nan")
+        for r in rows
+    ]
+    return errs if any(e == e for e in errs) else None
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and x == x and abs(x) != float("inf")
+
+
 def _plt():
     import matplotlib
 
@@ -57,7 +75,7 @@ def methods_figure(table: list[dict], path: Path) -> Path:
         ax.bar(
             range(len(table)),
             [r[f"{k}_mean"] for r in table],
-            yerr=[r[f"{k}_std"] for r in table],
+            yerr=error_bars(table, k),
             capsize=3,
             color=["#d62728" if n == "dealrec" else "#7f7f7f" for n in names],
         )
@@ -81,7 +99,7 @@ def sweep_figure(table: list[dict], key: str, path: Path) -> Path:
             ax.errorbar(
                 [r[key] for r in rows],
                 [r[f"{k}_mean"] for r in rows],
-                yerr=[r[f"{k}_std"] for r in rows],
+                yerr=error_bars(rows, k),
                 marker="o",
                 capsize=3,
                 label=m,
@@ -121,16 +139,27 @@ def groups_figure(table: list[dict], path: Path) -> Path:
                 np.arange(len(groups)) + j * width,
                 [rows[g][f"{k}_mean"] for g in groups],
                 width,
-                yerr=[rows[g][f"{k}_std"] for g in groups],
+                yerr=error_bars([rows[g] for g in groups], k),
                 capsize=3,
                 label=m,
             )
-        ax.set_xticks(
-            np.arange(len(groups)) + width * (len(methods) - 1) / 2, [f"group {g}" for g in groups]
-        )
+        names = [f"group {g}" for g in groups]
+        names[0] += "\n(lowest loss)"
+        names[-1] += "\n(highest loss)"
+        ax.set_xticks(np.arange(len(groups)) + width * (len(methods) - 1) / 2, names)
         ax.set_title(k)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.text(
+        0.5,
+        0.01,
+        f"Test users split into {len(groups)} equal groups by their test loss under the "
+        "reference method's run (experiment.reference): group 1 the easiest, "
+        f"group {groups[-1]} the hardest. Error bars: std over seeds (none for one seed).",
+        ha="center",
+        fontsize=7,
+        wrap=True,
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -171,11 +200,15 @@ def experiment_figures(workdir: str | Path, out: str | Path = "") -> list[Path]:
     info = json.loads((workdir / "experiment.json").read_text())
     table = read_table(workdir / "results.csv")
     keys = list(info.get("sweep") or {})
-    written = [methods_figure(table, out / "methods.png")] if not keys else []
+    written = []
     for key in keys:
         others = [k for k in keys if k != key]
         fixed = [r for r in table if all(r[o] == table[0][o] for o in others)]
+        if len({r[key] for r in fixed}) < 2:
+            continue  # one point is no sweep: its numbers are in results.md
         written.append(sweep_figure(fixed, key, out / f"sweep_{key}.png"))
+    if not written:  # no sweep, or only one-point ones
+        written.append(methods_figure(table, out / "methods.png"))
     if (workdir / "groups.csv").is_file():
         written.append(groups_figure(read_table(workdir / "groups.csv"), out / "groups.png"))
     if any(r["method"] == "all" for r in table) and not keys:

@@ -684,6 +684,70 @@ def _check_folder(out: Path, cfg: LdsConfig) -> None:
         write_json(f, keep)
 
 
+def check_options(cfg: LdsConfig) -> None:
+    """Every check of ``cfg`` that needs no data: attribution names, counts, fractions and the
+    parameter regex. Raises :class:`UserError` naming the options and their values."""
+    import re
+
+    from jaxrec.influence.params import resolve_pattern
+
+    unknown = [a for a in cfg.attributions if a not in ATTRIBUTIONS]
+    if unknown:
+        raise UserError(
+            f"unknown attribution {unknown[0]!r} in attributions=; expected "
+            + ", ".join(ATTRIBUTIONS)
+        )
+    if not cfg.attributions or len(set(cfg.attributions)) != len(cfg.attributions):
+        raise UserError(f"attributions= must name distinct attributions, got {cfg.attributions}")
+    small = {
+        k: getattr(cfg, k) for k in ("seeds", "val_users", "epochs", "bootstrap", "batch_size")
+    }
+    bad = {k: v for k, v in small.items() if v < 1}
+    if bad:
+        shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise UserError(f"{shown}: must be >= 1")
+    if cfg.users < 0:
+        raise UserError(f"users={cfg.users}: must be >= 0 (0 = every user)")
+    if not 0 < cfg.alpha < 1:
+        raise UserError(f"alpha={cfg.alpha}: the subset fraction must be in (0, 1)")
+    if cfg.subsets < 2:
+        raise UserError(f"subsets={cfg.subsets}: LDS needs at least 2 subsets")
+    if not 0 < cfg.level < 1:
+        raise UserError(f"level={cfg.level}: the confidence level must be in (0, 1)")
+    for name in ("damping", "small_damping", "scale", "lr"):
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"{name}={getattr(cfg, name)}: must be > 0")
+    try:
+        re.compile(resolve_pattern(cfg.params))
+    except re.error as e:
+        raise UserError(f"params={cfg.params!r} is not a valid regex ({e})") from None
+
+
+def check_parameters(cfg: LdsConfig, ds) -> int:
+    """The size of the block ``cfg.params`` selects in ``cfg.model`` on dataset ``ds``, from the
+    parameter shapes alone (nothing is trained). Raises :class:`UserError` when it selects
+    nothing, or more than the exact solve takes while ``exact`` is among the attributions."""
+    from jaxrec.influence.exact import MAX_DIM
+    from jaxrec.influence.params import ParamSubset
+    from jaxrec.train import build_model
+
+    scfg = surrogate_config(cfg, str(ds.path))
+    _module, model_spec = _model_module(scfg)
+    model = build_model(scfg, ds.n_items, ds)
+    shapes = jax.eval_shape(lambda: model_spec.init_params(model, jax.random.PRNGKey(0)))
+    try:
+        size = ParamSubset(shapes, cfg.params).size
+    except UserError as e:
+        raise UserError(f"params={cfg.params!r}: {e}") from None
+    if "exact" in cfg.attributions and size > MAX_DIM:
+        raise UserError(
+            f"params={cfg.params!r} selects {size:,} values; the exact attribution takes at "
+            f"most {MAX_DIM:,}: choose a smaller block with params= or drop exact from "
+            "attributions="
+        )
+    return size
+
+
 def _cached(path: Path, compute):
     if path.is_file():
         return np.load(path, allow_pickle=False)
@@ -705,16 +769,13 @@ def run(cfg: LdsConfig, *, progress: bool | None = None) -> dict:
     from jaxrec.influence import ParamSubset
     from jaxrec.train import negative_draw
 
-    unknown = [a for a in cfg.attributions if a not in ATTRIBUTIONS]
-    if unknown:
-        raise UserError(f"unknown attribution {unknown[0]!r}; expected {', '.join(ATTRIBUTIONS)}")
-    if cfg.seeds < 1 or cfg.val_users < 1 or cfg.epochs < 1:
-        raise UserError("seeds=, val_users= and epochs= must be >= 1")
+    check_options(cfg)
     t0 = time.perf_counter()
+    full = load_dataset(cfg.data)
+    check_parameters(cfg, full)  # all checked before anything is written
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_folder(out, cfg)
-    full = load_dataset(cfg.data)
     if cfg.users and cfg.users < full.n_users:
         sliced = out / "data"
         if not (sliced / "sequential_train.txt").is_file():
@@ -901,13 +962,10 @@ def bar_plot(results: dict, path: Path) -> Path:
 
 def main(cfg: LdsConfig) -> int:
     """``dealrec lds``: :func:`run`, then print the table."""
-    from jaxrec.influence.cli import flag_words, use_compile_cache
+    from jaxrec.influence.cli import use_compile_cache
 
     use_compile_cache(cfg.compile_cache)
-    try:
-        results = run(cfg)
-    except UserError as e:
-        raise UserError(flag_words(str(e))) from None
+    results = run(cfg)  # the command line names the flags of its errors (jaxrec.cli)
     print(markdown_table(results), end="")
     print(f"{cfg.out}: results.json, results.md, lds.png ({results['seconds']['total']:.0f} s)")
     return 0

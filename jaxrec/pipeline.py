@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from jaxrec.config import help_of, load_config_file, make_config, option
+from jaxrec.config import help_of, keyed_value, load_config_file, make_config, option
 from jaxrec.errors import UserError
 
 STAGES = (
@@ -130,7 +130,12 @@ class PipelineArgs:
 class ReportArgs:
     """Command line of ``dealrec report RUN_DIR``."""
 
-    run_dir: str = field(metadata={"help": "a pipeline workdir (holds influence.npy, ...)"})
+    run_dir: str = field(
+        metadata={
+            "help": "a pipeline workdir (holds influence.npy, ...) or an experiment's results "
+            "folder (results.csv, experiment.json: the paper's figures)"
+        }
+    )
     out: str = option("", "folder for the PNGs; empty = RUN_DIR/report")
 
     @staticmethod
@@ -183,6 +188,12 @@ def read_experiment_file(path: str | Path, extra_sections: tuple[str, ...] = ())
     bad = sorted(set(data["pipeline"].stages) - set(STAGES))
     if bad:
         raise UserError(f"{path} [pipeline]: unknown stage {bad[0]!r}")
+    # every stage as it will run (the backend and paths filled in: TIGER's beams >= 20, say),
+    # checked before any stage starts; wire() writes nothing
+    pipe = data["pipeline"]
+    wired = wire(data, Path(pipe.workdir), pipe.data, pipe.backend)
+    for stage in STAGES:
+        make_config(classes[stage], wired[stage], f"{path} [{stage}]")
     return data
 
 
@@ -210,6 +221,8 @@ def wire(sections: dict, workdir: Path, data: str, backend: str = "bigrec") -> d
     wired["surrogate"].update(data=data, out=f"{w}/surrogate")
     wired["influence"].update(run=f"{w}/surrogate", out=f"{w}/influence.npy")
     wired["semantic_ids"].update(data=data, out=f"{w}/semantic_ids.npy")
+    for stage in ("semantic_ids", "evaluate"):  # the encoder cache lives in the workdir
+        wired[stage].setdefault("cache_dir", f"{w}/cache")
     for stage in BACKEND_STAGES:
         wired[stage]["backend"] = backend
         if backend == "tiger":
@@ -384,13 +397,18 @@ def key_options(stage: str, section: dict) -> dict:
     :data:`BASELINE_SCORE_KEYS` (only the ``influence:grand`` / ``influence:el2n`` score
     stages, which copy the section, read them). A stage unknown to :func:`config_classes`
     (tests' stand-ins) keys on ``section`` as given. An option marked ``since`` in its config
-    class is left out while at its default, so adding it keeps archived runs valid. Of the
+    class is left out while at its default, so adding it keeps archived runs valid; one marked
+    ``keyed_as`` keys as that value whatever its own (:func:`jaxrec.config.keyed_value`). Of the
     paths in :data:`WIRED_PATHS` only the file name is keyed, so keys do not depend on the
     workdir."""
     known = stage.partition(":")[0] in config_classes()
     options = resolved_options(stage, section) if known else section
-    if known:  # options added later, at the default that keeps the earlier behaviour
+    if known:
         fields = dataclasses.fields(config_classes()[stage.partition(":")[0]])
+        # options that do not change results (resume, a cache folder) key as archived keys did
+        by_name = {f.name: f for f in fields}
+        options = {k: keyed_value(by_name[k], v) if k in by_name else v for k, v in options.items()}
+        # options added later, at the default that keeps the earlier behaviour
         options = {k: v for k, v in options.items() if not at_since_default(fields, k, v)}
     # the paths wire() fills in name files under the workdir: only their names are keyed, so a
     # run is found whatever workdir it ran in (the hash chain already covers what they hold)
@@ -415,12 +433,36 @@ def baseline_score_options(wired: dict, method: str) -> list:
     return [{k: options[k] for k in BASELINE_SCORE_KEYS}]
 
 
+# the shared stages each shared stage reads (a score stage ``influence:KIND`` reads the surrogate)
+SHARED_INPUTS = {
+    "surrogate": (),
+    "semantic_ids": (),
+    "user_reps": (),
+    "influence": ("surrogate",),
+    "effort": ("semantic_ids",),  # TIGER's effort reads the semantic IDs
+}
+
+
+def shared_key(stage: str, wired: dict) -> str:
+    """The reuse key of shared ``stage``: a hash of its resolved options and of the keys of
+    the shared stages it reads (:data:`SHARED_INPUTS`, those in ``wired``), and of nothing
+    else, so its output is reused whichever other stages ran with it (``--stages
+    semantic_ids`` alone, or an experiment whose methods need no surrogate)."""
+    inputs = [shared_key(s, wired) for s in SHARED_INPUTS[stage.partition(":")[0]] if s in wired]
+    return digest([digest(inputs) if inputs else "", stage, key_options(stage, wired[stage])])
+
+
 def stage_keys(stages: list[str], wired: dict, upstream: str = "") -> dict[str, str]:
-    """The reuse key of each stage: a hash of its resolved options chained over the stages
-    before it (and ``upstream``), so changing any earlier stage invalidates the later ones."""
+    """The reuse key of each stage. A shared stage's is :func:`shared_key`; any other stage's
+    is a hash of its resolved options chained over the stages before it (and ``upstream``),
+    so changing any earlier stage invalidates the later ones."""
     keys, key = {}, upstream
     for stage in stages:
-        key = keys[stage] = digest([key, stage, key_options(stage, wired[stage])])
+        if stage.partition(":")[0] in SHARED_INPUTS:
+            keys[stage] = shared_key(stage, wired)
+            key = digest([key, keys[stage]])
+        else:
+            key = keys[stage] = digest([key, stage, key_options(stage, wired[stage])])
     return keys
 
 

@@ -39,7 +39,6 @@ def make_report(run_dir: str | Path, out: str | Path = "") -> list[Path]:
     if not run.is_dir():
         raise UserError(f"{run}: run folder not found")
     out = Path(out) if out else run / "report"
-    out.mkdir(parents=True, exist_ok=True)
     scores = {}
     for kind in ("influence", "effort"):
         if (run / f"{kind}.npy").is_file():
@@ -47,18 +46,23 @@ def make_report(run_dir: str | Path, out: str | Path = "") -> list[Path]:
     selected, sel_manifest = None, {}
     if (run / "selected.npy").is_file():
         selected, sel_manifest = load_scores(run / "selected.npy", kind="selection")
+    info = sel_manifest.get("selection") or {}
+    trace = (run / "influence_trace.npy").is_file()
+    if not (scores or info.get("group_sizes") or trace):
+        raise UserError(
+            f"{run}: nothing to plot (no influence.npy, effort.npy or selected.npy; "
+            "report takes a pipeline workdir or an experiment folder)"
+        )
+    out.mkdir(parents=True, exist_ok=True)  # everything read and checked: now write
     written = []
     if scores:
         written.append(_plot_hist(plt, scores, out / "scores_hist.png"))
     if len(scores) == 2:
         written.append(_plot_scatter(plt, scores, selected, out / "scores_scatter.png"))
-    info = sel_manifest.get("selection") or {}
     if info.get("group_sizes"):
         written.append(_plot_groups(plt, info, out / "groups.png"))
-    if (run / "influence_trace.npy").is_file():
+    if trace:
         written.append(_plot_trace(plt, run, out / "lissa_trace.png"))
-    if not written:
-        raise UserError(f"{run}: nothing to plot (no influence.npy, effort.npy or selected.npy)")
     return written
 
 
@@ -91,20 +95,22 @@ def _plot_scatter(plt, scores: dict, selected, path: Path) -> Path:
 
 
 def _plot_groups(plt, info: dict, path: Path) -> Path:
+    """Users per score group and those selected from it, each on its own linear axis (on one
+    log axis the few selected users of a group were cut off, and a group with none vanished)."""
     sizes = np.asarray(info["group_sizes"])
     chosen = np.asarray(info.get("group_selected") or np.zeros_like(sizes))
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 4.8), sharex=True)
     x = np.arange(len(sizes))
-    ax.bar(x, sizes, color="lightgrey", label="group size")
-    ax.bar(x, chosen, color="tab:red", label="selected")
-    ax.set_yscale("log")
-    ax.set_xlabel("score group (low -> high overall score)")
-    ax.set_ylabel("users (log)")
-    ax.set_title(
+    top.bar(x, sizes, color="lightgrey")
+    top.set_ylabel("users in group")
+    bottom.bar(x, chosen, color="tab:red")
+    bottom.set_ylabel("selected")
+    bottom.set_ylim(0, max(1, int(chosen.max())) * 1.1)
+    bottom.set_xlabel("score group (low -> high overall score)")
+    top.set_title(
         f"Coverage-enhanced sampling: {int(chosen.sum())} selected, "
         f"{info.get('n_pruned', 0)} hard-pruned"
     )
-    ax.legend()
     fig.tight_layout()
     return _save(fig, path, plt)
 

@@ -182,10 +182,18 @@ def make_train_step(model, optimizer, weighting: str = "sample", positions: floa
     must not use the arrays it passed in after the call (every caller rebinds them). Without
     donation each step allocates and fills fresh parameter- and Adam-sized buffers: at 16x
     Games' items the donated step is 1.6x faster, at 1x the same (``bench/donation.py``)."""
+    return partial(jax.jit, donate_argnums=(0, 1))(
+        train_step_fn(model, optimizer, weighting, positions)
+    )
+
+
+def train_step_fn(model, optimizer, weighting: str = "sample", positions: float = 1.0):
+    """The un-jitted step of :func:`make_train_step`, ``(params, opt_state, batch, weights,
+    rng) -> (params, opt_state, loss)``: for callers that transform it further (``jax.vmap``
+    over a stack of models, :func:`jaxrec.retrain.retrain_many`)."""
     s = spec_of(model)
     extra = (weighting, positions) if s.weighted else ()
 
-    @partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, batch, weights, rng):
         def objective(p):
             per = s.train_per_sample(model, p, batch, rng, *extra)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from jaxrec.config import GAMES, option
+from jaxrec.errors import UserError
 
 Backend = Literal["bigrec", "tiger"]
 BACKEND_HELP = (
@@ -56,7 +57,9 @@ class SemanticIdConfig:
         "from its PyPI package",
     )
     cache_dir: str = option(
-        "runs/cache", "item content embeddings, one .npy + manifest per (dataset, encoder)"
+        "runs/cache",
+        "item content embeddings, one .npy + manifest per (dataset, encoder)",
+        keyed_as="runs/cache",
     )
     embed_batch_size: int = option(128, "item texts per encoder forward pass")
     levels: int = option(3, "residual levels of codes (a last code separates collisions)")
@@ -121,7 +124,7 @@ class EffortConfig:
     cutoff_len: int = option(
         512, "bigrec: most tokens per sample (the oldest history titles are dropped to fit)"
     )
-    resume: bool = option(False, RESUME_HELP)
+    resume: bool = option(True, RESUME_HELP, keyed_as=False)
     shard_size: int = option(1024, SHARD_SIZE_HELP)
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", "bigrec: " + DTYPE_HELP)
@@ -161,7 +164,7 @@ class UserRepsConfig:
     cutoff_len: int = option(
         512, "most tokens per prompt (the oldest history titles are dropped to fit)"
     )
-    resume: bool = option(False, RESUME_HELP)
+    resume: bool = option(True, RESUME_HELP, keyed_as=False)
     shard_size: int = option(1024, SHARD_SIZE_HELP)
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", DTYPE_HELP)
@@ -229,9 +232,22 @@ class FinetuneConfig:
     lora_dropout: float = option(0.05, "bigrec: dropout of the fresh LoRA")
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", "bigrec: " + DTYPE_HELP)
+    autocast: str = option(
+        "",
+        "tiger: the training forward passes: " + AUTOCAST_HELP + "; the valid loss stays float32",
+        since="2026-12-07",
+    )
+    fast_dropout: bool = option(
+        False,
+        "tiger: dropout masks from 16 random bits per value (drop probability 6554/65536) "
+        "instead of torch's Bernoulli draws: same law, another random stream, faster on CPU",
+        since="2026-12-07",
+    )
     seed: int = option(0, "seed of the sample order each epoch and (bigrec) of the fresh LoRA")
     resume: bool = option(
-        True, "continue from OUT/checkpoint (one made with other settings is an error)"
+        True,
+        "continue from OUT/checkpoint (one made with other settings is an error)",
+        keyed_as=True,
     )
 
 
@@ -264,8 +280,25 @@ class EvaluateConfig:
         "metrics JSON file to write; the predictions go beside it: NAME.predictions.jsonl",
     )
     cache_dir: str = option(
-        "runs/cache", "bigrec: title embeddings of the base model, one .npy per model"
+        "runs/cache",
+        "bigrec: title embeddings of the base model, one .npy per model",
+        keyed_as="runs/cache",
     )
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("auto", "bigrec: " + DTYPE_HELP)
+    autocast: str = option(
+        "", "tiger: beam search and target losses: " + AUTOCAST_HELP, since="2026-12-07"
+    )
     seed: int = option(0, "seed of the --users subsample (and of torch)")
+
+    def __post_init__(self):
+        """Checks that need no file (so ``dealrec run`` can make them before any stage)."""
+        for name in ("beams", "batch_size", "max_new_tokens", "max_history"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.users < 0:
+            raise UserError(f"users={self.users}: must be >= 0 (0 = every user)")
+        if self.backend == "tiger" and self.beams < 20:
+            raise UserError(
+                f"beams={self.beams}: TIGER needs at least 20 beams (K = 20 of Recall@20)"
+            )

@@ -626,16 +626,20 @@ def _score_shards(cfg, ds, tokenizer, model, todo, folder, settings, info, rank,
         position=rank,
         dynamic_ncols=True,
     )
+    has_sample = ds.has_sample
     for a, b in todo:
         t0 = time.perf_counter()
+        rows = a + np.flatnonzero(has_sample[a:b])  # a user without a sample scores 0
         samples = encode_users(
             tokenizer,
             ds,
-            range(a, b),
+            rows,
             cutoff_len=cfg.cutoff_len,
             train_on_inputs=lm_loss.labels_every_token(cfg.loss),
         )
-        scores = score_samples(
+        scores = np.zeros(b - a, np.float32)
+        bar.update(b - a - rows.size)
+        scores[rows - a] = score_samples(
             model,
             samples,
             pad_id=tokenizer.pad_token_id,

@@ -23,7 +23,6 @@ A plain PyTorch loop (no HF Trainer): every step is visible and the checkpoint i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -42,7 +41,7 @@ from jaxrec.data.scorefiles import atomic_write_bytes, environment
 from jaxrec.errors import UserError
 from llm_bridge import loss as lm_loss
 from llm_bridge.config import FinetuneConfig
-from llm_bridge.model import check_adapter_folder, eval_mode, jsonable
+from llm_bridge.model import RESTART, check_adapter_folder, eval_mode, jsonable, read_json, reading
 from llm_bridge.prompts import collate, encode_users
 
 # Settings that must match for a checkpoint to be continued (``epochs``/``patience`` may grow).
@@ -217,15 +216,17 @@ def _load_checkpoint(ckpt: Path, model, optimizer) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    state = json.loads((ckpt / "state.json").read_text())
+    state = read_json(ckpt / "state.json", RESTART)
     epoch = state["epoch"]
     device = next(model.parameters()).device
-    set_peft_model_state_dict(
-        model, load_file(str(ckpt / f"adapter-{epoch}.safetensors"), device=str(device))
-    )
-    extra = torch.load(ckpt / f"optimizer-{epoch}.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    torch.set_rng_state(extra["torch_rng"].cpu())
+    with reading(ckpt / f"adapter-{epoch}.safetensors", RESTART):
+        set_peft_model_state_dict(
+            model, load_file(str(ckpt / f"adapter-{epoch}.safetensors"), device=str(device))
+        )
+    with reading(ckpt / f"optimizer-{epoch}.pt", RESTART):
+        extra = torch.load(ckpt / f"optimizer-{epoch}.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(extra["optimizer"])
+        torch.set_rng_state(extra["torch_rng"].cpu())
     return state
 
 
@@ -343,7 +344,10 @@ def _can_resume(cfg: FinetuneConfig, ckpt: Path, settings: dict) -> bool:
     """Whether to resume from ``ckpt``; a checkpoint made with other settings is an error."""
     if not (cfg.resume and (ckpt / "state.json").is_file()):
         return False
-    old = json.loads((ckpt / "state.json").read_text()).get("settings", {})
+    state = read_json(ckpt / "state.json", RESTART)
+    if not isinstance(state.get("epoch"), int):
+        raise UserError(f"{ckpt / 'state.json'}: damaged (no epoch); {RESTART}")
+    old = state.get("settings", {})
     if old != settings:
         diff = sorted(k for k in settings if old.get(k) != settings[k])
         raise UserError(
@@ -449,7 +453,7 @@ def warmup(
     lm_loss.check_loss(loss)
     if steps < 1 or batch_size < 1:
         raise UserError("warm-up needs steps >= 1 and batch_size >= 1")
-    rows = np.arange(dataset.n_users) if rows is None else np.asarray(rows)
+    rows = np.flatnonzero(dataset.has_sample) if rows is None else np.asarray(rows)
     n = steps * batch_size
     pick = np.random.default_rng([seed, 7]).choice(rows, size=n, replace=n > len(rows))
     samples = encode_users(

@@ -161,6 +161,35 @@ def load_tokenizer_and_model(
 
 
 # ----------------------------------------------------------------------------- shared helpers
+# what to do about a damaged fine-tune checkpoint
+RESTART = "start over with --no-resume (or delete the checkpoint folder)"
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, remedy: str):
+    """Inside the block, a failure to read ``path`` (missing, truncated, not valid JSON or
+    safetensors, ...) becomes a one-line :class:`UserError` that names the file and
+    ``remedy`` (what to do), instead of a library traceback. A :class:`UserError` passes."""
+    try:
+        yield
+    except UserError:
+        raise
+    except FileNotFoundError as e:
+        raise UserError(f"{e.filename or path}: missing; {remedy}") from None
+    except Exception as e:  # noqa: BLE001 - any library's parse error of a damaged file
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{path}: damaged or unreadable ({detail}); {remedy}") from None
+
+
+def read_json(path: str | Path, remedy: str) -> dict:
+    """The JSON object in ``path``; a one-line :class:`UserError` (see :func:`reading`)."""
+    with reading(path, remedy):
+        value = json.loads(Path(path).read_text())
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+        return value
+
+
 def check_adapter_folder(adapter: str | Path) -> Path:
     """``adapter`` as a Path, or a UserError when it is not a peft LoRA adapter folder."""
     path = Path(adapter)
@@ -215,7 +244,8 @@ def add_lora(
 
     if adapter:
         check_adapter_folder(adapter)
-        peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+        with reading(adapter, "pass a finished `dealrec finetune` output, or re-run it"):
+            peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     else:
         config = LoraConfig(
             r=r,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from jaxrec.errors import DataError, UserError
+from jaxrec.errors import UserError
 
 IGNORE = -100
 
@@ -104,12 +104,13 @@ def encode_sample(
     return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
 
 
-def user_sample(dataset, row: int) -> tuple[list[str], str]:
+def user_sample(dataset, row: int) -> tuple[list[str], str] | None:
     """The training sample of the user on line ``row`` of ``sequential_train.txt``:
-    ``(titles of all train items but the last, title of the last)``."""
+    ``(titles of all train items but the last, title of the last)``, or ``None`` when the
+    user has no train item (no sample: see ``Dataset.has_sample``)."""
     items = dataset.train[row]
     if len(items) == 0:
-        raise DataError(f"{dataset.path}: user on line {row + 1} has no train items")
+        return None
     titles = [dataset.titles[int(i)] for i in items]
     return titles[:-1], titles[-1]
 

@@ -51,7 +51,8 @@ def encode_prompts(tokenizer, dataset, rows, *, cutoff_len: int = 512) -> list[d
     """The prompt (no response, no EOS) of each user's training sample, as token ids."""
     out = []
     for row in rows:
-        history, _ = user_sample(dataset, int(row))
+        sample = user_sample(dataset, int(row))
+        history = sample[0] if sample else []  # no train item: the prompt without history
         out.append(encode_sample(tokenizer, history, None, cutoff_len=cutoff_len))
     return out
 

@@ -135,3 +135,23 @@ def test_score_files_roundtrip_and_checks(tmp_path):
         load_scores(path, dataset={"train_sha256": "abc", "n_users": 4})
     sel = save_scores(tmp_path / "sel.npy", np.array([2, 0]), kind="selection", dataset=fp)
     assert load_scores(sel)[0].dtype == np.int64
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    """A file written atomically has the permissions ``open()`` gives (not mkstemp's 0600)."""
+    import os
+
+    from jaxrec.data.scorefiles import atomic_write_bytes, write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        atomic_write_bytes(tmp_path / "b.bin", lambda f: f.write(b"1"))
+        with open(tmp_path / "plain", "w") as f:
+            f.write("1")
+        os.umask(0o077)
+        write_json(tmp_path / "c.json", {"x": 1})
+    finally:
+        os.umask(old)
+    mode = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert mode == {"a.json": 0o644, "b.bin": 0o644, "plain": 0o644, "c.json": 0o600}

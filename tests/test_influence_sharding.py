@@ -1,12 +1,9 @@
 """Sharding over devices: sample scores and the mean gradient on 4 (forced host) CPU devices
 equal the single-device results (issue 2, "Scale past one device")."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
+
+from tests.conftest import run_on_forced_devices
 
 SCRIPT = r"""
 import json, sys
@@ -38,16 +35,7 @@ print(json.dumps(out))
 
 
 def run(devices: int) -> dict:
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_on_forced_devices(SCRIPT, devices)
 
 
 def test_four_devices_equal_one():

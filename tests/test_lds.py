@@ -237,3 +237,29 @@ def test_dealrec_row_takes_the_influence_stage_options():
     assert lds._dealrec_tag(other) != lds._dealrec_tag(cfg)
     keys = set(vars(cfg)) - lds._SCORING_ONLY - lds._DEALREC_ONLY
     assert lds._fingerprint(other, keys) == lds._fingerprint(cfg, keys)
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--alpha", "1.5"], "--alpha 1.5"),
+        (["--params", "attn_out_1/kernel("], "--params"),
+        (["--params", "^no_such_leaf$"], "matches no parameter path"),
+        (["--params", ""], "the exact attribution takes at most"),
+        (["--seeds", "0", "--val-users", "0"], "--seeds 0, --val-users 0: must be >= 1"),
+        (["--subsets", "1"], "--subsets 1"),
+    ],
+)
+def test_bad_options_exit_2_before_anything_is_written(tmp_path, capsys, flags, words):
+    """Checked before OUT (its data slice, settings.json) exists, so a corrected rerun is not
+    blocked; the message names the flags as spelled and no --solver (lds has none)."""
+    from jaxrec.cli import main
+    from jaxrec.data.synthetic import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", n_users=40, n_items=20, seed=0)
+    out = tmp_path / "lds"
+    argv = ["lds", "--data", str(data), "--users", "20", "--compile-cache", "", "--out", str(out)]
+    assert main([*argv, *flags]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "--solver" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

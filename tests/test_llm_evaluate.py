@@ -321,3 +321,27 @@ def test_smollm2_finetune_and_evaluate_games_users(tmp_path):
     preds = [json.loads(x) for x in out.with_suffix(".predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 3 and any(p["prediction"] for p in preds)
     assert all(len(p["top"]) == min(20, ds.n_items) for p in preds)
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "invalid adapter_config.json"])
+def test_a_damaged_adapter_is_a_one_line_error(env, adapter, tmp_path, capsys, damage):
+    import shutil
+
+    from jaxrec.cli import main as cli
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter, folder)
+    if damage == "truncated weights":
+        weights = folder / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        (folder / "adapter_config.json").write_text("{not json")
+    out = tmp_path / "m.json"
+    argv = ["evaluate", "--data", str(env["data"]), "--model", env["model"], "--adapter"]
+    code = cli(
+        [*argv, str(folder), "--out", str(out), "--device", "cpu", "--cache-dir", str(tmp_path)]
+    )
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's progress bars
+    assert code == 2 and err.startswith("dealrec evaluate: error:")
+    assert str(folder) in err and "damaged" in err
+    assert not out.exists()

@@ -121,3 +121,25 @@ def test_option_marked_since_stays_out_of_the_key_at_its_default():
     assert at_since_default(fields, "new", "a")
     assert not at_since_default(fields, "new", "b")
     assert not at_since_default(fields, "old", 1)
+
+
+def test_a_shared_stage_key_depends_only_on_the_stages_it_reads(tmp_path):
+    """The semantic IDs keep their key whether the surrogate runs with them or not (a
+    ``--stages semantic_ids`` run is reused by the full run); influence follows the surrogate;
+    TIGER's effort follows the semantic IDs; the per-run chain still follows everything."""
+    from jaxrec.pipeline import STAGES, stage_keys, wire
+
+    def keys(stages, **sections):
+        wired = wire(sections, tmp_path, "../shared/data/games", "tiger")
+        return stage_keys(stages, wired)
+
+    full = keys(list(STAGES))
+    assert keys(["semantic_ids"])["semantic_ids"] == full["semantic_ids"]
+    assert keys(["influence", "effort"])["effort"] == full["effort"]
+    other = keys(list(STAGES), surrogate={"hidden": 32})
+    assert other["semantic_ids"] == full["semantic_ids"]
+    assert other["effort"] == full["effort"]
+    assert other["influence"] != full["influence"]
+    assert other["select"] != full["select"]
+    ids = keys(list(STAGES), semantic_ids={"levels": 4})
+    assert ids["effort"] != full["effort"] and ids["influence"] == full["influence"]

@@ -204,6 +204,7 @@ BAD = {
     "n zero": ["--influence", "{influence}", "--effort", "{effort}", "--n", "0"],
     "n negative": ["--influence", "{influence}", "--effort", "{effort}", "--n", "-3"],
     "groups zero": ["--influence", "{influence}", "--effort", "{effort}", "--groups", "0"],
+    "negative lamda": ["--influence", "{influence}", "--effort", "{effort}", "--lamda", "-1"],
     "prune everything": [
         "--influence",
         "{influence}",

@@ -338,3 +338,52 @@ def test_evaluate_with_other_codes_fails_in_one_line(syn, finetuned, tmp_path):
     with pytest.raises(UserError, match="20 beams"):
         evaluate_main(ev_config(root, path, finetuned, out, beams=4))
     assert not out.exists() and not out.with_suffix(".predictions.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- damaged files
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damage,names",
+    [
+        (lambda c: (c / "state.json").write_text('{"epoch": 4, "sett'), "state.json"),
+        (lambda c: _truncate(next(c.glob("model-*.safetensors"))), "model-4.safetensors"),
+        (lambda c: _truncate(next(c.glob("optimizer-*.pt"))), "optimizer-4.pt"),
+        (lambda c: next(c.glob("optimizer-*.pt")).unlink(), "optimizer-4.pt: missing"),
+    ],
+    ids=["corrupt state", "truncated model", "truncated optimizer", "missing optimizer"],
+)
+def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(
+    syn, finetuned, tmp_path, damage, names
+):
+    import shutil
+
+    root, path, *_ = syn
+    out = tmp_path / "model"
+    shutil.copytree(finetuned, out)
+    damage(out / "checkpoint")
+    with pytest.raises(UserError) as err:
+        tft.main(ft_config(root, path, out))
+    message = str(err.value)
+    assert names in message and "--no-resume" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "invalid config.json"])
+def test_evaluate_a_damaged_model_folder_is_a_one_line_error(syn, finetuned, tmp_path, damage):
+    import shutil
+
+    root, path, *_ = syn
+    model = tmp_path / "model"
+    shutil.copytree(finetuned, model)
+    if damage == "truncated weights":
+        _truncate(model / "model.safetensors")
+    else:
+        (model / "config.json").write_text("{not json")
+    out = tmp_path / "metrics.json"
+    with pytest.raises(UserError) as err:
+        evaluate_main(ev_config(root, path, model, out))
+    message = str(err.value)
+    assert str(model) in message and "damaged" in message and "\n" not in message
+    assert not out.exists()

@@ -4,7 +4,12 @@ after an interruption: every cell is made once, finished cells are never redone.
 
 import csv
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -93,6 +98,14 @@ def test_sweep_in_parts_and_after_interruption(config, capsys):
         for p in runs.glob("random-seed0*/metrics.json")
     } == first
     assert log.count(f"run {victim.name}") == 1
+    # said before any stage starts: what is done, what will run, a rough time from the 7 runs
+    # finished so far (random seed 0 at 4 points, dealrec seed 1 at 3: the victim was undone)
+    assert re.search(
+        r"16 runs asked for: 0 archived, 7 finished in the workdir, 9 to run, about "
+        r"(\d+ h )?\d+ min in one process \(the mean seconds of 7 timed runs\)",
+        log,
+    )
+    assert log.index("9 to run") < log.index("[1/")
     assert "[3/3] evaluate: dealrec evaluate" in log
     results = (root / "work" / "results.csv").read_text().splitlines()
     assert results[0].startswith("select.n,select.groups,method,runs")
@@ -132,6 +145,55 @@ def test_archived_runs_are_not_rerun_once_the_runs_are_gone(config, capsys):
     assert "dealrec select" not in log and "dealrec train-surrogate" not in log
     assert not (work / "runs").exists()
     assert {name: (work / name).read_text() for name in tables} == before
+
+
+def test_a_second_workdir_finds_the_archived_runs_and_starts_no_stage(config, capsys):
+    """A fresh clone: ``--workdir ANY`` (here an empty folder) rebuilds the tables from the
+    archive alone, computing nothing (reuse keys do not depend on the workdir)."""
+    root, _ = config
+    other = root / "elsewhere"
+    capsys.readouterr()
+    assert cli(["experiment", str(root / "archived.yaml"), "--workdir", str(other)]) == 0
+    log = capsys.readouterr().err
+    assert "4 runs asked for: 4 archived, 0 finished in the workdir, 0 to run" in log
+    assert "(nothing to compute)" in log and log.count("not rerun") == 4
+    assert not re.search(r"\[\d+/\d+\] \w+: dealrec ", log)  # no stage command started
+    assert not (other / "runs").exists()
+    for name in ("results.csv", "ttest.csv", "usertest.csv", "groups.csv"):
+        assert (other / name).read_text() == (root / "work" / name).read_text()
+    # --plan: what would run and about how long (from the 4 archived runs' seconds), no more
+    exp = yaml.safe_load((root / "archived.yaml").read_text())
+    exp["experiment"]["seeds"] = [0, 9]
+    path = _write(root, exp, "plan.yaml")
+    assert cli(["experiment", path, "--workdir", str(root / "planned"), "--plan"]) == 0
+    log = capsys.readouterr().err
+    assert "8 runs asked for: 4 archived, 0 finished in the workdir, 4 to run, about " in log
+    assert "(the mean seconds of 4 timed runs)" in log
+    assert not re.search(r"\[\d+/\d+\] \w+: dealrec ", log)
+    assert not (root / "planned" / "runs").exists()
+    assert not (root / "planned" / "results.csv").exists()
+
+
+def test_two_processes_take_the_runs_of_one_experiment(config):
+    """Two ``dealrec experiment`` processes on one workdir (issue 28): every run is made by
+    exactly one of them (a run lock per run), both finish, no lock is left behind."""
+    root, cfg = config
+    path = _write(
+        root, dict(cfg, experiment={"methods": ["random"], "seeds": [5, 6, 7]}), "two.yaml"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "JAX_PLATFORMS": "cpu"}
+    argv = [sys.executable, "-m", "jaxrec.cli", "experiment", path]
+    procs = [subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    logs = [p.communicate(timeout=900)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    runs = root / "work" / "runs"
+    for seed in (5, 6, 7):
+        name = f"random-seed{seed}"
+        made = [len(re.findall(rf"\] run {name}$", log, re.M)) for log in logs]
+        assert sum(made) == 1, (name, made)
+        assert (runs / name / "metrics.json").is_file()
+        assert not (runs / name / "run.lock").exists()
+    assert not (root / "work" / "shared.lock").exists()
 
 
 def test_effort_history_must_match_finetune(config, capsys):

@@ -55,6 +55,14 @@ class Dataset:
     def n_items(self) -> int:
         return len(self.titles) - 1
 
+    @property
+    def has_sample(self) -> np.ndarray:
+        """``[n_users]`` bool: whether the user has a training sample (at least one train
+        item). A user with every interaction after the split time has none: every stage
+        accepts it (its influence and effort scores are 0, its loss term being absent), and
+        no selection method picks it (:func:`jaxrec.select.select`'s ``eligible``)."""
+        return np.fromiter((len(t) > 0 for t in self.train), bool, self.n_users)
+
     def fingerprint(self) -> dict:
         """The identity every score file carries: ``{"train_sha256", "n_users"}``."""
         return {"train_sha256": self.train_sha256, "n_users": self.n_users}

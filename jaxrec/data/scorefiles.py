@@ -70,14 +70,25 @@ def manifest_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def default_mode(directory: bool = False) -> int:
+    """The permissions ``open()`` / ``mkdir()`` would give a new file (folder) under the
+    process umask; a temporary file or folder (``tempfile``: 0600 / 0700) gets them before
+    it is renamed into place, so outputs are as readable as any other file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write_bytes(path: str | Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``
+    (with the permissions of a file made by ``open``: :func:`default_mode`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

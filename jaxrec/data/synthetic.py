@@ -26,8 +26,14 @@ def make_synthetic(
     p_next: float = 0.8,
     eval_fraction: float = 0.5,
     seed: int = 0,
+    no_train: int = 0,
 ) -> Path:
-    """Write a synthetic dataset folder to ``out`` and return its path."""
+    """Write a synthetic dataset folder to ``out`` and return its path.
+
+    ``no_train`` users (a seeded choice, drawn after everything else so the rest of the data
+    does not change) have every interaction after the split time, as about 1 % of users of
+    some of the paper's datasets: an empty train sequence, the first two items of their walk
+    as valid items and the rest as test items."""
     rng = np.random.default_rng(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,6 +53,14 @@ def make_synthetic(
         test = rest[2:] if has_eval else []
         for name, seq in (("train", train), ("valid", valid), ("test", test)):
             lines[name].append(" ".join(map(str, [user, *seq])))
+    if no_train:
+        chosen = np.random.default_rng([seed, 1]).choice(n_users, no_train, replace=False)
+        for row in chosen:
+            items = [int(x) for name in lines for x in lines[name][row].split()[1:]]
+            user = row + 1
+            lines["train"][row] = str(user)
+            lines["valid"][row] = " ".join(map(str, [user, *items[:2]]))
+            lines["test"][row] = " ".join(map(str, [user, *items[2:]]))
     for name, rows in lines.items():
         (out / f"sequential_{name}.txt").write_text("\n".join(rows) + "\n")
     with open(out / "items.jsonl", "w", encoding="utf-8") as f:

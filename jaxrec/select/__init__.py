@@ -86,6 +86,7 @@ def select(
     hard_prune: float = 0.1,
     beta: float | None = None,
     clusters: int = 50,
+    eligible=None,
 ) -> Selection:
     """Choose ``n`` training users with ``method`` (one of :data:`METHODS`).
 
@@ -94,10 +95,32 @@ def select(
     ``[N, H]`` (surrogate), ``llm_representations`` ``[N, D]`` (optional, tfdcon),
     ``interactions`` ``[N]`` (train items per user, recranker). ``n_total`` is needed by
     ``random`` only when no array is given. ``beta``: CCS's hard-cutoff rate; ``None`` = from
-    the pruning rate (:func:`~jaxrec.select.baselines.ccs_beta`). Returns exactly ``n``
-    distinct sorted indices.
+    the pruning rate (:func:`~jaxrec.select.baselines.ccs_beta`). ``eligible`` ``[N]`` bool
+    (``Dataset.has_sample``): only these users can be chosen, and ``n`` counts among them;
+    the method sees only their rows (the paper's datasets keep no user without a training
+    sample, so this departs from no result of the paper). Returns exactly ``n`` distinct
+    sorted indices.
     """
     check_method(method)
+    if eligible is not None and not np.all(eligible):
+        return _among(
+            eligible,
+            method,
+            n,
+            seed=seed,
+            lamda=lamda,
+            groups=groups,
+            hard_prune=hard_prune,
+            beta=beta,
+            clusters=clusters,
+            influence=influence,
+            effort=effort,
+            grand=grand,
+            el2n=el2n,
+            representations=representations,
+            llm_representations=llm_representations,
+            interactions=interactions,
+        )
     given = {
         "influence": influence,
         "effort": effort,
@@ -153,6 +176,38 @@ def select(
             llm_representations=llm_representations,
         )
     return recranker_select(representations, interactions, n, clusters=clusters, seed=seed)
+
+
+def _among(eligible, method: str, n: int, **kw) -> Selection:
+    """:func:`select` on the ``eligible`` rows only, its indices mapped back to all rows."""
+    rows = np.flatnonzero(np.asarray(eligible, bool))
+    if rows.size == 0:
+        raise UserError("no user has a training sample: nothing can be selected")
+    sub = {
+        k: (None if v is None or k not in ARRAYS else np.asarray(v)[rows]) for k, v in kw.items()
+    }
+    options = {k: v for k, v in kw.items() if k not in ARRAYS}
+    sel = select(
+        method, n, n_total=rows.size, **options, **{k: v for k, v in sub.items() if k in ARRAYS}
+    )
+    info = {
+        **sel.info,
+        "eligible_users": int(rows.size),
+        "users_without_sample": int(len(eligible) - rows.size),
+    }
+    return Selection(np.sort(rows[sel.indices]).astype(np.int64), info)
+
+
+# the per-user inputs of :func:`select`
+ARRAYS = (
+    "influence",
+    "effort",
+    "grand",
+    "el2n",
+    "representations",
+    "llm_representations",
+    "interactions",
+)
 
 
 __all__ = [

@@ -36,18 +36,10 @@ def _record(path: Path, manifest: dict) -> dict:
 
 
 def check_config(cfg: SelectConfig) -> None:
-    """Every check that needs no file: method, n, groups, fractions, clusters, output name."""
+    """Every check that needs no file: method, the options' combination, output name (the
+    range of each number is :class:`SelectConfig`'s own check)."""
+    SelectConfig(**dataclasses.asdict(cfg))  # a config changed after construction
     check_method(cfg.method)
-    if cfg.n <= 0:
-        raise UserError(f"--n must be >= 1, got {cfg.n}")
-    if cfg.groups <= 0:
-        raise UserError(f"--groups must be >= 1, got {cfg.groups}")
-    if cfg.clusters <= 0:
-        raise UserError(f"--clusters must be >= 1, got {cfg.clusters}")
-    for name in ("hard_prune", "beta"):
-        value = getattr(cfg, name)
-        if not 0.0 <= value < 1.0:
-            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
     if cfg.beta_rule == "rate" and cfg.beta != SelectConfig.beta:
         raise UserError(
             f"--beta {cfg.beta:g} is used only with --beta-rule fixed (the default, rate, "
@@ -96,7 +88,13 @@ def run_select(cfg: SelectConfig):
     check_config(cfg)
     ds = load_dataset(cfg.data)
     fp = ds.fingerprint()
+    eligible = ds.has_sample  # a user without a training sample is never chosen
     if cfg.method != "all":
+        if cfg.n > eligible.sum() and not eligible.all():
+            raise UserError(
+                f"n={cfg.n} is larger than the {int(eligible.sum())} users with a training "
+                f"sample ({ds.n_users - int(eligible.sum())} of {ds.n_users} have none)"
+            )
         check_n(cfg.n, ds.n_users)
     needs = set(REQUIRES[cfg.method])
     arrays, inputs = {}, {}
@@ -130,6 +128,7 @@ def run_select(cfg: SelectConfig):
         hard_prune=cfg.hard_prune,
         beta=cfg.beta if cfg.beta_rule == "fixed" else None,
         clusters=cfg.clusters,
+        eligible=eligible,
         **arrays,
     )
     inputs["data"] = {"path": str(ds.path), **fp}

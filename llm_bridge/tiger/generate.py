@@ -108,9 +108,16 @@ def _extend(scores, nodes, logp, trie: Trie, l: int, beams: int):
 
 
 def _reorder(past, parent):
-    """Each layer's cached ``(k, v) [B, W, ...]`` gathered along the beams by ``parent``."""
-    rows = torch.arange(parent.shape[0], device=parent.device)[:, None]
-    return [(k[rows, parent], v[rows, parent]) for k, v in past]
+    """Each layer's cached ``(k, v) [B, W, ...]`` gathered along the beams by ``parent``
+    ``[B, W']`` (one ``index_select`` on the flattened ``B * W`` rows: a plain copy, about 2x
+    faster on CPU than advanced indexing)."""
+    b, w = parent.shape[0], past[0][0].shape[1]
+    flat = (torch.arange(b, device=parent.device)[:, None] * w + parent).reshape(-1)
+
+    def pick(x):
+        return x.flatten(0, 1).index_select(0, flat).unflatten(0, parent.shape)
+
+    return [(pick(k), pick(v)) for k, v in past]
 
 
 @torch.no_grad()
@@ -160,15 +167,19 @@ def generate(
     batch_size: int = 64,
     cache: bool = True,
     desc: str | None = "beam search",
+    autocast: str = "",
 ):
     """Top-``beams`` items of every input (batched by input length, progress bar).
 
     Args:
       model: a ``T5ForConditionalGeneration`` (its current parameters are used, eval mode).
       inputs: encoder token lists (:func:`llm_bridge.tiger.model.user_samples`).
+      autocast: ``""`` (float32, exact) or ``"bf16"``: the matrix products under bfloat16
+        autocast (the log-softmax and the beam scores stay float32).
     Returns:
       ``(items [n, beams] int64 ndarray, scores [n, beams] float32 ndarray)`` in input order.
     """
+    from llm_bridge.effort import _autocast
     from llm_bridge.tiger.model import params_of
 
     p, spec = params_of(model), Spec.of(model.config)
@@ -181,7 +192,8 @@ def generate(
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         ids, mask = pad_inputs([inputs[r] for r in rows], device)
-        top, logp = beam_search(p, spec, ids, mask, trie, beams, cache)
+        with _autocast(device, autocast):
+            top, logp = beam_search(p, spec, ids, mask, trie, beams, cache)
         items[rows], scores[rows] = top.cpu().numpy(), logp.float().cpu().numpy()
         bar.update(len(rows))
     bar.close()

@@ -405,7 +405,7 @@ def _validate(cfg: SemanticIdConfig) -> None:
     }
     for name, floor in floors.items():
         if getattr(cfg, name) < floor:
-            raise UserError(f"--{name} must be >= {floor}, got {getattr(cfg, name)}")
+            raise UserError(f"{name}={getattr(cfg, name)}: must be >= {floor}")
     if not cfg.lr > 0 or cfg.beta < 0:
         raise UserError(f"--lr must be > 0 and --beta >= 0, got lr={cfg.lr}, beta={cfg.beta}")
     if any(int(h) < 1 for h in cfg.hidden):
@@ -431,6 +431,12 @@ def main(cfg: SemanticIdConfig, progress: bool = True) -> int:
     t0 = time.perf_counter()
     _validate(cfg)
     ds = load_dataset(cfg.data)
+    if cfg.codebook_size > ds.n_items:
+        raise UserError(
+            f"codebook_size={cfg.codebook_size} is larger than the {ds.n_items} items of "
+            f"{cfg.data}: most codes could never be used (and each adds a TIGER token); "
+            f"choose at most {ds.n_items}"
+        )
     emb, emb_info = item_embeddings(
         ds,
         encoder=cfg.encoder,

@@ -1,0 +1,244 @@
+"""The ``dealrec`` command line: config files are read strictly (no section or key is silently
+ignored), the positional ``CONFIG`` form, one-line errors that name flags, and every command
+line that README.md and docs/*.md show parses (and, for a shipped config, validates)."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from jaxrec.cli import COMMANDS, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _error(capsys, argv) -> str:
+    """The one-line error of ``dealrec ARGV`` (exit 2)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+# ----------------------------------------------------------------------------- config sections
+def test_a_misspelt_section_is_an_error_with_the_right_name(tmp_path, capsys):
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text("semantic_id:\n  levels: 2\n")
+    out = tmp_path / "codes.npy"
+    err = _error(capsys, ["semantic-ids", "--config", str(cfg), "--out", str(out)])
+    assert "unknown section 'semantic_id'" in err and "did you mean 'semantic_ids'" in err
+    assert not out.exists()
+
+
+def test_a_file_without_the_commands_section_is_an_error(tmp_path, capsys):
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text("surrogate:\n  epochs: 2\n")
+    err = _error(capsys, ["lds", str(cfg), "--out", str(tmp_path / "lds")])
+    assert "no 'lds' section" in err and "sections: surrogate" in err
+    assert not (tmp_path / "lds").exists()
+
+
+def test_an_unknown_key_in_any_section_is_an_error(tmp_path, capsys):
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text("lds:\n  epochs: 2\nfinetune:\n  learning_rate: 0.1\n")
+    err = _error(capsys, ["lds", str(cfg), "--out", str(tmp_path / "lds")])
+    assert "[finetune]: unknown key 'learning_rate'" in err
+    cfg.write_text("lds:\n  epochz: 2\n")
+    assert "[lds]: unknown key 'epochz'" in _error(capsys, ["lds", "--config", str(cfg)])
+
+
+def test_a_pipeline_file_and_its_score_stages_are_accepted(tmp_path):
+    """``dealrec run`` hands every stage its resolved.yaml: all sections, plus score stages
+    named ``influence:KIND``."""
+    from jaxrec.cli import section_classes
+    from jaxrec.config import SelectConfig, check_sections, load_config_file
+
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text(
+        "pipeline:\n  workdir: w\nselect:\n  n: 3\ninfluence:\n  damping: 0.1\n"
+        "influence:grand:\n  score: grand\nexperiment:\n  seeds: [0]\n"
+    )
+    check_sections(load_config_file(cfg), str(cfg), "select", section_classes())
+    SelectConfig(n=3)
+
+
+def test_positional_config_and_flags(tmp_path):
+    from jaxrec.config import LdsConfig, config_from_args
+
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text("lds:\n  subsets: 7\n  seeds: 3\n")
+    args = build_parser().parse_args(["lds", str(cfg), "--seeds", "4"])
+    got = config_from_args(LdsConfig, args, "lds")
+    assert (got.subsets, got.seeds) == (7, 4)
+    args = build_parser().parse_args(["lds", str(cfg), "--config", str(tmp_path / "g.yaml")])
+    with pytest.raises(Exception, match="two config files"):
+        config_from_args(LdsConfig, args, "lds")
+
+
+def test_errors_name_flags_as_spelled(tmp_path, capsys):
+    from jaxrec.config import SelectConfig, flag_words
+
+    assert flag_words("increase damping= or use out='a b'", SelectConfig) == (
+        "increase damping= or use --out a b"
+    )
+    assert (
+        flag_words("hard_prune=2 and select.n=5", SelectConfig) == "--hard-prune 2 and select.n=5"
+    )
+    err = _error(capsys, ["select", "--n", "-5", "--out", str(tmp_path / "s.npy")])
+    assert "--n" in err and "n=" not in err.replace("--n", "")
+
+
+def test_help_has_no_rst_markup(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = capsys.readouterr().out
+    assert "``" not in shown and "dealrec doctor" in shown
+
+
+# ----------------------------------------------------------------------------- docs
+def documented_commands() -> list[tuple[str, str]]:
+    """``(file, command line)`` of every ``dealrec CMD ...`` in README.md and docs/*.md, from
+    code spans and code blocks (continuation lines joined, comments dropped)."""
+    found = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        lines = [m.group(1) for m in re.finditer(r"`(dealrec [^`]+)`", text)]
+        for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                if line.lstrip().startswith("dealrec "):
+                    lines.append(line.strip().split("#")[0])
+        for line in lines:
+            words = line.split()
+            if len(words) > 1 and words[1] in COMMANDS:
+                found.append((path.name, " ".join(words)))
+    return sorted(set(found))
+
+
+def argv_of(line: str) -> list[str]:
+    """A documented line as concrete arguments: ``[--x A|B]`` -> ``--x A``; ``..`` (and a flag
+    whose only value it is) dropped; ``N`` -> ``100``."""
+    line = line.replace("\\|", "|").replace("[", " ").replace("]", " ")
+    words = shlex.split(line)[1:]
+    out = []
+    for i, w in enumerate(words):
+        if w == "..":
+            if out and out[-1].startswith("--") and i and words[i - 1] == out[-1]:
+                out.pop()
+            continue
+        w = w.split("|")[0] if "|" in w and not w.startswith("--") else w
+        out.append("100" if w == "N" else w)
+    return out
+
+
+DOCUMENTED = documented_commands()
+
+
+def test_the_docs_show_command_lines():
+    assert len(DOCUMENTED) > 40
+    assert any(line.startswith("dealrec lds configs/") for _, line in DOCUMENTED)
+
+
+@pytest.mark.parametrize("where,line", DOCUMENTED, ids=[f"{f}:{x[:60]}" for f, x in DOCUMENTED])
+def test_every_documented_command_line_parses(where, line):
+    """argparse accepts it (flags, choices, types); a shipped config it names is read and
+    checked as the command would (sections, keys, values, methods, seeds, points)."""
+    argv = argv_of(line)
+    if len(argv) == 1:  # a mention of the command in prose
+        argv.append("--help")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        assert e.code == 0, f"{where}: {line!r} does not parse"
+        return
+    config = getattr(args, "config", None) or getattr(args, "config_file", None)
+    if not config or not (ROOT / config).is_file():
+        return
+    config = str(ROOT / config)
+    if args.command == "experiment":
+        from jaxrec.experiment import ExperimentArgs, chosen_points, read_experiment
+
+        args.config = config
+        _data, exp, _cells = read_experiment(ExperimentArgs.from_args(args))
+        chosen_points(args.points, exp.sweep)
+    elif args.command == "run":
+        from jaxrec.pipeline import read_experiment_file
+
+        read_experiment_file(config)
+    else:
+        from jaxrec.cli import _load, section_classes
+        from jaxrec.config import config_from_args
+
+        cfg_ref, section, _runner, _help = COMMANDS[args.command]
+        args.config, args.config_file = config, None
+        config_from_args(_load(cfg_ref), args, section, section_classes())
+
+
+def test_run_refuses_a_bad_select_value_before_any_stage(tmp_path, capsys):
+    """``select.n: -5`` in a pipeline file: exit 2 before the workdir (and its data slice)
+    exists."""
+    cfg = tmp_path / "p.yaml"
+    work = tmp_path / "w"
+    cfg.write_text(f"pipeline:\n  workdir: {work}\n  users: 50\nselect:\n  n: -5\n")
+    err = _error(capsys, ["run", str(cfg)])
+    assert "[select]: n=-5: must be >= 1" in err
+    assert not work.exists()
+
+
+def test_tiger_evaluate_with_fewer_beams_than_k_is_refused_at_once(tmp_path, capsys):
+    err = _error(capsys, ["evaluate", "--backend", "tiger", "--beams", "5", "--out", "m.json"])
+    assert "--beams 5: TIGER needs at least 20 beams" in err
+
+
+def test_a_codebook_larger_than_the_items_is_refused(tmp_path, capsys):
+    from jaxrec.data.synthetic import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", n_users=30, n_items=20, seed=0)
+    out = tmp_path / "codes.npy"
+    argv = ["semantic-ids", "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path)]
+    err = _error(capsys, [*argv, "--codebook-size", "64"])
+    assert "--codebook-size 64 is larger than the 20 items" in err
+    assert "--codebook-size 1: must be >= 2" in _error(capsys, [*argv, "--codebook-size", "1"])
+    assert not out.exists()
+
+
+def test_report_on_a_folder_with_nothing_to_plot_writes_nothing(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("x")
+    err = _error(capsys, ["report", str(tmp_path / "run")])
+    assert "nothing to plot" in err and "experiment folder" in err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"]
+    assert "run folder not found" in _error(capsys, ["report", str(tmp_path / "nope")])
+    assert not (tmp_path / "nope").exists()
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    assert "experiment folder" in capsys.readouterr().out
+
+
+def test_resume_is_the_default_and_keyed_as_archived():
+    """Every resumable command resumes by default; ``resume`` and the cache folders do not
+    change results, so reuse keys hold the value archived keys were made with
+    (``keyed_value``; the pipeline's key_options applies it)."""
+    from jaxrec.config import SurrogateConfig, keyed_value
+    from llm_bridge.config import (
+        EffortConfig,
+        EvaluateConfig,
+        FinetuneConfig,
+        SemanticIdConfig,
+        UserRepsConfig,
+    )
+
+    archived = {
+        (SurrogateConfig, "resume"): True,
+        (EffortConfig, "resume"): False,
+        (UserRepsConfig, "resume"): False,
+        (FinetuneConfig, "resume"): True,
+        (SemanticIdConfig, "cache_dir"): "runs/cache",
+        (EvaluateConfig, "cache_dir"): "runs/cache",
+    }
+    for (cls, name), value in archived.items():
+        f = cls.__dataclass_fields__[name]
+        assert keyed_value(f, "elsewhere") == value, (cls.__name__, name)
+        if name == "resume":
+            assert f.default is True, cls.__name__
+    assert keyed_value(SurrogateConfig.__dataclass_fields__["lr"], 0.5) == 0.5
