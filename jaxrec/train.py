@@ -254,8 +254,24 @@ def save_checkpoint(path: Path, tree) -> None:
 
 
 def restore_checkpoint(path: Path, like):
-    ckpt = _checkpointer()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), like)
+    """The pytree saved at ``path`` (structure, shapes and dtypes of ``like``), read by this
+    process alone onto its first local device.
+
+    Under JAX's multi-process runtime (``dealrec influence --coordinator``) every process
+    reads the whole checkpoint for itself: orbax's default would place each leaf by the
+    sharding it was saved with (device 0, which only process 0 holds: "Topology mismatch" on
+    the others) and then wait for every process at a barrier (which the failed processes
+    never reach). With one process this is orbax's default restore.
+    """
+    import orbax.checkpoint as ocp
+
+    here = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=here, active_processes={here})
+    ckpt = ocp.StandardCheckpointer(multiprocessing_options=alone)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=device), like
+    )
     return ckpt.restore(path.absolute(), abstract)
 
 

@@ -28,10 +28,7 @@ from jaxrec.config import InfluenceConfig
 from jaxrec.influence import dealrec_scores
 from jaxrec.train import load_surrogate, negative_draw
 import jax
-rows = None
-if processes > 1:
-    sur = load_surrogate(run)
-    rows = hosts.row_range(sur.dataset.n_users)
+rows = hosts.row_range(90) if processes > 1 else None  # tiny_run's 90 users
 sur = load_surrogate(run, rows=rows)
 out = {"rows": rows, "processes": jax.process_count()}
 for solver, extra in (("lissa", {"steps": 120, "lissa_batch_size": 8}), ("cg", {}),
@@ -115,12 +112,18 @@ def library_scores(run, processes: int) -> dict:
     return {s: np.concatenate([p[s] for p in parts]) for s in ("lissa", "cg", "exact")}
 
 
-def test_two_processes_score_as_one(tiny_run):
-    one, two = library_scores(tiny_run, 1), library_scores(tiny_run, 2)
+@pytest.fixture(scope="module")
+def one_process(tiny_run) -> dict:
+    return library_scores(tiny_run, 1)
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_several_processes_score_as_one(tiny_run, one_process, processes):
+    one, several = one_process, library_scores(tiny_run, processes)
     for solver in ("lissa", "cg", "exact"):
         assert one[solver].shape == (90,) and np.abs(one[solver]).max() > 0
         np.testing.assert_allclose(
-            two[solver],
+            several[solver],
             one[solver],
             rtol=1e-6,
             atol=1e-6 * np.abs(one[solver]).max(),
