@@ -264,6 +264,7 @@ def main(cfg: InfluenceConfig) -> int:
     info["seconds"]["load"] = load_s
     dataset = surrogate.dataset.fingerprint()
     if multi:
+        assert rows is not None
         save_part(out, scores, rows, kind=cfg.score, dataset=dataset)
         hosts.barrier("influence-parts")
         if jax_process() != 0:

@@ -119,7 +119,8 @@ def every_bucket(parts: list[dict], max_len: int) -> list[dict]:
 
     widths = bucket_widths(max_len)
     have = {p["inputs"].shape[1]: p for p in parts}
-    anywhere = hosts.allgather([w in have for w in widths]).any(0)
+    table = hosts.allgather([w in have for w in widths])  # [P, buckets]
+    anywhere = [bool(table[:, j].any()) for j in range(len(widths))]
     like = parts[0]
     return [
         have.get(w) or {k: np.zeros((0, w, *x.shape[2:]), x.dtype) for k, x in like.items()}

@@ -124,11 +124,11 @@ def _host_minibatch_hvp(loss, local_parts, batch_size: int):
 
     if len(local_parts) == 1:
 
-        def f(key, t, params, x, parts):
+        def one(key, t, params, x, parts):
             batch = gather(parts[0], 0, lissa_indices(key, t, n[0], batch_size))
             return hvp(loss, params, batch, x)
 
-        return parts, f
+        return parts, one
     logp = jnp.log(jnp.asarray(n, jnp.float32) / sum(n))
 
     def f(key, t, params, x, parts):
