@@ -353,6 +353,20 @@ class InfluenceConfig:
             "initialisation's seed)"
         },
     )
+    coordinator: str = option(
+        "",
+        "several processes (JAX's multi-process runtime): HOST:PORT of process 0's "
+        "coordinator, or auto = what the cluster launcher sets (SLURM, Open MPI, Kubernetes; "
+        "JAX_COORDINATOR_ADDRESS); empty = one process. Each process scores its own rows; "
+        "process 0 writes the score file",
+        since="2026-12-07",
+    )
+    num_processes: int = option(
+        0, "with --coordinator: number of processes (0 = from the launcher)", since="2026-12-07"
+    )
+    process_id: int = option(
+        -1, "with --coordinator: this process's index (-1 = from the launcher)", since="2026-12-07"
+    )
     compile_cache: str = field(
         default="~/.cache/dealrec/jax",
         metadata={

@@ -254,8 +254,24 @@ def save_checkpoint(path: Path, tree) -> None:
 
 
 def restore_checkpoint(path: Path, like):
-    ckpt = _checkpointer()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), like)
+    """The pytree saved at ``path`` (structure, shapes and dtypes of ``like``), read by this
+    process alone onto its first local device.
+
+    Under JAX's multi-process runtime (``dealrec influence --coordinator``) every process
+    reads the whole checkpoint for itself: orbax's default would place each leaf by the
+    sharding it was saved with (device 0, which only process 0 holds: "Topology mismatch" on
+    the others) and then wait for every process at a barrier (which the failed processes
+    never reach). With one process this is orbax's default restore.
+    """
+    import orbax.checkpoint as ocp
+
+    here = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=here, active_processes={here})
+    ckpt = ocp.StandardCheckpointer(multiprocessing_options=alone)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=device), like
+    )
     return ckpt.restore(path.absolute(), abstract)
 
 
@@ -278,12 +294,17 @@ def _read_run_config(run: Path) -> SurrogateConfig:
     return make_config(SurrogateConfig, values, str(cfg_file))
 
 
-def load_surrogate(run_dir: str | Path, data: str | None = None) -> Surrogate:
+def load_surrogate(
+    run_dir: str | Path, data: str | None = None, rows: tuple[int, int] | None = None
+) -> Surrogate:
     """Load the best checkpoint of a run as a :class:`Surrogate`.
 
     ``data`` overrides the dataset folder recorded in the run. The returned ``data`` arrays
     carry the negatives of epoch 0 for the run's seed: the fixed loss the influence engine
-    differentiates.
+    differentiates. ``rows = (a, b)``: ``data`` holds users ``a..b-1`` only (one process's
+    share under JAX's multi-process runtime, :func:`jaxrec.influence.hosts.row_range`); their
+    negatives and the loss (SASRec's ``position`` divisor is a mean over every user) are those
+    of the whole data set.
     """
     run = Path(run_dir)
     cfg = _read_run_config(run)
@@ -294,8 +315,14 @@ def load_surrogate(run_dir: str | Path, data: str | None = None) -> Surrogate:
         params = restore_checkpoint(run / "checkpoints" / "best", like)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"{run}: checkpoint does not match the dataset/model ({e})") from None
-    arrays = training_data(cfg, training_arrays(ds, cfg.max_len), ds, 0)
+    arrays = training_arrays(ds, cfg.max_len)
     loss, per_sample_loss = loss_fns(cfg, model, arrays)
+    if rows is not None:
+        a, b = rows
+        if not 0 <= a < b <= ds.n_users:
+            raise UserError(f"rows {a}:{b}: need 0 <= a < b <= {ds.n_users}")
+        arrays = {k: v[a:b] for k, v in arrays.items()}
+    arrays = training_data(cfg, arrays, ds, 0)
     return Surrogate(model, params, cfg, ds, arrays, loss, per_sample_loss, sample_loss(model))
 
 

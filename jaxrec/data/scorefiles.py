@@ -205,3 +205,58 @@ def load_scores(
 
 # Kinds whose array has one entry per user (the others, e.g. "selection", are index lists).
 _PER_USER_KINDS = {"influence", "effort", "grand", "el2n", "score"}
+
+
+# ----------------------------------------------------------------------------- parts
+# One process's rows of a score file, under ``NAME.shards/`` (the layout of ``dealrec
+# effort``'s shards: ``rows-AAAAAAAA-BBBBBBBB.npy`` + manifest, the manifest being the part's
+# commit point). The merged ``NAME.npy`` + ``NAME.json`` is written once every part is there.
+
+
+def part_folder(path: str | Path) -> Path:
+    """``NAME.shards/`` beside the score file ``NAME.npy``."""
+    path = Path(path)
+    return path.with_name(path.name + ".shards")
+
+
+def part_path(path: str | Path, a: int, b: int) -> Path:
+    """The part of ``path`` holding rows ``a..b-1``."""
+    return part_folder(path) / f"rows-{a:08d}-{b:08d}.npy"
+
+
+def save_part(path, array, rows: tuple[int, int], *, kind: str, dataset: dict) -> Path:
+    """Write rows ``rows = (a, b)`` of the score file ``path`` as a part (kind
+    ``KIND-part``), manifest last."""
+    a, b = rows
+    return save_scores(
+        part_path(path, a, b), array, kind=f"{kind}-part", dataset=dataset, rows=[a, b]
+    )
+
+
+def merge_parts(path, *, kind: str, dataset: dict, **manifest) -> Path:
+    """Join the committed parts of ``path`` (:func:`save_part`) into ``path`` + its manifest
+    (``manifest`` as for :func:`save_scores`, plus ``parts``: how many), then remove them.
+
+    Raises :class:`ScoreFileError` unless the parts cover rows ``0..n_users-1`` exactly once.
+    """
+    folder = part_folder(path)
+    n = int(dataset["n_users"])
+    pieces, end = [], 0
+    for part in sorted(folder.glob("rows-*-*.npy")):
+        if not manifest_path(part).is_file():
+            continue  # not committed
+        array, meta = load_scores(part, kind=f"{kind}-part", dataset=dataset)
+        a, b = meta["rows"]
+        if a != end or array.shape[0] != b - a:
+            raise ScoreFileError(f"{folder}: parts do not cover rows {end}.. exactly once")
+        pieces.append(array)
+        end = b
+    if end != n:
+        raise ScoreFileError(f"{folder}: parts cover rows 0..{end - 1} of {n}")
+    out = save_scores(
+        path, np.concatenate(pieces), kind=kind, dataset=dataset, parts=len(pieces), **manifest
+    )
+    for part in folder.glob("rows-*-*"):
+        part.unlink()
+    folder.rmdir()
+    return out

@@ -37,9 +37,20 @@ def total_size(data) -> int:
     return sum(data_size(s) for s in strata(data))
 
 
+def global_size(data) -> int:
+    """Number of samples over all strata of ``data`` and, under JAX's multi-process runtime,
+    over every process (each holds its own rows)."""
+    from jaxrec.influence import hosts
+
+    return int(hosts.allgather(total_size(data)).sum())
+
+
 def data_mesh() -> Mesh:
-    """A 1-D mesh over every visible device, axis name ``data``."""
-    return Mesh(np.array(jax.devices()), ("data",))
+    """A 1-D mesh over this process's devices, axis name ``data`` (with one process: every
+    visible device). Per-sample passes need no other process's rows."""
+    return Mesh(
+        np.array(jax.devices() if jax.process_count() == 1 else jax.local_devices()), ("data",)
+    )
 
 
 def replicate(tree, mesh: Mesh):
@@ -47,11 +58,11 @@ def replicate(tree, mesh: Mesh):
 
 
 def shard(tree, mesh: Mesh):
-    """Place a host batch split along the mesh's ``data`` axis. Under JAX's multi-process
-    runtime each process passes its own rows and gets the global batch
+    """Place a host batch split along the mesh's ``data`` axis. On a mesh spanning several
+    processes each process passes its own rows and gets the global batch
     (``make_array_from_process_local_data``; see docs/benchmarks.md, "Several hosts")."""
     sharding = NamedSharding(mesh, P("data"))
-    if jax.process_count() == 1:
+    if not mesh.is_multi_process:
         return jax.device_put(tree, sharding)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
 
@@ -94,7 +105,7 @@ def num_batches(n: int, batch_size: int, n_devices: int = 1) -> int:
 def strata_batches(data, batch_size: int, mesh: Mesh, *, desc: str, progress: bool | None = None):
     """Yield ``(count, batch, weight)`` of :func:`padded_batches` over every stratum of
     ``data`` in order (one compiled shape per stratum), with one progress bar."""
-    parts = strata(data)
+    parts = [p for p in strata(data) if data_size(p)]  # a process may hold none of a bucket
     total = sum(num_batches(data_size(p), batch_size, mesh.devices.size) for p in parts)
     with tqdm(total=total, desc=desc, leave=False, disable=_disable(progress)) as bar:
         for part in parts:
@@ -111,12 +122,15 @@ def _disable(progress: bool | None):
 def full_batches(data, batch_size: int):
     """``[(weight, batch)]`` covering every stratum of ``data`` exactly once, on device, with
     ``weight = |batch|/n`` (the mean loss over all ``n`` samples is ``sum weight *
-    loss(batch)``). Per stratum, all batches but the last have ``batch_size`` rows; the last
-    holds the remainder (so at most two shapes compile per stratum)."""
-    n = total_size(data)
+    loss(batch)``; under JAX's multi-process runtime ``data`` is this process's rows and ``n``
+    counts every process's). Per stratum, all batches but the last have ``batch_size`` rows;
+    the last holds the remainder (so at most two shapes compile per stratum)."""
+    n = global_size(data)
     out = []
     for part in strata(data):
         m = data_size(part)
+        if not m:
+            continue
         b = round_batch(batch_size, m, 1)
         host = jax.tree.map(np.asarray, part)
         for start in range(0, m, b):

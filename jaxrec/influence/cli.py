@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -29,7 +30,14 @@ import numpy as np
 
 from jaxrec.config import InfluenceConfig, to_dict
 from jaxrec.data.buckets import width_strata
-from jaxrec.data.scorefiles import atomic_write_bytes, save_scores
+from jaxrec.data import load_dataset
+from jaxrec.data.scorefiles import (
+    atomic_write_bytes,
+    merge_parts,
+    part_folder,
+    save_part,
+    save_scores,
+)
 from jaxrec.errors import UserError
 
 # Library errors name Python arguments; these are the flags that set them.
@@ -219,21 +227,49 @@ def _solver_record(info: dict, out: Path) -> dict:
     }
 
 
+# Where the stage ran, not what it computed: left out of the manifest's options.
+_RUNTIME = ("run", "out", "coordinator", "num_processes", "process_id")
+
+
 def main(cfg: InfluenceConfig) -> int:
-    """Run ``dealrec influence`` and write ``cfg.out`` (+ manifest, + LiSSA trace)."""
+    """Run ``dealrec influence`` and write ``cfg.out`` (+ manifest, + LiSSA trace).
+
+    With ``cfg.coordinator`` every process runs this on its own rows
+    (:func:`jaxrec.influence.hosts.row_range`), writes them as a part under ``OUT.shards/``,
+    and process 0 merges the parts into ``OUT`` + manifest (:func:`merge_parts`)."""
     check(cfg)
+    from jaxrec.influence import hosts
+
+    hosts.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    multi = hosts.multi()
+    if multi:
+        check_hosts(cfg)
     use_compile_cache(cfg.compile_cache)
     from jaxrec.train import load_surrogate
 
+    out = Path(cfg.out)
     t0 = time.perf_counter()
     try:
-        surrogate = load_surrogate(cfg.run, cfg.data or None)
+        rows = None
+        if multi:
+            rows = hosts.row_range(load_dataset(cfg.data or _run_data(cfg.run)).n_users)
+            if jax_process() == 0:  # parts of an earlier, unfinished run
+                shutil.rmtree(part_folder(out), ignore_errors=True)
+            hosts.barrier("influence-start")
+        surrogate = load_surrogate(cfg.run, cfg.data or None, rows)
         load_s = time.perf_counter() - t0
         scores, info = compute(cfg, surrogate)
     except UserError as e:
         raise UserError(flag_words(str(e))) from None
     info["seconds"]["load"] = load_s
-    out = Path(cfg.out)
+    dataset = surrogate.dataset.fingerprint()
+    if multi:
+        assert rows is not None
+        save_part(out, scores, rows, kind=cfg.score, dataset=dataset)
+        hosts.barrier("influence-parts")
+        if jax_process() != 0:
+            print(f"process {jax_process()}: rows {rows[0]}..{rows[1] - 1} written")
+            return 0
     extra = {
         "run": str(cfg.run),
         "score": cfg.score,
@@ -245,20 +281,53 @@ def main(cfg: InfluenceConfig) -> int:
         extra["solver"] = _solver_record(info["solver"], out)
     if "early" in info:
         extra["early"] = info["early"]
-    options = {k: v for k, v in to_dict(cfg).items() if k not in ("run", "out")}
-    save_scores(
-        out,
-        scores,
-        kind=cfg.score,
-        dataset=surrogate.dataset.fingerprint(),
-        options=options,
-        seconds=time.perf_counter() - t0,
-        **extra,
-    )
+    options = {k: v for k, v in to_dict(cfg).items() if k not in _RUNTIME}
+    seconds = time.perf_counter() - t0
+    if multi:
+        extra["processes"] = jax_process_count()
+        merge_parts(out, kind=cfg.score, dataset=dataset, options=options, seconds=seconds, **extra)
+        n = dataset["n_users"]
+    else:
+        save_scores(
+            out, scores, kind=cfg.score, dataset=dataset, options=options, seconds=seconds, **extra
+        )
+        n = scores.shape[0]
     steps = info.get("solver", {}).get("steps_run")
     print(
-        f"{out}: {cfg.score} scores of {scores.shape[0]} users "
+        f"{out}: {cfg.score} scores of {n} users "
         f"({time.perf_counter() - t0:.1f} s; {info['n_params']} parameters"
         f"{f'; LiSSA steps {steps}' if steps else ''})"
     )
     return 0
+
+
+def check_hosts(cfg: InfluenceConfig) -> None:
+    """What runs on several processes: influence (LiSSA, CG, exact), GraNd and EL2N on the
+    trained surrogate."""
+    if cfg.score == "representation" or cfg.score_model == "early":
+        raise UserError(
+            "--coordinator: --score representation and --score-model early run in one process"
+        )
+    if cfg.score == "influence" and cfg.solver == "arnoldi":
+        raise UserError(
+            "--coordinator: --solver arnoldi runs in one process; use lissa, cg or exact"
+        )
+
+
+def _run_data(run: str) -> str:
+    """The dataset folder recorded in the run ``run``."""
+    from jaxrec.train import _read_run_config
+
+    return _read_run_config(Path(run)).data
+
+
+def jax_process() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def jax_process_count() -> int:
+    import jax
+
+    return jax.process_count()

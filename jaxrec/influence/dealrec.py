@@ -67,6 +67,7 @@ def dealrec_scores(
       ``sample_loss``).
     """
     from jaxrec.data.buckets import width_strata
+    from jaxrec.influence import hosts
     from jaxrec.influence.params import ParamSubset
     from jaxrec.influence.scores import influence_scores
 
@@ -74,6 +75,8 @@ def dealrec_scores(
         raise ValueError(f"sample_loss must be 'per-user' or 'training', got {cfg.sample_loss!r}")
     sub = ParamSubset(params, cfg.params)
     order, parts = width_strata(data, np.asarray(data["inputs"]).shape[1])
+    if hosts.multi():
+        parts = every_bucket(parts, np.asarray(data["inputs"]).shape[1])
     loss, psl = sub.restrict(loss), sub.restrict(per_sample_loss)
     score_loss = sub.restrict(sample_loss) if cfg.sample_loss == "per-user" else psl
     options, batch_size = solver_options(cfg), cfg.batch_size
@@ -104,6 +107,26 @@ def dealrec_scores(
     scores[order] = s
     info = {"params": sub.pattern, "n_params": sub.size, "seconds": seconds, "solver": solver}
     return scores, info
+
+
+def every_bucket(parts: list[dict], max_len: int) -> list[dict]:
+    """Under JAX's multi-process runtime: ``parts`` (this process's width buckets, empty ones
+    left out by :func:`~jaxrec.data.buckets.width_strata`) with an empty part for each bucket
+    that another process holds, so every process lists the same buckets in the same order
+    (LiSSA's minibatch draw indexes them; :mod:`jaxrec.influence.lissa`)."""
+    from jaxrec.data.buckets import bucket_widths
+    from jaxrec.influence import hosts
+
+    widths = bucket_widths(max_len)
+    have = {p["inputs"].shape[1]: p for p in parts}
+    table = hosts.allgather([w in have for w in widths])  # [P, buckets]
+    anywhere = [bool(table[:, j].any()) for j in range(len(widths))]
+    like = parts[0]
+    return [
+        have.get(w) or {k: np.zeros((0, w, *x.shape[2:]), x.dtype) for k, x in like.items()}
+        for w, used in zip(widths, anywhere)
+        if used
+    ]
 
 
 def draw_parts(order, parts: list[dict], draw: Callable, offsets: list[int]) -> list[dict]:

@@ -88,6 +88,8 @@ def inverse_hvp(
         raise UserError(f"damping must be >= 0, got damping={damping}")
     if not all_finite(v):
         raise UserError("the vector to solve for (v) is not finite")
+    if name == "arnoldi" and jax.process_count() > 1:
+        raise UserError("solver='arnoldi' runs in one process; use lissa, cg or exact")
     dealrec = convention == "dealrec"
     if name == "lissa":
         d = damping if dealrec else damping / scale

@@ -11,6 +11,13 @@ decays at least like ``(1 - d)^t`` (for a positive semi-definite Hessian), so 50
 the paper's ``d = 0.01`` is far more than needed; after ``(1 - d)^t <= tol`` the run stops as
 soon as the change per chunk stops shrinking (only minibatch noise left).
 Memory O(params + batch): the carry is ``h``, each step touches one minibatch.
+
+Under JAX's multi-process runtime (:mod:`jaxrec.influence.hosts`) each process holds its own
+rows; every process draws the same row indices from the one key (the draw of a single
+process over all ``n`` rows), each device contributes the drawn rows it holds, and a ``psum``
+of those rows (integers: the minibatch, not a parameter-sized vector) gives every device the
+whole minibatch. Every process then runs the same HVP, so ``h``, the norm trace and the stop
+step are the same on every process and equal one process's run.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from tqdm.auto import tqdm
 
 from jaxrec.config import LissaOptions
 from jaxrec.errors import UserError
+from jax.sharding import PartitionSpec
+
+from jaxrec.influence import hosts
 from jaxrec.influence import tree as T
 from jaxrec.influence.batching import _disable, data_size, strata
 from jaxrec.influence.hvp import hvp
@@ -76,6 +86,63 @@ def _minibatch_hvp(loss, parts, batch_size: int):
     return f
 
 
+def _host_minibatch_hvp(loss, local_parts, batch_size: int):
+    """Multi-process :func:`_minibatch_hvp`: ``(parts, f)``; ``parts`` are every process's
+    strata as global arrays sharded along ``data`` (process ``p``'s rows in block ``p``, padded
+    with zero rows to the longest process's count); ``f(key, t, params, x, parts) -> H_t x``
+    runs inside ``shard_map`` over :func:`~jaxrec.influence.hosts.global_mesh` on the minibatch
+    a single process would draw from the concatenation of every process's rows (strata in the
+    same order on every process; a process may hold none of a stratum's rows)."""
+    sizes = hosts.allgather([data_size(p) for p in local_parts])  # [P, G]
+    ldev = jax.local_device_count()
+    m = [max(1, -(-int(c) // ldev)) * ldev for c in sizes.max(0)]  # rows per process, padded
+    blk = [mg // ldev for mg in m]  # rows per device
+    ends = np.cumsum(sizes, 0)  # [P, G]: end of process p's rows in the global stratum
+    starts = ends - sizes
+    n = [int(x) for x in ends[-1]]
+
+    def padded(part, rows):
+        return jax.tree.map(
+            lambda x: np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)]),
+            jax.tree.map(np.asarray, part),
+        )
+
+    parts = [hosts.shard_rows_tree(padded(p, mg)) for p, mg in zip(local_parts, m)]
+
+    def gather(block, g, idx):
+        p = jnp.searchsorted(jnp.asarray(ends[:, g]), idx, side="right")
+        pos = p * m[g] + idx - jnp.asarray(starts[:, g])[p]
+        lo = jax.lax.axis_index("data") * blk[g]
+        own = (pos >= lo) & (pos < lo + blk[g])
+        local = jnp.clip(pos - lo, 0, blk[g] - 1)
+
+        def rows(x):
+            mask = own.reshape(own.shape + (1,) * (x.ndim - 1))
+            return jnp.where(mask, jnp.take(x, local, axis=0), jnp.zeros((), x.dtype))
+
+        return jax.lax.psum(jax.tree.map(rows, block), "data")
+
+    if len(local_parts) == 1:
+
+        def one(key, t, params, x, parts):
+            batch = gather(parts[0], 0, lissa_indices(key, t, n[0], batch_size))
+            return hvp(loss, params, batch, x)
+
+        return parts, one
+    logp = jnp.log(jnp.asarray(n, jnp.float32) / sum(n))
+
+    def f(key, t, params, x, parts):
+        kg, ki = jax.random.split(jax.random.fold_in(key, t))
+        g = jax.random.categorical(kg, logp)
+        batches = [
+            gather(parts[i], i, lissa_indices(ki, 0, n[i], batch_size)) for i in range(len(n))
+        ]
+        branches = [(lambda x, i=i: hvp(loss, params, batches[i], x)) for i in range(len(parts))]
+        return jax.lax.switch(g, branches, x)
+
+    return parts, f
+
+
 def largest_eigenvalue(loss, params, data, batch_size: int, key, iterations: int = 30) -> float:
     """Power-iteration estimate of the dominant eigenvalue of the minibatch Hessians (a fresh
     minibatch each iteration). Used to suggest a LiSSA scale that converges."""
@@ -105,11 +172,12 @@ def largest_eigenvalue(loss, params, data, batch_size: int, key, iterations: int
     return float(ray)
 
 
-def _chunk_runner(mb_hvp, d: float, scale: float, steps: int, chunk: int):
+def _chunk_runner(mb_hvp, d: float, scale: float, steps: int, chunk: int, mesh=None):
     """A jitted ``(h, t0, key, params, v, parts) -> (h, norms)``: ``chunk`` steps in one
-    ``lax.scan`` (steps past ``steps`` are skipped, so one shape serves every chunk)."""
+    ``lax.scan`` (steps past ``steps`` are skipped, so one shape serves every chunk). With
+    ``mesh`` (several processes) the scan runs inside ``shard_map``: ``parts`` sharded along
+    ``data``, everything else replicated."""
 
-    @jax.jit
     def run_chunk(h, t0, key, params, v, parts):
         def body(h, t):
             def step(h):
@@ -124,7 +192,18 @@ def _chunk_runner(mb_hvp, d: float, scale: float, steps: int, chunk: int):
 
         return jax.lax.scan(body, h, t0 + jnp.arange(chunk))
 
-    return run_chunk
+    if mesh is None:
+        return jax.jit(run_chunk)
+    rep, rows = PartitionSpec(), PartitionSpec("data")
+    return jax.jit(
+        jax.shard_map(
+            run_chunk,
+            mesh=mesh,
+            in_specs=(rep, rep, rep, rep, rep, rows),
+            out_specs=(rep, rep),
+            check_vma=False,
+        )
+    )
 
 
 def transient_steps(d: float, tol: float) -> int:
@@ -205,21 +284,30 @@ def solve(
     _check(opts, d, scale)
     chunk = max(1, min(opts.chunk, opts.steps))
     opts = dataclasses.replace(opts, chunk=chunk)
-    parts = [jax.device_put(jax.tree.map(jnp.asarray, p)) for p in strata(data)]
-    run_chunk = _chunk_runner(
-        _minibatch_hvp(loss, parts, opts.batch_size), d, scale, opts.steps, chunk
-    )
+    local = params
+    if hosts.multi():  # every process's rows: see the module docstring
+        local_parts = [p for p in strata(data) if data_size(p)]
+        parts, mb_hvp = _host_minibatch_hvp(loss, strata(data), opts.batch_size)
+        run_chunk = _chunk_runner(mb_hvp, d, scale, opts.steps, chunk, hosts.global_mesh())
+        params, v = hosts.replicate((params, v))
+    else:
+        parts = local_parts = [jax.device_put(jax.tree.map(jnp.asarray, p)) for p in strata(data)]
+        run_chunk = _chunk_runner(
+            _minibatch_hvp(loss, parts, opts.batch_size), d, scale, opts.steps, chunk
+        )
     limit = 1e3 * max(float(T.norm(v)), 1e-30) / max(d, 1e-12)
 
     def on_diverge(key, step, value):
-        _diverged(loss, params, parts, opts.batch_size, key, scale, d, step, value)
+        # the diagnosis reads this process's rows only
+        key = hosts.localize(key) if hosts.multi() else key
+        _diverged(loss, local, local_parts, opts.batch_size, key, scale, d, step, value)
 
     results, traces = [], []
     keys = jax.random.split(jax.random.PRNGKey(opts.seed), opts.repeats)
     for r, rkey in enumerate(keys):
         h, trace = _run_one(
             run_chunk,
-            rkey,
+            hosts.replicate(rkey) if hosts.multi() else rkey,
             params,
             v,
             parts,
@@ -233,6 +321,8 @@ def solve(
         results.append(h)
         traces.append(trace)
     mean = jax.tree.map(lambda *xs: sum(xs) / len(xs), *results)
+    if hosts.multi():
+        mean, results = hosts.localize((mean, results))
     steps_run = [int(x.size) for x in traces]
     width = min(steps_run)
     info = {

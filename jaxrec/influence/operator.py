@@ -5,13 +5,16 @@ from __future__ import annotations
 import jax
 
 from jaxrec.errors import UserError
+from jaxrec.influence import hosts
 from jaxrec.influence.batching import full_batches
 from jaxrec.influence.hvp import hvp
 from jaxrec.influence.tree import all_finite
 
 
 class FullHessian:
-    """``H`` of the mean of ``loss`` over all of ``data`` (batches of ``batch_size``)."""
+    """``H`` of the mean of ``loss`` over all of ``data`` (batches of ``batch_size``). Under
+    JAX's multi-process runtime ``data`` is this process's rows and each product is summed
+    over processes (one all-reduce of the product's size)."""
 
     def __init__(self, loss, params, data, batch_size: int = 4096):
         self.params = params
@@ -26,6 +29,8 @@ class FullHessian:
         for w, batch in self.batches:
             hv = jax.tree.map(lambda x, w=w: w * x, self._hvp(self.params, batch, v))
             out = hv if out is None else jax.tree.map(lambda a, b: a + b, out, hv)
+        if hosts.multi():
+            out = hosts.allreduce(jax.tree.map(jax.numpy.zeros_like, v) if out is None else out)
         self.count += 1
         if not all_finite(out):
             raise UserError(
@@ -40,4 +45,6 @@ class FullHessian:
         for w, batch in self.batches:
             hv = jax.tree.map(lambda x, w=w: w * x, self._hmm(self.params, batch, vs))
             out = hv if out is None else jax.tree.map(lambda a, b: a + b, out, hv)
+        if hosts.multi():
+            out = hosts.allreduce(jax.tree.map(jax.numpy.zeros_like, vs) if out is None else out)
         return out

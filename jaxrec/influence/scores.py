@@ -17,7 +17,8 @@ import numpy as np
 
 from jaxrec.config import InfluenceConfig
 from jaxrec.errors import UserError
-from jaxrec.influence.batching import data_mesh, replicate, strata_batches, total_size
+from jaxrec.influence import hosts
+from jaxrec.influence.batching import data_mesh, global_size, replicate, strata_batches
 from jaxrec.influence.inverse import SolverOptions, inverse_hvp
 
 
@@ -141,8 +142,10 @@ def mean_gradient(
     per_sample_loss, params, data, batch_size: int = 4096, *, progress: bool | None = None
 ):
     """``(1/n) sum_i grad loss_i``: the mean training gradient (paper Eq. 10's sum over
-    samples), batched with padding masked by weights and sharded over all devices."""
-    n = total_size(data)
+    samples), batched with padding masked by weights and sharded over all devices. Under JAX's
+    multi-process runtime each process sums its own rows and one all-reduce adds the sums
+    (:func:`jaxrec.influence.hosts.allreduce`); ``n`` counts every process's rows."""
+    n = global_size(data)
     mesh = data_mesh()
     params = replicate(params, mesh)
     grad_sum = _grad_sum_fn(per_sample_loss)
@@ -151,6 +154,8 @@ def mean_gradient(
         data, batch_size, mesh, desc="mean gradient", progress=progress
     ):
         acc = grad_sum(params, batch, weight, acc)
+    if hosts.multi():
+        acc = hosts.allreduce(acc)
     g = jax.tree.map(lambda x: x / n, acc)
     if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g)):
         raise UserError("mean gradient is not finite; check the model and data")
@@ -189,9 +194,11 @@ def influence_scores(
     ``scale (H + scale*damping I)^-1 v``), ``damping=0.01``, ``scale=25``. (The primitive
     :func:`~jaxrec.influence.inverse_hvp` keeps ``convention="standard"``, ``(H + damping
     I)^-1 v``, with ``damping=0``.)
+    Under JAX's multi-process runtime ``data`` is this process's rows: the mean gradient and
+    the solver's HVPs cover every process's (``n`` too), the scores are this process's rows.
     Returns ``(scores [n], info)`` where ``info`` holds the solver's report and timings.
     """
-    n = total_size(data)
+    n = global_size(data)
     t0 = time.perf_counter()
     v = mean_gradient(per_sample_loss, params, data, batch_size, progress=progress)
     jax.block_until_ready(v)
