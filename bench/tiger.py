@@ -146,7 +146,7 @@ def bench_effort_sample(ds, codes, sizes, n: int, batch_size: int, rounds: int =
 def bench_effort(ds, args, codes_path: str, out: Path, sample: bool) -> dict:
     """``sample``: the side-by-side comparison on ``--sample`` users; else all users."""
     from llm_bridge.config import EffortConfig
-    from llm_bridge.tiger.effort import main
+    from llm_bridge.tiger.effort import run as main
     from llm_bridge.tiger.finetune import load_codes
 
     codes, sizes = load_codes(codes_path, ds)
@@ -182,7 +182,7 @@ def bench_effort(ds, args, codes_path: str, out: Path, sample: bool) -> dict:
 def bench_finetune(ds, args, codes_path: str, out: Path, batch_size: int) -> dict:
     from jaxrec.data import save_scores
     from llm_bridge.config import FinetuneConfig
-    from llm_bridge.tiger.finetune import main
+    from llm_bridge.tiger.finetune import run as main
 
     sel = np.sort(np.random.default_rng(0).choice(ds.n_users, args.shots, replace=False))
     save_scores(out / "selected.npy", sel, kind="selection", dataset=ds.fingerprint())
@@ -283,7 +283,7 @@ def bench_beam_cache(ds, codes, sizes, model_dir: str, n: int) -> dict:
 
 def bench_evaluate(ds, args, codes_path: str, out: Path, model_dir: str) -> dict:
     from llm_bridge.config import EvaluateConfig
-    from llm_bridge.tiger.evaluate import main
+    from llm_bridge.tiger.evaluate import run as main
     from llm_bridge.tiger.finetune import load_codes
 
     codes, sizes = load_codes(codes_path, ds)

@@ -34,7 +34,7 @@ print(json.dumps({"version": jax.__version__, "backend": jax.default_backend(),
 
 TORCH_PROBE = """
 import json, torch
-from llm_bridge.model import resolve_device_dtype
+from llm_bridge.runtime import resolve_device_dtype
 from llm_bridge.tiger.model import default_threads
 device, dtype = resolve_device_dtype("auto", "auto")
 free = None

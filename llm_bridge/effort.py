@@ -29,42 +29,40 @@ gradient of that sample's own loss: samples do not interact), the per-sample wei
 is ``G_b^T X_b``; its squared Frobenius norm is summed over layers. Forward hooks record
 ``X``; one ``torch.autograd.grad`` of ``sum_b L(s_b)`` w.r.t. the recorded outputs gives ``G``
 (no parameter gradient is formed or accumulated). Per layer the cheaper of the explicit
-``einsum("bto,bti->boi")`` and the "ghost norm" ``sum((X X^T) * (G G^T))`` is used. The
+per-sample gradient and the "ghost norm" ``sum((X X^T) * (G G^T))`` is used
+(:func:`llm_bridge.norms.linear_sq_norms`, one rule for both backends). The
 logits are computed only at the positions that carry a label. Parameters that are not the
 weight or bias of an ``nn.Linear`` fall back to an exact per-sample autograd loop.
 
-``dealrec effort`` scores every row of ``sequential_train.txt`` (or ``--users A:B``) in
-length-bucketed batches, in shards of ``shard_size`` rows written atomically under
-``OUT.shards/`` (a shard's ``.json`` manifest is its commit point), so ``--resume`` continues
-after a kill with no sample lost or scored twice. Under ``accelerate launch`` each process
-takes every ``world``-th shard; when all rows are covered, the shards are merged into ``OUT``
-(float32, aligned to ``sequential_train.txt``) with a JSON manifest.
+``dealrec effort`` (:func:`main`) runs the effort of ``--backend`` (:mod:`llm_bridge.backend`);
+BIGRec's (:func:`llm_bridge.bigrec.effort`) scores every row of ``sequential_train.txt`` (or
+``--users A:B``) with :func:`score_samples` in length-bucketed batches, in shards of
+``shard_size`` rows (:mod:`llm_bridge.shards`: atomic, resumable, one process or
+``accelerate launch``), merged into ``OUT`` (float32, aligned to ``sequential_train.txt``)
+with a JSON manifest.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import time
-from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from jaxrec.data import load_dataset, load_scores, read_manifest, save_scores
-from jaxrec.errors import ScoreFileError, UserError
+from jaxrec.errors import UserError
 from llm_bridge import loss as lm_loss
+from llm_bridge.backend import get_backend
 from llm_bridge.config import EffortConfig
 from llm_bridge.model import position_ids, unwrap
-from llm_bridge.prompts import collate, encode_users
+from llm_bridge.norms import linear_sq_norms
+from llm_bridge.prompts import collate
+from llm_bridge.runtime import autocast_context
+from llm_bridge.shards import (
+    length_batches,
+)
 
-SHARD_KIND = "effort-shard"
 
-
-# ----------------------------------------------------------------------------- core
+# ----------------------------------------------------------------------------- Eq. 12
 def loss_text(loss: str) -> str:
     """The manifest's description of the effort score under ``loss``."""
     return (
@@ -147,7 +145,8 @@ def _linear_targets(model, chosen: dict):
     """``{module: (weight_selected, bias_selected)}`` for selected ``nn.Linear`` parameters and
     the names of selected parameters that are not part of an ``nn.Linear``."""
     ids = {id(p): n for n, p in chosen.items()}
-    covered, targets = set(), {}
+    covered: set[str] = set()
+    targets: dict = {}
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             w = id(module.weight) in ids
@@ -167,12 +166,7 @@ def _sq_norm_linear(xs, gs, with_weight: bool, with_bias: bool) -> torch.Tensor:
     g = g.reshape(g.shape[0], -1, g.shape[-1])
     out = torch.zeros(x.shape[0], device=x.device)
     if with_weight:
-        t, d_in, d_out = x.shape[1], x.shape[2], g.shape[2]
-        if d_in * d_out <= t * t:  # explicit per-sample gradient [B, out, in]
-            out = out + torch.einsum("bto,bti->boi", g, x).pow(2).sum((1, 2))
-        else:  # ghost norm: <X X^T, G G^T>
-            xx, gg = torch.bmm(x, x.transpose(1, 2)), torch.bmm(g, g.transpose(1, 2))
-            out = out + (xx * gg).sum((1, 2))
+        out = out + linear_sq_norms(x, g)
     if with_bias:
         out = out + g.sum(1).pow(2).sum(1)
     return out
@@ -207,7 +201,7 @@ def per_sample_grad_norms(
     """
     lengths = attention_mask.long().sum(-1).tolist()
     out = torch.zeros(len(input_ids), device=input_ids.device)
-    with _autocast(input_ids.device, autocast):
+    with autocast_context(input_ids.device, autocast):
         for idx in length_batches(lengths, len(lengths) or 1, max_tokens):
             rows = torch.as_tensor(idx, device=input_ids.device)
             cols = attention_mask[rows].bool().any(0)  # drop the pass's all-pad columns
@@ -220,14 +214,6 @@ def per_sample_grad_norms(
                 loss,
             ).to(out.dtype)
     return out
-
-
-def _autocast(device: torch.device, autocast: str):
-    if autocast not in ("", "bf16"):
-        raise UserError(f"autocast={autocast!r}: expected '' (off) or 'bf16'")
-    if not autocast:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _grad_norms_pass(
@@ -304,165 +290,6 @@ def _loop_sq_norms(
     return out
 
 
-# ----------------------------------------------------------------------------- sharded CLI
-def parse_users(spec: str, n_users: int) -> tuple[int, int]:
-    """``"A:B"`` -> rows ``A..B-1`` (either side may be empty); ``""`` = all rows."""
-    if not spec:
-        return 0, n_users
-    try:
-        a, b = spec.split(":")
-        start, stop = int(a or 0), int(b or n_users)
-    except ValueError:
-        raise UserError(f"--users {spec!r}: expected A:B (rows A..B-1)") from None
-    if not 0 <= start < stop <= n_users:
-        raise UserError(f"--users {spec}: need 0 <= A < B <= {n_users}")
-    return start, stop
-
-
-def shard_ranges(start: int, stop: int, shard_size: int) -> list[tuple[int, int]]:
-    """The rows ``start..stop-1`` cut at multiples of ``shard_size`` (so shards of different
-    ``--users`` ranges line up)."""
-    if shard_size < 1:
-        raise UserError(f"shard_size must be >= 1, got {shard_size}")
-    cuts = sorted({start, stop, *range((start // shard_size + 1) * shard_size, stop, shard_size)})
-    return list(zip(cuts[:-1], cuts[1:]))
-
-
-def shard_folder(out: Path) -> Path:
-    return out.with_name(out.name + ".shards")
-
-
-def shard_path(folder: Path, a: int, b: int) -> Path:
-    return folder / f"rows-{a:08d}-{b:08d}.npy"
-
-
-def _settings(cfg: EffortConfig, ds, model_info: dict) -> dict:
-    """What must match for shards to be combined."""
-    return {
-        "dataset": ds.fingerprint(),
-        "model": model_info["model"],
-        "adapter": cfg.adapter,
-        "params": cfg.params,
-        "scope": cfg.scope,
-        "loss": cfg.loss,
-        "warmup": [cfg.warmup_steps, cfg.warmup_batch_size, cfg.warmup_lr]
-        if cfg.warmup_steps
-        else None,
-        "cutoff_len": cfg.cutoff_len,
-        "lora_r": cfg.lora_r,
-        "lora_alpha": cfg.lora_alpha,
-        "seed": cfg.seed,
-        "dtype": model_info["dtype"],
-        "autocast": cfg.autocast,
-    }
-
-
-def existing_shards(
-    folder: Path, ds, settings: dict | None = None, *, shard_kind: str = SHARD_KIND
-) -> dict[tuple[int, int], Path]:
-    """Committed shards in ``folder`` (their manifest exists) as ``{(a, b): path}``; the shards
-    of ``shard_kind`` (effort's, or ``dealrec user-reps``').
-
-    Raises :class:`UserError` (ScoreFileError) for a shard of another dataset or, when
-    ``settings`` is given, made with other settings; nothing is written.
-    """
-    found = {}
-    if not folder.is_dir():
-        return found
-    for path in sorted(folder.glob("rows-*-*.npy")):
-        if not path.with_suffix(".json").is_file():
-            continue  # not committed (killed between the two writes)
-        manifest = read_manifest(path)
-        if manifest.get("kind") != shard_kind:
-            raise ScoreFileError(
-                f"{path}: kind is {manifest.get('kind')!r}, expected {shard_kind!r}"
-            )
-        if manifest.get("dataset") != ds.fingerprint():
-            raise ScoreFileError(
-                f"{path}: shard made from another dataset (fingerprint "
-                f"mismatch); use another --out or remove {folder}"
-            )
-        if settings is not None and manifest.get("settings") != settings:
-            diff = sorted(k for k in settings if manifest.get("settings", {}).get(k) != settings[k])
-            raise UserError(
-                f"{path}: shard made with other settings ({', '.join(diff)}); "
-                f"use another --out or remove {folder}"
-            )
-        a, b = manifest["rows"]
-        found[(int(a), int(b))] = path
-    return found
-
-
-def merge_shards(
-    folder: Path,
-    out: Path,
-    ds,
-    *,
-    options: dict | None = None,
-    extra: dict | None = None,
-    kind: str = "effort",
-    shard_kind: str = SHARD_KIND,
-) -> Path | None:
-    """Join the shards in ``folder`` into ``out`` (float32, one score, or one row of a
-    ``[n, D]`` shard, per line of ``sequential_train.txt``) with its manifest of ``kind``,
-    when they cover every row exactly once.
-
-    Returns ``out``, or ``None`` (nothing written) when rows are missing.
-    Raises :class:`UserError` when shards overlap or disagree on settings.
-    """
-    shards = existing_shards(folder, ds, shard_kind=shard_kind)
-    scores = None
-    covered = np.zeros(ds.n_users, dtype=np.int64)
-    seconds, settings = 0.0, None
-    for (a, b), path in sorted(shards.items()):
-        arr, manifest = load_scores(path, kind=shard_kind, dataset=ds.fingerprint())
-        if scores is None:
-            scores = np.full((ds.n_users, *arr.shape[1:]), np.nan, dtype=np.float32)
-        if arr.shape != (b - a, *scores.shape[1:]):
-            raise ScoreFileError(f"{path}: shape {arr.shape}, expected ({b - a}, ...)")
-        if settings is None:
-            settings = manifest["settings"]
-        elif manifest["settings"] != settings:
-            raise UserError(f"{folder}: shards made with different settings; remove the folder")
-        scores[a:b] = arr
-        covered[a:b] += 1
-        seconds += float(manifest.get("seconds") or 0.0)
-    if (covered > 1).any():
-        raise UserError(f"{folder}: row {int(np.flatnonzero(covered > 1)[0])} is in two shards")
-    if (covered == 0).any():
-        return None
-    if kind == "effort" and "loss" in (settings or {}):
-        extra = {"loss": loss_text(settings["loss"]), **(extra or {})}
-    save_scores(
-        out,
-        scores,
-        kind=kind,
-        dataset=ds.fingerprint(),
-        options={**(options or {}), "settings": settings},
-        seconds=seconds,
-        shards=len(shards),
-        **(extra or {}),
-    )
-    return out
-
-
-def length_batches(lengths, batch_size: int, max_tokens: int = 0) -> list[np.ndarray]:
-    """Length bucketing: indices sorted by length, cut into batches of at most ``batch_size``
-    samples and (when ``max_tokens > 0``) at most ``max_tokens`` padded tokens (a longer sample
-    goes alone)."""
-    order = np.argsort(np.asarray(lengths), kind="stable")
-    batches, cur = [], []
-    for i in order:
-        width = max(lengths[i], max((lengths[j] for j in cur), default=0))
-        if cur and (len(cur) == batch_size or (max_tokens and width * (len(cur) + 1) > max_tokens)):
-            batches.append(np.asarray(cur))
-            cur = []
-        cur.append(int(i))
-    if cur:
-        batches.append(np.asarray(cur))
-    return batches
-
-
 def score_samples(
     model,
     samples: list[dict],
@@ -483,7 +310,7 @@ def score_samples(
     ``docs/benchmarks.md`` for the measured deviation).
     """
     device = next(model.parameters()).device
-    _autocast(device, autocast)  # a bad value fails before any work
+    autocast_context(device, autocast)  # a bad value fails before any work
     scores = np.zeros(len(samples), dtype=np.float32)
     for idx in length_batches([len(s["input_ids"]) for s in samples], batch_size, max_tokens):
         batch = {k: v.to(device) for k, v in collate([samples[j] for j in idx], pad_id).items()}
@@ -503,179 +330,7 @@ def score_samples(
     return scores
 
 
-def _dist():
-    """``(rank, world, barrier, device)`` when launched with several processes (``accelerate
-    launch`` / torchrun set ``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``); one process otherwise.
-
-    accelerate's own state is used where it sees the processes (GPUs); on a CPU-only machine it
-    reports one process, so a gloo process group is set up from the launcher's environment.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, (lambda: None), None
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.num_processes > 1:
-        return state.process_index, state.num_processes, state.wait_for_everyone, state.device
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), dist.barrier, None
-
-
+# ----------------------------------------------------------------------------- command
 def main(cfg: EffortConfig) -> int:
-    """``dealrec effort``: Eq. 12 for every user's sample (or rows ``--users A:B``), sharded,
-    resumable, merged into ``cfg.out`` when every row is scored."""
-    if cfg.backend == "tiger":
-        from llm_bridge.tiger.effort import main as tiger_main
-
-        return tiger_main(cfg)
-    out = Path(cfg.out)
-    if out.suffix != ".npy":
-        raise UserError(f"{out}: the effort file name must end in .npy")
-    if cfg.batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if cfg.warmup_steps < 0 or cfg.warmup_batch_size < 1:
-        raise UserError("warmup_steps must be >= 0 and warmup_batch_size >= 1")
-    lm_loss.check_loss(cfg.loss)
-    if cfg.scope not in ("lora", "official") or (cfg.params and cfg.scope != "lora"):
-        scope_params(None, cfg.scope, cfg.params)  # raises the UserError
-    ds = load_dataset(cfg.data)
-    start, stop = parse_users(cfg.users, ds.n_users)
-    folder = shard_folder(out)
-    existing_shards(folder, ds)  # another dataset's shards: fail before any work
-    rank, world, barrier, dist_device = _dist()
-    device = cfg.device
-    if device == "auto" and dist_device is not None:
-        device = str(dist_device)
-    tokenizer, model, info = _scoring_model(cfg, device, ds)
-    regex = scope_params(model, cfg.scope, cfg.params)
-    chosen = select_params(model, regex or None)
-    settings = _settings(cfg, ds, info)
-    done = existing_shards(folder, ds, settings)
-    units = shard_ranges(start, stop, cfg.shard_size)[rank::world]  # split before resuming
-    todo = [u for u in units if not (cfg.resume and u in done)]
-    if rank == 0:
-        skipped = sum(b - a for a, b in units if cfg.resume and (a, b) in done)
-        print(
-            f"effort: rows {start}..{stop - 1} in "
-            f"{len(shard_ranges(start, stop, cfg.shard_size))} shards over {world} "
-            f"process(es); {len(chosen)} parameter tensors "
-            f"({sum(p.numel() for p in chosen.values()):,} values)"
-            + (f"; resuming, {skipped} rows of this process already scored" if skipped else "")
-        )
-    _score_shards(cfg, ds, tokenizer, model, todo, folder, settings, info, rank, world, regex)
-    barrier()
-    if rank != 0:
-        return 0
-    options = {
-        **asdict(cfg),
-        "model_info": info,
-        "n_param_tensors": len(chosen),
-        "n_param_values": int(sum(p.numel() for p in chosen.values())),
-        "param_names": sorted(chosen),
-        "processes": world,
-    }
-    _merge_and_report(folder, out, ds, options)
-    return 0
-
-
-def _scoring_model(cfg: EffortConfig, device: str, ds=None):
-    """``(tokenizer, model, info)``: the base LLM with a fresh seeded LoRA (or ``cfg.adapter``),
-    after ``cfg.warmup_steps`` warm-up steps (:func:`llm_bridge.finetune.warmup` on ``ds``'s
-    training samples), in eval mode (deterministic: no LoRA dropout)."""
-    from llm_bridge.model import add_lora, load_tokenizer_and_model
-
-    tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=device, dtype=cfg.dtype)
-    torch.manual_seed(cfg.seed)  # the fresh LoRA's init
-    model = add_lora(
-        model,
-        r=cfg.lora_r,
-        alpha=cfg.lora_alpha,
-        dropout=cfg.lora_dropout,
-        adapter=cfg.adapter,
-        trainable=True,
-    )
-    if cfg.warmup_steps:
-        from llm_bridge.finetune import warmup
-
-        t0 = time.perf_counter()
-        warmup(
-            model,
-            tokenizer,
-            ds,
-            steps=cfg.warmup_steps,
-            batch_size=cfg.warmup_batch_size,
-            lr=cfg.warmup_lr,
-            loss=cfg.loss,
-            cutoff_len=cfg.cutoff_len,
-            seed=cfg.seed,
-        )
-        info = {**info, "warmup_seconds": round(time.perf_counter() - t0, 3)}
-    model.eval()
-    return tokenizer, model, info
-
-
-def _score_shards(cfg, ds, tokenizer, model, todo, folder, settings, info, rank, world, regex):
-    """Score each shard ``(a, b)`` of ``todo`` and commit it (atomic write + manifest)."""
-    bar = tqdm(
-        total=sum(b - a for a, b in todo),
-        desc=f"effort[{rank}]" if world > 1 else "effort",
-        unit="sample",
-        position=rank,
-        dynamic_ncols=True,
-    )
-    has_sample = ds.has_sample
-    for a, b in todo:
-        t0 = time.perf_counter()
-        rows = a + np.flatnonzero(has_sample[a:b])  # a user without a sample scores 0
-        samples = encode_users(
-            tokenizer,
-            ds,
-            rows,
-            cutoff_len=cfg.cutoff_len,
-            train_on_inputs=lm_loss.labels_every_token(cfg.loss),
-        )
-        scores = np.zeros(b - a, np.float32)
-        bar.update(b - a - rows.size)
-        scores[rows - a] = score_samples(
-            model,
-            samples,
-            pad_id=tokenizer.pad_token_id,
-            batch_size=cfg.batch_size,
-            params=regex or None,
-            max_tokens=cfg.max_tokens,
-            autocast=cfg.autocast,
-            loss=cfg.loss,
-            bar=bar,
-        )
-        save_scores(
-            shard_path(folder, a, b),
-            scores,
-            kind=SHARD_KIND,
-            dataset=ds.fingerprint(),
-            seconds=time.perf_counter() - t0,
-            rows=[a, b],
-            settings=settings,
-            batch_size=cfg.batch_size,
-            device=info["device"],
-        )
-    bar.close()
-
-
-def _merge_and_report(folder: Path, out: Path, ds, options: dict) -> None:
-    merged = merge_shards(folder, out, ds, options=options)
-    if merged is None:
-        n = sum(b - a for a, b in existing_shards(folder, ds))
-        print(
-            f"effort: {n} of {ds.n_users} rows scored in {folder}; {out} is written when all "
-            "rows are (run the other --users ranges with the same --out)"
-        )
-        return
-    m = read_manifest(merged)
-    rate = ds.n_users / m["seconds"] if m["seconds"] else float("nan")
-    print(
-        f"effort: wrote {merged} ({ds.n_users} rows, {m['seconds']:.1f} s of scoring, "
-        f"{rate:.1f} samples/s)"
-    )
+    """``dealrec effort``: Eq. 12 of ``cfg.backend`` (:mod:`llm_bridge.backend`)."""
+    return get_backend(cfg.backend).effort(cfg)

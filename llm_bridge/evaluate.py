@@ -31,41 +31,22 @@ import torch
 from tqdm.auto import tqdm
 
 from jaxrec.data import history, load_dataset, write_json
-from jaxrec.data.ranking import recall_ndcg
 from jaxrec.data.scorefiles import atomic_write_bytes
 from jaxrec.errors import UserError
+from llm_bridge.backend import get_backend
 from llm_bridge.config import EvaluateConfig
-from llm_bridge.model import check_adapter_folder, eval_mode, jsonable, position_ids, unwrap
+from llm_bridge.effort import per_sample_losses
+from llm_bridge.metrics import KS, eval_users, rank_metrics
+from llm_bridge.model import (
+    add_lora,
+    check_adapter_folder,
+    default_model_path,
+    load_tokenizer_and_model,
+    position_ids,
+    unwrap,
+)
 from llm_bridge.prompts import IGNORE, collate, encode_sample
-
-KS = (10, 20)
-
-
-# ----------------------------------------------------------------------------- metrics
-def rank_metrics(ranked_item_ids, truth_sets, ks=KS) -> dict[str, float]:
-    """Mean Recall@K and NDCG@K over users (paper Sec. 4.1; BIGRec's protocol).
-
-    Args:
-      ranked_item_ids: per user, item ids best first (at least ``max(ks)`` of them).
-      truth_sets: per user, the set of the user's items in the split (non-empty).
-      ks: cut-offs.
-    Returns:
-      ``{"recall@K": .., "ndcg@K": ..}`` for each K: ``recall = hits / |truth|``,
-      ``ndcg = sum_{r <= K, hit} 1/log2(r+1) / sum_{r <= min(|truth|, K)} 1/log2(r+1)``.
-    """
-    if len(ranked_item_ids) != len(truth_sets):
-        raise ValueError("one ranking per truth set")
-    k_max = max(ks)
-    hits = np.zeros((len(truth_sets), k_max), dtype=bool)
-    n_truth = np.zeros(len(truth_sets), dtype=np.int64)
-    for row, (ranked, truth) in enumerate(zip(ranked_item_ids, truth_sets)):
-        truth = set(int(t) for t in truth)
-        if not truth:
-            raise ValueError("every user needs at least one ground-truth item")
-        top = [int(i) in truth for i in list(ranked)[:k_max]]
-        hits[row, : len(top)] = top
-        n_truth[row] = len(truth)
-    return recall_ndcg(hits, n_truth, ks)
+from llm_bridge.runtime import eval_mode, jsonable
 
 
 def rank_items(query: np.ndarray, item_emb: np.ndarray, k: int) -> np.ndarray:
@@ -257,8 +238,6 @@ def target_losses(
 ) -> np.ndarray:
     """``[n]`` the fine-tuned model's Eq. 1 loss of each user's first split item's title given
     the prompt (the per-user difficulty of paper Fig. 6)."""
-    from llm_bridge.effort import per_sample_losses
-
     samples = [
         encode_sample(tokenizer, h, t, cutoff_len=cutoff_len) for h, t in zip(histories, targets)
     ]
@@ -276,29 +255,17 @@ def target_losses(
 
 
 # ----------------------------------------------------------------------------- main
-def eval_users(ds, split: str, n: int = 0, seed: int = 0) -> np.ndarray:
-    """Rows of users with items in ``split``; ``n > 0`` draws a seeded subsample (sorted)."""
-    if split not in ("valid", "test"):
-        raise UserError(f"split must be 'valid' or 'test', not {split!r}")
-    rows = np.asarray([u for u in range(ds.n_users) if len(ds.split(split)[u])], dtype=np.int64)
-    if rows.size == 0:
-        raise UserError(f"{ds.path}: no user has items in the {split} split")
-    if n < 0:
-        raise UserError(f"--users must be >= 0, got {n}")
-    if 0 < n < rows.size:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, size=n, replace=False))
-    return rows
-
-
 def main(cfg: EvaluateConfig) -> int:
-    """Generate for each evaluated user, ground to items by L2 distance of base-model
-    embeddings (BIGRec), write Recall/NDCG@{10,20} to ``cfg.out`` and predictions beside it."""
-    if cfg.backend == "tiger":
-        from llm_bridge.tiger.evaluate import main as tiger_main
+    """``dealrec evaluate``: the evaluation of ``cfg.backend`` (:mod:`llm_bridge.backend`)."""
+    return get_backend(cfg.backend).evaluate(cfg)
 
-        return tiger_main(cfg)
-    from llm_bridge.model import default_model_path
 
+def run(cfg: EvaluateConfig) -> int:
+    """BIGRec's evaluation: generate for each evaluated user, ground to items by L2 distance of
+    base-model embeddings, write Recall/NDCG@{10,20} to ``cfg.out`` and predictions beside it.
+
+    Over 60 lines: the stage's steps in order, timed between them (load, generation,
+    grounding), and the result record that reports those times."""
     if cfg.adapter:
         check_adapter_folder(cfg.adapter)
     if cfg.beams < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1:
@@ -378,8 +345,6 @@ def main(cfg: EvaluateConfig) -> int:
 
 def _eval_model(cfg: EvaluateConfig):
     """``(tokenizer, model, info)``: the base LLM with ``cfg.adapter`` (frozen), eval mode."""
-    from llm_bridge.model import add_lora, load_tokenizer_and_model
-
     torch.manual_seed(cfg.seed)
     tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     if cfg.adapter:

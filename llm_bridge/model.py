@@ -13,13 +13,14 @@ puts LoRA) are accepted. LoRA as in the paper (BIGRec): r=8, alpha=16, dropout 0
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from jaxrec.errors import UserError
+from llm_bridge.runtime import reading, resolve_device_dtype
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # model_type (HF config) / general.architecture (GGUF) of the accepted decoders
@@ -47,7 +48,7 @@ def default_model_path() -> Path:
 def _gguf_architecture(path: Path) -> str:
     """``general.architecture`` of a GGUF file (read from its header, no tensors loaded)."""
     try:
-        from gguf import GGUFReader
+        from gguf import GGUFReader  # here: keeps gguf out of `dealrec doctor`
 
         field = GGUFReader(str(path)).fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
@@ -89,26 +90,6 @@ def resolve_model(model: str = "") -> tuple[Path, str, str]:
     return path, kind, model_type
 
 
-def resolve_device_dtype(device: str = "auto", dtype: str = "auto"):
-    """``(torch.device, torch.dtype)``: auto = CUDA + bfloat16 when present, else CPU + float32."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    if dtype == "auto":
-        dtype = (
-            "bfloat16"
-            if device.startswith("cuda") and torch.cuda.is_bf16_supported()
-            else "float32"
-        )
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise UserError(f"--dtype {dtype}: expected auto, {', '.join(dtypes)}")
-    return torch.device(device), dtypes[dtype]
-
-
 def load_tokenizer_and_model(
     model: str = "", *, device: str = "auto", dtype: str = "auto", padding_side: str = "right"
 ):
@@ -122,6 +103,7 @@ def load_tokenizer_and_model(
       ``(tokenizer, model, info)``; the tokenizer always has a pad token (eos when it had none);
       the model is in eval mode; ``info`` names the path, kind, type, device, dtype, load time.
     """
+    # here: keeps transformers out of `dealrec doctor`, which imports this module
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -161,35 +143,6 @@ def load_tokenizer_and_model(
 
 
 # ----------------------------------------------------------------------------- shared helpers
-# what to do about a damaged fine-tune checkpoint
-RESTART = "start over with --no-resume (or delete the checkpoint folder)"
-
-
-@contextlib.contextmanager
-def reading(path: str | Path, remedy: str):
-    """Inside the block, a failure to read ``path`` (missing, truncated, not valid JSON or
-    safetensors, ...) becomes a one-line :class:`UserError` that names the file and
-    ``remedy`` (what to do), instead of a library traceback. A :class:`UserError` passes."""
-    try:
-        yield
-    except UserError:
-        raise
-    except FileNotFoundError as e:
-        raise UserError(f"{e.filename or path}: missing; {remedy}") from None
-    except Exception as e:  # noqa: BLE001 - any library's parse error of a damaged file
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"{path}: damaged or unreadable ({detail}); {remedy}") from None
-
-
-def read_json(path: str | Path, remedy: str) -> dict:
-    """The JSON object in ``path``; a one-line :class:`UserError` (see :func:`reading`)."""
-    with reading(path, remedy):
-        value = json.loads(Path(path).read_text())
-        if not isinstance(value, dict):
-            raise ValueError("not a JSON object")
-        return value
-
-
 def check_adapter_folder(adapter: str | Path) -> Path:
     """``adapter`` as a Path, or a UserError when it is not a peft LoRA adapter folder."""
     path = Path(adapter)
@@ -209,22 +162,6 @@ def position_ids(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-@contextlib.contextmanager
-def eval_mode(model):
-    """Eval mode (no dropout) inside the block; the previous train/eval mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def jsonable(obj):
-    """``obj`` as plain JSON types (anything else becomes its ``str``)."""
-    return json.loads(json.dumps(obj, default=str))
-
-
 def add_lora(
     model,
     *,
@@ -240,7 +177,7 @@ def add_lora(
     for reproducibility); ``adapter`` loads an existing adapter folder instead. ``trainable``
     sets ``requires_grad`` of the LoRA weights. Returns the ``PeftModel``.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model  # here: peft out of doctor
 
     if adapter:
         check_adapter_folder(adapter)
@@ -259,3 +196,26 @@ def add_lora(
     for name, p in peft_model.named_parameters():
         p.requires_grad_(trainable and "lora_" in name)
     return peft_model
+
+
+def lora_model(
+    model: str = "",
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    adapter: str = "",
+) -> tuple[Any, Any, dict]:
+    """The one LoRA set-up of BIGRec's effort and fine-tune: ``(tokenizer, model, info)`` of
+    :func:`load_tokenizer_and_model` wrapped by :func:`add_lora` with trainable LoRA weights, a
+    fresh adapter seeded by ``seed`` (``torch.manual_seed``; loading draws no random number,
+    so the seed may come before it) or ``adapter`` loaded."""
+    import torch  # here: keeps torch out of `dealrec doctor`'s import of this module
+
+    torch.manual_seed(seed)
+    tokenizer, lm, info = load_tokenizer_and_model(model, device=device, dtype=dtype)
+    lm = add_lora(lm, r=r, alpha=alpha, dropout=dropout, adapter=adapter, trainable=True)
+    return tokenizer, lm, info

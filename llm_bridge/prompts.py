@@ -152,7 +152,7 @@ def collate(batch: list[dict], pad_id: int, padding_side: str = "right") -> dict
         raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
     width = max(len(s["input_ids"]) for s in batch)
     fills = {"input_ids": pad_id, "labels": IGNORE, "attention_mask": 0}
-    out = {key: [] for key in fills if key in batch[0]}
+    out: dict[str, list] = {key: [] for key in fills if key in batch[0]}
     for s in batch:
         n = width - len(s["input_ids"])
         for key in out:

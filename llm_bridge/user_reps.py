@@ -18,29 +18,30 @@ Like ``dealrec effort``, rows are scored in shards of ``shard_size`` under ``OUT
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from jaxrec.data import load_dataset, read_manifest, save_scores
+from jaxrec.data import load_dataset, read_manifest
 from jaxrec.errors import UserError
 from llm_bridge.config import UserRepsConfig
-from llm_bridge.effort import (
-    _autocast,
-    _dist,
+from llm_bridge.backend import get_backend
+from llm_bridge.model import load_tokenizer_and_model, position_ids, unwrap
+from llm_bridge.runtime import autocast_context
+from llm_bridge.shards import (
     existing_shards,
     length_batches,
     merge_shards,
     parse_users,
+    plan,
+    processes,
+    report_missing,
+    score_shards,
     shard_folder,
-    shard_path,
-    shard_ranges,
 )
-from llm_bridge.model import position_ids, unwrap
 from llm_bridge.prompts import collate, encode_sample, user_sample
 
 KIND = "llm_representation"
@@ -97,7 +98,7 @@ def embed_samples(
     hidden = unwrap(model).config.hidden_size
     out = np.zeros((len(samples), hidden), dtype=np.float32)
     lengths = [len(s["input_ids"]) for s in samples]
-    with _autocast(device, autocast):
+    with autocast_context(device, autocast):
         for idx in length_batches(lengths, batch_size, max_tokens):
             b = collate([samples[j] for j in idx], pad_id, "right")
             vec = embed(model, b["input_ids"].to(device), b["attention_mask"].to(device), pooling)
@@ -120,10 +121,13 @@ def _settings(cfg: UserRepsConfig, ds, info: dict) -> dict:
 
 
 def main(cfg: UserRepsConfig) -> int:
-    """``dealrec user-reps``: the LLM vector of every user's prompt (or rows ``--users A:B``),
-    sharded, resumable, merged into ``cfg.out`` when every row is done."""
-    from llm_bridge.model import load_tokenizer_and_model
+    """``dealrec user-reps``: the user representations of the BIGRec LLM (the config has no
+    ``backend``: TF-DCon reads a text LLM's view of the users; :mod:`llm_bridge.backend`)."""
+    return get_backend("bigrec").user_reps(cfg)
 
+
+def _check(cfg: UserRepsConfig) -> Path:
+    """``cfg.out`` as a Path; :class:`UserError` for a bad option (before any work)."""
     out = Path(cfg.out)
     if out.suffix != ".npy":
         raise UserError(f"{out}: the user-reps file name must end in .npy")
@@ -131,35 +135,41 @@ def main(cfg: UserRepsConfig) -> int:
         raise UserError(f"batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.pooling not in ("mean", "last"):
         raise UserError(f"pooling={cfg.pooling!r}: expected 'mean' or 'last'")
+    return out
+
+
+def run(cfg: UserRepsConfig) -> int:
+    """The LLM vector of every user's prompt (or rows ``--users A:B``), sharded and resumable
+    (:mod:`llm_bridge.shards`), merged into ``cfg.out`` when every row is done."""
+    out = _check(cfg)
     ds = load_dataset(cfg.data)
-    start, stop = parse_users(cfg.users, ds.n_users)
+    parse_users(cfg.users, ds.n_users)
     folder = shard_folder(out)
     existing_shards(folder, ds, shard_kind=SHARD_KIND)  # another dataset's: fail before work
-    rank, world, barrier, dist_device = _dist()
-    device = str(dist_device) if cfg.device == "auto" and dist_device is not None else cfg.device
+    procs = processes()
+    device = str(procs.device) if cfg.device == "auto" and procs.device is not None else cfg.device
     tokenizer, model, info = load_tokenizer_and_model(cfg.model, device=device, dtype=cfg.dtype)
     settings = _settings(cfg, ds, info)
-    done = existing_shards(folder, ds, settings, shard_kind=SHARD_KIND)
-    units = shard_ranges(start, stop, cfg.shard_size)[rank::world]
-    todo = [u for u in units if not (cfg.resume and u in done)]
-    if rank == 0:
-        n_shards = len(shard_ranges(start, stop, cfg.shard_size))
+    todo = plan(
+        cfg.users,
+        cfg.shard_size,
+        cfg.resume,
+        ds,
+        folder,
+        settings,
+        shard_kind=SHARD_KIND,
+        procs=procs,
+    )
+    if procs.rank == 0:
         print(
-            f"user-reps: rows {start}..{stop - 1} in {n_shards} shards over {world} "
-            f"process(es), {cfg.pooling} pooling of "
+            f"user-reps: rows {todo.start}..{todo.stop - 1} in {todo.n_shards} shards over "
+            f"{procs.world} process(es), {cfg.pooling} pooling of "
             f"{info['model']}'s last hidden state ({model.config.hidden_size} values)"
         )
-    bar = tqdm(
-        total=sum(b - a for a, b in todo),
-        desc=f"user-reps[{rank}]" if world > 1 else "user-reps",
-        unit="user",
-        position=rank,
-        dynamic_ncols=True,
-    )
-    for a, b in todo:
-        t0 = time.perf_counter()
+
+    def score(a: int, b: int, bar: Any) -> np.ndarray:
         samples = encode_prompts(tokenizer, ds, range(a, b), cutoff_len=cfg.cutoff_len)
-        vectors = embed_samples(
+        return embed_samples(
             model,
             samples,
             pad_id=tokenizer.pad_token_id,
@@ -169,40 +179,40 @@ def main(cfg: UserRepsConfig) -> int:
             autocast=cfg.autocast,
             bar=bar,
         )
-        save_scores(
-            shard_path(folder, a, b),
-            vectors,
-            kind=SHARD_KIND,
-            dataset=ds.fingerprint(),
-            seconds=time.perf_counter() - t0,
-            rows=[a, b],
-            settings=settings,
-            device=info["device"],
-        )
-    bar.close()
-    barrier()
-    if rank != 0:
-        return 0
-    options = {**asdict(cfg), "model_info": info, "processes": world}
+
+    score_shards(
+        todo.todo,
+        score,
+        folder=folder,
+        ds=ds,
+        shard_kind=SHARD_KIND,
+        settings=settings,
+        desc="user-reps",
+        unit="user",
+        procs=procs,
+        device=info["device"],
+    )
+    procs.barrier()
+    if procs.rank == 0:
+        _merge(cfg, folder, out, ds, info, procs.world, int(model.config.hidden_size))
+    return 0
+
+
+def _merge(
+    cfg: UserRepsConfig, folder: Path, out: Path, ds: Any, info: dict, world: int, hidden: int
+) -> None:
+    """Merge the shards into ``out`` when every row is done; say what is missing otherwise."""
     merged = merge_shards(
         folder,
         out,
         ds,
-        options=options,
-        kind=KIND,
         shard_kind=SHARD_KIND,
-        extra={"pooling": cfg.pooling, "hidden_size": int(model.config.hidden_size)},
+        kind=KIND,
+        options={**asdict(cfg), "model_info": info, "processes": world},
+        extra={"pooling": cfg.pooling, "hidden_size": hidden},
     )
     if merged is None:
-        n = sum(b - a for a, b in existing_shards(folder, ds, shard_kind=SHARD_KIND))
-        print(
-            f"user-reps: {n} of {ds.n_users} rows done in {folder}; {out} is written when all "
-            "rows are (run the other --users ranges with the same --out)"
-        )
-        return 0
+        report_missing("user-reps", folder, out, ds, shard_kind=SHARD_KIND, verb="done")
+        return
     m = read_manifest(merged)
-    print(
-        f"user-reps: wrote {merged} ({ds.n_users} x {model.config.hidden_size}, "
-        f"{m['seconds']:.1f} s)"
-    )
-    return 0
+    print(f"user-reps: wrote {merged} ({ds.n_users} x {hidden}, {m['seconds']:.1f} s)")

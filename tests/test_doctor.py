@@ -11,7 +11,7 @@ def test_doctor_reports_what_each_side_runs_on(capsys):
     import jax
     import torch
 
-    from llm_bridge.model import resolve_device_dtype
+    from llm_bridge.runtime import resolve_device_dtype
 
     assert main(["doctor", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

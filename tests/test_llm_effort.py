@@ -13,7 +13,7 @@ import torch
 from jaxrec.data import load_dataset, load_scores, save_scores
 from jaxrec.data.synthetic import make_synthetic
 from jaxrec.errors import UserError
-from llm_bridge import effort
+from llm_bridge import bigrec, effort, shards
 from llm_bridge.config import EffortConfig
 from llm_bridge.model import add_lora, load_tokenizer_and_model
 from llm_bridge.prompts import collate, encode_sample, user_sample
@@ -185,12 +185,12 @@ def test_sample_without_labels_scores_zero(env):
 
 
 def test_shard_ranges_and_users():
-    assert effort.shard_ranges(0, 10, 4) == [(0, 4), (4, 8), (8, 10)]
-    assert effort.shard_ranges(3, 10, 4) == [(3, 4), (4, 8), (8, 10)]
-    assert effort.parse_users("", 9) == (0, 9) and effort.parse_users("2:", 9) == (2, 9)
+    assert shards.shard_ranges(0, 10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert shards.shard_ranges(3, 10, 4) == [(3, 4), (4, 8), (8, 10)]
+    assert shards.parse_users("", 9) == (0, 9) and shards.parse_users("2:", 9) == (2, 9)
     for bad in ("5:2", "a:b", "0:10", "3"):
         with pytest.raises(UserError):
-            effort.parse_users(bad, 9)
+            shards.parse_users(bad, 9)
 
 
 # ----------------------------------------------------------------------------- dealrec effort
@@ -254,7 +254,7 @@ def test_resume_after_kill_scores_each_sample_once(env, full_run, monkeypatch):
             raise Killed  # killed while scoring the third shard
         return real(model, samples, **kw)
 
-    monkeypatch.setattr(effort, "score_samples", counting)
+    monkeypatch.setattr(bigrec, "score_samples", counting)  # the command scores through it
     with pytest.raises(Killed):
         effort.main(_cfg(env, out))
     assert not out.exists()
@@ -279,7 +279,7 @@ def test_shard_from_another_dataset_is_rejected(env, full_run, tmp_path):
     save_scores(
         folder / "rows-00000000-00000005.npy",
         np.ones(5),
-        kind=effort.SHARD_KIND,
+        kind=shards.EFFORT_SHARD,
         dataset={"train_sha256": "0" * 64, "n_users": 23},
         rows=[0, 5],
         settings={},
@@ -336,21 +336,26 @@ def test_manifest_is_json_and_merge_refuses_gaps(env, full_run, tmp_path):
     save_scores(
         folder / "rows-00000000-00000005.npy",
         np.ones(5),
-        kind=effort.SHARD_KIND,
+        kind=shards.EFFORT_SHARD,
         dataset=env["ds"].fingerprint(),
         rows=[0, 5],
         settings={},
     )
-    assert effort.merge_shards(folder, tmp_path / "x.npy", env["ds"]) is None
+    assert (
+        shards.merge_shards(
+            folder, tmp_path / "x.npy", env["ds"], shard_kind=shards.EFFORT_SHARD, kind="effort"
+        )
+        is None
+    )
     assert not (tmp_path / "x.npy").exists()
 
 
 def test_length_batches():
     lengths = [5, 100, 7, 6, 50, 8, 9]
-    batches = effort.length_batches(lengths, batch_size=3, max_tokens=120)
+    batches = shards.length_batches(lengths, batch_size=3, max_tokens=120)
     flat = np.concatenate(batches)
     assert sorted(flat.tolist()) == list(range(7))  # every sample once
     assert [lengths[i] for i in flat] == sorted(lengths)  # sorted by length
     for b in batches:
         assert len(b) <= 3 and (len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 120)
-    assert [len(b) for b in effort.length_batches(lengths, 3)] == [3, 3, 1]
+    assert [len(b) for b in shards.length_batches(lengths, 3)] == [3, 3, 1]

@@ -153,9 +153,9 @@ def test_early_stopping_keeps_the_best_epoch(setup, monkeypatch):
     scripted = iter([3.0, 2.0, 2.5, 2.6, 1.0, 0.5])  # best at 2, then 2 worse epochs
     monkeypatch.setattr(finetune, "dataset_loss", lambda *a, **kw: next(scripted))
     saved = []
-    real = finetune._save_best
+    real = finetune.save_best
     monkeypatch.setattr(
-        finetune, "_save_best", lambda model, out: (saved.append(len(saved)), real(model, out))
+        finetune, "save_best", lambda model, out: (saved.append(len(saved)), real(model, out))
     )
     out = setup["root"] / "early"
     finetune.main(_cfg(setup, out, epochs=6, patience=2))

@@ -95,21 +95,21 @@ def _cfg(root, path, out, **kw):
 def test_effort_command_in_parts_equals_one_run(syn, tmp_path):
     root, path, ds = syn
     whole, parts = tmp_path / "whole.npy", tmp_path / "parts.npy"
-    assert eff.main(_cfg(root, path, whole)) == 0
+    assert eff.run(_cfg(root, path, whole)) == 0
     scores, manifest = load_scores(whole, kind="effort", dataset=ds.fingerprint())
     assert scores.shape == (ds.n_users,) and scores.dtype == np.float32 and (scores > 0).all()
     assert manifest["options"]["backend"] == "tiger"
     assert manifest["loss"] == eff.LOSS and manifest["loss"].startswith("TIGER")
     assert manifest["options"]["settings"]["max_history"] == 20
-    assert eff.main(_cfg(root, path, parts, users="0:20")) == 0
+    assert eff.run(_cfg(root, path, parts, users="0:20")) == 0
     assert not parts.exists()  # rows 20.. missing: nothing merged
-    assert eff.main(_cfg(root, path, parts, users="20:", resume=True)) == 0
+    assert eff.run(_cfg(root, path, parts, users="20:", resume=True)) == 0
     np.testing.assert_allclose(load_scores(parts)[0], scores, rtol=1e-6)
     other = tmp_path / "seed1.npy"
-    assert eff.main(_cfg(root, path, other, seed=1)) == 0
+    assert eff.run(_cfg(root, path, other, seed=1)) == 0
     assert not np.allclose(load_scores(other)[0], scores)  # another init state
     short = tmp_path / "short.npy"  # a shorter history is another sample: other scores
-    assert eff.main(_cfg(root, path, short, max_history=1)) == 0
+    assert eff.run(_cfg(root, path, short, max_history=1)) == 0
     assert not np.allclose(load_scores(short)[0], scores)
 
 
@@ -119,6 +119,6 @@ def test_effort_codes_of_another_dataset_fail_before_writing(syn, tmp_path):
     write_codes(tmp_path / "codes.npy", other, random_codes(30, [4, 3, 3, 2]), [4, 3, 3, 2])
     out = tmp_path / "e.npy"
     with pytest.raises(UserError) as err:
-        eff.main(_cfg(tmp_path, path, out))
+        eff.run(_cfg(tmp_path, path, out))
     assert "\n" not in str(err.value)
     assert not out.exists() and not eff.shard_folder(out).exists()

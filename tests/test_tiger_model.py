@@ -16,7 +16,7 @@ from llm_bridge.config import EvaluateConfig, FinetuneConfig
 from llm_bridge.tiger import finetune as tft
 from llm_bridge.tiger import generate as gen
 from llm_bridge.tiger import model as M
-from llm_bridge.tiger.evaluate import main as evaluate_main
+from llm_bridge.tiger.evaluate import run as evaluate_main
 
 TINY = {
     "d_model": 16,
@@ -233,7 +233,7 @@ def finetuned(syn, tmp_path_factory):
     """An uninterrupted 4-epoch fine-tune (TIGER's sizes) on the synthetic selection."""
     root, path, *_ = syn
     out = tmp_path_factory.mktemp("ft") / "model"
-    assert tft.main(ft_config(root, path, out)) == 0
+    assert tft.run(ft_config(root, path, out)) == 0
     return out
 
 
@@ -261,11 +261,11 @@ def test_resume_after_kill_equals_uninterrupted(syn, finetuned, tmp_path, monkey
 
     monkeypatch.setattr(tft, "train_epoch", dies_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        tft.main(ft_config(root, path, out))
+        tft.run(ft_config(root, path, out))
     assert not (out / "train_record.json").exists()
     monkeypatch.setattr(tft, "train_epoch", real)
     torch.manual_seed(123)  # the global RNG state must come from the checkpoint
-    assert tft.main(ft_config(root, path, out)) == 0
+    assert tft.run(ft_config(root, path, out)) == 0
     a, b = _weights(finetuned), _weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((f / "train_record.json").read_text()) for f in (finetuned, out))
@@ -277,9 +277,9 @@ def test_resume_after_kill_equals_uninterrupted(syn, finetuned, tmp_path, monkey
 def test_finetune_other_settings_do_not_resume(syn, tmp_path):
     root, path, *_ = syn
     out = tmp_path / "model"
-    assert tft.main(ft_config(root, path, out, epochs=1)) == 0
+    assert tft.run(ft_config(root, path, out, epochs=1)) == 0
     with pytest.raises(UserError, match="other settings"):
-        tft.main(ft_config(root, path, out, epochs=1, lr=1e-2))
+        tft.run(ft_config(root, path, out, epochs=1, lr=1e-2))
 
 
 def test_finetune_codes_of_another_dataset_fail_before_writing(syn, tmp_path):
@@ -288,7 +288,7 @@ def test_finetune_codes_of_another_dataset_fail_before_writing(syn, tmp_path):
     write_codes(tmp_path / "other_codes.npy", other, codes, sizes)
     out = tmp_path / "model"
     with pytest.raises(UserError) as err:
-        tft.main(ft_config(root, path, out, semantic_ids=str(tmp_path / "other_codes.npy")))
+        tft.run(ft_config(root, path, out, semantic_ids=str(tmp_path / "other_codes.npy")))
     assert "\n" not in str(err.value) and not out.exists()
 
 
@@ -365,7 +365,7 @@ def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(
     shutil.copytree(finetuned, out)
     damage(out / "checkpoint")
     with pytest.raises(UserError) as err:
-        tft.main(ft_config(root, path, out))
+        tft.run(ft_config(root, path, out))
     message = str(err.value)
     assert names in message and "--no-resume" in message and "\n" not in message
 

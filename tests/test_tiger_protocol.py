@@ -18,7 +18,7 @@ from jaxrec.pipeline import key_options
 from llm_bridge.config import FinetuneConfig
 from llm_bridge.finetune import fixed_valid_users, valid_rows
 from llm_bridge.tiger import model as M
-from llm_bridge.tiger.finetune import main as finetune_main
+from llm_bridge.tiger.finetune import run as finetune_main
 
 NEW_OPTIONS = ("train_samples", "valid_users", "valid_fixed_n", "valid_fixed_seed")
 

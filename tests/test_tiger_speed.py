@@ -143,16 +143,16 @@ def test_speed_options_run_key_and_resume_only_when_set(syn, tmp_path):  # noqa:
     root, path, *_ = syn
     out = tmp_path / "model"
     fast = {"autocast": "bf16", "fast_dropout": True}
-    assert tft.main(ft_config(root, path, out, epochs=2, **fast)) == 0
+    assert tft.run(ft_config(root, path, out, epochs=2, **fast)) == 0
     record = json.loads((out / "train_record.json").read_text())
     assert record["settings"]["autocast"] == "bf16" and record["settings"]["fast_dropout"]
     assert np.isfinite([e["valid_loss"] for e in record["epochs"]]).all()
     assert record["epochs"][1]["train_loss"] < record["epochs"][0]["train_loss"]
     with pytest.raises(Exception, match="other settings"):  # a fast checkpoint is not a plain one
-        tft.main(ft_config(root, path, out, epochs=2))
+        tft.run(ft_config(root, path, out, epochs=2))
     plain = key_options("finetune", {"backend": "tiger"})
     assert "autocast" not in plain and "fast_dropout" not in plain
     assert key_options("finetune", {"backend": "tiger", **fast}).items() >= fast.items()
     assert "autocast" not in key_options("evaluate", {"backend": "tiger"})
     with pytest.raises(Exception, match="autocast"):
-        tft.main(ft_config(root, path, tmp_path / "bad", autocast="fp8"))
+        tft.run(ft_config(root, path, tmp_path / "bad", autocast="fp8"))

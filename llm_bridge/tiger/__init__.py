@@ -9,4 +9,5 @@ Modules:
   finetune      few-shot fine-tune on the selected users
   evaluate      Recall@K / NDCG@K of the generated IDs
   effort        DEALRec's effort score (Eq. 12) for the TIGER model
+  backend       the object ``llm_bridge.backend.get_backend("tiger")`` returns
 """

@@ -34,6 +34,7 @@ import numpy as np
 from jaxrec.data import load_scores, save_scores
 from jaxrec.data.scorefiles import default_mode
 from jaxrec.errors import ScoreFileError, UserError
+from llm_bridge.runtime import resolve_device_dtype
 
 PACKAGE = "all_minilm_l6_v2"
 PACKAGE_NAME = "all-MiniLM-L6-v2"
@@ -183,9 +184,8 @@ def load_encoder(encoder: str = "", cache_dir: str | Path = "runs/cache", device
       ``(tokenizer, model, info)``; ``info`` holds encoder, sha256, dim, max_length, device and
       the load time in seconds.
     """
+    # here: keeps transformers out of `dealrec doctor`, which imports this module
     from transformers import AutoModel, AutoTokenizer
-
-    from llm_bridge.model import resolve_device_dtype
 
     t0 = time.perf_counter()
     folder, info = resolve_encoder(encoder, cache_dir)
@@ -211,7 +211,7 @@ def load_encoder(encoder: str = "", cache_dir: str | Path = "runs/cache", device
 # ----------------------------------------------------------------------------- encoding
 def mean_pool_normalise(hidden, mask):
     """Mean of ``hidden [B, T, D]`` over ``mask [B, T]``, then L2-normalised (torch)."""
-    import torch
+    import torch  # here: keeps torch out of `dealrec doctor`, which imports this module
 
     m = mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
@@ -242,15 +242,15 @@ def encode_texts(
     Returns:
       ``[len(texts), D]`` float32, unit-norm rows.
     """
-    import torch
-    from tqdm.auto import tqdm
+    import torch  # here: keeps torch out of `dealrec doctor`, which imports this module
+    from tqdm.auto import tqdm  # here: with torch, out of `dealrec doctor`
 
     if batch_size < 1:
         raise UserError(f"embed_batch_size must be >= 1, got {batch_size}")
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    unique, inverse = np.unique(np.asarray(list(texts), dtype=object), return_inverse=True)
-    unique = [str(t) for t in unique]
+    distinct, inverse = np.unique(np.asarray(list(texts), dtype=object), return_inverse=True)
+    unique = [str(t) for t in distinct]
     max_len = tokenizer.model_max_length
     lengths = [
         len(ids) for ids in tokenizer(unique, truncation=True, max_length=max_len)["input_ids"]

@@ -18,33 +18,35 @@ softmax weight 0). Tested equal to a batch-1 autograd loop on the ``transformers
 (:func:`loop_grad_norms`) to 1e-4 relative, and to ``torch.func.vmap(grad)``
 (:func:`vmap_grad_norms`).
 
-Sharding, ``--users A:B`` and ``--resume`` are those of :mod:`llm_bridge.effort`: shards of
+Sharding, ``--users A:B`` and ``--resume`` are those of :mod:`llm_bridge.shards`: shards of
 ``shard_size`` rows under ``OUT.shards/`` (a shard's manifest is its commit point), merged into
 ``OUT`` (float32, aligned to ``sequential_train.txt``) when every row is scored.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from torch.func import grad, vmap
 
-from jaxrec.data import load_dataset, read_manifest, save_scores
+from jaxrec.data import load_dataset, read_manifest
 from jaxrec.errors import UserError
 from llm_bridge.config import EffortConfig
-from llm_bridge.effort import (
-    SHARD_KIND,
-    existing_shards,
+from llm_bridge.norms import linear_sq_norms
+from llm_bridge.runtime import resolve_device_dtype
+from llm_bridge.shards import (
+    EFFORT_SHARD,
     length_batches,
     merge_shards,
-    parse_users,
+    plan,
+    report_missing,
+    score_shards,
     shard_folder,
-    shard_path,
-    shard_ranges,
 )
 from llm_bridge.tiger.finetune import load_codes
 from llm_bridge.tiger.model import (
@@ -66,16 +68,6 @@ LOSS = (
 
 
 # ----------------------------------------------------------------------------- core
-def _linear_sq(x, g) -> torch.Tensor:
-    """``[B]`` squared Frobenius norms of the per-sample weight gradients ``G_b^T X_b`` of a
-    linear map (``x [B, T, in]``, ``g [B, T, out]``): explicit or the "ghost" form
-    ``<X X^T, G G^T>``, whichever is cheaper."""
-    t, d_in, d_out = x.shape[1], x.shape[2], g.shape[2]
-    if d_in * d_out <= t * (d_in + d_out):
-        return torch.bmm(g.transpose(1, 2), x).pow(2).sum((1, 2))
-    return (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-
-
 def _tape_sq_norms(tape, grads, p: dict, batch: int) -> torch.Tensor:
     """``[B]`` squared per-sample gradient norms from the recorded parameter uses and the
     gradients of their outputs; the tied embedding (encoder, decoder, output layer) is summed
@@ -92,7 +84,7 @@ def _tape_sq_norms(tape, grads, p: dict, batch: int) -> torch.Tensor:
         elif kind == "linear" and name == "shared.weight":
             shared += torch.bmm(g.transpose(1, 2), saved.reshape(batch, -1, d))
         elif kind == "linear":
-            sq += _linear_sq(saved.reshape(batch, -1, saved.shape[-1]), g)
+            sq += linear_sq_norms(saved.reshape(batch, -1, saved.shape[-1]), g)
         elif kind == "norm":
             sq += (g * saved.reshape(g.shape)).sum(1).pow(2).sum(1)
         else:  # relative position bias table [buckets, H]
@@ -113,7 +105,7 @@ def grad_norms(model, input_ids, attention_mask, targets) -> torch.Tensor:
     No parameter gradient is formed.
     """
     p = {n: q.detach().requires_grad_() for n, q in model.named_parameters()}
-    spec, tape = Spec.of(model.config), []
+    spec, tape = Spec.of(model.config), cast(list, [])
     with torch.enable_grad():
         losses = sample_losses(p, spec, input_ids, attention_mask, targets, tape)
         names = [(kind, name) for kind, name, *_ in tape if name != "shared.weight"]
@@ -126,7 +118,6 @@ def grad_norms(model, input_ids, attention_mask, targets) -> torch.Tensor:
 def vmap_grad_norms(p: dict, spec: Spec, input_ids, attention_mask, targets) -> torch.Tensor:
     """The same norms by ``torch.func.vmap(grad(...))`` (every per-sample gradient
     materialised; slower, kept as a second exact reference)."""
-    from torch.func import grad, vmap
 
     def loss(params, ids, mask, tgt):
         return sample_losses(params, spec, ids[None], mask[None], tgt[None])[0]
@@ -146,7 +137,7 @@ def loop_grad_norms(model, inputs: list[list[int]], targets) -> np.ndarray:
         ids = torch.as_tensor([x], device=device)
         tgt = torch.as_tensor(np.asarray(targets[i])[None], device=device)
         grads = torch.autograd.grad(model(input_ids=ids, labels=tgt).loss, params)
-        out[i] = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+        out[i] = float(torch.sqrt(cast(torch.Tensor, sum(g.pow(2).sum() for g in grads))))
     return out
 
 
@@ -164,35 +155,9 @@ def score_samples(model, inputs, targets, *, batch_size: int = 32, bar=None) -> 
     return scores
 
 
-# ----------------------------------------------------------------------------- sharded CLI
-def _shard_scores(model, ds, a: int, b: int, tokens, max_history: int, batch_size: int, bar):
-    """The effort of rows ``a..b-1``: 0 for a user without a train item (no sample)."""
-    inputs, targets, kept = user_samples(ds, range(a, b), tokens, max_history, "train")
-    scores = np.zeros(b - a, np.float32)
-    bar.update(b - a - len(kept))
-    scores[kept - a] = score_samples(model, inputs, targets, batch_size=batch_size, bar=bar)
-    return scores
-
-
-def _todo(cfg: EffortConfig, ds, folder: Path, settings: dict):
-    """The shards ``(a, b)`` of ``--users`` still to score (all of them without ``--resume``)."""
-    start, stop = parse_users(cfg.users, ds.n_users)
-    done = existing_shards(folder, ds, settings)
-    units = shard_ranges(start, stop, cfg.shard_size)
-    todo = [u for u in units if not (cfg.resume and u in done)]
-    skipped = sum(b - a for a, b in units) - sum(b - a for a, b in todo)
-    print(
-        f"effort (tiger): rows {start}..{stop - 1} in {len(units)} shards"
-        + (f"; resuming, {skipped} rows already scored" if skipped else "")
-    )
-    return todo
-
-
-def main(cfg: EffortConfig) -> int:
-    """``dealrec effort --backend tiger``: Eq. 12 for every user's sample (or rows
-    ``--users A:B``), sharded, resumable, merged into ``cfg.out`` when every row is scored."""
-    from llm_bridge.model import resolve_device_dtype
-
+# ----------------------------------------------------------------------------- command
+def _check(cfg: EffortConfig) -> Path:
+    """``cfg.out`` as a Path; :class:`UserError` for a bad option (before any work)."""
     out = Path(cfg.out)
     if out.suffix != ".npy":
         raise UserError(f"{out}: the effort file name must end in .npy")
@@ -200,6 +165,29 @@ def main(cfg: EffortConfig) -> int:
         raise UserError(
             f"batch_size and max_history must be >= 1, got {cfg.batch_size}, {cfg.max_history}"
         )
+    return out
+
+
+def _rows_scorer(
+    model: Any, ds: Any, tokens: np.ndarray, cfg: EffortConfig
+) -> Callable[[int, int, Any], np.ndarray]:
+    """The shard scorer: the effort of rows ``a..b-1``, 0 for a user without a train item."""
+
+    def score(a: int, b: int, bar: Any) -> np.ndarray:
+        inputs, targets, kept = user_samples(ds, range(a, b), tokens, cfg.max_history, "train")
+        scores = np.zeros(b - a, np.float32)
+        bar.update(b - a - len(kept))
+        scores[kept - a] = score_samples(model, inputs, targets, batch_size=cfg.batch_size, bar=bar)
+        return scores
+
+    return score
+
+
+def run(cfg: EffortConfig) -> int:
+    """TIGER's ``dealrec effort``: Eq. 12 for every user's sample (or rows ``--users A:B``),
+    sharded and resumable (:mod:`llm_bridge.shards`), merged into ``cfg.out`` when every row
+    is scored."""
+    out = _check(cfg)
     ds = load_dataset(cfg.data)
     codes, sizes = load_codes(cfg.semantic_ids, ds)
     folder = shard_folder(out)
@@ -211,27 +199,27 @@ def main(cfg: EffortConfig) -> int:
         "max_history": cfg.max_history,
         "t5": T5_SIZES,
     }
-    todo = _todo(cfg, ds, folder, settings)
+    todo = plan(
+        cfg.users, cfg.shard_size, cfg.resume, ds, folder, settings, shard_kind=EFFORT_SHARD
+    )
+    print(
+        f"effort (tiger): rows {todo.start}..{todo.stop - 1} in {todo.n_shards} shards"
+        + (f"; resuming, {todo.skipped} rows already scored" if todo.skipped else "")
+    )
     device, _ = resolve_device_dtype(cfg.device, "float32")
     model = build_model(sizes, cfg.seed, device).eval()  # phi at init; dropout off
-    tokens = item_tokens(codes, sizes)
-    bar = tqdm(total=sum(b - a for a, b in todo), desc="effort (tiger)", unit="sample")
     with cpu_threads(device):
-        for a, b in todo:
-            t0 = time.perf_counter()
-            scores = _shard_scores(model, ds, a, b, tokens, cfg.max_history, cfg.batch_size, bar)
-            save_scores(
-                shard_path(folder, a, b),
-                scores,
-                kind=SHARD_KIND,
-                dataset=ds.fingerprint(),
-                seconds=time.perf_counter() - t0,
-                rows=[a, b],
-                settings=settings,
-                batch_size=cfg.batch_size,
-                device=str(device),
-            )
-    bar.close()
+        score_shards(
+            todo.todo,
+            _rows_scorer(model, ds, item_tokens(codes, sizes), cfg),
+            folder=folder,
+            ds=ds,
+            shard_kind=EFFORT_SHARD,
+            settings=settings,
+            desc="effort (tiger)",
+            batch_size=cfg.batch_size,
+            device=str(device),
+        )
     n_params = sum(p.numel() for p in model.parameters())
     options = {
         **asdict(cfg),
@@ -241,17 +229,26 @@ def main(cfg: EffortConfig) -> int:
         "semantic_ids_digest": settings["semantic_ids"],
         "device": str(device),
     }
-    merged = merge_shards(folder, out, ds, options=options, extra={"loss": LOSS})
-    if merged is None:
-        n = sum(b - a for a, b in existing_shards(folder, ds))
-        print(
-            f"effort (tiger): {n} of {ds.n_users} rows scored in {folder}; {out} is written "
-            "when all rows are (run the other --users ranges with the same --out)"
-        )
-    else:
-        m = read_manifest(merged)
-        print(
-            f"effort (tiger): wrote {merged} ({ds.n_users} rows, {m['seconds']:.1f} s of "
-            f"scoring, {n_params:,} parameters)"
-        )
+    _merge(folder, out, ds, options, n_params)
     return 0
+
+
+def _merge(folder: Path, out: Path, ds: Any, options: dict, n_params: int) -> None:
+    """Merge the shards into ``out`` when every row is scored; say what is missing otherwise."""
+    merged = merge_shards(
+        folder,
+        out,
+        ds,
+        shard_kind=EFFORT_SHARD,
+        kind="effort",
+        options=options,
+        extra={"loss": LOSS},
+    )
+    if merged is None:
+        report_missing("effort (tiger)", folder, out, ds, shard_kind=EFFORT_SHARD)
+        return
+    m = read_manifest(merged)
+    print(
+        f"effort (tiger): wrote {merged} ({ds.n_users} rows, {m['seconds']:.1f} s of "
+        f"scoring, {n_params:,} parameters)"
+    )

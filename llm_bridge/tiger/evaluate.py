@@ -5,7 +5,7 @@ items for ``test``; the last ``max_history`` of them), the fine-tuned T5 generat
 ``beams`` (>= 20) semantic IDs by beam search constrained to the IDs of all items
 (:mod:`llm_bridge.tiger.generate`); they map one-to-one to items, best first (no masking of
 items the user already had, as in BIGRec's protocol). Metrics are those of BIGRec's evaluation
-(:func:`llm_bridge.evaluate.rank_metrics`), the predictions go beside ``cfg.out`` in the same
+(:func:`llm_bridge.metrics.rank_metrics`), the predictions go beside ``cfg.out`` in the same
 format (``row``, ``user_id``, ``top``, ``truth``; plus the beam ``scores``).
 
 The model folder's ``train_record.json`` holds the digest of the semantic IDs it was trained on;
@@ -26,15 +26,20 @@ from jaxrec.data import history, load_dataset, write_json
 from jaxrec.data.scorefiles import atomic_write_bytes
 from jaxrec.errors import UserError
 from llm_bridge.config import EvaluateConfig
-from llm_bridge.model import read_json
+from llm_bridge.metrics import KS, eval_users, rank_metrics
+from llm_bridge.runtime import autocast_context, read_json, resolve_device_dtype
 from llm_bridge.tiger.finetune import load_codes
 from llm_bridge.tiger.generate import build_trie, generate
 from llm_bridge.tiger.model import (
+    Spec,
     codes_digest,
     cpu_threads,
     history_input,
     item_tokens,
     load_model,
+    pad_inputs,
+    params_of,
+    sample_losses,
     target_tokens,
 )
 
@@ -85,9 +90,6 @@ def target_losses(
     """``[n]`` each user's loss (mean token cross-entropy, eval mode) of the first item of the
     split given the history: the per-user difficulty of paper Fig. 6 (``autocast="bf16"``:
     the forward under bfloat16 autocast)."""
-    from llm_bridge.effort import _autocast
-    from llm_bridge.tiger.model import Spec, pad_inputs, params_of, sample_losses
-
     p, spec = params_of(model), Spec.of(model.config)
     device = next(model.parameters()).device
     order = np.argsort([len(x) for x in inputs], kind="stable")
@@ -96,7 +98,7 @@ def target_losses(
         rows = order[start : start + batch_size]
         ids, mask = pad_inputs([inputs[r] for r in rows], device)
         tgt = torch.as_tensor(targets[rows], device=device)
-        with _autocast(device, autocast):
+        with autocast_context(device, autocast):
             out[rows] = sample_losses(p, spec, ids, mask, tgt).float().cpu().numpy()
     return out
 
@@ -121,16 +123,12 @@ def _predictions(ds, rows, items, scores, truth, losses, k: int) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def main(cfg: EvaluateConfig) -> int:
-    """Beam-search every evaluated user's top items, write Recall/NDCG@{10,20} to ``cfg.out``
-    and the predictions beside it (``NAME.predictions.jsonl``)."""
-    from llm_bridge.evaluate import KS, eval_users, rank_metrics
-    from llm_bridge.model import resolve_device_dtype
-
-    from llm_bridge.effort import _autocast
-
+def run(cfg: EvaluateConfig) -> int:
+    """TIGER's evaluation: beam-search every evaluated user's top items, write
+    Recall/NDCG@{10,20} to ``cfg.out`` and the predictions beside it
+    (``NAME.predictions.jsonl``)."""
     _check(cfg)
-    _autocast(torch.device("cpu"), cfg.autocast)  # a bad value fails before any work
+    autocast_context(torch.device("cpu"), cfg.autocast)  # a bad value fails before any work
     t0 = time.perf_counter()
     ds = load_dataset(cfg.data)
     codes, sizes = load_codes(cfg.semantic_ids, ds)

@@ -30,15 +30,15 @@ losses, best epoch, seconds).
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from jaxrec.data import load_dataset, load_scores, write_json
@@ -46,7 +46,9 @@ from jaxrec.data.dataset import sha256_file
 from jaxrec.data.scorefiles import atomic_write_bytes, environment
 from jaxrec.errors import UserError
 from llm_bridge.config import FinetuneConfig
-from llm_bridge.effort import _autocast
+from llm_bridge.runtime import RESTART, autocast_context, read_json, reading, resolve_device_dtype
+from llm_bridge.tiger.semantic_ids import load_semantic_ids, vocab_sizes
+from llm_bridge.training import added_settings, check_selection, save_best, valid_rows
 from llm_bridge.tiger.model import (
     build_model,
     codes_digest,
@@ -78,8 +80,6 @@ MICRO_TOKENS = 2048  # padded input tokens per forward/backward chunk (see lengt
 def load_codes(path: str, ds) -> tuple[np.ndarray, list[int]]:
     """The semantic IDs of ``ds`` from ``path`` (``dealrec semantic-ids``) and their codebook
     sizes; one-line :class:`UserError` when missing or made for another dataset."""
-    from llm_bridge.tiger.semantic_ids import load_semantic_ids, vocab_sizes
-
     if not path:
         raise UserError("--backend tiger needs --semantic-ids (the file of `dealrec semantic-ids`)")
     codes, manifest = load_semantic_ids(path, ds)
@@ -199,7 +199,7 @@ def train_epoch(
         total = 0.0
         for rows in length_chunks(batch, inputs):
             ids, mask, tgt = _tensors(inputs, targets, rows, device)
-            with _autocast(device, autocast):
+            with autocast_context(device, autocast):
                 out = model(input_ids=ids, attention_mask=mask, labels=tgt)
             loss = out.loss.float() * (len(rows) / len(batch))
             (loss / in_group).backward()
@@ -219,21 +219,8 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
 
 
-def save_best(model, out: Path) -> None:
-    """``save_pretrained`` (safetensors) into ``out``, file by file atomically."""
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".best-"))
-    try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_checkpoint(ckpt: Path, epoch: int, model, opt, sched, state: dict) -> None:
     """Epoch-numbered model and optimizer files, then ``state.json`` (the commit point)."""
-    from safetensors.torch import save as st_save
-
     ckpt.mkdir(parents=True, exist_ok=True)
     blob = st_save(_weights(model))
     atomic_write_bytes(ckpt / f"model-{epoch}.safetensors", lambda f: f.write(blob))
@@ -253,10 +240,6 @@ def save_checkpoint(ckpt: Path, epoch: int, model, opt, sched, state: dict) -> N
 
 def load_checkpoint(ckpt: Path, model, opt, sched) -> dict:
     """Restore model, optimizer, scheduler and RNG state; returns ``state.json``."""
-    from safetensors.torch import load_file
-
-    from llm_bridge.model import RESTART, read_json, reading
-
     state = read_json(ckpt / "state.json", RESTART)
     epoch = state["epoch"]
     device = next(model.parameters()).device
@@ -278,7 +261,6 @@ def load_checkpoint(ckpt: Path, model, opt, sched) -> dict:
 # ----------------------------------------------------------------------------- main
 def _resume_state(cfg: FinetuneConfig, ckpt: Path, settings: dict) -> dict | None:
     """The checkpoint's ``state.json`` when resuming; :class:`UserError` if made otherwise."""
-    from llm_bridge.model import RESTART, read_json
 
     if not (cfg.resume and (ckpt / "state.json").is_file()):
         return None
@@ -295,8 +277,21 @@ def _resume_state(cfg: FinetuneConfig, ckpt: Path, settings: dict) -> dict | Non
     return state
 
 
-def _fit(model, opt, sched, cfg, train, valid, record: dict, out: Path, resume) -> dict:
-    """The epoch loop with early stopping, best-model saving and per-epoch checkpoints."""
+def _fit(
+    model: Any,
+    opt: Any,
+    sched: Any,
+    cfg: FinetuneConfig,
+    train: tuple[list, np.ndarray],
+    valid: tuple[list, np.ndarray],
+    record: dict,
+    out: Path,
+    resume: dict | None,
+) -> dict:
+    """The epoch loop with early stopping, best-model saving and per-epoch checkpoints.
+
+    Over 60 lines: one loop whose state (best epoch, bad epochs, seconds) is saved with every
+    checkpoint; split, that state would be passed back and forth."""
     ckpt, early = out / "checkpoint", record["early_stopping"]
     max_epochs, n_train = record["max_epochs"], len(train[0])
     start_epoch, bad = 1, 0
@@ -360,12 +355,12 @@ def _fit(model, opt, sched, cfg, train, valid, record: dict, out: Path, resume) 
     return record
 
 
-def main(cfg: FinetuneConfig) -> int:
-    """Fine-tune all T5 parameters on the selection's samples, early-stopped on the same
-    users' valid loss; write the best model, then ``train_record.json``, to ``cfg.out``."""
-    from llm_bridge.finetune import added_settings, check_selection, valid_rows
-    from llm_bridge.model import resolve_device_dtype
+def run(cfg: FinetuneConfig) -> int:
+    """TIGER's fine-tune: all T5 parameters on the selection's samples, early-stopped on the
+    same users' valid loss; write the best model, then ``train_record.json``, to ``cfg.out``.
 
+    Over 60 lines: the checks, the settings a checkpoint must match and the record's fields,
+    each once, in the order the files are written."""
     _check(cfg)
     ds = load_dataset(cfg.data)
     codes, sizes = load_codes(cfg.semantic_ids, ds)
@@ -388,7 +383,7 @@ def main(cfg: FinetuneConfig) -> int:
     model = build_model(sizes, cfg.init_seed, device)
     if cfg.fast_dropout:
         use_fast_dropout(model)
-    _autocast(device, cfg.autocast)  # a bad value fails before any work
+    autocast_context(device, cfg.autocast)  # a bad value fails before any work
     torch.manual_seed(cfg.seed)  # sample order is numpy; this is dropout
     tokens = item_tokens(codes, sizes)
     train = train_samples(ds, selection, tokens, cfg)

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from llm_bridge.runtime import autocast_context
+
 from llm_bridge.tiger.model import (
     PAD,
     Spec,
@@ -39,6 +41,7 @@ from llm_bridge.tiger.model import (
     encode,
     level_offsets,
     pad_inputs,
+    params_of,
 )
 
 
@@ -179,8 +182,6 @@ def generate(
     Returns:
       ``(items [n, beams] int64 ndarray, scores [n, beams] float32 ndarray)`` in input order.
     """
-    from llm_bridge.effort import _autocast
-    from llm_bridge.tiger.model import params_of
 
     p, spec = params_of(model), Spec.of(model.config)
     device = next(model.parameters()).device
@@ -192,7 +193,7 @@ def generate(
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         ids, mask = pad_inputs([inputs[r] for r in rows], device)
-        with _autocast(device, autocast):
+        with autocast_context(device, autocast):
             top, logp = beam_search(p, spec, ids, mask, trie, beams, cache)
         items[rows], scores[rows] = top.cpu().numpy(), logp.float().cpu().numpy()
         bar.update(len(rows))

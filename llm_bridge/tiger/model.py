@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from jaxrec.errors import UserError
+from llm_bridge.runtime import reading
 
 PAD, EOS, N_SPECIAL = 0, 1, 2
 T5_SIZES = {
@@ -215,7 +216,7 @@ def pad_inputs(inputs: list[list[int]], device=None) -> tuple[torch.Tensor, torc
 # ----------------------------------------------------------------------------- module
 def t5_config(codebook_sizes, **sizes):
     """A ``T5Config`` with TIGER's sizes (``sizes`` overrides them, e.g. for tests)."""
-    from transformers import T5Config
+    from transformers import T5Config  # here: keeps transformers out of `dealrec doctor`
 
     return T5Config(
         vocab_size=vocab_size(codebook_sizes),
@@ -228,6 +229,7 @@ def t5_config(codebook_sizes, **sizes):
 
 def build_model(codebook_sizes, init_seed: int = 0, device="cpu", **sizes):
     """A randomly initialised ``T5ForConditionalGeneration`` (``torch.manual_seed(init_seed)``)."""
+    # here: keeps transformers out of `dealrec doctor`, which imports this module
     from transformers import T5ForConditionalGeneration
 
     torch.manual_seed(init_seed)
@@ -270,9 +272,8 @@ def use_fast_dropout(model) -> int:
 
 def load_model(folder, device="cpu"):
     """The model saved by ``save_pretrained`` in ``folder`` (local files only), eval mode."""
+    # here: keeps transformers out of `dealrec doctor`, which imports this module
     from transformers import T5ForConditionalGeneration
-
-    from llm_bridge.model import reading
 
     with reading(folder, "re-run `dealrec finetune --backend tiger` into this folder"):
         model = T5ForConditionalGeneration.from_pretrained(str(folder), local_files_only=True)
@@ -341,6 +342,7 @@ def _embed(p, ids, tape=None):
 def _position_bias(p, name, batch, q_len, k_len, spec, bidirectional, q_start=0, tape=None):
     """T5's relative position bias ``[B, H, q_len, k_len]`` (expanded over the batch) for query
     positions from ``q_start``."""
+    # here: keeps transformers out of `dealrec doctor`, which imports this module
     from transformers.models.t5.modeling_t5 import T5Attention
 
     table = p[name]

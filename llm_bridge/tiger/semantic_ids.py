@@ -32,10 +32,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
 
 from jaxrec.data import load_dataset, load_scores, save_scores
 from jaxrec.errors import ScoreFileError, UserError
 from llm_bridge.config import SemanticIdConfig
+from llm_bridge.runtime import resolve_device_dtype
+from llm_bridge.tiger.content import item_embeddings
+from llm_bridge.tiger.model import CPU_THREADS, cpu_threads
 
 KMEANS_ITERS = 25
 # The fits are many small ops (1024 x 512 matmuls): on the shared 2-core machine two torch
@@ -51,8 +57,6 @@ def _sq_dist(x, c):
 
 def _kmeans_pp(x, k: int, gen):
     """k-means++ seeding: ``k`` rows of ``x``; uniform picks once every point is a centre."""
-    import torch
-
     n = len(x)
     first = int(torch.randint(n, (1,), generator=gen))
     centres = [x[first]]
@@ -79,8 +83,6 @@ def kmeans(x, k: int, *, gen, iters: int = KMEANS_ITERS):
     Returns:
       ``[k, d]`` centres; an empty cluster keeps its previous centre.
     """
-    import torch
-
     x = x.detach()
     centres = _kmeans_pp(x, k, gen)
     assign = None
@@ -105,8 +107,6 @@ def residual_kmeans(x, levels: int, k: int, *, gen):
     Returns:
       ``(codebooks [levels, k, d], codes [n, levels] int64 tensor)``.
     """
-    import torch
-
     residual, books, codes = x.detach().clone(), [], []
     for _ in range(levels):
         centres = kmeans(residual, k, gen=gen)
@@ -118,10 +118,8 @@ def residual_kmeans(x, levels: int, k: int, *, gen):
 
 
 # ----------------------------------------------------------------------------- RQ-VAE
-def _mlp(widths: list[int]):
-    from torch import nn
-
-    layers = []
+def _mlp(widths: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
     for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
@@ -142,8 +140,6 @@ def build_rqvae(in_dim: int, hidden: list[int], code_dim: int, levels: int, code
       ``quantize(z, beta)`` returns ``(z_q, codes [B, levels], residuals [levels, B, code_dim],
       quantisation loss)``.
     """
-    import torch
-    from torch import nn
 
     class RQVAE(nn.Module):
         def __init__(self):
@@ -170,8 +166,6 @@ def build_rqvae(in_dim: int, hidden: list[int], code_dim: int, levels: int, code
 
 def _init_codebooks(model, x, gen) -> None:
     """Each level's codebook = k-means on the residuals of all items (untrained encoder)."""
-    import torch
-
     with torch.no_grad():
         books, _ = residual_kmeans(
             model.encoder(x), model.codebooks.shape[0], model.codebooks.shape[1], gen=gen
@@ -181,8 +175,6 @@ def _init_codebooks(model, x, gen) -> None:
 
 def _train_epoch(model, opt, x, batch_size: int, beta: float, gen):
     """One shuffled pass. Returns ``(recon MSE, total loss, usage [levels, K], last residuals)``."""
-    import torch
-
     levels, k, _ = model.codebooks.shape
     usage = torch.zeros(levels, k, dtype=torch.long, device=x.device)
     perm = torch.randperm(len(x), generator=gen, device=x.device)
@@ -205,8 +197,6 @@ def _train_epoch(model, opt, x, batch_size: int, beta: float, gen):
 
 def _reset_dead_codes(model, usage, residuals, gen) -> int:
     """Codes unused over the epoch become random residuals of the last batch; returns how many."""
-    import torch
-
     dead_total = 0
     with torch.no_grad():
         for level in range(model.codebooks.shape[0]):
@@ -232,11 +222,6 @@ def train_rqvae(emb: np.ndarray, cfg: SemanticIdConfig, progress: bool = True):
       ``(codes [n_items, levels] int64, {"reconstruction_mse": final, "history": per-epoch
       training reconstruction MSE, "dead_codes_reset": total})``.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from llm_bridge.model import resolve_device_dtype
-    from llm_bridge.tiger.model import CPU_THREADS, cpu_threads
 
     device, _ = resolve_device_dtype(cfg.device, "float32")
     torch.manual_seed(cfg.seed)
@@ -264,8 +249,6 @@ def train_rqvae(emb: np.ndarray, cfg: SemanticIdConfig, progress: bool = True):
 
 def _rqvae_codes(model, x, beta: float) -> tuple[np.ndarray, float]:
     """Codes and reconstruction MSE of every item under the trained model (no gradients)."""
-    import torch
-
     model.eval()
     with torch.no_grad():
         z_q, codes, _, _ = model.quantize(model.encoder(x), beta)
@@ -283,10 +266,6 @@ def fit_rkmeans(emb: np.ndarray, cfg: SemanticIdConfig) -> tuple[np.ndarray, dic
       ``(codes [n_items, levels] int64, {"reconstruction_mse": mean squared error of the sum of
       the chosen centres against the embedding})``.
     """
-    import torch
-
-    from llm_bridge.model import resolve_device_dtype
-    from llm_bridge.tiger.model import CPU_THREADS, cpu_threads
 
     device, _ = resolve_device_dtype(cfg.device, "float32")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -426,8 +405,6 @@ def main(cfg: SemanticIdConfig, progress: bool = True) -> int:
       0; the ``[n_items, levels + 1]`` int64 file and its manifest are written atomically, and
       nothing is written on bad input (one-line :class:`UserError`).
     """
-    from llm_bridge.tiger.content import item_embeddings
-
     t0 = time.perf_counter()
     _validate(cfg)
     ds = load_dataset(cfg.data)
