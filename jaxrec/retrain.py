@@ -24,7 +24,7 @@ from __future__ import annotations
 import collections
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -70,6 +70,8 @@ class SurrogateTask:
     valid: dict
     step: Callable
     dataset: Any  # the Dataset (sequence negatives exclude each user's train items)
+    # retrain_many's jitted, vmapped step, built once per task (a new one recompiles)
+    many_step: Callable | None = field(default=None, repr=False)
 
 
 def model_module(cfg: SurrogateConfig):
@@ -222,13 +224,15 @@ def _retrain_group(task: SurrogateTask, masks: np.ndarray, seeds: list[int]) -> 
     cfg = task.cfg
     m = len(seeds)
     optimizer = optax.adam(cfg.lr)
-    raw = train_step_fn(
-        task.model,
-        optimizer,
-        cfg.loss_weighting,
-        float(positions_per_sample(task.arrays["targets"])),
-    )
-    step = _many_step(raw)
+    if task.many_step is None:
+        raw = train_step_fn(
+            task.model,
+            optimizer,
+            cfg.loss_weighting,
+            float(positions_per_sample(task.arrays["targets"])),
+        )
+        task.many_step = _many_step(raw)
+    step = task.many_step
     init = task.init_params(task.model, jax.random.PRNGKey(cfg.seed))
     params = jax.tree.map(lambda x: jnp.stack([x] * m), init)
     opt_state = jax.vmap(optimizer.init)(params)
