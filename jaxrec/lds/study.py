@@ -262,7 +262,10 @@ class _Engine:
         t = time.perf_counter()
         epochs: list = []
         n = len(task.arrays["targets"])
-        self.params = retrain(task, np.ones(n, bool), 0, on_epoch=lambda e, p: epochs.append(p))
+        # host copies: the training step donates the parameters' device buffers
+        self.params = retrain(
+            task, np.ones(n, bool), 0, on_epoch=lambda e, p: epochs.append(jax.device_get(p))
+        )
         self.train_seconds = time.perf_counter() - t
         self.sub = ParamSubset(self.params, cfg.params)
         self.loss = self.sub.restrict(task.loss)
