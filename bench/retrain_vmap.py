@@ -1,5 +1,5 @@
 """Vmapped LDS retraining (jaxrec.retrain.retrain_many) against one retrain at a time
-(jaxrec.lds.retrain), warm (each path compiled by a first run), on a synthetic dataset.
+(jaxrec.retrain.retrain), warm (each path compiled by a first run), on a synthetic dataset.
 
     python bench/retrain_vmap.py [--users 300] [--models 8] [--epochs 2] [--hidden 64]
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jax
 
-from jaxrec import lds
+from jaxrec import lds, retrain
 from jaxrec.config import SurrogateConfig
 from jaxrec.data import load_dataset
 from jaxrec.data.synthetic import make_synthetic
@@ -36,17 +36,17 @@ def main():
             batch_size=args.batch_size,
             epochs=args.epochs,
         )
-        task = lds.surrogate_task(cfg, ds)
+        task = retrain.surrogate_task(cfg, ds)
         masks = lds.draw_subsets(ds.n_users, max(args.models, 2), 0.5, seed=1)[: args.models]
         seeds = [m % 2 for m in range(args.models)]
         retrain_many(task, masks[:1].repeat(args.models, 0), [0] * args.models)  # compile
-        lds.retrain(task, masks[0], 0)  # compile
+        retrain.retrain(task, masks[0], 0)  # compile
         t = time.perf_counter()
         jax.block_until_ready(retrain_many(task, masks, seeds))
         vmapped = time.perf_counter() - t
         t = time.perf_counter()
         for mask, s in zip(masks, seeds):
-            jax.block_until_ready(lds.retrain(task, mask, s))
+            jax.block_until_ready(retrain.retrain(task, mask, s))
         one = time.perf_counter() - t
     print(
         f"{args.models} models, {args.users} users, {args.epochs} epochs, hidden {args.hidden}: "

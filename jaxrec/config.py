@@ -24,7 +24,9 @@ GAMES = "../shared/data/games"
 _UNSET = object()
 
 
-def option(default, text: str, flag: str = "", since: str = "", keyed_as=_UNSET):
+def option(
+    default, text: str, flag: str = "", since: str = "", keyed_as=_UNSET, aliases: tuple = ()
+):
     """A documented option field: ``text`` is its ``--help`` text. A list or dict default is
     copied for every instance (``default_factory``). ``flag`` (solver options) names the
     ``InfluenceConfig`` field, and so the command-line flag, that sets it when that name
@@ -34,12 +36,15 @@ def option(default, text: str, flag: str = "", since: str = "", keyed_as=_UNSET)
     valid; any other value is keyed as usual. ``keyed_as`` marks an option that does not
     change a stage's results (resume, a cache folder): a reuse key holds this value whatever
     the option's, namely the default archived keys were made with, so the option and its
-    default may change without invalidating them (:func:`keyed_value`)."""
+    default may change without invalidating them (:func:`keyed_value`). ``aliases`` are
+    earlier names of a renamed option: config files and flags still accept them
+    (:func:`make_config`, :func:`add_config_arguments`), and the first is its archived name."""
     metadata = {
         "help": text,
         **({"flag": flag} if flag else {}),
         **({"since": since} if since else {}),
         **({"keyed_as": keyed_as} if keyed_as is not _UNSET else {}),
+        **({"aliases": tuple(aliases)} if aliases else {}),
     }
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
@@ -226,15 +231,18 @@ ScoreModel = Literal["trained", "early"]
 SampleLoss = Literal["per-user", "training"]
 
 
-def _same(cls, name: str):
-    """An ``InfluenceConfig`` field with the default and help of option ``cls.name``."""
+def _same(cls, name: str, aliases: tuple = ()):
+    """A config field with the default and help of option ``cls.name`` (``aliases``: its
+    earlier names, as :func:`option`)."""
     f = cls.__dataclass_fields__[name]
-    return field(default=f.default, metadata={"help": f.metadata["help"]})
+    return option(f.default, f.metadata["help"], aliases=aliases)
 
 
-def solver_options(cfg: InfluenceConfig):
-    """The option dataclass of ``cfg.solver``, filled from ``cfg``'s matching fields."""
-    cls = SOLVER_OPTIONS[cfg.solver]
+def solver_options(cfg: InfluenceConfig | LdsConfig, solver: str = ""):
+    """The option dataclass of ``solver`` (default ``cfg.solver``) filled from ``cfg``'s
+    fields of the same names: ``dealrec influence`` and ``dealrec lds`` name every solver
+    option alike (``steps``, ``lissa_batch_size``, ``tol``, ``maxiter``, ``rank``, ...)."""
+    cls = SOLVER_OPTIONS[solver or getattr(cfg, "solver")]  # noqa: B009 - LdsConfig has none
     return cls(
         **{f.name: getattr(cfg, f.metadata.get("flag", f.name)) for f in dataclasses.fields(cls)}
     )
@@ -436,7 +444,7 @@ class SelectConfig:
 @dataclass
 class LdsConfig:
     """``dealrec lds``: the linear datamodeling score of influence approximations (Ilyas et al.
-    2022; Park et al. 2023) on a surrogate (see docs/influence.md, jaxrec/lds.py)."""
+    2022; Park et al. 2023) on a surrogate (see docs/influence.md, jaxrec/lds/)."""
 
     data: str = option(GAMES, "dataset folder")
     out: str = option(
@@ -456,7 +464,8 @@ class LdsConfig:
     )
     attributions: list[str] = option(
         ["exact", "cg", "lissa", "lissa-small", "arnoldi", "grad-dot", "dealrec"],
-        "attributions to compare (exact cg lissa lissa-small arnoldi grad-dot dealrec)",
+        "attributions to compare: exact cg lissa lissa-small arnoldi grad-dot grad-cos kfac "
+        "ekfac trak tracin datainf dealrec (jaxrec.lds.estimators)",
     )
     params: str = option(
         "official",
@@ -479,13 +488,27 @@ class LdsConfig:
         "dealrec row: the loss whose gradient scores a user, as influence.sample_loss",
     )
     scale: float = option(25.0, "LiSSA step 1/scale, and the dealrec convention's factor")
-    lissa_steps: int = option(5000, "most LiSSA steps per solve")
+    # the solver options under the names of InfluenceConfig (dealrec influence); the earlier
+    # lds spellings stay accepted (aliases) and name them in settings.json and cache keys
+    steps: int = option(5000, "most LiSSA steps per solve", aliases=("lissa_steps",))
     lissa_batch_size: int = option(16, "LiSSA minibatch size")
     lissa_tol: float = _same(LissaOptions, "tol")
-    cg_tol: float = _same(CGOptions, "tol")
-    cg_maxiter: int = _same(CGOptions, "maxiter")
-    arnoldi_rank: int = _same(ArnoldiOptions, "rank")
-    arnoldi_iterations: int = _same(ArnoldiOptions, "iterations")
+    tol: float = _same(CGOptions, "tol", aliases=("cg_tol",))
+    maxiter: int = _same(CGOptions, "maxiter", aliases=("cg_maxiter",))
+    rank: int = _same(ArnoldiOptions, "rank", aliases=("arnoldi_rank",))
+    iterations: int = _same(ArnoldiOptions, "iterations", aliases=("arnoldi_iterations",))
+    fisher: Literal["empirical", "gauss-newton", "sampled"] = option(
+        "empirical",
+        "kfac / ekfac: the curvature (empirical Fisher of the per-sample losses; gauss-newton "
+        "and sampled use the per-sample losses as the model output here)",
+        since="2026-12-07",
+    )
+    kfac_damping_scale: float = option(
+        0.1,
+        "kfac / ekfac / datainf: damping = this x the layer's mean eigenvalue",
+        since="2026-12-07",
+    )
+    trak_dim: int = option(2048, "trak: projection dimension k", since="2026-12-07")
     bootstrap: int = option(2000, "bootstrap resamples of the validation users")
     level: float = option(0.95, "confidence level of the bootstrap interval")
     seed: int = option(0, "seed of the slice, subsets, validation-user choice and initialisation")
@@ -511,25 +534,30 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     )
     parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + n.replace("_", "-") for n in (f.name, *f.metadata.get("aliases", ()))]
         typ = _field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = f.metadata.get("help", "")
         text = f"{text} (default: {default!r})" if text else f"(default: {default!r})"
         if typ is bool:
             parser.add_argument(
-                flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text
+                *flags, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text
             )
         elif typing.get_origin(typ) is list:
             parser.add_argument(
-                flag, dest=f.name, default=None, nargs="+", type=typing.get_args(typ)[0], help=text
+                *flags,
+                dest=f.name,
+                default=None,
+                nargs="+",
+                type=typing.get_args(typ)[0],
+                help=text,
             )
         elif typing.get_origin(typ) is typing.Literal:
             parser.add_argument(
-                flag, dest=f.name, default=None, choices=typing.get_args(typ), help=text
+                *flags, dest=f.name, default=None, choices=typing.get_args(typ), help=text
             )
         else:
-            parser.add_argument(flag, dest=f.name, default=None, type=typ, help=text)
+            parser.add_argument(*flags, dest=f.name, default=None, type=typ, help=text)
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -562,6 +590,12 @@ def make_config(cls, values: dict | None = None, source: str = "config"):
     """Build ``cls`` from a dict, checking keys and types (an unknown key is an error)."""
     values = dict(values or {})
     names = {f.name: f for f in dataclasses.fields(cls)}
+    for f in names.values():
+        for alias in f.metadata.get("aliases", ()):
+            if alias in values:
+                if f.name in values:
+                    raise UserError(f"{source}: {alias} and {f.name} name one option: give one")
+                values[f.name] = values.pop(alias)
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise UserError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(names)})")

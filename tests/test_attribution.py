@@ -104,9 +104,7 @@ def test_exact_influence_equals_hessian_inverse(mlp):
     gt, gq = grads_loop(psl, params, train), grads_loop(psl, params, query)
     for convention, lam, factor in (("standard", 0.05, 1.0), ("dealrec", 25 * 0.05, 25.0)):
         opts = at.InfluenceOptions(solver=ExactOptions(), damping=0.05, convention=convention)
-        a, info = at.attribute(
-            at.fit(opts, loss, psl, params, train), train, query, return_info=True
-        )
+        a, info = at.attribute_with_info(at.fit(opts, loss, psl, params, train), train, query)
         want = factor * gt @ np.linalg.solve(h + lam * np.eye(len(h)), gq.T)
         close(a, want)
     assert a.shape == (40, 6)
@@ -115,17 +113,30 @@ def test_exact_influence_equals_hessian_inverse(mlp):
     assert info["memory"]["fit"]["host_peak_rss_bytes"] > 0
 
 
-def test_solver_estimators_equal_lds_attributions(mlp):
-    """The wrapped solvers give today's jaxrec.lds numbers (what lds.py will switch to)."""
-    from jaxrec import lds
+def _per_vector_attribution(loss, psl, params, train, query, solver, **kw):
+    """The reference route the LDS study took before it called the library: one
+    ``inverse_hvp`` per query gradient (a batch-1 gradient loop), then one
+    ``sample_scores`` JVP pass per solved vector."""
+    from jaxrec.influence import inverse_hvp, mean_gradient, sample_scores
 
+    rows = jax.tree.leaves(query)[0].shape[0]
+    cols = []
+    for j in range(rows):
+        g = mean_gradient(psl, params, jax.tree.map(lambda x, j=j: np.asarray(x)[j : j + 1], query))
+        u = g if solver is None else inverse_hvp(loss, params, train, g, solver=solver, **kw)
+        cols.append(sample_scores(psl, params, train, u))
+    return np.stack(cols, 1).astype(np.float64)
+
+
+def test_solver_estimators_equal_lds_attributions(mlp):
+    """The wrapped solvers give the numbers of the per-vector route the LDS study used
+    (one inverse-HVP per query, then one JVP pass each)."""
     loss, psl, _, params, train, query = mlp
-    val = lds.validation_gradients(psl, params, query)
     kw = dict(damping=0.05, convention="dealrec", scale=25.0)
     a = at.attribute(
         at.fit(at.InfluenceOptions(ExactOptions(), **kw), loss, psl, params, train), train, query
     )
-    close(a, lds.exact_attribution(loss, psl, params, train, val, **kw))
+    close(a, _per_vector_attribution(loss, psl, params, train, query, ExactOptions(), **kw))
     cg = at.attribute(
         at.fit(at.InfluenceOptions(CGOptions(tol=1e-8), **kw), loss, psl, params, train),
         train,
@@ -136,14 +147,14 @@ def test_solver_estimators_equal_lds_attributions(mlp):
     got = at.attribute(
         at.fit(at.InfluenceOptions(lissa, **kw), loss, psl, params, train), train, query
     )
-    close(got, lds.solver_attribution(loss, psl, params, train, val, solver=lissa, **kw))
+    close(got, _per_vector_attribution(loss, psl, params, train, query, lissa, **kw))
     arn = ArnoldiOptions(rank=5, iterations=12)
     got = at.attribute(
         at.fit(at.InfluenceOptions(arn, **kw), loss, psl, params, train), train, query
     )
-    close(got, lds.arnoldi_attribution(loss, psl, params, train, val, options=arn, **kw))
+    close(got, _per_vector_attribution(loss, psl, params, train, query, arn, **kw))
     got = at.attribute(at.fit(at.GradDotOptions(), loss, psl, params, train), train, query)
-    close(got, lds.grad_dot_attribution(psl, params, train, val))
+    close(got, _per_vector_attribution(loss, psl, params, train, query, None))
     close(got, grads_loop(psl, params, train) @ grads_loop(psl, params, query).T)
 
 
@@ -152,7 +163,7 @@ def test_dealrec_scores_equal_influence_scores(mlp):
 
     loss, psl, _, params, train, _ = mlp
     opts = at.influence_options("exact", damping=0.05)
-    s = at.dealrec_scores(at.fit(opts, loss, psl, params, train), train)
+    s = at.risk_scores(at.fit(opts, loss, psl, params, train), train)
     want, _ = influence_scores(loss, psl, params, train, solver="exact", damping=0.05)
     close(s, np.asarray(want, np.float64))
 
@@ -415,3 +426,33 @@ def test_strata_lists_equal_their_concatenation(mlp):
         whole = at.attribute(at.fit(opts, loss, psl, params, train, output=output), train, query)
         split = at.attribute(at.fit(opts, loss, psl, params, parts, output=output), parts, query)
         close(split, whole)
+
+
+def test_strata_come_back_in_user_order(mlp):
+    """Training rows cut into strata in a shuffled order (``Strata(parts, order)``): scores,
+    per-row maps and query gradients come back in the data set's order, equal to the scores
+    on the unsplit data (grad-dot against the batch-1 gradient loop; EK-FAC against itself on
+    the unsplit data)."""
+    from jaxrec.influence import Strata, per_sample_map
+    from jaxrec.influence.batching import in_order
+
+    loss, psl, _, params, train, query = mlp
+    order = np.random.default_rng(3).permutation(40)
+    rows_of = [order[:13], order[13:]]
+    parts = [jax.tree.map(lambda x, r=r: np.asarray(x)[r], train) for r in rows_of]
+    strata = Strata(parts, order)
+    want = grads_loop(psl, params, train) @ grads_loop(psl, params, query).T
+    got = at.attribute(at.fit(at.GradDotOptions(), loss, psl, params, strata), strata, query)
+    close(got, want)
+    ek = EKFACOptions(damping=0.1)
+    close(
+        at.attribute(at.fit(ek, loss, psl, params, strata), strata, query),
+        at.attribute(at.fit(ek, loss, psl, params, train), train, query),
+    )
+    close(per_sample_map(psl, params, strata), np.asarray(psl(params, train)))
+    g = at.per_sample_gradients(psl, params, strata)
+    flat = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(g), np.float64)
+    close(flat, grads_loop(psl, params, train))
+    assert in_order(train, "as is") == "as is"
+    with pytest.raises(UserError, match="permutation"):
+        Strata(parts, order[:-1])

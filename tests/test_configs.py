@@ -30,7 +30,7 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_parses(path):
-    data = read_experiment_file(path, extra_sections=("experiment", "lds"))
+    data = read_experiment_file(path, extra_sections=("experiment", "lds", "lds_leaderboard"))
     if "lds" in data:  # dealrec lds reads its own section
         from jaxrec.config import LdsConfig
 

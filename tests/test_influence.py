@@ -98,9 +98,7 @@ def test_solvers_on_ridge_match_closed_form(solver, opts, tol):
     loss, _, params, data, h, v = ridge_problem()
     lam = 0.1
     want = np.linalg.solve(h + lam * np.eye(10), np.asarray(v["w"]))
-    u, info = inf.inverse_hvp(
-        loss, params, data, v, solver=solver, damping=lam, return_info=True, **opts
-    )
+    u, info = inf.inverse_hvp_with_info(loss, params, data, v, solver=solver, damping=lam, **opts)
     assert u["w"].dtype == jnp.float64
     assert rel(u, want) < tol, (solver, rel(u, want), info.get("rel_std"))
     if solver == "lissa":
@@ -146,7 +144,7 @@ def test_dealrec_convention_reproduces_paper_recursion_step_by_step():
 
 def test_lissa_early_stop_and_divergence_guard():
     loss, _, params, data, h, v = ridge_problem()
-    u, info = inf.inverse_hvp(
+    u, info = inf.inverse_hvp_with_info(
         loss,
         params,
         data,
@@ -158,7 +156,6 @@ def test_lissa_early_stop_and_divergence_guard():
         batch_size=200,
         rtol=1e-9,
         chunk=100,
-        return_info=True,
     )
     assert info["steps_run"][0] < 5000
     assert rel(u, np.linalg.solve(h + 0.1 * np.eye(10), np.asarray(v["w"]))) < 1e-6
@@ -433,10 +430,9 @@ def test_lissa_stops_when_converged_within_its_noise():
         damping=0.01,
         scale=25.0,
         batch_size=10,
-        return_info=True,
     )
     want = 25.0 * np.linalg.solve(h + 0.25 * np.eye(10), np.asarray(v["w"]))
-    u, info = inf.inverse_hvp(loss, params, data, v, steps=5000, seed=0, **common)
+    u, info = inf.inverse_hvp_with_info(loss, params, data, v, steps=5000, seed=0, **common)
     assert (
         688 <= info["steps_run"][0] <= 1500 and info["norm_trace"].shape[1] == info["steps_run"][0]
     )

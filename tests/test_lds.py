@@ -5,6 +5,7 @@ attributions near 0, and resuming a killed run."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,9 @@ import pytest
 from scipy import stats
 
 from jaxrec import lds
+from jaxrec.config import ArnoldiOptions, CGOptions, ExactOptions
+from jaxrec.influence import attribution as at
+from jaxrec.lds import study
 
 
 # ----------------------------------------------------------------------------- scoring pieces
@@ -90,15 +94,20 @@ def _fit(x, y):  # closed-form minimiser of the mean training loss (float64)
     return np.linalg.solve(x.T @ x / len(x) + RIDGE * np.eye(d), x.T @ y / len(x))
 
 
+def _attribution(options, params, train, valid):
+    """``a[i, j]`` of the library estimator ``options``: training rows x validation rows, the
+    validation loss without the ridge term (``query_loss``)."""
+    state = at.fit(options, _loss, _psl, params, train, query_loss=_val_psl)
+    return at.attribute(state, train, valid)
+
+
 def _toy_study(m=60):
     train, valid = _toy()
     x, y = train["x"].astype(np.float64), train["y"].astype(np.float64)
     xv, yv = valid["x"].astype(np.float64), valid["y"].astype(np.float64)
     params = {"w": jnp.asarray(_fit(x, y), jnp.float32)}
-    grads = lds.validation_gradients(_val_psl, params, valid)
-    attr = lds.exact_attribution(
-        _loss, _psl, params, train, grads, convention="standard", damping=0.0
-    )
+    opts = at.InfluenceOptions(ExactOptions(), convention="standard", damping=0.0)
+    attr = _attribution(opts, params, train, valid)
     masks = lds.draw_subsets(len(x), m, 0.5, seed=1)
 
     def retrain_losses(mask, seed):
@@ -124,10 +133,9 @@ def test_solvers_agree_with_exact_on_ridge():
     params = {
         "w": jnp.asarray(_fit(train["x"].astype(float), train["y"].astype(float)), jnp.float32)
     }
-    grads = lds.validation_gradients(_val_psl, params, valid)
-    exact = lds.exact_attribution(_loss, _psl, params, train, grads, damping=0.01)
-    cg = lds.solver_attribution(_loss, _psl, params, train, grads, solver="cg", damping=0.01)
-    arn = lds.arnoldi_attribution(_loss, _psl, params, train, grads, damping=0.01)
+    exact = _attribution(at.InfluenceOptions(ExactOptions(), damping=0.01), params, train, valid)
+    cg = _attribution(at.InfluenceOptions(CGOptions(), damping=0.01), params, train, valid)
+    arn = _attribution(at.InfluenceOptions(ArnoldiOptions(), damping=0.01), params, train, valid)
     np.testing.assert_allclose(cg, exact, rtol=1e-3, atol=1e-4 * np.abs(exact).max())
     np.testing.assert_allclose(arn, exact, rtol=1e-3, atol=1e-4 * np.abs(exact).max())
     # grad-dot by hand: g_i . g_j
@@ -136,7 +144,7 @@ def test_solvers_agree_with_exact_on_ridge():
     ] + RIDGE * np.asarray(params["w"])
     gj = (valid["x"] @ np.asarray(params["w"]) - valid["y"])[:, None] * valid["x"]
     np.testing.assert_allclose(
-        lds.grad_dot_attribution(_psl, params, train, grads), gi @ gj.T, rtol=1e-4, atol=1e-5
+        _attribution(at.GradDotOptions(), params, train, valid), gi @ gj.T, rtol=1e-4, atol=1e-5
     )
 
 
@@ -227,16 +235,16 @@ def test_dealrec_row_takes_the_influence_stage_options():
     block, damping convention and LiSSA settings; only that row's cache name keys them."""
     from jaxrec.config import InfluenceConfig, LdsConfig
 
-    cfg = LdsConfig(params="^x$", damping=0.02, lissa_steps=300, seed=4)
+    cfg = LdsConfig(params="^x$", damping=0.02, steps=300, seed=4)
     got = lds.influence_config(cfg)
     want = InfluenceConfig(
         solver="lissa", params="^x$", damping=0.02, steps=300, seed=4, lissa_batch_size=16
     )
     assert got == want and got.negative_draws == 32 and got.sample_loss == "per-user"
-    other = LdsConfig(params="^x$", damping=0.02, lissa_steps=300, seed=4, negative_draws=1)
-    assert lds._dealrec_tag(other) != lds._dealrec_tag(cfg)
-    keys = set(vars(cfg)) - lds._SCORING_ONLY - lds._DEALREC_ONLY
-    assert lds._fingerprint(other, keys) == lds._fingerprint(cfg, keys)
+    other = LdsConfig(params="^x$", damping=0.02, steps=300, seed=4, negative_draws=1)
+    assert study._dealrec_tag(other) != study._dealrec_tag(cfg)
+    keys = set(vars(cfg)) - study._SCORING_ONLY - study._DEALREC_ONLY
+    assert study._fingerprint(other, keys) == study._fingerprint(cfg, keys)
 
 
 @pytest.mark.parametrize(
@@ -263,3 +271,80 @@ def test_bad_options_exit_2_before_anything_is_written(tmp_path, capsys, flags, 
     err = capsys.readouterr().err
     assert words in err and "--solver" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- every estimator
+def test_every_estimator_runs_in_the_command_and_reports_its_cost(tmp_path):
+    """``dealrec lds`` with the estimators beyond the solvers (Grad-Cos, K-FAC, EK-FAC, TRAK,
+    TracIn-CP over the full model's epochs, DataInf) on a tiny synthetic set: each row has a
+    finite LDS and its seconds and peak memory; its attributions are cached in user order."""
+    from jaxrec.cli import main
+    from jaxrec.data.synthetic import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", n_users=40, n_items=20, seed=0)
+    out = tmp_path / "lds"
+    names = ["grad-dot", "grad-cos", "kfac", "ekfac", "trak", "tracin", "datainf"]
+    argv = ["lds", "--data", str(data), "--users", "0", "--epochs", "2", "--seeds", "1"]
+    argv += ["--subsets", "3", "--val-users", "3", "--bootstrap", "20", "--trak-dim", "32"]
+    argv += ["--params", "^attn_out_1/kernel$", "--compile-cache", "", "--out", str(out)]
+    assert main([*argv, "--attributions", *names]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["lds"]) == names
+    for name in names:
+        cost = res["costs"][name]
+        assert cost["seconds"]["total"] > 0 and cost["host_peak_rss_bytes"] > 0, name
+        a = np.load(next(out.glob(f"attributions/{name}_*.npy")))
+        assert a.shape == (40, 3) and np.all(np.isfinite(a)), name
+    # grad-cos is grad-dot over the two gradient norms: same signs, |cos| <= 1
+    dot = np.load(next(out.glob("attributions/grad-dot_*.npy")))
+    cos = np.load(next(out.glob("attributions/grad-cos_*.npy")))
+    assert np.all(np.abs(cos) <= 1 + 1e-6) and np.all(np.sign(cos) == np.sign(dot))
+    assert "seconds" in (out / "results.md").read_text()
+
+
+def test_renamed_solver_options_keep_their_old_spellings_and_keys():
+    """``dealrec lds`` names the solver options as ``dealrec influence`` does (steps, tol,
+    maxiter, rank, iterations); the old spellings still parse, and a run's folder records
+    them under the old names, so an archived run's settings.json still matches."""
+    from jaxrec.cli import build_parser
+    from jaxrec.config import LdsConfig, config_from_args, make_config
+
+    args = build_parser().parse_args(["lds", "--lissa-steps", "7", "--cg-tol", "1e-3"])
+    got = config_from_args(LdsConfig, args, "lds")
+    assert (got.steps, got.tol) == (7, 1e-3)
+    assert make_config(LdsConfig, {"arnoldi_rank": 5, "iterations": 9}).rank == 5
+    with pytest.raises(Exception, match="name one option"):
+        make_config(LdsConfig, {"arnoldi_rank": 5, "rank": 6})
+    archived = json.loads(open("results/lds/sasrec_m100_s0/settings.json").read())
+    cfg = make_config(LdsConfig, {**archived, "out": "x"})
+    keep = {k: v for k, v in study.settings(cfg).items() if k in archived}
+    assert keep == archived and set(study.settings(cfg)) - set(archived) <= (
+        study._SCORING_ONLY | study._DEALREC_ONLY
+    )
+
+
+def test_the_leaderboard_config_parses_and_plans(capsys):
+    """configs/studies/lds_leaderboard.yaml: SASRec and GRU4Rec, two slices, M = 100, 2 seeds,
+    64 validation users, every estimator; each study's command line parses."""
+    from jaxrec.cli import build_parser
+    from jaxrec.lds import leaderboard
+
+    path = "configs/studies/lds_leaderboard.yaml"
+    studies = leaderboard.plan(path)
+    assert [(c.model, c.seed) for c in studies] == [
+        ("sasrec", 0),
+        ("sasrec", 1),
+        ("gru4rec", 0),
+        ("gru4rec", 1),
+    ]
+    for c in studies:
+        assert (c.subsets, c.seeds, c.val_users, c.users) == (100, 2, 64, 600)
+        assert set(c.attributions) == set(lds.ATTRIBUTIONS)
+        assert c.out == f"results/lds/{c.model}_m100_s{c.seed}"
+    assert studies[0].params == "official" and studies[2].params == "^out/kernel$"
+    assert leaderboard.main([path, "--plan"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4
+    for line, c in zip(lines, studies):
+        args = build_parser().parse_args(shlex.split(line)[3:])
+        assert args.out == c.out and args.attributions == c.attributions

@@ -6,11 +6,17 @@ model given pure ``loss(params, batch) -> scalar`` and ``per_sample_loss(params,
     u  = inverse_hvp(loss, params, data, v, solver=LissaOptions(steps=2000), damping=lam)
     s  = sample_scores(per_sample_loss, params, data, u)    # g_i . u, one JVP per batch
     s, info = dealrec_scores(loss, per_sample_loss, sample_loss, params, data, cfg)  # the stage
+
+Data: a pytree with a leading row axis, or :class:`~jaxrec.influence.batching.Strata` (strata
+that know their order: per-row results come back in the data set's order).
+Train x query attribution with every estimator (exact, CG, LiSSA, Arnoldi, grad-dot, grad-cos,
+K-FAC, EK-FAC, TRAK, TracIn-CP, DataInf): :mod:`jaxrec.influence.attribution`.
 """
 
 from jaxrec.influence.hvp import hvp
 from jaxrec.config import ArnoldiOptions, CGOptions, ExactOptions, LissaOptions
-from jaxrec.influence.inverse import CONVENTIONS, SOLVERS, inverse_hvp
+from jaxrec.influence.inverse import CONVENTIONS, SOLVERS, inverse_hvp, inverse_hvp_with_info
+from jaxrec.influence.batching import Strata
 from jaxrec.influence.params import ParamSubset, parameter_paths
 from jaxrec.influence.dealrec import dealrec_scores
 from jaxrec.influence.scores import (
@@ -25,9 +31,11 @@ from jaxrec.influence.scores import (
 __all__ = [
     "hvp",
     "inverse_hvp",
+    "inverse_hvp_with_info",
     "SOLVERS",
     "CONVENTIONS",
     "ParamSubset",
+    "Strata",
     "parameter_paths",
     "sample_scores",
     "mean_gradient",

@@ -9,16 +9,16 @@ eigenpairs, Kronecker factors, projected Gauss-Newton matrices) is fitted once; 
     from jaxrec.influence import attribution as at
     state = at.fit(at.KFACOptions(), loss, per_sample_loss, params, data)
     a = at.attribute(state, train, query)       # [n_train, n_query]
-    a, info = at.attribute(state, train, query, return_info=True)   # + seconds, peak memory
+    a, info = at.attribute_with_info(state, train, query)   # + seconds, peak memory
 
 Every estimator takes the engine's pure functions, ``loss(params, batch) -> scalar`` (the mean)
 and ``per_sample_loss(params, batch) -> [B]``, a parameter pytree (or :class:`Checkpoints` for
 TracIn-CP and TRAK's ensemble) and data pytrees with a leading sample axis (or lists of strata).
-The sign convention is the one of ``jaxrec.lds``: ``a[i, j] = g_i . M g_j`` with ``g`` loss
-gradients and ``M`` the estimator's preconditioner (an inverse Hessian, Gauss-Newton or Fisher
-approximation; the identity for grad-dot), so a large positive ``a[i, j]`` means that
-up-weighting training sample ``i`` lowers query ``j``'s loss (Koh & Liang 2017, Eq. 2 without
-its minus sign).
+The sign convention is the one of the LDS study (:mod:`jaxrec.lds`): ``a[i, j] = g_i . M g_j``
+with ``g`` loss gradients and ``M`` the estimator's preconditioner (an inverse Hessian,
+Gauss-Newton or Fisher approximation; the identity for grad-dot), so a large positive
+``a[i, j]`` means that up-weighting training sample ``i`` lowers query ``j``'s loss (Koh &
+Liang 2017, Eq. 2 without its minus sign).
 
 Estimators (their options dataclass selects them):
 
@@ -39,12 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
-import resource
-import time
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -52,13 +48,28 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from jaxrec.base import PerSampleLoss
 from jaxrec.config import CGOptions, option
 from jaxrec.errors import UserError
-from jaxrec.influence.batching import data_mesh, replicate, strata_batches, total_size
-from jaxrec.influence.inverse import SolverOptions, solver_name, solver_options
-from jaxrec.influence.scores import mean_gradient, per_sample_map
-
-_CACHE_SIZE = 8
+from jaxrec.influence import arnoldi, datainf, kfac, tracin, trak
+from jaxrec.influence.batching import total_size
+from jaxrec.influence.exact import hessian_matrix
+from jaxrec.influence.inverse import SolverOptions, inverse_hvp, solver_name, solver_options
+from jaxrec.influence.operator import FullHessian
+from jaxrec.influence.pairwise import (
+    Checkpoints,
+    State,
+    batch_reduce,
+    effective_damping,
+    measured,
+    pairwise_scores,
+    peak_memory,
+    per_sample_gradients,
+    query_gradients,
+    stack,
+    unstack,
+)
+from jaxrec.influence.scores import grand_scores
 
 
 # ----------------------------------------------------------------------------- options
@@ -99,209 +110,10 @@ class GradCosOptions:
     query_batch_size: int = option(64, "query samples per gradient batch")
 
 
-@dataclass(frozen=True)
-class Checkpoints:
-    """Several parameter pytrees of one model (same structure): TracIn-CP's saved checkpoints
-    with the learning rate in force at each (``learning_rates``), or TRAK's ensemble of
-    independently trained models (``learning_rates`` unused)."""
-
-    params: tuple
-    learning_rates: tuple | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "params", tuple(self.params))
-        if not self.params:
-            raise UserError("Checkpoints(params=...) is empty")
-        if self.learning_rates is not None:
-            lrs = tuple(float(x) for x in self.learning_rates)
-            if len(lrs) != len(self.params):
-                raise UserError(
-                    f"Checkpoints: {len(self.params)} params but {len(lrs)} learning_rates"
-                )
-            object.__setattr__(self, "learning_rates", lrs)
-
-
-@dataclass
-class State:
-    """What :func:`fit` returns and :func:`attribute` consumes: the options, the pure functions,
-    the parameters, the fitted part (``fitted``: an estimator's factors, inverse, projection
-    matrices; empty where nothing is query-independent) and ``info`` (seconds and peak memory
-    of the fit)."""
-
-    options: Any
-    loss: Callable
-    per_sample_loss: Callable
-    params: Any
-    data: Any
-    output: Callable | None = None
-    fitted: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- cost reports
-def peak_memory() -> dict:
-    """Peak memory so far: ``device_peak_bytes`` (sum over devices of
-    ``peak_bytes_in_use`` where the backend reports it, e.g. GPUs; else ``None``) and
-    ``host_peak_rss_bytes`` (the process's maximum resident set size). Both are high-water marks
-    since the process started (neither backend can reset them), so an estimator's number bounds
-    its own peak from above."""
-    peaks = []
-    for d in jax.local_devices():
-        try:
-            stats = d.memory_stats()
-        except Exception:  # noqa: BLE001 - backends without memory statistics
-            stats = None
-        if stats and "peak_bytes_in_use" in stats:
-            peaks.append(int(stats["peak_bytes_in_use"]))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return {"device_peak_bytes": sum(peaks) if peaks else None, "host_peak_rss_bytes": int(rss)}
-
-
-@contextmanager
-def measured(info: dict, stage: str):
-    """Record the wall-clock seconds of the block in ``info["seconds"][stage]`` and the peak
-    memory after it in ``info["memory"][stage]`` (:func:`peak_memory`)."""
-    t0 = time.perf_counter()
-    yield
-    info.setdefault("seconds", {})[stage] = time.perf_counter() - t0
-    info.setdefault("memory", {})[stage] = peak_memory()
-
-
-# ----------------------------------------------------------------------------- gradients
-def _take(tree, j):
-    return jax.tree.map(lambda x: x[j], tree)
-
-
-def unstack(tree) -> list:
-    """A stacked pytree (leading axis q on every leaf) -> a list of q pytrees."""
-    q = jax.tree.leaves(tree)[0].shape[0]
-    return [_take(tree, j) for j in range(q)]
-
-
-def stack(trees: list):
-    """A list of pytrees of one structure -> one stacked pytree (leading axis)."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-@functools.lru_cache(maxsize=_CACHE_SIZE)
-def _per_sample_grad_fn(per_sample_loss):
-    """Jitted ``(params, batch) -> stacked per-sample gradients [B, ...]`` (``vmap`` of
-    ``grad`` over rows; memory O(batch x params))."""
-
-    def one(p, example):
-        return per_sample_loss(p, jax.tree.map(lambda x: x[None], example))[0]
-
-    return jax.jit(jax.vmap(jax.grad(one), in_axes=(None, 0)))
-
-
-def per_sample_gradients(
-    per_sample_loss, params, data, batch_size: int = 64, *, progress: bool | None = None
-):
-    """Each row's loss gradient, stacked: a pytree like ``params`` with a leading axis ``n``
-    (rows in the order of ``data``, strata concatenated). For the few query rows only: the
-    result holds ``n`` gradients. Batched, padded and sharded over all devices.
-
-    Returns:
-      the stacked gradients ``g_j`` (each the gradient of ``per_sample_loss(params, row_j)``).
-    """
-    mesh = data_mesh()
-    params = replicate(params, mesh)
-    fn = _per_sample_grad_fn(per_sample_loss)
-    parts = [
-        jax.tree.map(lambda x, c=count: np.asarray(x)[:c], fn(params, batch))
-        for count, batch, _ in strata_batches(
-            data, batch_size, mesh, desc="query gradients", progress=progress
-        )
-    ]
-    return jax.tree.map(lambda *xs: jnp.asarray(np.concatenate(xs)), *parts)
-
-
-def query_gradients(state: State, query, *, query_mean: bool = False, params=None):
-    """The query side of :func:`attribute`: stacked per-row gradients of ``query``, or with
-    ``query_mean`` one vector, the mean gradient over ``query``
-    (:func:`jaxrec.influence.mean_gradient`; the DEALRec score's ``g_mean``)."""
-    params = state.params if params is None else params
-    bs = getattr(state.options, "query_batch_size", 64)
-    if query_mean:
-        g = mean_gradient(
-            state.per_sample_loss, params, query, getattr(state.options, "batch_size", 4096)
-        )
-        return jax.tree.map(lambda x: x[None], g)
-    return per_sample_gradients(state.per_sample_loss, params, query, bs)
-
-
-@functools.lru_cache(maxsize=_CACHE_SIZE)
-def _pairwise_fn(per_sample_loss):
-    """``(params, batch, vectors) -> [B, q]``: ``g_i . u_j`` for every row and every stacked
-    vector, by one ``jax.linearize`` of the per-sample losses and a ``vmap`` of its JVP."""
-
-    def fn(p, batch, vectors):
-        _, jvp = jax.linearize(lambda q: per_sample_loss(q, batch), p)
-        return jax.vmap(jvp)(vectors).T
-
-    return fn
-
-
-def pairwise_scores(
-    per_sample_loss, params, train, vectors, batch_size: int = 4096, *, progress=None
-) -> np.ndarray:
-    """``a[i, j] = g_i . u_j`` for every training row ``i`` and stacked vector ``u_j``
-    (``vectors``: a pytree like ``params`` with a leading axis q), float64 ``[n, q]``.
-
-    One linearisation of ``per_sample_loss(params, batch) -> [B]`` per batch and ``q`` JVPs of
-    it: no per-sample gradient is built (memory O(params x q + batch)). Batches are padded to
-    one shape and sharded over all devices (:func:`jaxrec.influence.per_sample_map`)."""
-    a = per_sample_map(
-        _pairwise_fn(per_sample_loss),
-        params,
-        train,
-        batch_size,
-        extra=(vectors,),
-        desc="pairwise scores",
-        progress=progress,
-    )
-    a = np.asarray(a, np.float64)
-    bad = ~np.isfinite(a)
-    if bad.any():
-        raise UserError(
-            f"attribution scores are not finite for {int(bad.sum())} of {a.size} values; "
-            "check the model, data and damping="
-        )
-    return a
-
-
-def batch_reduce(fn, params, data, init, batch_size: int, *, extra=(), desc="fit", progress=None):
-    """``acc = fn(params, batch, weight, acc, *extra)`` over every padded, sharded batch of
-    ``data`` (``weight`` 1 for real rows, 0 for padding), jitted once per batch shape.
-    Returns the final ``acc``: the fitting passes (covariances, Gram matrices, norms)."""
-    mesh = data_mesh()
-    params, extra, acc = replicate((params, extra, init), mesh)
-    jfn = jax.jit(fn)
-    for _, batch, weight in strata_batches(data, batch_size, mesh, desc=desc, progress=progress):
-        acc = jfn(params, batch, weight, acc, *extra)
-    return acc
-
-
-# ----------------------------------------------------------------------------- the solvers
-def effective_damping(damping: float, convention: str, scale: float) -> tuple[float, float]:
-    """``(lam, factor)`` with ``u = factor (H + lam I)^-1 v``: the conventions of
-    :func:`jaxrec.influence.inverse_hvp` (``dealrec``: ``scale (H + scale damping I)^-1``;
-    ``standard``: ``(H + damping I)^-1``)."""
-    if convention not in ("dealrec", "standard"):
-        raise UserError(f"unknown convention {convention!r}; expected dealrec or standard")
-    if damping < 0:
-        raise UserError(f"damping must be >= 0, got damping={damping}")
-    return (scale * damping, scale) if convention == "dealrec" else (damping, 1.0)
-
-
 def _fit_influence(state: State, progress=None) -> dict:
     """The query-independent part of a solver: ``exact``: the dense Hessian, eigendecomposed
     (float64); ``arnoldi``: its top eigenpairs; ``cg`` / ``lissa``: nothing (each query needs
     its own solve)."""
-    from jaxrec.influence import arnoldi
-    from jaxrec.influence.exact import hessian_matrix
-    from jaxrec.influence.operator import FullHessian
-
     opts = state.options
     name = solver_name(opts.solver)
     lam, _ = effective_damping(opts.damping, opts.convention, opts.scale)
@@ -331,8 +143,6 @@ def _fit_influence(state: State, progress=None) -> dict:
 
 def _precondition_influence(state: State, grads, progress=None):
     """``factor (H + lam I)^-1 g_j`` for every stacked query gradient."""
-    from jaxrec.influence import inverse_hvp
-
     opts = state.options
     name = solver_name(opts.solver)
     lam, factor = effective_damping(opts.damping, opts.convention, opts.scale)
@@ -367,8 +177,6 @@ def _precondition_influence(state: State, grads, progress=None):
 def _attribute_grad_cos(state: State, train, query, query_mean, progress):
     """Grad-Cos: grad-dot divided by the norms; training norms by
     :func:`jaxrec.influence.grand_scores` (per-sample gradients, one batch at a time)."""
-    from jaxrec.influence.scores import grand_scores
-
     opts = state.options
     g = query_gradients(state, query, query_mean=query_mean)
     dots = pairwise_scores(state.per_sample_loss, state.params, train, g, opts.batch_size)
@@ -403,9 +211,9 @@ class _Local:
 
 
 @functools.cache
-def _estimators() -> dict:
+def _estimators() -> dict[type, tuple[Any, str]]:
     """``{options class: (module, name)}`` of every estimator."""
-    out = {
+    out: dict[type, tuple[Any, str]] = {
         InfluenceOptions: (
             _Local(_fit_influence, precondition=_precondition_influence),
             "influence",
@@ -413,9 +221,8 @@ def _estimators() -> dict:
         GradDotOptions: (_Local(precondition=lambda s, g, progress=None: g), "grad-dot"),
         GradCosOptions: (_Local(attribute=_attribute_grad_cos), "grad-cos"),
     }
-    for name in ("kfac", "trak", "tracin", "datainf"):
-        mod = importlib.import_module(f"jaxrec.influence.{name}")
-        for cls, label in mod.ESTIMATORS.items():
+    for mod in (kfac, trak, tracin, datainf):
+        for cls, label in mod.ESTIMATORS.items():  # type: ignore[attr-defined]
             out[cls] = (mod, label)
     return out
 
@@ -434,6 +241,7 @@ def fit(
     data,
     *,
     output: Callable | None = None,
+    query_loss: PerSampleLoss | None = None,
     progress: bool | None = None,
 ) -> State:
     """Fit an estimator: its query-independent, expensive part, computed once.
@@ -450,6 +258,9 @@ def fit(
       output: ``output(params, batch) -> [B, K]`` (or ``[B]``), whitened model outputs whose
         Gauss-Newton matrix ``(1/n) sum_i J_i^T J_i`` K-FAC (``fisher="gauss-newton"`` /
         ``"sampled"``) and TRAK use; see docs/influence.md. Ignored by the others.
+      query_loss: the queries' ``(params, batch) -> [B]`` loss when it differs from
+        ``per_sample_loss`` (say a validation loss without the training loss's regulariser);
+        default ``per_sample_loss``.
     Returns:
       a :class:`State`; ``state.info`` holds the fit's seconds and peak memory.
     """
@@ -459,7 +270,7 @@ def fit(
         "TRAKOptions",
     ):
         raise UserError(f"{type(options).__name__} takes one params pytree, not Checkpoints")
-    state = State(options, loss, per_sample_loss, params, data, output)
+    state = State(options, loss, per_sample_loss, params, data, output, query_loss=query_loss)
     with measured(state.info, "fit"):
         state.fitted = mod.fit_state(state, progress=progress)
         jax.block_until_ready(jax.tree.leaves(state.fitted))
@@ -472,25 +283,43 @@ def attribute(
     query,
     *,
     query_mean: bool = False,
-    return_info: bool = False,
     progress: bool | None = None,
-):
+) -> np.ndarray:
     """Scores ``a[i, j]`` of every training row ``i`` of ``train`` against every query row ``j``
-    of ``query``, with the estimator fitted by :func:`fit`.
+    of ``query``, with the estimator fitted by :func:`fit` (:func:`attribute_with_info` also
+    returns their cost).
 
     Args:
       state: from :func:`fit`.
-      train: the samples to score (pytree or list of strata, in order).
+      train: the samples to score (pytree, list of strata in order, or
+        :class:`~jaxrec.influence.batching.Strata`: rows come back in its data set's order).
       query: the samples whose loss is attributed (one column per row).
       query_mean: one column only: the query is the mean loss over ``query`` (its mean
         gradient). With ``query = train`` and the influence estimator this is the DEALRec
-        score, paper Eq. 11, up to its constant ``1 / n^2``: see :func:`dealrec_scores`.
-      return_info: also return ``info`` (seconds and peak memory of fit and attribute).
+        score, paper Eq. 11, up to its constant ``1 / n^2``: see :func:`risk_scores`.
     Returns:
-      ``[n_train, n_query]`` float64 (``[n_train, 1]`` with ``query_mean``), or ``(a, info)``.
+      ``[n_train, n_query]`` float64 (``[n_train, 1]`` with ``query_mean``).
+    """
+    return attribute_with_info(state, train, query, query_mean=query_mean, progress=progress)[0]
+
+
+def attribute_with_info(
+    state: State,
+    train,
+    query,
+    *,
+    query_mean: bool = False,
+    progress: bool | None = None,
+) -> tuple[np.ndarray, dict]:
+    """:func:`attribute`'s scores and ``info``: ``estimator`` (its short name), ``seconds``
+    (``fit``, ``attribute``, ``total``) and ``memory`` (peak memory after each,
+    :func:`peak_memory`).
+
+    Returns:
+      ``(a [n_train, n_query] float64, info)``.
     """
     mod = _module(state.options)
-    info = {k: dict(v) for k, v in state.info.items()}
+    info: dict[str, Any] = {k: dict(v) for k, v in state.info.items()}
     with measured(info, "attribute"):
         if hasattr(mod, "attribute"):
             a = mod.attribute(state, train, query, query_mean, progress)
@@ -507,14 +336,15 @@ def attribute(
             )
     info["estimator"] = estimator_name(state.options)
     info["seconds"]["total"] = info["seconds"]["fit"] + info["seconds"]["attribute"]
-    a = np.asarray(a, np.float64)
-    return (a, info) if return_info else a
+    return np.asarray(a, np.float64), info
 
 
-def dealrec_scores(state: State, train) -> np.ndarray:
-    """The DEALRec influence score (paper Eq. 11) with any linear estimator's ``M`` in place of
-    ``H^-1``: ``s_i = g_i . M g_mean / n^2`` over ``train`` (``[n]``). With
-    :class:`InfluenceOptions` it is :func:`jaxrec.influence.influence_scores`'s score."""
+def risk_scores(state: State, train) -> np.ndarray:
+    """Each training sample's influence on the mean training loss (the training risk) with
+    any estimator's ``M``: ``s_i = g_i . M g_mean / n^2`` over ``train`` (``[n]``). With
+    :class:`InfluenceOptions` it is the DEALRec score of paper Eq. 11,
+    :func:`jaxrec.influence.influence_scores`'s score; the influence stage's score, with its
+    per-user loss and negative draws, is :func:`jaxrec.influence.dealrec.dealrec_scores`."""
     n = total_size(train)
     return attribute(state, train, train, query_mean=True)[:, 0] / n**2
 
@@ -535,8 +365,8 @@ __all__ = [
     "InfluenceOptions",
     "State",
     "attribute",
+    "attribute_with_info",
     "batch_reduce",
-    "dealrec_scores",
     "effective_damping",
     "estimator_name",
     "fit",
@@ -546,4 +376,5 @@ __all__ = [
     "peak_memory",
     "per_sample_gradients",
     "query_gradients",
+    "risk_scores",
 ]

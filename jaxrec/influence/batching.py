@@ -7,12 +7,17 @@ along a ``data`` mesh axis; parameters are replicated. Nothing here holds more t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxrec.errors import UserError
+from jaxrec.influence import hosts
 
 
 def data_size(data) -> int:
@@ -23,9 +28,58 @@ def data_size(data) -> int:
     return sizes.pop()
 
 
+@dataclass(frozen=True, eq=False)
+class Strata:
+    """One data set cut into strata (e.g. length buckets cut to different widths, so each
+    compiles once) that knows its order: row ``k`` of the strata concatenated is row
+    ``order[k]`` of the data set. Every per-row result of the engine over a ``Strata``
+    (:func:`jaxrec.influence.per_sample_map`, attribution scores, query gradients) comes back
+    in the data set's order (:meth:`in_order`), so no caller reorders by hand.
+
+    Attributes:
+      parts: the strata, pytrees with a leading row axis each.
+      order: ``[n]`` int, a permutation of ``range(n)``.
+    """
+
+    parts: tuple
+    order: np.ndarray
+
+    def __init__(self, parts: Sequence[Any], order: np.ndarray | None = None):
+        parts = tuple(parts)
+        if not parts:
+            raise UserError("no data: the list of strata is empty")
+        n = sum(data_size(p) for p in parts)
+        order = np.arange(n) if order is None else np.asarray(order)
+        if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
+            raise UserError(f"Strata: order must be a permutation of range({n})")
+        object.__setattr__(self, "parts", parts)
+        object.__setattr__(self, "order", order)
+
+    def in_order(self, values: np.ndarray) -> np.ndarray:
+        """Per-row ``values`` in strata order (leading axis ``n``) -> the data set's order."""
+        values = np.asarray(values)
+        out = np.empty_like(values)
+        out[self.order] = values
+        return out
+
+
+def in_order(data, values):
+    """``values`` (per row of ``data``, in strata order, leading axis ``n``) in the order of
+    the data set ``data`` stands for: reordered when ``data`` is a :class:`Strata`, else as
+    they are (a pytree or a plain list of strata is its own order)."""
+    if not isinstance(data, Strata):
+        return values
+    if isinstance(values, np.ndarray):
+        return data.in_order(values)
+    return jax.tree.map(lambda x: x[np.argsort(data.order)], values)
+
+
 def strata(data) -> list:
-    """``data`` as a list of strata. A list of pytrees (e.g. length buckets cut to different
-    widths) stands for their concatenation, in order; anything else is one stratum."""
+    """``data`` as a list of strata. A :class:`Strata` gives its parts; a list of pytrees (e.g.
+    length buckets cut to different widths) stands for their concatenation, in order;
+    anything else is one stratum."""
+    if isinstance(data, Strata):
+        return list(data.parts)
     out = list(data) if isinstance(data, list) else [data]
     if not out:
         raise UserError("no data: the list of strata is empty")
@@ -40,8 +94,6 @@ def total_size(data) -> int:
 def global_size(data) -> int:
     """Number of samples over all strata of ``data`` and, under JAX's multi-process runtime,
     over every process (each holds its own rows)."""
-    from jaxrec.influence import hosts
-
     return int(hosts.allgather(total_size(data)).sum())
 
 

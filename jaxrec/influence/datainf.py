@@ -19,6 +19,8 @@ import jax.numpy as jnp
 
 from jaxrec.config import option
 from jaxrec.errors import UserError
+from jaxrec.influence.batching import total_size
+from jaxrec.influence.pairwise import _per_sample_grad_fn, batch_reduce
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,6 @@ ESTIMATORS = {DataInfOptions: "datainf"}
 
 def _sample_grads(per_sample_loss, p, batch):
     """Per-sample gradients of one batch, each leaf flattened to ``[B, d_l]``."""
-    from jaxrec.influence.attribution import _per_sample_grad_fn
 
     g = _per_sample_grad_fn(per_sample_loss)(p, batch)
     return jax.tree.map(lambda x: x.reshape(x.shape[0], -1), g)
@@ -48,8 +49,6 @@ def _sample_grads(per_sample_loss, p, batch):
 def fit_state(state, progress=None) -> dict:
     """``lam_l`` per block: ``damping``, or ``damping_scale`` times the mean over samples and
     entries of ``g_il^2`` (one pass of per-sample gradients)."""
-    from jaxrec.influence.attribution import batch_reduce
-    from jaxrec.influence.batching import total_size
 
     opts = state.options
     if opts.damping is not None:
@@ -73,8 +72,6 @@ def fit_state(state, progress=None) -> dict:
 def precondition(state, grads, progress=None):
     """Eq. 5-6 applied to the stacked query gradients: one pass of per-sample gradients over
     the fitted data accumulates ``sum_i c_ij g_il`` for every query ``j`` and block ``l``."""
-    from jaxrec.influence.attribution import batch_reduce
-    from jaxrec.influence.batching import total_size
 
     opts = state.options
     lam = state.fitted["lam"]

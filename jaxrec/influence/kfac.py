@@ -45,6 +45,8 @@ import numpy as np
 
 from jaxrec.config import option
 from jaxrec.errors import UserError
+from jaxrec.influence.batching import data_size, strata, total_size
+from jaxrec.influence.pairwise import batch_reduce
 from jaxrec.influence.params import path_string
 
 FISHERS = ("empirical", "gauss-newton", "sampled")
@@ -150,7 +152,6 @@ def _tapped(fn, layers):
 def _indexed(data) -> list:
     """``data``'s strata, each paired with its rows' global indices (the sampled Fisher draws
     each row's labels from ``fold_in(key, row)``, so batching and devices do not change it)."""
-    from jaxrec.influence.batching import data_size, strata
 
     out, start = [], 0
     for part in strata(data):
@@ -206,7 +207,8 @@ def _call_index(key: str) -> int:
 
 def _output_shapes(fn, layers, p, batch) -> dict:
     """``{key: ShapeDtypeStruct}`` of every intercepted Dense call's output."""
-    shapes, count = {}, collections.Counter()
+    shapes: dict = {}
+    count: collections.Counter = collections.Counter()
 
     def icpt(next_fun, args, kwargs, ctx):
         y = next_fun(*args, **kwargs)
@@ -224,9 +226,10 @@ def _output_shapes(fn, layers, p, batch) -> dict:
 def fit_state(state, progress=None) -> dict:
     """Covariances ``A``, ``S`` per layer (one pass), their eigendecompositions (float64) and,
     for EK-FAC, the corrected eigenvalues (a second pass). Returns ``{"layers": {module path:
-    {"kernel", "bias", "qa", "qs", "eigenvalues" [in(+1), out], "damping"}}}``."""
-    from jaxrec.influence.attribution import batch_reduce
-    from jaxrec.influence.batching import strata, total_size
+    {"kernel", "bias", "qa", "qs", "eigenvalues" [in(+1), out], "damping"}}}``.
+
+    Over 60 lines: K-FAC's covariance pass and EK-FAC's eigenvalue pass share the layer
+    table, the rotations and the batch sizes; split, they would pass all of it around."""
 
     opts = state.options
     if opts.fisher not in FISHERS:
@@ -275,19 +278,19 @@ def fit_state(state, progress=None) -> dict:
 
         def corr(p, batch, weight, acc, rot):
             a, s = _stats(state, layers, p, batch, weight, base)
-            new = {}
+            new: dict = {}
             for mp in layers:
                 qa, qs = rot[mp]
                 g = jnp.einsum("bti,rbto->rbio", a[mp] @ qa, s[mp] @ qs)
                 new[mp] = acc[mp] + jnp.sum(g**2, (0, 1))
             return new
 
-        init = {mp: jnp.zeros(sizes[mp], dtype) for mp in layers}
+        zeros = {mp: jnp.zeros(sizes[mp], dtype) for mp in layers}
         lams = batch_reduce(
             corr,
             state.params,
             data,
-            init,
+            zeros,
             opts.fit_batch_size,
             extra=(rot,),
             desc="ekfac eigenvalues",

@@ -70,7 +70,7 @@ def _minibatch_hvp(loss, parts, batch_size: int):
         return f
     logp = jnp.log(jnp.asarray(sizes, jnp.float32) / sum(sizes))
 
-    def f(key, t, params, x, parts):
+    def f_strata(key, t, params, x, parts):
         kg, ki = jax.random.split(jax.random.fold_in(key, t))
         g = jax.random.categorical(kg, logp)
         branches = [
@@ -83,7 +83,7 @@ def _minibatch_hvp(loss, parts, batch_size: int):
         ]
         return jax.lax.switch(g, branches, x)
 
-    return f
+    return f_strata
 
 
 def _host_minibatch_hvp(loss, local_parts, batch_size: int):
@@ -279,6 +279,8 @@ def solve(
     ``s (H + s d I)^-1 v``); ``info`` has ``norm_trace`` ``[repeats, steps_run]`` (``||h_t||``,
     cut to the shortest run), ``steps_run`` per repeat, ``rel_std`` (standard error of the mean
     over repeats relative to ``||h||``; NaN for 1 repeat).
+
+    Over 60 lines by its documentation and the per-repeat bookkeeping of one loop.
     """
     opts = options or LissaOptions()
     _check(opts, d, scale)

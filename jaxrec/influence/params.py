@@ -69,7 +69,7 @@ class ParamSubset:
                 f"parameter filter {pattern!r} matches no parameter path (paths: {shown})"
             )
         self.paths = [paths[i] for i in self._index]
-        self._restricted = {}
+        self._restricted: dict = {}
 
     @property
     def params(self) -> dict:
@@ -100,3 +100,22 @@ class ParamSubset:
 
             self._restricted[fn] = fn_sub
         return self._restricted[fn]
+
+    def frozen(self, fn):
+        """``fn(params, batch)`` over the full tree, differentiated in the subset only: the
+        other leaves pass through ``jax.lax.stop_gradient``, so their gradients are zero
+        (TracIn-CP over full checkpoints scored on one block). The same function object comes
+        back for the same ``fn``."""
+        key = ("frozen", fn)
+        if key not in self._restricted:
+            selected = set(self._index)
+
+            def fn_frozen(params, batch):
+                leaves, treedef = jax.tree_util.tree_flatten(params)
+                leaves = [
+                    x if i in selected else jax.lax.stop_gradient(x) for i, x in enumerate(leaves)
+                ]
+                return fn(jax.tree_util.tree_unflatten(treedef, leaves), batch)
+
+            self._restricted[key] = fn_frozen
+        return self._restricted[key]

@@ -18,8 +18,8 @@ import numpy as np
 from jaxrec.config import InfluenceConfig
 from jaxrec.errors import UserError
 from jaxrec.influence import hosts
-from jaxrec.influence.batching import data_mesh, global_size, replicate, strata_batches
-from jaxrec.influence.inverse import SolverOptions, inverse_hvp
+from jaxrec.influence.batching import data_mesh, global_size, in_order, replicate, strata_batches
+from jaxrec.influence.inverse import SolverOptions, inverse_hvp_with_info
 
 
 def _check_finite(array, what: str):
@@ -105,7 +105,8 @@ def per_sample_map(
     """``fn(params, batch, *extra) -> [B]`` over all of ``data``, batched, padded, sharded.
 
     Returns a NumPy array ``[n]`` (padding rows dropped), in the order of ``data`` (strata
-    concatenated). Compiles once per stratum shape.
+    concatenated; a :class:`~jaxrec.influence.batching.Strata`'s own order). Compiles once per
+    stratum shape.
     """
     mesh = data_mesh()
     params, extra = replicate((params, extra), mesh)
@@ -114,7 +115,7 @@ def per_sample_map(
         np.asarray(jfn(params, batch, *extra))[:count]
         for count, batch, _ in strata_batches(data, batch_size, mesh, desc=desc, progress=progress)
     ]
-    return np.concatenate(out)
+    return in_order(data, np.concatenate(out))
 
 
 def sample_scores(
@@ -197,13 +198,15 @@ def influence_scores(
     Under JAX's multi-process runtime ``data`` is this process's rows: the mean gradient and
     the solver's HVPs cover every process's (``n`` too), the scores are this process's rows.
     Returns ``(scores [n], info)`` where ``info`` holds the solver's report and timings.
+
+    Over 60 lines by its documentation; the code is the three timed steps.
     """
     n = global_size(data)
     t0 = time.perf_counter()
     v = mean_gradient(per_sample_loss, params, data, batch_size, progress=progress)
     jax.block_until_ready(v)
     t1 = time.perf_counter()
-    u, info = inverse_hvp(
+    u, info = inverse_hvp_with_info(
         loss,
         params,
         data,
@@ -212,7 +215,6 @@ def influence_scores(
         damping=damping,
         convention=convention,
         scale=scale,
-        return_info=True,
         progress=progress,
         **solver_options,
     )

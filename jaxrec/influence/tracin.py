@@ -14,11 +14,12 @@ import numpy as np
 
 from jaxrec.config import option
 from jaxrec.errors import UserError
+from jaxrec.influence.pairwise import Checkpoints, pairwise_scores, query_gradients
 
 
 @dataclass(frozen=True)
 class TracInOptions:
-    """TracIn-CP over :class:`~jaxrec.influence.attribution.Checkpoints` (params + learning
+    """TracIn-CP over :class:`~jaxrec.influence.pairwise.Checkpoints` (params + learning
     rates)."""
 
     batch_size: int = option(4096, "training samples per scoring batch")
@@ -30,7 +31,6 @@ ESTIMATORS = {TracInOptions: "tracin"}
 
 def fit_state(state, progress=None) -> dict:
     """Checks the checkpoints; nothing to precompute (Eq. 3 is a sum of gradient products)."""
-    from jaxrec.influence.attribution import Checkpoints
 
     ck = state.params
     if not isinstance(ck, Checkpoints) or ck.learning_rates is None:
@@ -43,7 +43,6 @@ def fit_state(state, progress=None) -> dict:
 
 def attribute(state, train, query, query_mean: bool, progress=None) -> np.ndarray:
     """Eq. 3: the learning-rate-weighted sum over checkpoints of gradient dot products."""
-    from jaxrec.influence.attribution import pairwise_scores, query_gradients
 
     ck = state.params
     total = None
@@ -53,4 +52,5 @@ def attribute(state, train, query, query_mean: bool, progress=None) -> np.ndarra
             state.per_sample_loss, params, train, g, state.options.batch_size, progress=progress
         )
         total = a if total is None else total + a
+    assert total is not None  # Checkpoints holds at least one
     return total

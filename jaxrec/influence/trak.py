@@ -33,6 +33,9 @@ import numpy as np
 
 from jaxrec.config import option
 from jaxrec.errors import UserError
+from jaxrec.influence.batching import total_size
+from jaxrec.influence.pairwise import Checkpoints, batch_reduce, query_gradients
+from jaxrec.influence.scores import per_sample_map
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,6 @@ def _features_fn(fn, dim: int):
 
 
 def _models(state) -> list:
-    from jaxrec.influence.attribution import Checkpoints
 
     return list(state.params.params) if isinstance(state.params, Checkpoints) else [state.params]
 
@@ -87,8 +89,6 @@ def _models(state) -> list:
 def fit_state(state, progress=None) -> dict:
     """Per model: ``(F + damping I)^-1`` (float64, ``dim x dim``) of the projected
     Gauss-Newton matrix ``F`` over the fitted data."""
-    from jaxrec.influence.attribution import batch_reduce
-    from jaxrec.influence.batching import total_size
 
     opts = state.options
     if opts.dim < 1 or opts.damping < 0:
@@ -129,8 +129,6 @@ def fit_state(state, progress=None) -> dict:
 def attribute(state, train, query, query_mean: bool, progress=None) -> np.ndarray:
     """Eq. 16-17 per model (projected training and query gradients through the fitted
     inverse), averaged over the models."""
-    from jaxrec.influence.attribution import query_gradients
-    from jaxrec.influence.scores import per_sample_map
 
     opts = state.options
     total = None
@@ -149,6 +147,7 @@ def attribute(state, train, query, query_mean: bool, progress=None) -> np.ndarra
         y = np.asarray(jax.jit(projected, static_argnums=3)(g, params, key, opts.dim))
         a = np.asarray(x, np.float64) @ inv @ np.asarray(y, np.float64).T
         total = a if total is None else total + a
+    assert total is not None  # fit_state checked there is at least one model
     return total / len(state.fitted["inverses"])
 
 
