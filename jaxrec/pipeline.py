@@ -39,30 +39,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from jaxrec.config import help_of, keyed_value, load_config_file, make_config, option
-from jaxrec.errors import UserError
+import yaml
 
-STAGES = (
-    "surrogate",
-    "influence",
-    "semantic_ids",
-    "effort",
-    "user_reps",
-    "select",
-    "finetune",
-    "evaluate",
+from jaxrec.config import help_of, keyed_value, load_config_file, make_config, option
+from jaxrec.data import load_dataset
+from jaxrec.data.subset import write_user_subset
+from jaxrec.errors import UserError
+from jaxrec.select import REQUIRES, score_stages
+from jaxrec.stages import (
+    BACKEND_STAGES,
+    SHARED_INPUTS,
+    STAGE,
+    STAGES,
+    base_stage,
+    config_classes,
 )
-COMMAND = {
-    "surrogate": "train-surrogate",
-    "influence": "influence",
-    "semantic_ids": "semantic-ids",
-    "effort": "effort",
-    "user_reps": "user-reps",
-    "select": "select",
-    "finetune": "finetune",
-    "evaluate": "evaluate",
-}
-BACKEND_STAGES = ("effort", "finetune", "evaluate")  # the stages that take ``backend``
+
 # ``influence:`` keys that only the GraNd / EL2N score stages read (the early-training variant);
 # they are left out of the influence stage's reuse key, so setting them reruns only those
 BASELINE_SCORE_KEYS = ("score_model", "early_epochs", "early_inits")
@@ -95,9 +87,7 @@ class PipelineConfig:
         """The stages to run, in pipeline order: ``requested`` (or ``stages``), without
         ``semantic_ids`` when the backend does not use it."""
         wanted = set(requested or self.stages)
-        if self.backend != "tiger":
-            wanted.discard("semantic_ids")
-        return [s for s in STAGES if s in wanted]
+        return [s for s in STAGES if s in wanted and self.backend in STAGE[s].backends]
 
 
 @dataclass
@@ -149,29 +139,6 @@ class ReportArgs:
 
 
 # ----------------------------------------------------------------------------- config
-def config_classes() -> dict:
-    """The typed config class of each stage (imported lazily: standard library only)."""
-    from jaxrec.config import InfluenceConfig, SelectConfig, SurrogateConfig
-    from llm_bridge.config import (
-        EffortConfig,
-        EvaluateConfig,
-        FinetuneConfig,
-        SemanticIdConfig,
-        UserRepsConfig,
-    )
-
-    return {
-        "surrogate": SurrogateConfig,
-        "influence": InfluenceConfig,
-        "semantic_ids": SemanticIdConfig,
-        "effort": EffortConfig,
-        "user_reps": UserRepsConfig,
-        "select": SelectConfig,
-        "finetune": FinetuneConfig,
-        "evaluate": EvaluateConfig,
-    }
-
-
 def read_experiment_file(path: str | Path, extra_sections: tuple[str, ...] = ()) -> dict:
     """Read a config file and check every section and key (unknown ones are errors)."""
     data = load_config_file(path)
@@ -217,29 +184,30 @@ def wire(sections: dict, workdir: Path, data: str, backend: str = "bigrec") -> d
     if backend == "tiger":
         check_tiger_history(sections)
     w = str(workdir)
+    out = {stage: f"{w}/{STAGE[stage].output}" for stage in STAGES}  # every stage's output
     wired = {stage: dict(sections.get(stage) or {}) for stage in STAGES}
-    wired["surrogate"].update(data=data, out=f"{w}/surrogate")
-    wired["influence"].update(run=f"{w}/surrogate", out=f"{w}/influence.npy")
-    wired["semantic_ids"].update(data=data, out=f"{w}/semantic_ids.npy")
+    wired["surrogate"].update(data=data, out=out["surrogate"])
+    wired["influence"].update(run=out["surrogate"], out=out["influence"])
+    wired["semantic_ids"].update(data=data, out=out["semantic_ids"])
     for stage in ("semantic_ids", "evaluate"):  # the encoder cache lives in the workdir
         wired[stage].setdefault("cache_dir", f"{w}/cache")
     for stage in BACKEND_STAGES:
         wired[stage]["backend"] = backend
         if backend == "tiger":
-            wired[stage]["semantic_ids"] = f"{w}/semantic_ids.npy"
-    wired["effort"].update(data=data, out=f"{w}/effort.npy")
-    wired["user_reps"].update(data=data, out=f"{w}/llm_reps.npy")
+            wired[stage]["semantic_ids"] = out["semantic_ids"]
+    wired["effort"].update(data=data, out=out["effort"])
+    wired["user_reps"].update(data=data, out=out["user_reps"])
     if backend == "bigrec" and "model" not in wired["user_reps"]:
         wired["user_reps"]["model"] = wired["finetune"].get("model", "")  # the BIGRec LLM
     wired["select"].update(
         data=data,
-        influence=f"{w}/influence.npy",
-        effort=f"{w}/effort.npy",
-        run=f"{w}/surrogate",
-        out=f"{w}/selected.npy",
+        influence=out["influence"],
+        effort=out["effort"],
+        run=out["surrogate"],
+        out=out["select"],
     )
-    wired["finetune"].update(data=data, selection=f"{w}/selected.npy", out=f"{w}/adapter")
-    wired["evaluate"].update(data=data, adapter=f"{w}/adapter", out=f"{w}/metrics.json")
+    wired["finetune"].update(data=data, selection=out["select"], out=out["finetune"])
+    wired["evaluate"].update(data=data, adapter=out["finetune"], out=out["evaluate"])
     return wired
 
 
@@ -251,8 +219,6 @@ def add_score_stages(wired: dict, methods) -> list[str]:
     A score stage reads the ``influence:`` section, so GraNd / EL2N follow its
     ``score_model`` / ``early_epochs`` / ``early_inits`` (trained surrogate, or Paul et al.'s
     early-training average); those keys are part of the score stage's reuse key only."""
-    from jaxrec.select import score_stages
-
     names = []
     for kind, filename in score_stages(methods):
         name = f"influence:{kind}"
@@ -295,16 +261,14 @@ def stage_argv(stage: str, section: dict, resolved: Path) -> list[str]:
             "--out",
             section["out"],
         ]
-    return [COMMAND[stage], "--config", str(resolved)]
+    return [STAGE[stage].command, "--config", str(resolved)]
 
 
 def stage_output(stage: str, section: dict) -> Path:
-    """The file whose presence means ``stage`` finished."""
-    if stage == "surrogate":
-        return Path(section["out"]) / "metrics.json"
-    if stage == "finetune":
-        return Path(section["out"]) / "train_record.json"
-    return Path(section["out"])
+    """The file whose presence means ``stage`` finished: its output, or for a folder the file
+    in it that :attr:`jaxrec.stages.Stage.done` names."""
+    done = base_stage(stage).done if stage.partition(":")[0] in STAGE else ""
+    return Path(section["out"]) / done if done else Path(section["out"])
 
 
 def stage_seconds(stage: str, section: dict, wall: float) -> float:
@@ -425,22 +389,10 @@ def baseline_score_options(wired: dict, method: str) -> list:
     """``[{key: value}]`` of the :data:`BASELINE_SCORE_KEYS` (defaults included) of
     ``wired["influence"]`` when ``method`` reads GraNd or EL2N scores, else ``[]``: what an
     experiment adds to such a method's upstream key."""
-    from jaxrec.select import REQUIRES
-
     if not {"grand", "el2n"} & set(REQUIRES[method]):
         return []
     options = resolved_options("influence", wired["influence"])
     return [{k: options[k] for k in BASELINE_SCORE_KEYS}]
-
-
-# the shared stages each shared stage reads (a score stage ``influence:KIND`` reads the surrogate)
-SHARED_INPUTS = {
-    "surrogate": (),
-    "semantic_ids": (),
-    "user_reps": (),
-    "influence": ("surrogate",),
-    "effort": ("semantic_ids",),  # TIGER's effort reads the semantic IDs
-}
 
 
 def shared_key(stage: str, wired: dict) -> str:
@@ -484,8 +436,6 @@ def run_stages(
     upstream: str = "",
 ) -> dict:
     """Run (or reuse) ``stages`` in order; return ``{stage: seconds}``."""
-    import yaml
-
     state_file = state_file or workdir / "stages.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     resolved = state_file.with_name("resolved.yaml")
@@ -518,9 +468,6 @@ def prepare_workdir(data: dict, args: PipelineArgs) -> tuple[Path, str, RunLog]:
     log = RunLog(workdir / "run.log")
     dataset = pipe.data
     if pipe.users > 0:
-        from jaxrec.data import load_dataset
-        from jaxrec.data.subset import write_user_subset
-
         sliced = workdir / "data"
         if not (sliced / "items.jsonl").is_file():
             log.say(f"slicing {pipe.users} users of {pipe.data} (seed {pipe.slice_seed})")

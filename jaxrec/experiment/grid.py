@@ -15,12 +15,12 @@ from jaxrec.errors import UserError
 from jaxrec.pipeline import (
     PipelineArgs,
     PipelineConfig,
-    config_classes,
     read_experiment_file,
     resolved_options,
     wire_llm_reps,
 )
 from jaxrec.select import REQUIRES, check_method
+from jaxrec.stages import PER_RUN, SELECT_INPUT_STAGE, config_classes, upstream
 
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
@@ -28,18 +28,6 @@ METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 # co-primary with R@20 / N@20 (issue 23: far less noisy over seeds); lower is better
 LOSS = "test_loss"
 TABLE_METRICS = (*METRICS, LOSS)
-SHARED = ("surrogate", "influence", "semantic_ids", "effort", "user_reps")
-PER_RUN = ("select", "finetune", "evaluate")
-# methods that need the effort score file
-# the shared stages that a selection input comes from (jaxrec.select.REQUIRES names the inputs)
-INPUT_STAGES = {
-    "influence": ("surrogate", "influence"),
-    "effort": ("effort",),
-    "grand": ("surrogate",),
-    "el2n": ("surrogate",),
-    "representations": ("surrogate",),
-    "interactions": (),
-}
 
 
 def shared_reads(pipe: PipelineConfig, method: str, llm_reps: bool) -> list[str]:
@@ -48,7 +36,8 @@ def shared_reads(pipe: PipelineConfig, method: str, llm_reps: bool) -> list[str]
     ``semantic_ids`` (the TIGER backend's fine-tune and evaluation; :meth:`active` drops it for
     BIGRec). Only these enter the run's reuse key, so a random run does not depend on the
     influence options."""
-    wanted = {"semantic_ids", *(s for i in REQUIRES[method] for s in INPUT_STAGES[i])}
+    made_by = {stage for i in REQUIRES[method] if (stage := SELECT_INPUT_STAGE[i])}
+    wanted = {"semantic_ids", *upstream(made_by)}
     if llm_reps:
         wanted.add("user_reps")
     return pipe.active(sorted(wanted))

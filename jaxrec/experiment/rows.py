@@ -13,7 +13,8 @@ import numpy as np
 from jaxrec.archive import RunArchive
 from jaxrec.data.ranking import per_user_recall_ndcg
 from jaxrec.errors import UserError
-from jaxrec.experiment.grid import LOSS, METRICS, PER_RUN, Cell
+from jaxrec.experiment.grid import LOSS, METRICS, Cell
+from jaxrec.stages import PER_RUN
 
 
 def per_user_metrics(predictions: Path, ks=(10, 20)) -> tuple[np.ndarray, dict[str, np.ndarray]]:

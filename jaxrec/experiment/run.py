@@ -10,9 +10,8 @@ from typing import NamedTuple
 
 from jaxrec.archive import RunArchive
 from jaxrec.data import write_json
-from jaxrec.experiment import locks
+import jaxrec.experiment.locks as locks
 from jaxrec.experiment.grid import (
-    PER_RUN,
     Cell,
     ExperimentArgs,
     ExperimentConfig,
@@ -39,6 +38,7 @@ from jaxrec.pipeline import (
     uses_llm_reps,
     wire,
 )
+from jaxrec.stages import PER_RUN
 
 
 DEFAULT_RUN_SECONDS = 600.0  # a run's rough time with no timed run to go by (TIGER: 6-18 min)

@@ -23,8 +23,9 @@ import math
 import numpy as np
 
 from jaxrec.errors import UserError
-from jaxrec.experiment.grid import LOSS, METRICS, PER_RUN, TABLE_METRICS
+from jaxrec.experiment.grid import LOSS, METRICS, TABLE_METRICS
 from jaxrec.experiment.rows import run_user_losses, run_user_metrics
+from jaxrec.stages import PER_RUN
 
 LEVEL = 0.95  # intervals
 POWER = 0.80  # minimum detectable difference

@@ -6,9 +6,10 @@ import csv
 import math
 from pathlib import Path
 
-from jaxrec.experiment.grid import LOSS, PER_RUN, TABLE_METRICS
+from jaxrec.experiment.grid import LOSS, TABLE_METRICS
 from jaxrec.experiment.plots import bar_plot
 from jaxrec.experiment.stats import summarise, user_tests
+from jaxrec.stages import PER_RUN
 
 
 def mean_std(row: dict, metric: str) -> str:
