@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.models import ModelSpec
+from jaxrec.models.spec import ModelSpec, forward
 
 _NEG = -1e9  # attention mask value: finite, so fully-masked (padding) rows stay NaN-free
 _INIT = nn.initializers.normal(0.02)  # BERT's / RecBole's initializer range
@@ -148,7 +148,7 @@ def masked_logits(model: BERT4Rec, params, batch, *, rng=None):
     items, not of the whole width. With ``rng`` dropout is on."""
     deterministic = rng is None
     rngs = None if deterministic else {"dropout": rng}
-    h = model.apply({"params": params}, batch["inputs"], deterministic, rngs=rngs)
+    h = forward(model, params, batch["inputs"], deterministic, rngs=rngs)
     targets = batch["targets"]
     k = max(1, int(n_masks(targets.shape[1], model.mask_prob, model.max_len)))
     pos = jnp.argsort(~(targets > 0), axis=1, stable=True)[:, :k]
@@ -195,7 +195,7 @@ def _with_mask_slot(model: BERT4Rec, inputs):
 
 def user_representations(model: BERT4Rec, params, inputs):
     """The output-head state at the appended ``[mask]`` ``[B, hidden]``."""
-    return model.apply({"params": params}, _with_mask_slot(model, inputs), True)[:, -1, :]
+    return forward(model, params, _with_mask_slot(model, inputs), True)[:, -1, :]
 
 
 def item_scores(model: BERT4Rec, params, inputs):

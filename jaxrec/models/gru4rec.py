@@ -18,8 +18,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxrec.models import ModelSpec, bce_el2n, with_negatives
-from jaxrec.models.sasrec import bce_per_sample
+from jaxrec.models.sasrec import bce_el2n, bce_per_sample, with_negatives
+from jaxrec.models.spec import ModelSpec, forward
 
 
 class _MaskedGRUStep(nn.Module):
@@ -111,7 +111,7 @@ def train_per_sample(model: GRU4Rec, params, batch, rng):
 
 def user_representations(model: GRU4Rec, params, inputs):
     """The projected GRU state after the newest item ``[B, hidden]``."""
-    return model.apply({"params": params}, inputs, True)[:, -1, :]
+    return forward(model, params, inputs, True)[:, -1, :]
 
 
 def item_scores(model: GRU4Rec, params, inputs):
