@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(cls, "from_args"):
             cfg = cls.from_args(args)
         else:
+            assert section is not None  # a command without from_args reads a section
             cfg = config_from_args(cls, args, section, section_classes())
         runner = _load(runner_ref)
         return int(runner(cfg) or 0)

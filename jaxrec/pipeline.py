@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -37,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import yaml
 
@@ -320,7 +321,8 @@ class RunLog:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
-            for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+            out = cast(io.BufferedReader, proc.stdout)  # stdout=PIPE: a buffered reader
+            for chunk in iter(lambda: out.read1(4096), b""):
                 sys.stderr.buffer.write(chunk)
                 sys.stderr.flush()
                 log.write(chunk.decode(errors="replace"))

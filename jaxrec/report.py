@@ -21,6 +21,8 @@ import numpy as np
 
 from jaxrec.data import load_scores, read_manifest
 from jaxrec.errors import UserError
+from jaxrec.experiment.plots import pyplot
+from jaxrec.figures import experiment_figures
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -30,11 +32,7 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 
 def make_report(run_dir: str | Path, out: str | Path = "") -> list[Path]:
     """Write the report's PNGs and return their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"{run}: run folder not found")
@@ -43,7 +41,8 @@ def make_report(run_dir: str | Path, out: str | Path = "") -> list[Path]:
     for kind in ("influence", "effort"):
         if (run / f"{kind}.npy").is_file():
             scores[kind] = load_scores(run / f"{kind}.npy", kind=kind)[0].astype(np.float64)
-    selected, sel_manifest = None, {}
+    selected = None
+    sel_manifest: dict = {}
     if (run / "selected.npy").is_file():
         selected, sel_manifest = load_scores(run / "selected.npy", kind="selection")
     info = sel_manifest.get("selection") or {}
@@ -147,8 +146,6 @@ def main(args) -> int:
     (:mod:`jaxrec.figures`)."""
     paths = []
     if (Path(args.run_dir) / "experiment.json").is_file():
-        from jaxrec.figures import experiment_figures
-
         paths += experiment_figures(args.run_dir, args.out)
     try:
         paths += make_report(args.run_dir, args.out)

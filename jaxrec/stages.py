@@ -206,6 +206,24 @@ def load(ref: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def config_classes() -> dict[str, type]:
-    """The typed config class of each stage, in pipeline order."""
+def config_classes() -> dict[str, Any]:
+    """The typed config class (a dataclass type) of each stage, in pipeline order."""
     return {s.name: load(s.config) for s in PIPELINE}
+
+
+def stage_table() -> str:
+    """The stages as the Markdown table that ``docs/architecture.md`` shows (a test checks
+    that the page holds exactly this table)."""
+    rows = [
+        "| stage | command | config | reads (besides the dataset) | writes | runs | backends |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in PIPELINE:
+        reads = ", ".join(f"`{i}`" for i in s.inputs) or "-"
+        writes = f"`{s.output}/` (done: `{s.done}`)" if s.done else f"`{s.output}`"
+        runs = "once (shared)" if s.shared else "per run"
+        rows.append(
+            f"| `{s.name}` | `dealrec {s.command}` | `{s.config.split(':')[1]}` | {reads} | "
+            f"{writes} | {runs} | {', '.join(s.backends)} |"
+        )
+    return "\n".join(rows)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import metadata
 import platform
 import sys
 import tempfile
@@ -41,8 +42,6 @@ def environment() -> dict:
     Returns:
       ``{"python", "libraries": {name: version}, "machine", "cpu", "cpus"}``.
     """
-    from importlib import metadata
-
     libraries = {"numpy": np.__version__}
     for name in RECORDED_LIBRARIES:
         if name in sys.modules:

@@ -38,7 +38,7 @@ def make_synthetic(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clusters = np.array_split(np.arange(1, n_items + 1), n_clusters)
-    lines = {"train": [], "valid": [], "test": []}
+    lines: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
     for user in range(1, n_users + 1):
         ring = clusters[rng.integers(n_clusters)]
         length = int(rng.integers(min_len, max_len + 1))

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 from jaxrec.config import help_of, make_config, option
 from jaxrec.errors import UserError
 from jaxrec.pipeline import (
@@ -326,8 +328,6 @@ def baseline_of(exp: ExperimentConfig) -> str:
 def chosen_points(points: list[str], sweep: dict) -> dict[str, list]:
     """``--points`` as ``{swept key: [values]}``; each ``KEY=VALUE`` must name a swept key and
     one of its values in the config (``VALUE`` read as YAML: ``512`` is an int)."""
-    import yaml
-
     chosen: dict[str, list] = {}
     for item in points:
         key, sep, text = item.partition("=")

@@ -4,6 +4,7 @@ and adding a run to an archive."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 from pathlib import Path
 from typing import Literal
@@ -68,7 +69,7 @@ def group_rows(
     reference: str,
     n_groups: int,
     reference_seed: Literal["same", "next"] = "same",
-    seeds: list[int] = (),
+    seeds: Sequence[int] = (),
 ) -> list[dict]:
     """Every run's metrics within each user group (paper Fig. 6) of a ``reference`` run at the
     same grid point (a run without its reference is left out).
@@ -135,7 +136,7 @@ def cell_row(cell: Cell, d: Path, seconds: dict, key: str = "", record: Path | N
     when the workdir is gone)."""
     metrics = json.loads((d / "metrics.json").read_text())
     flat = metrics.get("metrics", metrics)
-    record = json.loads(record.read_text()) if record is not None and record.is_file() else {}
+    train = json.loads(record.read_text()) if record is not None and record.is_file() else {}
     predictions = d / "metrics.predictions.jsonl"
     return {
         **dict(cell.point),
@@ -145,8 +146,8 @@ def cell_row(cell: Cell, d: Path, seconds: dict, key: str = "", record: Path | N
         **mean_test_loss(predictions),
         "n_users": int(flat.get("n_users", 0)),
         **{f"{s}_seconds": float(seconds.get(s, 0.0)) for s in PER_RUN},
-        "finetune_epochs": len(record.get("epochs") or []),
-        "finetune_best_epoch": int(record.get("best_epoch") or 0),
+        "finetune_epochs": len(train.get("epochs") or []),
+        "finetune_best_epoch": int(train.get("best_epoch") or 0),
         "predictions": str(predictions),
         "key": key,
     }

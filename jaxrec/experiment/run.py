@@ -210,7 +210,7 @@ def run_cell(
     is not finished and not run now (not asked for, or taken by another process)."""
     d, w, key, finished = prep
     fields = {**dict(cell.point), "method": cell.method, "seed": cell.seed}
-    if not finished and _in(archive, key):
+    if not finished and archive is not None and key in archive:
         if now:
             log.say(f"run {cell.name}: archived in {archive.folder}, not rerun")
         return archive.row(key, fields)

@@ -151,15 +151,15 @@ def kmeans(
         counts = np.bincount(labels, minlength=k)
         sums = np.stack([np.bincount(labels, weights=col, minlength=k) for col in x.T], 1)
         own = d[np.arange(n), labels]
-        for j in np.flatnonzero(counts == 0):  # re-seed an empty cluster at the farthest point
+        for empty in np.flatnonzero(counts == 0):  # re-seed an empty cluster at the farthest
             far = int(own.argmax())
             old = labels[far]
             if counts[old] <= 1:
                 continue
             sums[old] -= x[far]
             counts[old] -= 1
-            sums[j], counts[j] = x[far], 1
-            labels[far], own[far] = j, -1.0
+            sums[empty], counts[empty] = x[far], 1
+            labels[far], own[far] = empty, -1.0
         nonempty = counts > 0
         previous = centres.copy()
         centres[nonempty] = sums[nonempty] / counts[nonempty, None]

@@ -97,7 +97,8 @@ def run_select(cfg: SelectConfig):
             )
         check_n(cfg.n, ds.n_users)
     needs = set(REQUIRES[cfg.method])
-    arrays, inputs = {}, {}
+    arrays: dict[str, np.ndarray] = {}
+    inputs: dict[str, dict] = {}
     for name in ("influence", "effort"):
         if name in needs:
             path = Path(getattr(cfg, name))
