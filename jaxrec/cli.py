@@ -55,7 +55,7 @@ TOOLS = {
         "what each side will run on: JAX and torch devices, threads, memory, embedded models",
     ),
     "report": Command(
-        "jaxrec.pipeline:ReportArgs",
+        "jaxrec.report:ReportArgs",
         None,
         "jaxrec.report:main",
         "PNG plots of a pipeline workdir (scores, selection) or of an experiment folder "

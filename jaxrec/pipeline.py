@@ -117,28 +117,6 @@ class PipelineArgs:
         return cls(config=args.config, workdir=args.workdir, stages=list(args.stages))
 
 
-@dataclass
-class ReportArgs:
-    """Command line of ``dealrec report RUN_DIR``."""
-
-    run_dir: str = field(
-        metadata={
-            "help": "a pipeline workdir (holds influence.npy, ...) or an experiment's results "
-            "folder (results.csv, experiment.json: the paper's figures)"
-        }
-    )
-    out: str = option("", "folder for the PNGs; empty = RUN_DIR/report")
-
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("run_dir", help=help_of(ReportArgs, "run_dir"))
-        parser.add_argument("--out", default="", help=help_of(ReportArgs, "out"))
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(run_dir=args.run_dir, out=args.out)
-
-
 # ----------------------------------------------------------------------------- config
 def read_experiment_file(path: str | Path, extra_sections: tuple[str, ...] = ()) -> dict:
     """Read a config file and check every section and key (unknown ones are errors)."""

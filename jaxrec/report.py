@@ -15,14 +15,39 @@ Plots whose inputs are missing are skipped with a note.
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from jaxrec.config import help_of, option
 from jaxrec.data import load_scores, read_manifest
 from jaxrec.errors import UserError
 from jaxrec.experiment.plots import pyplot
 from jaxrec.figures import experiment_figures
+
+
+@dataclass
+class ReportArgs:
+    """Command line of ``dealrec report RUN_DIR``."""
+
+    run_dir: str = field(
+        metadata={
+            "help": "a pipeline workdir (holds influence.npy, ...) or an experiment's results "
+            "folder (results.csv, experiment.json: the paper's figures)"
+        }
+    )
+    out: str = option("", "folder for the PNGs; empty = RUN_DIR/report")
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("run_dir", help=help_of(ReportArgs, "run_dir"))
+        parser.add_argument("--out", default="", help=help_of(ReportArgs, "out"))
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(run_dir=args.run_dir, out=args.out)
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -141,7 +166,7 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def main(args) -> int:
+def main(args: ReportArgs) -> int:
     """Plots of a run; for an experiment folder also the paper's figures
     (:mod:`jaxrec.figures`)."""
     paths = []
