@@ -27,18 +27,15 @@ Everything the stages print also goes to ``workdir/run.log``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 import argparse
 import dataclasses
 import hashlib
-import io
 import json
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal, NamedTuple, cast
 
 import yaml
 
@@ -46,6 +43,7 @@ from jaxrec.config import help_of, keyed_value, load_config_file, make_config, o
 from jaxrec.data import load_dataset
 from jaxrec.data.subset import write_user_subset
 from jaxrec.errors import UserError
+from jaxrec.runlog import RunLog
 from jaxrec.select import REQUIRES, score_stages
 from jaxrec.stages import (
     BACKEND_STAGES,
@@ -113,7 +111,7 @@ class PipelineArgs:
         )
 
     @classmethod
-    def from_args(cls, args):
+    def from_args(cls, args: argparse.Namespace) -> PipelineArgs:
         return cls(config=args.config, workdir=args.workdir, stages=list(args.stages))
 
 
@@ -190,7 +188,7 @@ def wire(sections: dict, workdir: Path, data: str, backend: str = "bigrec") -> d
     return wired
 
 
-def add_score_stages(wired: dict, methods) -> list[str]:
+def add_score_stages(wired: dict, methods: Iterable[str]) -> list[str]:
     """Add a stage to ``wired`` for every surrogate score file ``methods`` need (GraNd, EL2N,
     representations; see :func:`jaxrec.select.score_stages`): ``dealrec influence --score KIND
     --out SURROGATE/FILE``, where ``dealrec select`` reads it. Returns their stage names.
@@ -269,48 +267,12 @@ def stage_seconds(stage: str, section: dict, wall: float) -> float:
     return round(max(float(wall), total), 1)
 
 
-def digest(obj) -> str:
+def digest(obj: object) -> str:
+    """A 16-hex-digit SHA-256 of ``obj`` as sorted JSON: the reuse keys' hash."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- running
-class RunLog:
-    """Stage headers to the terminal and everything to ``workdir/run.log``."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def say(self, text: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {text}"
-        print(line, file=sys.stderr, flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-
-    def run(self, argv: list[str]) -> None:
-        """Run ``dealrec ARGV`` in a child process; its output goes to the terminal and log."""
-        cmd = [sys.executable, "-m", "jaxrec.cli", *argv]
-        with open(self.path, "a", encoding="utf-8") as log:
-            log.write("$ dealrec " + " ".join(argv) + "\n")
-            log.flush()
-            proc = subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            out = cast(io.BufferedReader, proc.stdout)  # stdout=PIPE: a buffered reader
-            for chunk in iter(lambda: out.read1(4096), b""):
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.flush()
-                log.write(chunk.decode(errors="replace"))
-            code = proc.wait()
-        if code != 0:
-            raise UserError(
-                f"stage 'dealrec {argv[0]}' failed with exit status {code} (see {self.path})"
-            )
-
-
 def resolved_options(stage: str, section: dict) -> dict:
     """``section`` over the defaults of ``stage``'s config class (a score stage
     ``influence:KIND`` has the influence stage's): every option the stage will run with."""
@@ -324,12 +286,13 @@ WIRED_PATHS = frozenset(
 )
 
 
-def at_since_default(fields, name: str, value) -> bool:
+def at_since_default(fields: Iterable[dataclasses.Field], name: str, value: object) -> bool:
     """Whether option ``name`` was marked ``since`` (:func:`jaxrec.config.option`) and has its
     default ``value``: such an option is left out of reuse keys."""
     for f in fields:
         if f.name == name and f.metadata.get("since"):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            factory = cast(Callable[[], object], f.default_factory)  # when there is no default
+            default = factory() if f.default is dataclasses.MISSING else f.default
             return value == default
     return False
 
@@ -440,8 +403,17 @@ def run_stages(
     return timings
 
 
-def prepare_workdir(data: dict, args: PipelineArgs) -> tuple[Path, str, RunLog]:
-    """Create the workdir, cut the user slice if asked, and return (workdir, data, log)."""
+class Workdir(NamedTuple):
+    """A prepared workdir: its path, the dataset folder the stages read (the user slice in it,
+    or ``pipeline.data``) and its log."""
+
+    path: Path
+    data: str
+    log: RunLog
+
+
+def prepare_workdir(data: dict, args: PipelineArgs) -> Workdir:
+    """Create the workdir and cut the user slice if asked."""
     pipe: PipelineConfig = data["pipeline"]
     workdir = Path(args.workdir or pipe.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -459,7 +431,7 @@ def prepare_workdir(data: dict, args: PipelineArgs) -> tuple[Path, str, RunLog]:
                 only_their_items=pipe.slice_items,
             )
         dataset = str(sliced)
-    return workdir, dataset, log
+    return Workdir(workdir, dataset, log)
 
 
 def main(args: PipelineArgs) -> int:

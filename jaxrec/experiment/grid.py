@@ -8,7 +8,7 @@ import argparse
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import yaml
 
@@ -162,7 +162,7 @@ class ExperimentArgs(PipelineArgs):
         )
 
     @classmethod
-    def from_args(cls, args):
+    def from_args(cls, args: argparse.Namespace) -> ExperimentArgs:
         return cls(
             config=args.config,
             workdir=args.workdir,
@@ -239,7 +239,7 @@ def run_folder(cell: Cell, wired: dict) -> str:
       the folder name under ``workdir/runs``.
     """
 
-    def base(key: str):
+    def base(key: str) -> object:
         section, _, name = key.partition(".")
         return resolved_options(section, wired[section])[name]
 
@@ -247,7 +247,14 @@ def run_folder(cell: Cell, wired: dict) -> str:
     return Cell(cell.method, cell.seed, point).name
 
 
-def wire_cell(wired: dict, workdir: Path, cell: Cell, llm_reps: bool = False) -> tuple[Path, dict]:
+class WiredCell(NamedTuple):
+    """A cell's run folder and its per-run stages' resolved options."""
+
+    folder: Path
+    wired: dict
+
+
+def wire_cell(wired: dict, workdir: Path, cell: Cell, llm_reps: bool = False) -> WiredCell:
     """The run folder of ``cell`` (:func:`run_folder`) and its per-run stages' resolved options
     (``llm_reps``: its selection reads the ``user_reps`` stage's file, see
     :func:`jaxrec.pipeline.uses_llm_reps`)."""
@@ -260,10 +267,19 @@ def wire_cell(wired: dict, workdir: Path, cell: Cell, llm_reps: bool = False) ->
     wire_llm_reps(w["select"], w, llm_reps)
     w["finetune"].update(seed=cell.seed, selection=str(d / "selected.npy"), out=str(d / "adapter"))
     w["evaluate"].update(adapter=str(d / "adapter"), out=str(d / "metrics.json"))
-    return d, w
+    return WiredCell(d, w)
 
 
-def read_experiment(args: ExperimentArgs) -> tuple[dict, ExperimentConfig, list[Cell]]:
+class Experiment(NamedTuple):
+    """A checked experiment: the config file's sections, its ``experiment:`` section and
+    every cell."""
+
+    sections: dict
+    config: ExperimentConfig
+    cells: list[Cell]
+
+
+def read_experiment(args: ExperimentArgs) -> Experiment:
     """Read and check the whole experiment (config, methods, sweep) before anything runs."""
     data = read_experiment_file(args.config, extra_sections=("experiment",))
     source = f"{args.config} [experiment]"
@@ -299,7 +315,7 @@ def read_experiment(args: ExperimentArgs) -> tuple[dict, ExperimentConfig, list[
         if extra:
             raise UserError(f"{name}: {extra[0]!r} is not in the config's {name[2:]} {known}")
     cells = experiment_cells(exp, check_sweep(exp.sweep, data, source))
-    return data, exp, cells
+    return Experiment(data, exp, cells)
 
 
 def check_seeds_of(exp: ExperimentConfig, source: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ def finite_number(x: object) -> bool:
     return isinstance(x, (int, float)) and x == x and abs(x) != float("inf")
 
 
-def pyplot():
+def pyplot() -> Any:
     """``matplotlib.pyplot`` on the Agg backend (files only), imported when a figure is drawn:
     the CLI imports this package to build its parser, and ``matplotlib.use`` at import would
     switch the backend of a notebook that imports it."""

@@ -18,7 +18,9 @@ from jaxrec.experiment.grid import LOSS, METRICS, Cell
 from jaxrec.stages import PER_RUN
 
 
-def per_user_metrics(predictions: Path, ks=(10, 20)) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def per_user_metrics(
+    predictions: Path, ks: Sequence[int] = (10, 20)
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Every evaluated user's Recall/NDCG@K from an evaluation's ``predictions.jsonl``.
 
     Returns:

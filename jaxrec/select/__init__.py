@@ -12,6 +12,7 @@ scores and representations are score files that ``dealrec influence --score KIND
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -58,7 +59,7 @@ SURROGATE_FILES = {
 }
 
 
-def score_stages(methods) -> list[tuple[str, str]]:
+def score_stages(methods: Iterable[str]) -> list[tuple[str, str]]:
     """``[(kind, file name)]`` of the surrogate score files that ``methods`` need, in a fixed
     order, each once: the ``dealrec influence --score KIND --out RUN/FILE`` runs to make."""
     needed = {name for m in methods for name in REQUIRES[m]}

@@ -6,6 +6,7 @@ See ``docs/selection.md`` for the exact rule of each.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from jaxrec.errors import UserError
 from jaxrec.select.stratified import (
@@ -18,11 +19,11 @@ from jaxrec.select.stratified import (
 )
 
 
-def _rng(seed) -> np.random.Generator:
+def _rng(seed: int | np.random.Generator) -> np.random.Generator:
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
-def random_select(n_total: int, n: int, *, seed=0) -> Selection:
+def random_select(n_total: int, n: int, *, seed: int | np.random.Generator = 0) -> Selection:
     """Uniformly random ``n`` of ``n_total`` users, without replacement."""
     check_n(n, n_total)
     chosen = _rng(seed).choice(n_total, size=n, replace=False)
@@ -56,7 +57,14 @@ def ccs_beta(n: int, n_total: int) -> float:
     return ccs_prune_count(n, n_total) / n_total
 
 
-def ccs_select(el2n, n: int, *, beta: float | None = None, groups: int = 50, seed=0) -> Selection:
+def ccs_select(
+    el2n: ArrayLike,
+    n: int,
+    *,
+    beta: float | None = None,
+    groups: int = 50,
+    seed: int | np.random.Generator = 0,
+) -> Selection:
     """Coverage-centric coreset selection (Zheng et al., ICLR 2023) with EL2N as the importance
     score: prune the hardest ``beta`` fraction (highest EL2N; ``floor(beta * N)`` samples, ties:
     the lower row first), then stratified sampling over ``groups`` equal-width EL2N strata with
@@ -98,7 +106,7 @@ def ccs_select(el2n, n: int, *, beta: float | None = None, groups: int = 50, see
 
 
 # ----------------------------------------------------------------------------- k-means
-def _check_features(x, name: str) -> np.ndarray:
+def _check_features(x: ArrayLike, name: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise UserError(f"{name} must be a non-empty [n_users, dim] array, got shape {x.shape}")
@@ -107,13 +115,18 @@ def _check_features(x, name: str) -> np.ndarray:
     return x
 
 
-def _sq_dists(x, x_sq, centres):
+def _sq_dists(x: np.ndarray, x_sq: np.ndarray, centres: np.ndarray) -> np.ndarray:
     d = x_sq[:, None] - 2.0 * x @ centres.T + (centres**2).sum(1)[None, :]
     return np.maximum(d, 0.0)
 
 
 def kmeans(
-    x, k: int, *, seed=0, max_iter: int = 100, tol: float = 1e-4
+    x: ArrayLike,
+    k: int,
+    *,
+    seed: int | np.random.Generator = 0,
+    max_iter: int = 100,
+    tol: float = 1e-4,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii, 2007), seeded.
 
@@ -177,13 +190,18 @@ def _standardise(block: np.ndarray) -> np.ndarray:
     return block / scale if scale > 0 else block
 
 
-def _cluster_info(labels, k, counts, extra) -> dict:
+def _cluster_info(labels: np.ndarray, k: int, counts: np.ndarray, extra: dict) -> dict:
     sizes = np.bincount(labels, minlength=k)
     return {"cluster_sizes": sizes.tolist(), "cluster_selected": counts.tolist(), **extra}
 
 
 def tfdcon_select(
-    representations, n: int, *, clusters: int = 50, seed=0, llm_representations=None
+    representations: ArrayLike,
+    n: int,
+    *,
+    clusters: int = 50,
+    seed: int | np.random.Generator = 0,
+    llm_representations: ArrayLike | None = None,
 ) -> Selection:
     """TF-DCon-style user condensation (Wu et al., 2024), as adapted here.
 
@@ -213,7 +231,7 @@ def tfdcon_select(
     return Selection(chosen, _cluster_info(labels, k, counts, stats))
 
 
-def proportional_budgets(sizes, n: int) -> np.ndarray:
+def proportional_budgets(sizes: ArrayLike, n: int) -> np.ndarray:
     """Largest-remainder apportionment of ``n`` over groups in proportion to ``sizes``
     (ties in the remainder: the lower group first). Never exceeds a group's size when
     ``n <= sum(sizes)``."""
@@ -227,7 +245,12 @@ def proportional_budgets(sizes, n: int) -> np.ndarray:
 
 
 def recranker_select(
-    representations, interactions, n: int, *, clusters: int = 50, seed=0
+    representations: ArrayLike,
+    interactions: ArrayLike,
+    n: int,
+    *,
+    clusters: int = 50,
+    seed: int | np.random.Generator = 0,
 ) -> Selection:
     """RecRanker-style adaptive user sampling (Luo et al., 2023), as adapted here.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from jaxrec.errors import UserError
 
@@ -35,7 +36,7 @@ def check_n(n: int, n_total: int) -> None:
         raise UserError(f"n={n} is larger than the dataset ({n_total} users)")
 
 
-def check_scores(scores, name: str = "scores") -> np.ndarray:
+def check_scores(scores: ArrayLike, name: str = "scores") -> np.ndarray:
     """Return ``scores`` as a finite 1-D float64 array, else raise :class:`UserError`."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1 or scores.size == 0:
@@ -49,7 +50,7 @@ def check_scores(scores, name: str = "scores") -> np.ndarray:
     return scores
 
 
-def smallest_first_budgets(sizes, n: int) -> np.ndarray:
+def smallest_first_budgets(sizes: ArrayLike, n: int) -> np.ndarray:
     """How many samples each group gets under Algorithm 2's budget rule.
 
     Non-empty groups are visited by increasing size (ties: lower group index first); each takes
@@ -98,7 +99,7 @@ def sample_groups(
 
 
 def stratified_sample(
-    scores,
+    scores: ArrayLike,
     n: int,
     *,
     groups: int = 50,
