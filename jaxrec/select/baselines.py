@@ -10,6 +10,7 @@ from numpy.typing import ArrayLike
 
 from jaxrec.errors import UserError
 from jaxrec.select.stratified import (
+    Seed,
     Selection,
     check_n,
     check_scores,
@@ -19,11 +20,11 @@ from jaxrec.select.stratified import (
 )
 
 
-def _rng(seed: int | np.random.Generator) -> np.random.Generator:
+def _rng(seed: Seed) -> np.random.Generator:
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
-def random_select(n_total: int, n: int, *, seed: int | np.random.Generator = 0) -> Selection:
+def random_select(n_total: int, n: int, *, seed: Seed = 0) -> Selection:
     """Uniformly random ``n`` of ``n_total`` users, without replacement."""
     check_n(n, n_total)
     chosen = _rng(seed).choice(n_total, size=n, replace=False)
@@ -63,7 +64,7 @@ def ccs_select(
     *,
     beta: float | None = None,
     groups: int = 50,
-    seed: int | np.random.Generator = 0,
+    seed: Seed = 0,
 ) -> Selection:
     """Coverage-centric coreset selection (Zheng et al., ICLR 2023) with EL2N as the importance
     score: prune the hardest ``beta`` fraction (highest EL2N; ``floor(beta * N)`` samples, ties:
@@ -120,11 +121,26 @@ def _sq_dists(x: np.ndarray, x_sq: np.ndarray, centres: np.ndarray) -> np.ndarra
     return np.maximum(d, 0.0)
 
 
+def _kmeans_pp(x: np.ndarray, x_sq: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007): ``k`` centres ``[k, d]``, each drawn
+    with probability proportional to its squared distance from the closest centre so far."""
+    n = x.shape[0]
+    centres = np.empty((k, x.shape[1]))
+    centres[0] = x[rng.integers(n)]
+    closest = _sq_dists(x, x_sq, centres[:1])[:, 0]
+    for j in range(1, k):
+        total = closest.sum()
+        i = rng.choice(n, p=closest / total) if total > 0 else rng.integers(n)
+        centres[j] = x[i]
+        closest = np.minimum(closest, _sq_dists(x, x_sq, centres[j : j + 1])[:, 0])
+    return centres
+
+
 def kmeans(
     x: ArrayLike,
     k: int,
     *,
-    seed: int | np.random.Generator = 0,
+    seed: Seed = 0,
     max_iter: int = 100,
     tol: float = 1e-4,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -143,14 +159,7 @@ def kmeans(
     n = x.shape[0]
     k = min(int(k), n)
     x_sq = (x**2).sum(1)
-    centres = np.empty((k, x.shape[1]))
-    centres[0] = x[rng.integers(n)]
-    closest = _sq_dists(x, x_sq, centres[:1])[:, 0]
-    for j in range(1, k):
-        total = closest.sum()
-        i = rng.choice(n, p=closest / total) if total > 0 else rng.integers(n)
-        centres[j] = x[i]
-        closest = np.minimum(closest, _sq_dists(x, x_sq, centres[j : j + 1])[:, 0])
+    centres = _kmeans_pp(x, x_sq, k, rng)
     labels = np.full(n, -1, dtype=np.int64)
     threshold = tol * float(x.var(0).mean())
     it, converged = 0, False
@@ -200,7 +209,7 @@ def tfdcon_select(
     n: int,
     *,
     clusters: int = 50,
-    seed: int | np.random.Generator = 0,
+    seed: Seed = 0,
     llm_representations: ArrayLike | None = None,
 ) -> Selection:
     """TF-DCon-style user condensation (Wu et al., 2024), as adapted here.
@@ -250,7 +259,7 @@ def recranker_select(
     n: int,
     *,
     clusters: int = 50,
-    seed: int | np.random.Generator = 0,
+    seed: Seed = 0,
 ) -> Selection:
     """RecRanker-style adaptive user sampling (Luo et al., 2023), as adapted here.
 

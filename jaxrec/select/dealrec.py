@@ -9,7 +9,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from jaxrec.errors import UserError
-from jaxrec.select.stratified import Selection, check_n, check_scores, stratified_sample
+from jaxrec.select.stratified import Seed, Selection, check_n, check_scores, stratified_sample
 
 
 def minmax(scores: ArrayLike, name: str = "scores") -> np.ndarray:
@@ -40,7 +40,7 @@ def dealrec_select(
     lamda: float = 0.3,
     groups: int = 50,
     hard_prune: float = 0.1,
-    seed: int | np.random.Generator = 0,
+    seed: Seed = 0,
 ) -> Selection:
     """DEALRec: Eq. 13 overall score, then Algorithm 2 on it (see :func:`stratified_sample`)."""
     return stratified_sample(

@@ -9,11 +9,15 @@ by small groups flows to the larger ones.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from jaxrec.errors import UserError
+
+#: a seed, or a NumPy generator to draw from
+Seed: TypeAlias = int | np.random.Generator
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ def stratified_sample(
     *,
     groups: int = 50,
     hard_prune: float = 0.1,
-    seed: int | np.random.Generator = 0,
+    seed: Seed = 0,
 ) -> Selection:
     """Coverage-enhanced sample selection (paper Algorithm 2, as the paper's code does it).
 
