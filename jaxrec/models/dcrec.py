@@ -61,6 +61,9 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from jaxrec.config import SurrogateConfig
+from jaxrec.data import Dataset
+from jaxrec.base import Batch, Loss, Params, PerSampleLoss
 from jaxrec.models.sasrec import with_negatives
 from jaxrec.models.spec import ModelSpec, forward
 from jaxrec.models.bert4rec import _INIT, Encoder
@@ -227,7 +230,7 @@ class DCRec(nn.Module):
         return seq, g_adj, g_sim, self.fuse(seq, g_adj[inputs], g_sim[inputs])
 
 
-def build(cfg, n_items: int, ds=None) -> DCRec:
+def build(cfg: SurrogateConfig, n_items: int, ds: Dataset | None = None) -> DCRec:
     """The model of a :class:`jaxrec.config.SurrogateConfig`; the graphs come from ``ds``'s
     train sequences (``dcrec_sim_k`` similar items per item)."""
     if ds is None:
@@ -246,7 +249,7 @@ def build(cfg, n_items: int, ds=None) -> DCRec:
     )
 
 
-def init_params(model: DCRec, key) -> dict:
+def init_params(model: DCRec, key: jax.Array) -> Params:
     """Initial parameters of ``model``."""
     return model.init(key, jnp.ones((1, model.max_len), jnp.int32))["params"]
 
@@ -360,7 +363,7 @@ def dcrec_per_sample(model: DCRec, params, batch, *, rng=None):
     return jnp.sum(jnp.where(mask, terms, 0.0), -1) / jnp.maximum(jnp.sum(mask, -1), 1)
 
 
-def make_loss_fns(model: DCRec):
+def make_loss_fns(model: DCRec) -> tuple[Loss, PerSampleLoss]:
     """The pure ``(loss, per_sample_loss)`` pair (deterministic): per sample
     :func:`dcrec_per_sample`; ``loss`` is their mean."""
 
@@ -373,22 +376,22 @@ def make_loss_fns(model: DCRec):
     return loss, per_sample_loss
 
 
-def train_per_sample(model: DCRec, params, batch, rng):
+def train_per_sample(model: DCRec, params: Params, batch: Batch, rng: jax.Array) -> jax.Array:
     """The per-sample training loss with dropout on (key ``rng``)."""
     return dcrec_per_sample(model, params, batch, rng=rng)
 
 
-def user_representations(model: DCRec, params, inputs):
+def user_representations(model: DCRec, params: Params, inputs: jax.Array) -> jax.Array:
     """The fused state after the newest item ``[B, hidden]`` (authors' ``fast_predict``)."""
     return forward(model, params, inputs, True)[3][:, -1, :]
 
 
-def item_scores(model: DCRec, params, inputs):
+def item_scores(model: DCRec, params: Params, inputs: jax.Array) -> jax.Array:
     """Scores of every item ``[B, n_items + 1]`` for full ranking."""
     return user_representations(model, params, inputs) @ params["item_emb"]["embedding"].T
 
 
-def el2n_error(model: DCRec):
+def el2n_error(model: DCRec) -> PerSampleLoss:
     """EL2N error (Paul et al. 2021) of the recommendation head: the mean over a sample's
     positions of ``||softmax(logits) - onehot(target)||_2``."""
 

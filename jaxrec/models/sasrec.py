@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.base import Batch, Params
+from jaxrec.config import SurrogateConfig
+from jaxrec.data import Dataset
+from jaxrec.base import Batch, Loss, Params, PerSampleLoss
 from jaxrec.errors import UserError
 from jaxrec.models.spec import Arrays, ModelSpec, forward
 
@@ -172,7 +174,7 @@ class SASRec(nn.Module):
         return self.item_emb.embedding
 
 
-def init_params(model: SASRec, key) -> dict:
+def init_params(model: SASRec, key: jax.Array) -> Params:
     """Initial parameters of ``model``."""
     return model.init(key, jnp.ones((1, model.max_len), jnp.int32))["params"]
 
@@ -228,7 +230,9 @@ def positions_per_sample(targets) -> float:
     return max(float(np.mean(np.sum(np.asarray(targets) > 0, -1))), 1.0)
 
 
-def make_loss_fns(model: SASRec, weighting: LossWeighting = "sample", positions: float = 1.0):
+def make_loss_fns(
+    model: SASRec, weighting: LossWeighting = "sample", positions: float = 1.0
+) -> tuple[Loss, PerSampleLoss]:
     """The pure ``(loss, per_sample_loss)`` pair of ``model`` (deterministic: no dropout).
 
     ``per_sample_loss(params, batch) -> [B]`` is the BCE loss of each user's sample
@@ -246,7 +250,7 @@ def make_loss_fns(model: SASRec, weighting: LossWeighting = "sample", positions:
     return loss, per_sample_loss
 
 
-def per_user_loss(model: SASRec):
+def per_user_loss(model: SASRec) -> PerSampleLoss:
     """Each user's loss as the paper's code computes it on a batch of one:
     ``(params, batch) -> [B]``, the mean over the user's target positions of
     ``-log s(pos) - log(1 - s(neg))`` (:func:`bce_per_sample` with ``weighting="sample"``).
@@ -269,7 +273,7 @@ def per_user_loss(model: SASRec):
     return loss
 
 
-def user_representations(model: SASRec, params, inputs):
+def user_representations(model: SASRec, params: Params, inputs: jax.Array) -> jax.Array:
     """The hidden state at the newest position ``[B, hidden]``: the user's representation,
     scored against item embeddings for full ranking."""
     return forward(model, params, inputs, True)[:, -1, :]
@@ -335,7 +339,7 @@ def sequence_negatives(seed: int, index, epoch: int, targets, n_items: int, sequ
     return np.where(targets > 0, neg, 0).astype(np.int32)
 
 
-def el2n_error(model: SASRec):
+def el2n_error(model: SASRec) -> PerSampleLoss:
     """EL2N error (Paul et al. 2021) of a SASRec sample: ``error(params, batch) -> [B]``, the
     mean over its target positions of the L2 norm of the error vector
     ``(sigmoid(pos_logit) - 1, sigmoid(neg_logit) - 0)``; 0 for a sample without positions."""
@@ -348,7 +352,7 @@ def el2n_error(model: SASRec):
     return error
 
 
-def build(cfg, n_items: int, ds=None) -> SASRec:
+def build(cfg: SurrogateConfig, n_items: int, ds: Dataset | None = None) -> SASRec:
     """The SASRec of a ``SurrogateConfig`` (``ds`` unused: the registry's signature)."""
     return SASRec(
         n_items=n_items,
@@ -378,7 +382,7 @@ def item_table(params: Params) -> jax.Array:
     return params["item_emb"]["embedding"]
 
 
-def item_scores(model: SASRec, params: Params, inputs) -> jax.Array:
+def item_scores(model: SASRec, params: Params, inputs: jax.Array) -> jax.Array:
     """Full-ranking scores ``[B, n_items + 1]``: the user's representation against every item
     embedding (column 0: padding)."""
     return user_representations(model, params, inputs) @ item_table(params).T
