@@ -124,7 +124,7 @@ class RunArchive:
             writer.writerows(self.rows.values())
         npz = self.folder / "per_user.npz"
         with open(npz.with_suffix(".npz.tmp"), "wb") as f:
-            np.savez_compressed(f, **self.arrays)
+            np.savez_compressed(f, **self.arrays)  # type: ignore[arg-type]  # numpy's stub
         os.replace(npz.with_suffix(".npz.tmp"), npz)
         os.replace(table.with_suffix(".csv.tmp"), table)
 

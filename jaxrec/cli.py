@@ -10,104 +10,63 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 
+from jaxrec.config import add_config_arguments, config_from_args, flag_words
 from jaxrec.errors import UserError
+from jaxrec.stages import PIPELINE, Command, load
 
-# name: (config class, config-file section, runner, help)
-COMMANDS = {
-    "prepare": (
+# the commands that are not pipeline stages (those are in jaxrec.stages.PIPELINE)
+TOOLS = {
+    "prepare": Command(
         "jaxrec.config:PrepareConfig",
         "prepare",
         "jaxrec.data.prepare:main",
         "raw Amazon reviews -> a dataset folder (ratings >= 4, k-core, 8:1:1 by time)",
     ),
-    "train-surrogate": (
-        "jaxrec.config:SurrogateConfig",
-        "surrogate",
-        "jaxrec.train:main",
-        "train the Flax SASRec surrogate",
-    ),
-    "evaluate-surrogate": (
+    "evaluate-surrogate": Command(
         "jaxrec.config:SurrogateEvalConfig",
         "surrogate_eval",
         "jaxrec.train:evaluate_main",
         "full-ranking Recall/NDCG of a trained surrogate",
     ),
-    "influence": (
-        "jaxrec.config:InfluenceConfig",
-        "influence",
-        "jaxrec.influence.cli:main",
-        "influence (or GraNd / EL2N) score of every training sample",
-    ),
-    "lds": (
+    "lds": Command(
         "jaxrec.config:LdsConfig",
         "lds",
         "jaxrec.lds:main",
         "linear datamodeling score of influence approximations (retrains on random subsets)",
     ),
-    "select": (
-        "jaxrec.config:SelectConfig",
-        "select",
-        "jaxrec.select.cli:main",
-        "choose a few-shot subset (DEALRec or a baseline)",
-    ),
-    "semantic-ids": (
-        "llm_bridge.config:SemanticIdConfig",
-        "semantic_ids",
-        "llm_bridge.tiger.semantic_ids:main",
-        "TIGER's item codes: content embeddings -> RQ-VAE (or residual k-means)",
-    ),
-    "effort": (
-        "llm_bridge.config:EffortConfig",
-        "effort",
-        "llm_bridge.effort:main",
-        "effort score (gradient norm of the backend's loss) of every training sample",
-    ),
-    "user-reps": (
-        "llm_bridge.config:UserRepsConfig",
-        "user_reps",
-        "llm_bridge.user_reps:main",
-        "TF-DCon's LLM half: an LLM embedding of every user's prompt (for select --llm-reps)",
-    ),
-    "finetune": (
-        "llm_bridge.config:FinetuneConfig",
-        "finetune",
-        "llm_bridge.finetune:main",
-        "few-shot fine-tune of the backend (BIGRec LoRA or TIGER) on a selection",
-    ),
-    "evaluate": (
-        "llm_bridge.config:EvaluateConfig",
-        "evaluate",
-        "llm_bridge.evaluate:main",
-        "generate, map to items, Recall/NDCG@K of the fine-tuned backend",
-    ),
-    "run": (
+    "run": Command(
         "jaxrec.pipeline:PipelineArgs",
         None,
         "jaxrec.pipeline:main",
         "the whole pipeline from one config file",
     ),
-    "experiment": (
+    "experiment": Command(
         "jaxrec.experiment:ExperimentArgs",
         None,
         "jaxrec.experiment:main",
         "selection methods x seeds (x a sweep grid) through finetune + evaluate",
     ),
-    "doctor": (
+    "doctor": Command(
         "jaxrec.doctor:DoctorArgs",
         None,
         "jaxrec.doctor:main",
         "what each side will run on: JAX and torch devices, threads, memory, embedded models",
     ),
-    "report": (
-        "jaxrec.pipeline:ReportArgs",
+    "report": Command(
+        "jaxrec.report:ReportArgs",
         None,
         "jaxrec.report:main",
         "PNG plots of a pipeline workdir (scores, selection) or of an experiment folder "
         "(the paper's Figures 4-7 and Table 3)",
     ),
+}
+# every subcommand: prepare, the pipeline's stages in order, then the other tools
+COMMANDS: dict[str, Command] = {
+    "prepare": TOOLS["prepare"],
+    **{stage.command: stage.cli for stage in PIPELINE},
+    **{name: command for name, command in TOOLS.items() if name != "prepare"},
 }
 
 
@@ -115,16 +74,14 @@ COMMANDS = {
 PIPELINE_SECTIONS = ("pipeline", "experiment")
 
 
-def _load(ref: str):
-    module, name = ref.split(":")
-    return getattr(importlib.import_module(module), name)
+_load = load  # the name tests use
 
 
-def section_classes() -> dict:
+def section_classes() -> dict[str, type | None]:
     """Every section a config file may hold -> the config class that reads it (``None``: a
     section only ``run`` / ``experiment`` read). A command given a file checks all of them
     (:func:`jaxrec.config.check_sections`)."""
-    classes = dict.fromkeys(PIPELINE_SECTIONS)
+    classes: dict[str, type | None] = dict.fromkeys(PIPELINE_SECTIONS)
     for cfg_ref, section, _runner, _help in COMMANDS.values():
         if section is not None:
             try:
@@ -135,8 +92,7 @@ def section_classes() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxrec.config import add_config_arguments
-
+    """The ``dealrec`` parser: a subparser per command of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="dealrec",
         description="DEALRec's data-efficient fine-tuning of LLM recommenders: one command "
@@ -158,19 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``dealrec ARGV``.
+
+    Args:
+      argv: the arguments after ``dealrec`` (``None``: ``sys.argv[1:]``).
+    Returns:
+      the exit status: the runner's (0), 2 for a :class:`~jaxrec.errors.UserError`, 130 when
+      interrupted.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg_ref, section, runner_ref, _ = COMMANDS[args.command]
-    from jaxrec.config import flag_words
-
     cls = None
     try:
         cls = _load(cfg_ref)
         if hasattr(cls, "from_args"):
             cfg = cls.from_args(args)
         else:
-            from jaxrec.config import config_from_args
-
+            assert section is not None  # a command without from_args reads a section
             cfg = config_from_args(cls, args, section, section_classes())
         runner = _load(runner_ref)
         return int(runner(cfg) or 0)

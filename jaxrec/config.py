@@ -11,10 +11,14 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
 from pathlib import Path
+
+import yaml
 
 from jaxrec.errors import UserError
 
@@ -563,8 +567,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
 def load_config_file(path: str | Path) -> dict:
     """Read a YAML config file into a dict of sections. A top-level ``base: FILE`` (relative to
     this file) is read first; this file's keys override it, section by section."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
@@ -633,8 +635,6 @@ def check_sections(data: dict, source: str, section: str, classes: dict) -> None
 
     Raises :class:`UserError` on an unknown section (with the closest known name), a missing
     ``section``, or an unknown key or bad value in any section whose class is known."""
-    import difflib
-
     known = sorted(classes)
     unknown = sorted(name for name in data if str(name).partition(":")[0] not in classes)
     if unknown:
@@ -685,8 +685,6 @@ def flag_words(message: str, cls) -> str:
     """A library message for the command line: ``name=`` of a field of the config class
     ``cls`` becomes its flag, ``"increase damping="`` -> ``"increase --damping"``,
     ``"out='x'"`` -> ``"--out x"``; other names are left as they are."""
-    import re
-
     names = [f.name for f in dataclasses.fields(cls)]
     if not names:
         return message

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 
 from jaxrec.config import help_of, option
+from jaxrec.errors import UserError
 
 JAX_PROBE = """
 import json, jax
@@ -116,16 +117,14 @@ def memory_available() -> int | None:
 
 def embedded_models() -> dict:
     """Where the embedded models are, or the error that says how to install them."""
-    from jaxrec.errors import UserError
-
     found = {}
-    try:
+    try:  # imported here: llm_bridge.model imports torch, which `dealrec doctor` runs apart
         from llm_bridge.model import default_model_path
 
         found["SmolLM2-135M-Instruct"] = str(default_model_path())
     except (UserError, ImportError) as e:
         found["SmolLM2-135M-Instruct"] = f"missing: {e}"
-    try:
+    try:  # imported here, as above (and so that a build without llm_bridge still reports)
         from llm_bridge.tiger.content import package_zip
 
         found["all-MiniLM-L6-v2"] = str(package_zip())
@@ -136,6 +135,7 @@ def embedded_models() -> dict:
 
 def diagnose() -> dict:
     """Everything ``dealrec doctor`` reports, as a dict (see the module docstring)."""
+    cpus: int | None
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:

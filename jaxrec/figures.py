@@ -24,6 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from jaxrec.errors import UserError
+from jaxrec.experiment.plots import error_bars, pyplot
+from jaxrec.experiment.tables import mean_std
+
+_plt = pyplot  # the name jaxrec.lds draws with
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
@@ -41,34 +45,9 @@ def read_table(path: Path) -> list[dict]:
         return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def error_bars(rows: list[dict], metric: str) -> list[float] | None:
-    """Error bars: the std over seeds where a row has >= 2 runs, none (nan) where it has one
-    (its spread is unknown, not zero); ``None`` when no row has a spread."""
-    errs = [
-        float(r[f"{metric}_std"])
-        if r.get("runs", 2) >= 2 and _finite(r.get(f"{metric}_std"))
-        else float("nan")
-        for r in rows
-    ]
-    return errs if any(e == e for e in errs) else None
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and x == x and abs(x) != float("inf")
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def methods_figure(table: list[dict], path: Path) -> Path:
     """Fig. 4: each metric per method (mean +- std over seeds)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.4))
     names = [r["method"] for r in table]
     for ax, k in zip(axes, METRICS):
@@ -90,7 +69,7 @@ def methods_figure(table: list[dict], path: Path) -> Path:
 def sweep_figure(table: list[dict], key: str, path: Path) -> Path:
     """Fig. 5 / 7: each metric against the swept ``key``, one line per method; for ``select.n``
     the mean fine-tuning seconds on a second axis (dashed)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.4 * len(METRICS), 3.4))
     methods = list(dict.fromkeys(r["method"] for r in table))
     for ax, k in zip(axes, METRICS):
@@ -127,7 +106,7 @@ def sweep_figure(table: list[dict], key: str, path: Path) -> Path:
 
 def groups_figure(table: list[dict], path: Path) -> Path:
     """Fig. 6: Recall@20 and NDCG@20 per user group (1 = lowest loss) and method."""
-    plt = _plt()
+    plt = pyplot()
     methods = list(dict.fromkeys(r["method"] for r in table))
     groups = sorted({int(r["group"]) for r in table})
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -167,8 +146,6 @@ def groups_figure(table: list[dict], path: Path) -> Path:
 
 def full_table(table: list[dict]) -> str:
     """Table 3: each method beside full fine-tuning (method ``all``), with the time ratio."""
-    from jaxrec.experiment import mean_std
-
     full = next(r for r in table if r["method"] == "all")
     lines = [
         "| method | " + " | ".join(METRICS) + " | fine-tune s | time / full |",

@@ -27,42 +27,33 @@ Everything the stages print also goes to ``workdir/run.log``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 import argparse
 import dataclasses
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple, cast
+
+import yaml
 
 from jaxrec.config import help_of, keyed_value, load_config_file, make_config, option
+from jaxrec.data import load_dataset
+from jaxrec.data.subset import write_user_subset
 from jaxrec.errors import UserError
-
-STAGES = (
-    "surrogate",
-    "influence",
-    "semantic_ids",
-    "effort",
-    "user_reps",
-    "select",
-    "finetune",
-    "evaluate",
+from jaxrec.runlog import RunLog
+from jaxrec.select import REQUIRES, score_stages
+from jaxrec.stages import (
+    BACKEND_STAGES,
+    SHARED_INPUTS,
+    STAGE,
+    STAGES,
+    base_stage,
+    config_classes,
 )
-COMMAND = {
-    "surrogate": "train-surrogate",
-    "influence": "influence",
-    "semantic_ids": "semantic-ids",
-    "effort": "effort",
-    "user_reps": "user-reps",
-    "select": "select",
-    "finetune": "finetune",
-    "evaluate": "evaluate",
-}
-BACKEND_STAGES = ("effort", "finetune", "evaluate")  # the stages that take ``backend``
+
 # ``influence:`` keys that only the GraNd / EL2N score stages read (the early-training variant);
 # they are left out of the influence stage's reuse key, so setting them reruns only those
 BASELINE_SCORE_KEYS = ("score_model", "early_epochs", "early_inits")
@@ -95,9 +86,7 @@ class PipelineConfig:
         """The stages to run, in pipeline order: ``requested`` (or ``stages``), without
         ``semantic_ids`` when the backend does not use it."""
         wanted = set(requested or self.stages)
-        if self.backend != "tiger":
-            wanted.discard("semantic_ids")
-        return [s for s in STAGES if s in wanted]
+        return [s for s in STAGES if s in wanted and self.backend in STAGE[s].backends]
 
 
 @dataclass
@@ -122,56 +111,11 @@ class PipelineArgs:
         )
 
     @classmethod
-    def from_args(cls, args):
+    def from_args(cls, args: argparse.Namespace) -> PipelineArgs:
         return cls(config=args.config, workdir=args.workdir, stages=list(args.stages))
 
 
-@dataclass
-class ReportArgs:
-    """Command line of ``dealrec report RUN_DIR``."""
-
-    run_dir: str = field(
-        metadata={
-            "help": "a pipeline workdir (holds influence.npy, ...) or an experiment's results "
-            "folder (results.csv, experiment.json: the paper's figures)"
-        }
-    )
-    out: str = option("", "folder for the PNGs; empty = RUN_DIR/report")
-
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("run_dir", help=help_of(ReportArgs, "run_dir"))
-        parser.add_argument("--out", default="", help=help_of(ReportArgs, "out"))
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(run_dir=args.run_dir, out=args.out)
-
-
 # ----------------------------------------------------------------------------- config
-def config_classes() -> dict:
-    """The typed config class of each stage (imported lazily: standard library only)."""
-    from jaxrec.config import InfluenceConfig, SelectConfig, SurrogateConfig
-    from llm_bridge.config import (
-        EffortConfig,
-        EvaluateConfig,
-        FinetuneConfig,
-        SemanticIdConfig,
-        UserRepsConfig,
-    )
-
-    return {
-        "surrogate": SurrogateConfig,
-        "influence": InfluenceConfig,
-        "semantic_ids": SemanticIdConfig,
-        "effort": EffortConfig,
-        "user_reps": UserRepsConfig,
-        "select": SelectConfig,
-        "finetune": FinetuneConfig,
-        "evaluate": EvaluateConfig,
-    }
-
-
 def read_experiment_file(path: str | Path, extra_sections: tuple[str, ...] = ()) -> dict:
     """Read a config file and check every section and key (unknown ones are errors)."""
     data = load_config_file(path)
@@ -217,33 +161,34 @@ def wire(sections: dict, workdir: Path, data: str, backend: str = "bigrec") -> d
     if backend == "tiger":
         check_tiger_history(sections)
     w = str(workdir)
+    out = {stage: f"{w}/{STAGE[stage].output}" for stage in STAGES}  # every stage's output
     wired = {stage: dict(sections.get(stage) or {}) for stage in STAGES}
-    wired["surrogate"].update(data=data, out=f"{w}/surrogate")
-    wired["influence"].update(run=f"{w}/surrogate", out=f"{w}/influence.npy")
-    wired["semantic_ids"].update(data=data, out=f"{w}/semantic_ids.npy")
+    wired["surrogate"].update(data=data, out=out["surrogate"])
+    wired["influence"].update(run=out["surrogate"], out=out["influence"])
+    wired["semantic_ids"].update(data=data, out=out["semantic_ids"])
     for stage in ("semantic_ids", "evaluate"):  # the encoder cache lives in the workdir
         wired[stage].setdefault("cache_dir", f"{w}/cache")
     for stage in BACKEND_STAGES:
         wired[stage]["backend"] = backend
         if backend == "tiger":
-            wired[stage]["semantic_ids"] = f"{w}/semantic_ids.npy"
-    wired["effort"].update(data=data, out=f"{w}/effort.npy")
-    wired["user_reps"].update(data=data, out=f"{w}/llm_reps.npy")
+            wired[stage]["semantic_ids"] = out["semantic_ids"]
+    wired["effort"].update(data=data, out=out["effort"])
+    wired["user_reps"].update(data=data, out=out["user_reps"])
     if backend == "bigrec" and "model" not in wired["user_reps"]:
         wired["user_reps"]["model"] = wired["finetune"].get("model", "")  # the BIGRec LLM
     wired["select"].update(
         data=data,
-        influence=f"{w}/influence.npy",
-        effort=f"{w}/effort.npy",
-        run=f"{w}/surrogate",
-        out=f"{w}/selected.npy",
+        influence=out["influence"],
+        effort=out["effort"],
+        run=out["surrogate"],
+        out=out["select"],
     )
-    wired["finetune"].update(data=data, selection=f"{w}/selected.npy", out=f"{w}/adapter")
-    wired["evaluate"].update(data=data, adapter=f"{w}/adapter", out=f"{w}/metrics.json")
+    wired["finetune"].update(data=data, selection=out["select"], out=out["finetune"])
+    wired["evaluate"].update(data=data, adapter=out["finetune"], out=out["evaluate"])
     return wired
 
 
-def add_score_stages(wired: dict, methods) -> list[str]:
+def add_score_stages(wired: dict, methods: Iterable[str]) -> list[str]:
     """Add a stage to ``wired`` for every surrogate score file ``methods`` need (GraNd, EL2N,
     representations; see :func:`jaxrec.select.score_stages`): ``dealrec influence --score KIND
     --out SURROGATE/FILE``, where ``dealrec select`` reads it. Returns their stage names.
@@ -251,8 +196,6 @@ def add_score_stages(wired: dict, methods) -> list[str]:
     A score stage reads the ``influence:`` section, so GraNd / EL2N follow its
     ``score_model`` / ``early_epochs`` / ``early_inits`` (trained surrogate, or Paul et al.'s
     early-training average); those keys are part of the score stage's reuse key only."""
-    from jaxrec.select import score_stages
-
     names = []
     for kind, filename in score_stages(methods):
         name = f"influence:{kind}"
@@ -295,16 +238,14 @@ def stage_argv(stage: str, section: dict, resolved: Path) -> list[str]:
             "--out",
             section["out"],
         ]
-    return [COMMAND[stage], "--config", str(resolved)]
+    return [STAGE[stage].command, "--config", str(resolved)]
 
 
 def stage_output(stage: str, section: dict) -> Path:
-    """The file whose presence means ``stage`` finished."""
-    if stage == "surrogate":
-        return Path(section["out"]) / "metrics.json"
-    if stage == "finetune":
-        return Path(section["out"]) / "train_record.json"
-    return Path(section["out"])
+    """The file whose presence means ``stage`` finished: its output, or for a folder the file
+    in it that :attr:`jaxrec.stages.Stage.done` names."""
+    done = base_stage(stage).done if stage.partition(":")[0] in STAGE else ""
+    return Path(section["out"]) / done if done else Path(section["out"])
 
 
 def stage_seconds(stage: str, section: dict, wall: float) -> float:
@@ -326,47 +267,12 @@ def stage_seconds(stage: str, section: dict, wall: float) -> float:
     return round(max(float(wall), total), 1)
 
 
-def digest(obj) -> str:
+def digest(obj: object) -> str:
+    """A 16-hex-digit SHA-256 of ``obj`` as sorted JSON: the reuse keys' hash."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- running
-class RunLog:
-    """Stage headers to the terminal and everything to ``workdir/run.log``."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def say(self, text: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {text}"
-        print(line, file=sys.stderr, flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-
-    def run(self, argv: list[str]) -> None:
-        """Run ``dealrec ARGV`` in a child process; its output goes to the terminal and log."""
-        cmd = [sys.executable, "-m", "jaxrec.cli", *argv]
-        with open(self.path, "a", encoding="utf-8") as log:
-            log.write("$ dealrec " + " ".join(argv) + "\n")
-            log.flush()
-            proc = subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            for chunk in iter(lambda: proc.stdout.read1(4096), b""):
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.flush()
-                log.write(chunk.decode(errors="replace"))
-            code = proc.wait()
-        if code != 0:
-            raise UserError(
-                f"stage 'dealrec {argv[0]}' failed with exit status {code} (see {self.path})"
-            )
-
-
 def resolved_options(stage: str, section: dict) -> dict:
     """``section`` over the defaults of ``stage``'s config class (a score stage
     ``influence:KIND`` has the influence stage's): every option the stage will run with."""
@@ -380,12 +286,13 @@ WIRED_PATHS = frozenset(
 )
 
 
-def at_since_default(fields, name: str, value) -> bool:
+def at_since_default(fields: Iterable[dataclasses.Field], name: str, value: object) -> bool:
     """Whether option ``name`` was marked ``since`` (:func:`jaxrec.config.option`) and has its
     default ``value``: such an option is left out of reuse keys."""
     for f in fields:
         if f.name == name and f.metadata.get("since"):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            factory = cast(Callable[[], object], f.default_factory)  # when there is no default
+            default = factory() if f.default is dataclasses.MISSING else f.default
             return value == default
     return False
 
@@ -425,22 +332,10 @@ def baseline_score_options(wired: dict, method: str) -> list:
     """``[{key: value}]`` of the :data:`BASELINE_SCORE_KEYS` (defaults included) of
     ``wired["influence"]`` when ``method`` reads GraNd or EL2N scores, else ``[]``: what an
     experiment adds to such a method's upstream key."""
-    from jaxrec.select import REQUIRES
-
     if not {"grand", "el2n"} & set(REQUIRES[method]):
         return []
     options = resolved_options("influence", wired["influence"])
     return [{k: options[k] for k in BASELINE_SCORE_KEYS}]
-
-
-# the shared stages each shared stage reads (a score stage ``influence:KIND`` reads the surrogate)
-SHARED_INPUTS = {
-    "surrogate": (),
-    "semantic_ids": (),
-    "user_reps": (),
-    "influence": ("surrogate",),
-    "effort": ("semantic_ids",),  # TIGER's effort reads the semantic IDs
-}
 
 
 def shared_key(stage: str, wired: dict) -> str:
@@ -484,8 +379,6 @@ def run_stages(
     upstream: str = "",
 ) -> dict:
     """Run (or reuse) ``stages`` in order; return ``{stage: seconds}``."""
-    import yaml
-
     state_file = state_file or workdir / "stages.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     resolved = state_file.with_name("resolved.yaml")
@@ -510,17 +403,23 @@ def run_stages(
     return timings
 
 
-def prepare_workdir(data: dict, args: PipelineArgs) -> tuple[Path, str, RunLog]:
-    """Create the workdir, cut the user slice if asked, and return (workdir, data, log)."""
+class Workdir(NamedTuple):
+    """A prepared workdir: its path, the dataset folder the stages read (the user slice in it,
+    or ``pipeline.data``) and its log."""
+
+    path: Path
+    data: str
+    log: RunLog
+
+
+def prepare_workdir(data: dict, args: PipelineArgs) -> Workdir:
+    """Create the workdir and cut the user slice if asked."""
     pipe: PipelineConfig = data["pipeline"]
     workdir = Path(args.workdir or pipe.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log = RunLog(workdir / "run.log")
     dataset = pipe.data
     if pipe.users > 0:
-        from jaxrec.data import load_dataset
-        from jaxrec.data.subset import write_user_subset
-
         sliced = workdir / "data"
         if not (sliced / "items.jsonl").is_file():
             log.say(f"slicing {pipe.users} users of {pipe.data} (seed {pipe.slice_seed})")
@@ -532,7 +431,7 @@ def prepare_workdir(data: dict, args: PipelineArgs) -> tuple[Path, str, RunLog]:
                 only_their_items=pipe.slice_items,
             )
         dataset = str(sliced)
-    return workdir, dataset, log
+    return Workdir(workdir, dataset, log)
 
 
 def main(args: PipelineArgs) -> int:

@@ -15,12 +15,39 @@ Plots whose inputs are missing are skipped with a note.
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from jaxrec.config import help_of, option
 from jaxrec.data import load_scores, read_manifest
 from jaxrec.errors import UserError
+from jaxrec.experiment.plots import pyplot
+from jaxrec.figures import experiment_figures
+
+
+@dataclass
+class ReportArgs:
+    """Command line of ``dealrec report RUN_DIR``."""
+
+    run_dir: str = field(
+        metadata={
+            "help": "a pipeline workdir (holds influence.npy, ...) or an experiment's results "
+            "folder (results.csv, experiment.json: the paper's figures)"
+        }
+    )
+    out: str = option("", "folder for the PNGs; empty = RUN_DIR/report")
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("run_dir", help=help_of(ReportArgs, "run_dir"))
+        parser.add_argument("--out", default="", help=help_of(ReportArgs, "out"))
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(run_dir=args.run_dir, out=args.out)
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -30,11 +57,7 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 
 def make_report(run_dir: str | Path, out: str | Path = "") -> list[Path]:
     """Write the report's PNGs and return their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"{run}: run folder not found")
@@ -43,7 +66,8 @@ def make_report(run_dir: str | Path, out: str | Path = "") -> list[Path]:
     for kind in ("influence", "effort"):
         if (run / f"{kind}.npy").is_file():
             scores[kind] = load_scores(run / f"{kind}.npy", kind=kind)[0].astype(np.float64)
-    selected, sel_manifest = None, {}
+    selected = None
+    sel_manifest: dict = {}
     if (run / "selected.npy").is_file():
         selected, sel_manifest = load_scores(run / "selected.npy", kind="selection")
     info = sel_manifest.get("selection") or {}
@@ -142,13 +166,11 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def main(args) -> int:
+def main(args: ReportArgs) -> int:
     """Plots of a run; for an experiment folder also the paper's figures
     (:mod:`jaxrec.figures`)."""
     paths = []
     if (Path(args.run_dir) / "experiment.json").is_file():
-        from jaxrec.figures import experiment_figures
-
         paths += experiment_figures(args.run_dir, args.out)
     try:
         paths += make_report(args.run_dir, args.out)

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from jaxrec.config import SurrogateConfig, SurrogateEvalConfig, make_config
@@ -240,8 +241,6 @@ def evaluate(
 
 # ----------------------------------------------------------------------------- checkpoints
 def _checkpointer():
-    import orbax.checkpoint as ocp
-
     return ocp.StandardCheckpointer()
 
 

@@ -84,7 +84,8 @@ def sha256_file(path: Path) -> str:
 def _read_sequences(path: Path, n_items: int | None) -> tuple[np.ndarray, list[np.ndarray]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    user_ids, seqs = [], []
+    user_ids: list[int] = []
+    seqs: list[np.ndarray] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             tokens = line.split()
@@ -97,8 +98,8 @@ def _read_sequences(path: Path, n_items: int | None) -> tuple[np.ndarray, list[n
                 raise DataError(f"{path}:{lineno}: non-integer token {bad!r}") from None
             items = np.asarray(values[1:], dtype=np.int64)
             if items.size and (items.min() < 1 or (n_items is not None and items.max() > n_items)):
-                bad = int(items[(items < 1) | (items > (n_items or np.inf))][0])
-                raise DataError(f"{path}:{lineno}: item id {bad} out of range 1..{n_items}")
+                out = int(items[(items < 1) | (items > (n_items or np.inf))][0])
+                raise DataError(f"{path}:{lineno}: item id {out} out of range 1..{n_items}")
             user_ids.append(values[0])
             seqs.append(items)
     if not seqs:
@@ -140,7 +141,8 @@ def load_dataset(path: str | Path) -> Dataset:
         raise DataError(f"{path}: dataset folder not found")
     titles, categories = _read_items(path / "items.jsonl")
     n_items = len(titles) - 1
-    users, splits = None, {}
+    users: np.ndarray | None = None
+    splits: dict[str, list[np.ndarray]] = {}
     for name in SPLITS:
         file = path / f"sequential_{name}.txt"
         ids, seqs = _read_sequences(file, n_items)
@@ -152,6 +154,7 @@ def load_dataset(path: str | Path) -> Dataset:
             line = int(np.flatnonzero(ids != users)[0]) + 1
             raise DataError(f"{file}:{line}: user id {ids[line - 1]} differs from the train file")
         splits[name] = seqs
+    assert users is not None  # SPLITS is not empty
     return Dataset(
         path=path,
         user_ids=users,

@@ -99,7 +99,8 @@ def prepare(cfg: PrepareConfig) -> Path:
         raise UserError(f"{cfg.reviews}: no interaction survives rating and {cfg.k_core}-core")
     periods = split_by_time(interactions, ratios)
     train_users = {u for _, u, _ in periods[0]}
-    user_ids, item_ids = {}, {}
+    user_ids: dict[str, int] = {}
+    item_ids: dict[str, int] = {}
     for _t, u, i in sorted(interactions):
         if u in train_users:
             user_ids.setdefault(u, len(user_ids) + 1)

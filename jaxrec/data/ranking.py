@@ -5,10 +5,11 @@ surrogate's jitted full ranking in :mod:`jaxrec.metrics`, the LLM's grounding in
 from __future__ import annotations
 
 import numpy as np
+from collections.abc import Sequence
 
 
 def per_user_recall_ndcg(
-    hits: np.ndarray, n_truth: np.ndarray, ks=(10, 20)
+    hits: np.ndarray, n_truth: np.ndarray, ks: Sequence[int] = (10, 20)
 ) -> dict[str, np.ndarray]:
     """Recall@K and NDCG@K of every user (paper Sec. 4.1).
 
@@ -31,7 +32,9 @@ def per_user_recall_ndcg(
     return out
 
 
-def recall_ndcg(hits: np.ndarray, n_truth: np.ndarray, ks=(10, 20)) -> dict[str, float]:
+def recall_ndcg(
+    hits: np.ndarray, n_truth: np.ndarray, ks: Sequence[int] = (10, 20)
+) -> dict[str, float]:
     """Mean Recall@K and NDCG@K over users (users with no truth are skipped); see
     :func:`per_user_recall_ndcg`."""
     hits = np.asarray(hits)

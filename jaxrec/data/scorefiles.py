@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import metadata
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import BinaryIO
+from collections.abc import Callable
+
+from numpy.typing import ArrayLike
 
 import numpy as np
 
@@ -41,8 +46,6 @@ def environment() -> dict:
     Returns:
       ``{"python", "libraries": {name: version}, "machine", "cpu", "cpus"}``.
     """
-    from importlib import metadata
-
     libraries = {"numpy": np.__version__}
     for name in RECORDED_LIBRARIES:
         if name in sys.modules:
@@ -79,7 +82,7 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
-def atomic_write_bytes(path: str | Path, write) -> None:
+def atomic_write_bytes(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``
     (with the permissions of a file made by ``open``: :func:`default_mode`)."""
     path = Path(path)
@@ -96,13 +99,13 @@ def atomic_write_bytes(path: str | Path, write) -> None:
         raise
 
 
-def write_json(path: str | Path, obj) -> None:
+def write_json(path: str | Path, obj: object) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
-def _json_default(x):
+def _json_default(x: object) -> object:
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.floating,)):
@@ -115,8 +118,8 @@ def _json_default(x):
 
 
 def save_scores(
-    path,
-    array,
+    path: str | Path,
+    array: ArrayLike,
     *,
     kind: str,
     dataset: dict,
@@ -162,7 +165,7 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def load_scores(
-    path, *, kind: str | tuple[str, ...] | None = None, dataset: dict | None = None
+    path: str | Path, *, kind: str | tuple[str, ...] | None = None, dataset: dict | None = None
 ) -> tuple[np.ndarray, dict]:
     """Load a score file and its manifest, checking kind and dataset fingerprint.
 

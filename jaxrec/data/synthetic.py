@@ -38,7 +38,7 @@ def make_synthetic(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clusters = np.array_split(np.arange(1, n_items + 1), n_clusters)
-    lines = {"train": [], "valid": [], "test": []}
+    lines: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
     for user in range(1, n_users + 1):
         ring = clusters[rng.integers(n_clusters)]
         length = int(rng.integers(min_len, max_len + 1))
@@ -63,7 +63,13 @@ def make_synthetic(
             lines["test"][row] = " ".join(map(str, [user, *items[2:]]))
     for name, rows in lines.items():
         (out / f"sequential_{name}.txt").write_text("\n".join(rows) + "\n")
-    with open(out / "items.jsonl", "w", encoding="utf-8") as f:
+    _write_items(out / "items.jsonl", clusters)
+    return out
+
+
+def _write_items(path: Path, clusters: list[np.ndarray]) -> None:
+    """``items.jsonl``: every item with a title naming its cluster (a game series)."""
+    with open(path, "w", encoding="utf-8") as f:
         for c, ring in enumerate(clusters):
             for _rank, item in enumerate(ring):
                 f.write(
@@ -77,4 +83,3 @@ def make_synthetic(
                     )
                     + "\n"
                 )
-    return out

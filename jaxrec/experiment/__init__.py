@@ -45,10 +45,7 @@ arrays, user groups, archiving), :mod:`~jaxrec.experiment.stats`, :mod:`~jaxrec.
 """
 
 from jaxrec.experiment.grid import (
-    INPUT_STAGES,
     METRICS,
-    PER_RUN,
-    SHARED,
     Cell,
     ExperimentArgs,
     ExperimentConfig,
@@ -76,9 +73,9 @@ from jaxrec.experiment.rows import (
 from jaxrec.experiment.run import main, recorded_seconds
 from jaxrec.experiment.stats import summarise, user_tests
 from jaxrec.experiment.tables import markdown, mean_std, write_csv, write_results
+from jaxrec.stages import PER_RUN, SHARED
 
 __all__ = [
-    "INPUT_STAGES",
     "METRICS",
     "PER_RUN",
     "SHARED",

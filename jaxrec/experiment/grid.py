@@ -8,19 +8,21 @@ import argparse
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
+
+import yaml
 
 from jaxrec.config import help_of, make_config, option
 from jaxrec.errors import UserError
 from jaxrec.pipeline import (
     PipelineArgs,
     PipelineConfig,
-    config_classes,
     read_experiment_file,
     resolved_options,
     wire_llm_reps,
 )
 from jaxrec.select import REQUIRES, check_method
+from jaxrec.stages import PER_RUN, SELECT_INPUT_STAGE, config_classes, upstream
 
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
@@ -28,18 +30,6 @@ METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 # co-primary with R@20 / N@20 (issue 23: far less noisy over seeds); lower is better
 LOSS = "test_loss"
 TABLE_METRICS = (*METRICS, LOSS)
-SHARED = ("surrogate", "influence", "semantic_ids", "effort", "user_reps")
-PER_RUN = ("select", "finetune", "evaluate")
-# methods that need the effort score file
-# the shared stages that a selection input comes from (jaxrec.select.REQUIRES names the inputs)
-INPUT_STAGES = {
-    "influence": ("surrogate", "influence"),
-    "effort": ("effort",),
-    "grand": ("surrogate",),
-    "el2n": ("surrogate",),
-    "representations": ("surrogate",),
-    "interactions": (),
-}
 
 
 def shared_reads(pipe: PipelineConfig, method: str, llm_reps: bool) -> list[str]:
@@ -48,7 +38,8 @@ def shared_reads(pipe: PipelineConfig, method: str, llm_reps: bool) -> list[str]
     ``semantic_ids`` (the TIGER backend's fine-tune and evaluation; :meth:`active` drops it for
     BIGRec). Only these enter the run's reuse key, so a random run does not depend on the
     influence options."""
-    wanted = {"semantic_ids", *(s for i in REQUIRES[method] for s in INPUT_STAGES[i])}
+    made_by = {stage for i in REQUIRES[method] if (stage := SELECT_INPUT_STAGE[i])}
+    wanted = {"semantic_ids", *upstream(made_by)}
     if llm_reps:
         wanted.add("user_reps")
     return pipe.active(sorted(wanted))
@@ -171,7 +162,7 @@ class ExperimentArgs(PipelineArgs):
         )
 
     @classmethod
-    def from_args(cls, args):
+    def from_args(cls, args: argparse.Namespace) -> ExperimentArgs:
         return cls(
             config=args.config,
             workdir=args.workdir,
@@ -248,7 +239,7 @@ def run_folder(cell: Cell, wired: dict) -> str:
       the folder name under ``workdir/runs``.
     """
 
-    def base(key: str):
+    def base(key: str) -> object:
         section, _, name = key.partition(".")
         return resolved_options(section, wired[section])[name]
 
@@ -256,7 +247,14 @@ def run_folder(cell: Cell, wired: dict) -> str:
     return Cell(cell.method, cell.seed, point).name
 
 
-def wire_cell(wired: dict, workdir: Path, cell: Cell, llm_reps: bool = False) -> tuple[Path, dict]:
+class WiredCell(NamedTuple):
+    """A cell's run folder and its per-run stages' resolved options."""
+
+    folder: Path
+    wired: dict
+
+
+def wire_cell(wired: dict, workdir: Path, cell: Cell, llm_reps: bool = False) -> WiredCell:
     """The run folder of ``cell`` (:func:`run_folder`) and its per-run stages' resolved options
     (``llm_reps``: its selection reads the ``user_reps`` stage's file, see
     :func:`jaxrec.pipeline.uses_llm_reps`)."""
@@ -269,10 +267,19 @@ def wire_cell(wired: dict, workdir: Path, cell: Cell, llm_reps: bool = False) ->
     wire_llm_reps(w["select"], w, llm_reps)
     w["finetune"].update(seed=cell.seed, selection=str(d / "selected.npy"), out=str(d / "adapter"))
     w["evaluate"].update(adapter=str(d / "adapter"), out=str(d / "metrics.json"))
-    return d, w
+    return WiredCell(d, w)
 
 
-def read_experiment(args: ExperimentArgs) -> tuple[dict, ExperimentConfig, list[Cell]]:
+class Experiment(NamedTuple):
+    """A checked experiment: the config file's sections, its ``experiment:`` section and
+    every cell."""
+
+    sections: dict
+    config: ExperimentConfig
+    cells: list[Cell]
+
+
+def read_experiment(args: ExperimentArgs) -> Experiment:
     """Read and check the whole experiment (config, methods, sweep) before anything runs."""
     data = read_experiment_file(args.config, extra_sections=("experiment",))
     source = f"{args.config} [experiment]"
@@ -308,7 +315,7 @@ def read_experiment(args: ExperimentArgs) -> tuple[dict, ExperimentConfig, list[
         if extra:
             raise UserError(f"{name}: {extra[0]!r} is not in the config's {name[2:]} {known}")
     cells = experiment_cells(exp, check_sweep(exp.sweep, data, source))
-    return data, exp, cells
+    return Experiment(data, exp, cells)
 
 
 def check_seeds_of(exp: ExperimentConfig, source: str) -> None:
@@ -337,8 +344,6 @@ def baseline_of(exp: ExperimentConfig) -> str:
 def chosen_points(points: list[str], sweep: dict) -> dict[str, list]:
     """``--points`` as ``{swept key: [values]}``; each ``KEY=VALUE`` must name a swept key and
     one of its values in the config (``VALUE`` read as YAML: ``512`` is an int)."""
-    import yaml
-
     chosen: dict[str, list] = {}
     for item in points:
         key, sep, text = item.partition("=")

@@ -4,6 +4,7 @@ and adding a run to an archive."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 from pathlib import Path
 from typing import Literal
@@ -13,10 +14,13 @@ import numpy as np
 from jaxrec.archive import RunArchive
 from jaxrec.data.ranking import per_user_recall_ndcg
 from jaxrec.errors import UserError
-from jaxrec.experiment.grid import LOSS, METRICS, PER_RUN, Cell
+from jaxrec.experiment.grid import LOSS, METRICS, Cell
+from jaxrec.stages import PER_RUN
 
 
-def per_user_metrics(predictions: Path, ks=(10, 20)) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def per_user_metrics(
+    predictions: Path, ks: Sequence[int] = (10, 20)
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Every evaluated user's Recall/NDCG@K from an evaluation's ``predictions.jsonl``.
 
     Returns:
@@ -67,7 +71,7 @@ def group_rows(
     reference: str,
     n_groups: int,
     reference_seed: Literal["same", "next"] = "same",
-    seeds: list[int] = (),
+    seeds: Sequence[int] = (),
 ) -> list[dict]:
     """Every run's metrics within each user group (paper Fig. 6) of a ``reference`` run at the
     same grid point (a run without its reference is left out).
@@ -134,7 +138,7 @@ def cell_row(cell: Cell, d: Path, seconds: dict, key: str = "", record: Path | N
     when the workdir is gone)."""
     metrics = json.loads((d / "metrics.json").read_text())
     flat = metrics.get("metrics", metrics)
-    record = json.loads(record.read_text()) if record is not None and record.is_file() else {}
+    train = json.loads(record.read_text()) if record is not None and record.is_file() else {}
     predictions = d / "metrics.predictions.jsonl"
     return {
         **dict(cell.point),
@@ -144,8 +148,8 @@ def cell_row(cell: Cell, d: Path, seconds: dict, key: str = "", record: Path | N
         **mean_test_loss(predictions),
         "n_users": int(flat.get("n_users", 0)),
         **{f"{s}_seconds": float(seconds.get(s, 0.0)) for s in PER_RUN},
-        "finetune_epochs": len(record.get("epochs") or []),
-        "finetune_best_epoch": int(record.get("best_epoch") or 0),
+        "finetune_epochs": len(train.get("epochs") or []),
+        "finetune_best_epoch": int(train.get("best_epoch") or 0),
         "predictions": str(predictions),
         "key": key,
     }

@@ -10,9 +10,8 @@ from typing import NamedTuple
 
 from jaxrec.archive import RunArchive
 from jaxrec.data import write_json
-from jaxrec.experiment import locks
+import jaxrec.experiment.locks as locks
 from jaxrec.experiment.grid import (
-    PER_RUN,
     Cell,
     ExperimentArgs,
     ExperimentConfig,
@@ -39,6 +38,7 @@ from jaxrec.pipeline import (
     uses_llm_reps,
     wire,
 )
+from jaxrec.stages import PER_RUN
 
 
 DEFAULT_RUN_SECONDS = 600.0  # a run's rough time with no timed run to go by (TIGER: 6-18 min)
@@ -210,7 +210,7 @@ def run_cell(
     is not finished and not run now (not asked for, or taken by another process)."""
     d, w, key, finished = prep
     fields = {**dict(cell.point), "method": cell.method, "seed": cell.seed}
-    if not finished and _in(archive, key):
+    if not finished and archive is not None and key in archive:
         if now:
             log.say(f"run {cell.name}: archived in {archive.folder}, not rerun")
         return archive.row(key, fields)

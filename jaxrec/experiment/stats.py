@@ -18,13 +18,15 @@ The per-user tests (:func:`user_tests`) stay, conditional on the trained models.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
 
 import numpy as np
 
 from jaxrec.errors import UserError
-from jaxrec.experiment.grid import LOSS, METRICS, PER_RUN, TABLE_METRICS
+from jaxrec.experiment.grid import LOSS, METRICS, TABLE_METRICS
 from jaxrec.experiment.rows import run_user_losses, run_user_metrics
+from jaxrec.stages import PER_RUN
 
 LEVEL = 0.95  # intervals
 POWER = 0.80  # minimum detectable difference
@@ -52,7 +54,7 @@ def t_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float, 
     Returns:
       ``(mean, lo, hi)``.
     """
-    from scipy import stats
+    from scipy import stats  # here: scipy.stats would add seconds to every dealrec start
 
     x = np.asarray(values, float)
     mean = float(x.mean())
@@ -76,7 +78,7 @@ def mdd(se: float, df: float, alpha: float = 1 - LEVEL, power: float = POWER) ->
     Returns:
       the smallest true difference the test finds with probability ``power``.
     """
-    from scipy import stats
+    from scipy import stats  # here: scipy.stats would add seconds to every dealrec start
 
     return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * se)
 
@@ -95,7 +97,7 @@ def welch(a: np.ndarray, b: np.ndarray, level: float = LEVEL) -> dict:
       or no spread in either, only ``mean_diff`` and ``note`` (:data:`ONE_SEED` /
       :data:`NO_SPREAD`).
     """
-    from scipy import stats
+    from scipy import stats  # here: scipy.stats would add seconds to every dealrec start
 
     a, b = np.asarray(a, float), np.asarray(b, float)
     diff = float(a.mean() - b.mean())
@@ -204,7 +206,7 @@ def seed_test(runs: list[dict], base: list[dict], metric: str, bootstrap: int = 
 def summarise(
     rows: list[dict],
     methods: list[str],
-    keys: list[str] = (),
+    keys: Sequence[str] = (),
     baseline: str = "random",
     bootstrap: int = 0,
 ) -> tuple[list, list]:
@@ -238,8 +240,10 @@ def summarise(
 
 
 def _seed_mean(runs: list[dict], seeds: list[int]) -> tuple[np.ndarray, dict]:
-    """Per-user metrics averaged over ``seeds`` (users in row order)."""
-    total, users = {}, None
+    """Per-user metrics averaged over ``seeds`` (users in row order); ``runs`` hold a run of
+    each of ``seeds``."""
+    total: dict[str, np.ndarray] = {}
+    users = None
     for r in (r for r in runs if r["seed"] in seeds):
         rows, values = run_user_metrics(r)
         order = np.argsort(rows)
@@ -248,16 +252,17 @@ def _seed_mean(runs: list[dict], seeds: list[int]) -> tuple[np.ndarray, dict]:
         users = rows[order]
         for k in METRICS:
             total[k] = total.get(k, 0.0) + values[k][order] / len(seeds)
+    assert users is not None  # seeds is not empty and every seed has a run
     return users, total
 
 
 def user_tests(
-    rows: list[dict], methods: list[str], keys: list[str] = (), baseline: str = "random"
+    rows: list[dict], methods: list[str], keys: Sequence[str] = (), baseline: str = "random"
 ) -> list[dict]:
     """Per-user paired tests against ``baseline`` (each user's metric averaged over the seeds
     both methods ran): paired t-test and Wilcoxon signed-rank test, pairs = users. Each row
     has the method's mean (``mean``) and the baseline's (``baseline_mean``)."""
-    from scipy import stats
+    from scipy import stats  # here: scipy.stats would add seconds to every dealrec start
 
     out = []
     for point, by_method in _groups(rows, list(keys)).items():

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import csv
 import math
 from pathlib import Path
 
-from jaxrec.experiment.grid import LOSS, PER_RUN, TABLE_METRICS
-from jaxrec.experiment.plots import bar_plot
+from jaxrec.experiment.grid import LOSS, TABLE_METRICS
+from jaxrec.experiment.plots import bar_plot, finite_number
 from jaxrec.experiment.stats import summarise, user_tests
+from jaxrec.stages import PER_RUN
 
 
 def mean_std(row: dict, metric: str) -> str:
@@ -23,15 +25,11 @@ def mean_ci(row: dict, metric: str) -> str:
     ``mean [lo, hi]``; the mean alone for one run (its spread is unknown, not zero); ``-`` for a
     metric the runs lack (a test loss the evaluation did not record)."""
     mean, lo = row.get(f"{metric}_mean", math.nan), row.get(f"{metric}_lo", math.nan)
-    if not _finite(mean):
+    if not finite_number(mean):
         return "-"
-    if row.get("runs", 2) < 2 or not _finite(lo):
+    if row.get("runs", 2) < 2 or not finite_number(lo):
         return f"{mean:.4f}"
     return f"{mean:.4f} [{lo:.4f}, {row[f'{metric}_hi']:.4f}]"
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -179,7 +177,7 @@ def markdown(
     tests: list[dict],
     utests: list[dict],
     shared_seconds: dict,
-    keys: list[str] = (),
+    keys: Sequence[str] = (),
     baseline: str = "random",
 ) -> str:
     """``results.md``: the seed-level table (means and 95 % intervals over seeds), the

@@ -28,7 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.models import ModelSpec
+from jaxrec.config import SurrogateConfig
+from jaxrec.data import Dataset
+from jaxrec.base import Batch, Loss, Params, PerSampleLoss
+from jaxrec.models.spec import ModelSpec, forward
 
 _NEG = -1e9  # attention mask value: finite, so fully-masked (padding) rows stay NaN-free
 _INIT = nn.initializers.normal(0.02)  # BERT's / RecBole's initializer range
@@ -115,7 +118,7 @@ class BERT4Rec(nn.Module):
         return self.head_ln(nn.gelu(self.head(x), approximate=False))
 
 
-def build(cfg, n_items: int, ds=None) -> BERT4Rec:
+def build(cfg: SurrogateConfig, n_items: int, ds: Dataset | None = None) -> BERT4Rec:
     """The model of a :class:`jaxrec.config.SurrogateConfig` (``hidden``, ``blocks``,
     ``heads``, ``max_len``, ``dropout``, ``mask_prob``)."""
     return BERT4Rec(
@@ -129,7 +132,7 @@ def build(cfg, n_items: int, ds=None) -> BERT4Rec:
     )
 
 
-def init_params(model: BERT4Rec, key) -> dict:
+def init_params(model: BERT4Rec, key: jax.Array) -> Params:
     """Initial parameters of ``model``."""
     return model.init(key, jnp.ones((1, model.max_len), jnp.int32))["params"]
 
@@ -148,7 +151,7 @@ def masked_logits(model: BERT4Rec, params, batch, *, rng=None):
     items, not of the whole width. With ``rng`` dropout is on."""
     deterministic = rng is None
     rngs = None if deterministic else {"dropout": rng}
-    h = model.apply({"params": params}, batch["inputs"], deterministic, rngs=rngs)
+    h = forward(model, params, batch["inputs"], deterministic, rngs=rngs)
     targets = batch["targets"]
     k = max(1, int(n_masks(targets.shape[1], model.mask_prob, model.max_len)))
     pos = jnp.argsort(~(targets > 0), axis=1, stable=True)[:, :k]
@@ -169,7 +172,7 @@ def cloze_per_sample(model: BERT4Rec, params, batch, *, rng=None):
     return _mean_over_masked(jax.nn.logsumexp(logits, -1) - picked, tgt)
 
 
-def make_loss_fns(model: BERT4Rec):
+def make_loss_fns(model: BERT4Rec) -> tuple[Loss, PerSampleLoss]:
     """The pure ``(loss, per_sample_loss)`` pair (deterministic): per sample the cloze loss of
     its fixed masks; ``loss`` is their mean (the objective the influence engine inverts)."""
 
@@ -182,7 +185,7 @@ def make_loss_fns(model: BERT4Rec):
     return loss, per_sample_loss
 
 
-def train_per_sample(model: BERT4Rec, params, batch, rng):
+def train_per_sample(model: BERT4Rec, params: Params, batch: Batch, rng: jax.Array) -> jax.Array:
     """The per-sample cloze loss with dropout on (key ``rng``)."""
     return cloze_per_sample(model, params, batch, rng=rng)
 
@@ -193,12 +196,12 @@ def _with_mask_slot(model: BERT4Rec, inputs):
     return jnp.concatenate([inputs[:, 1:], mask], axis=1)
 
 
-def user_representations(model: BERT4Rec, params, inputs):
+def user_representations(model: BERT4Rec, params: Params, inputs: jax.Array) -> jax.Array:
     """The output-head state at the appended ``[mask]`` ``[B, hidden]``."""
-    return model.apply({"params": params}, _with_mask_slot(model, inputs), True)[:, -1, :]
+    return forward(model, params, _with_mask_slot(model, inputs), True)[:, -1, :]
 
 
-def item_scores(model: BERT4Rec, params, inputs):
+def item_scores(model: BERT4Rec, params: Params, inputs: jax.Array) -> jax.Array:
     """Scores of every item ``[B, n_items + 1]`` (column 0, padding, is masked by the ranking)."""
     logits = _item_logits(params, user_representations(model, params, inputs))
     return jnp.concatenate([jnp.zeros_like(logits[:, :1]), logits], axis=1)
@@ -224,7 +227,7 @@ def training_data(arrays: dict, seed: int, epoch: int, n_items: int, cfg, sequen
     }
 
 
-def el2n_error(model: BERT4Rec):
+def el2n_error(model: BERT4Rec) -> PerSampleLoss:
     """EL2N error (Paul et al. 2021) for a softmax model: the mean over a sample's masked
     items of ``||softmax(logits) - onehot(target)||_2``; 0 without masked items."""
 

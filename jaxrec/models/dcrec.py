@@ -59,8 +59,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse as sp
 
-from jaxrec.models import ModelSpec, with_negatives
+from jaxrec.config import SurrogateConfig
+from jaxrec.data import Dataset
+from jaxrec.base import Batch, Loss, Params, PerSampleLoss
+from jaxrec.models.sasrec import with_negatives
+from jaxrec.models.spec import ModelSpec, forward
 from jaxrec.models.bert4rec import _INIT, Encoder
 
 N_FOREIGN = 10  # authors: at most 10 sampled foreign neighbours
@@ -98,13 +103,11 @@ def _graphconv_edges(rows, cols, weights, n: int):
 def build_graphs(train: list, n_items: int, sim_k: int = 4) -> Graphs:
     """The transition and co-interaction graphs of ``train`` (lists of item ids), as the
     authors' ``build_adj_graph`` and ``build_sim_graph``."""
-    import scipy.sparse as sp
-
     n = n_items + 1
-    a = [np.asarray(s[:-1]) for s in train if len(s) > 1]
-    b = [np.asarray(s[1:]) for s in train if len(s) > 1]
-    a = np.concatenate(a) if a else np.zeros(0, np.int64)
-    b = np.concatenate(b) if b else np.zeros(0, np.int64)
+    heads = [np.asarray(s[:-1]) for s in train if len(s) > 1]
+    tails = [np.asarray(s[1:]) for s in train if len(s) > 1]
+    a = np.concatenate(heads) if heads else np.zeros(0, np.int64)
+    b = np.concatenate(tails) if tails else np.zeros(0, np.int64)
     counts = sp.coo_matrix((np.ones(2 * a.size), (np.r_[a, b], np.r_[b, a])), shape=(n, n))
     adj = counts.tocsr().tolil()
     adj.setdiag(np.ones(n))
@@ -126,27 +129,31 @@ def build_graphs(train: list, n_items: int, sim_k: int = 4) -> Graphs:
         table[i, : top.size] = top
 
     # co-interaction graph: cosine similarity of item columns of the user-item matrix
-    users = np.concatenate([np.full(len(s), u) for u, s in enumerate(train)]) if train else []
-    items = np.concatenate([np.asarray(s) for s in train]) if train else []
+    users: np.ndarray | list = (
+        np.concatenate([np.full(len(s), u) for u, s in enumerate(train)]) if train else []
+    )
+    items: np.ndarray | list = np.concatenate([np.asarray(s) for s in train]) if train else []
     ui = sp.csr_matrix((np.ones(len(items)), (users, items)), shape=(len(train), n))
     ui.data[:] = 1.0  # binary, as the authors' matrix of ones (repeats counted once)
     norms = np.sqrt(np.asarray(ui.multiply(ui).sum(0)).ravel())
     norms[norms == 0] = 1.0
     sim = sp.diags(1.0 / norms) @ (ui.T @ ui).tocsr() @ sp.diags(1.0 / norms)
     sim = sim.tocsr()
-    rows, cols, vals = [], [], []
+    row_parts: list[np.ndarray] = []
+    col_parts: list[np.ndarray] = []
+    val_parts: list[np.ndarray] = []
     for i in range(n):
         lo, hi = sim.indptr[i], sim.indptr[i + 1]
         c, v = sim.indices[lo:hi], sim.data[lo:hi]
         keep = np.lexsort((c, -v))[: sim_k + 1]
         c, v = c[keep], v[keep]
         if v.sum() > 0:
-            rows.append(np.full(c.size, i))
-            cols.append(c)
-            vals.append(v / v.sum())
-    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    cols = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    vals = np.concatenate(vals) if vals else np.zeros(0)
+            row_parts.append(np.full(c.size, i))
+            col_parts.append(c)
+            val_parts.append(v / v.sum())
+    rows = np.concatenate(row_parts) if row_parts else np.zeros(0, np.int64)
+    cols = np.concatenate(col_parts) if col_parts else np.zeros(0, np.int64)
+    vals = np.concatenate(val_parts) if val_parts else np.zeros(0)
     sim_edges = _graphconv_edges(rows, cols, vals, n)
     return Graphs(n, adj_edges, sim_edges, table)
 
@@ -223,7 +230,7 @@ class DCRec(nn.Module):
         return seq, g_adj, g_sim, self.fuse(seq, g_adj[inputs], g_sim[inputs])
 
 
-def build(cfg, n_items: int, ds=None) -> DCRec:
+def build(cfg: SurrogateConfig, n_items: int, ds: Dataset | None = None) -> DCRec:
     """The model of a :class:`jaxrec.config.SurrogateConfig`; the graphs come from ``ds``'s
     train sequences (``dcrec_sim_k`` similar items per item)."""
     if ds is None:
@@ -242,7 +249,7 @@ def build(cfg, n_items: int, ds=None) -> DCRec:
     )
 
 
-def init_params(model: DCRec, key) -> dict:
+def init_params(model: DCRec, key: jax.Array) -> Params:
     """Initial parameters of ``model``."""
     return model.init(key, jnp.ones((1, model.max_len), jnp.int32))["params"]
 
@@ -338,7 +345,7 @@ def dcrec_terms(model: DCRec, params, batch, *, rng=None):
     deterministic = rng is None
     rngs = None if deterministic else {"dropout": rng}
     inputs, targets, negatives = batch["inputs"], batch["targets"], batch["negatives"]
-    seq, g_adj, g_sim, fused = model.apply({"params": params}, inputs, deterministic, rngs=rngs)
+    seq, g_adj, g_sim, fused = forward(model, params, inputs, deterministic, rngs=rngs)
     ce = _cross_entropy(fused, params["item_emb"]["embedding"][1:], targets)
     neg_mask = negatives > 0
     t = model.cl_temp
@@ -356,7 +363,7 @@ def dcrec_per_sample(model: DCRec, params, batch, *, rng=None):
     return jnp.sum(jnp.where(mask, terms, 0.0), -1) / jnp.maximum(jnp.sum(mask, -1), 1)
 
 
-def make_loss_fns(model: DCRec):
+def make_loss_fns(model: DCRec) -> tuple[Loss, PerSampleLoss]:
     """The pure ``(loss, per_sample_loss)`` pair (deterministic): per sample
     :func:`dcrec_per_sample`; ``loss`` is their mean."""
 
@@ -369,22 +376,22 @@ def make_loss_fns(model: DCRec):
     return loss, per_sample_loss
 
 
-def train_per_sample(model: DCRec, params, batch, rng):
+def train_per_sample(model: DCRec, params: Params, batch: Batch, rng: jax.Array) -> jax.Array:
     """The per-sample training loss with dropout on (key ``rng``)."""
     return dcrec_per_sample(model, params, batch, rng=rng)
 
 
-def user_representations(model: DCRec, params, inputs):
+def user_representations(model: DCRec, params: Params, inputs: jax.Array) -> jax.Array:
     """The fused state after the newest item ``[B, hidden]`` (authors' ``fast_predict``)."""
-    return model.apply({"params": params}, inputs, True)[3][:, -1, :]
+    return forward(model, params, inputs, True)[3][:, -1, :]
 
 
-def item_scores(model: DCRec, params, inputs):
+def item_scores(model: DCRec, params: Params, inputs: jax.Array) -> jax.Array:
     """Scores of every item ``[B, n_items + 1]`` for full ranking."""
     return user_representations(model, params, inputs) @ params["item_emb"]["embedding"].T
 
 
-def el2n_error(model: DCRec):
+def el2n_error(model: DCRec) -> PerSampleLoss:
     """EL2N error (Paul et al. 2021) of the recommendation head: the mean over a sample's
     positions of ``||softmax(logits) - onehot(target)||_2``."""
 

@@ -16,10 +16,14 @@ numbers, and a sample's loss depends on its own row only.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from jaxrec.models import ModelSpec, bce_el2n, with_negatives
-from jaxrec.models.sasrec import bce_per_sample
+from jaxrec.config import SurrogateConfig
+from jaxrec.data import Dataset
+from jaxrec.base import Batch, Loss, Params, PerSampleLoss
+from jaxrec.models.sasrec import bce_el2n, bce_per_sample, with_negatives
+from jaxrec.models.spec import ModelSpec, forward
 
 
 class _MaskedGRUStep(nn.Module):
@@ -68,13 +72,13 @@ class GRU4Rec(nn.Module):
         return self.out(states) * valid[..., None]
 
 
-def build(cfg, n_items: int, ds=None) -> GRU4Rec:
+def build(cfg: SurrogateConfig, n_items: int, ds: Dataset | None = None) -> GRU4Rec:
     """The model of a :class:`jaxrec.config.SurrogateConfig` (``hidden``, ``max_len``,
     ``dropout``; one GRU layer as RecBole's default, ``blocks`` / ``heads`` unused)."""
     return GRU4Rec(n_items=n_items, hidden=cfg.hidden, max_len=cfg.max_len, dropout=cfg.dropout)
 
 
-def init_params(model: GRU4Rec, key) -> dict:
+def init_params(model: GRU4Rec, key: jax.Array) -> Params:
     """Initial parameters of ``model``."""
     return model.init(key, jnp.ones((1, model.max_len), jnp.int32))["params"]
 
@@ -91,7 +95,7 @@ def position_logits(model: GRU4Rec, params, batch, *, rng=None):
     return pos, neg, batch["targets"] > 0
 
 
-def make_loss_fns(model: GRU4Rec):
+def make_loss_fns(model: GRU4Rec) -> tuple[Loss, PerSampleLoss]:
     """The pure ``(loss, per_sample_loss)`` pair (deterministic): per sample, the mean BCE over
     its target positions (as SASRec, paper Eq. 9-10's training loss); ``loss`` is their mean."""
 
@@ -104,22 +108,22 @@ def make_loss_fns(model: GRU4Rec):
     return loss, per_sample_loss
 
 
-def train_per_sample(model: GRU4Rec, params, batch, rng):
+def train_per_sample(model: GRU4Rec, params: Params, batch: Batch, rng: jax.Array) -> jax.Array:
     """The per-sample training loss with dropout on (key ``rng``)."""
     return bce_per_sample(*position_logits(model, params, batch, rng=rng))
 
 
-def user_representations(model: GRU4Rec, params, inputs):
+def user_representations(model: GRU4Rec, params: Params, inputs: jax.Array) -> jax.Array:
     """The projected GRU state after the newest item ``[B, hidden]``."""
-    return model.apply({"params": params}, inputs, True)[:, -1, :]
+    return forward(model, params, inputs, True)[:, -1, :]
 
 
-def item_scores(model: GRU4Rec, params, inputs):
+def item_scores(model: GRU4Rec, params: Params, inputs: jax.Array) -> jax.Array:
     """Scores of every item ``[B, n_items + 1]`` for full ranking."""
     return user_representations(model, params, inputs) @ params["item_emb"]["embedding"].T
 
 
-def el2n_error(model: GRU4Rec):
+def el2n_error(model: GRU4Rec) -> PerSampleLoss:
     """EL2N error (Paul et al. 2021) of a sample, as :func:`jaxrec.models.sasrec.el2n_error`."""
 
     def error(params, batch):

@@ -27,7 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrec.config import SurrogateConfig
+from jaxrec.data import Dataset
+from jaxrec.base import Batch, Loss, Params, PerSampleLoss
 from jaxrec.errors import UserError
+from jaxrec.models.spec import Arrays, ModelSpec, forward
 
 _NEG = -1e9  # attention mask value: finite, so fully-masked (padding) rows stay NaN-free
 
@@ -170,20 +174,22 @@ class SASRec(nn.Module):
         return self.item_emb.embedding
 
 
-def init_params(model: SASRec, key) -> dict:
+def init_params(model: SASRec, key: jax.Array) -> Params:
     """Initial parameters of ``model``."""
     return model.init(key, jnp.ones((1, model.max_len), jnp.int32))["params"]
 
 
-def position_logits(model: SASRec, params, batch, *, rng=None):
+def position_logits(
+    model: SASRec, params: Params, batch: Batch, *, rng: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Target and negative logits at every position (paper's surrogate objective).
 
     Returns ``(pos_logits, neg_logits, mask)``, each ``[B, L]``; ``mask`` marks the positions
     that have a target. With ``rng`` given, dropout is on (training); else deterministic.
     """
     deterministic = rng is None
-    rngs = None if deterministic else {"dropout": rng}
-    h = model.apply({"params": params}, batch["inputs"], deterministic, rngs=rngs)
+    rngs = None if rng is None else {"dropout": rng}
+    h = forward(model, params, batch["inputs"], deterministic, rngs=rngs)
     table = params["item_emb"]["embedding"]
     pos = jnp.sum(h * table[batch["targets"]], -1)
     neg = jnp.sum(h * table[batch["negatives"]], -1)
@@ -224,7 +230,9 @@ def positions_per_sample(targets) -> float:
     return max(float(np.mean(np.sum(np.asarray(targets) > 0, -1))), 1.0)
 
 
-def make_loss_fns(model: SASRec, weighting: LossWeighting = "sample", positions: float = 1.0):
+def make_loss_fns(
+    model: SASRec, weighting: LossWeighting = "sample", positions: float = 1.0
+) -> tuple[Loss, PerSampleLoss]:
     """The pure ``(loss, per_sample_loss)`` pair of ``model`` (deterministic: no dropout).
 
     ``per_sample_loss(params, batch) -> [B]`` is the BCE loss of each user's sample
@@ -242,7 +250,7 @@ def make_loss_fns(model: SASRec, weighting: LossWeighting = "sample", positions:
     return loss, per_sample_loss
 
 
-def per_user_loss(model: SASRec):
+def per_user_loss(model: SASRec) -> PerSampleLoss:
     """Each user's loss as the paper's code computes it on a batch of one:
     ``(params, batch) -> [B]``, the mean over the user's target positions of
     ``-log s(pos) - log(1 - s(neg))`` (:func:`bce_per_sample` with ``weighting="sample"``).
@@ -265,10 +273,10 @@ def per_user_loss(model: SASRec):
     return loss
 
 
-def user_representations(model: SASRec, params, inputs):
+def user_representations(model: SASRec, params: Params, inputs: jax.Array) -> jax.Array:
     """The hidden state at the newest position ``[B, hidden]``: the user's representation,
     scored against item embeddings for full ranking."""
-    return model.apply({"params": params}, inputs, True)[:, -1, :]
+    return forward(model, params, inputs, True)[:, -1, :]
 
 
 def sample_negatives(seed: int, index, epoch: int, targets, n_items: int):
@@ -331,7 +339,7 @@ def sequence_negatives(seed: int, index, epoch: int, targets, n_items: int, sequ
     return np.where(targets > 0, neg, 0).astype(np.int32)
 
 
-def el2n_error(model: SASRec):
+def el2n_error(model: SASRec) -> PerSampleLoss:
     """EL2N error (Paul et al. 2021) of a SASRec sample: ``error(params, batch) -> [B]``, the
     mean over its target positions of the L2 norm of the error vector
     ``(sigmoid(pos_logit) - 1, sigmoid(neg_logit) - 0)``; 0 for a sample without positions."""
@@ -342,3 +350,98 @@ def el2n_error(model: SASRec):
         return jnp.sum(jnp.where(mask, e, 0.0), -1) / jnp.maximum(jnp.sum(mask, -1), 1)
 
     return error
+
+
+def build(cfg: SurrogateConfig, n_items: int, ds: Dataset | None = None) -> SASRec:
+    """The SASRec of a ``SurrogateConfig`` (``ds`` unused: the registry's signature)."""
+    return SASRec(
+        n_items=n_items,
+        hidden=cfg.hidden,
+        blocks=cfg.blocks,
+        heads=cfg.heads,
+        max_len=cfg.max_len,
+        dropout=cfg.dropout,
+        arch=cfg.arch,
+    )
+
+
+def train_per_sample(
+    model: SASRec,
+    params: Params,
+    batch: Batch,
+    rng: jax.Array,
+    weighting: LossWeighting = "sample",
+    positions: float = 1.0,
+) -> jax.Array:
+    """The training objective per row, dropout on (:func:`bce_per_sample`)."""
+    return bce_per_sample(*position_logits(model, params, batch, rng=rng), weighting, positions)
+
+
+def item_table(params: Params) -> jax.Array:
+    """The item embedding table of a SASRec-style parameter tree."""
+    return params["item_emb"]["embedding"]
+
+
+def item_scores(model: SASRec, params: Params, inputs: jax.Array) -> jax.Array:
+    """Full-ranking scores ``[B, n_items + 1]``: the user's representation against every item
+    embedding (column 0: padding)."""
+    return user_representations(model, params, inputs) @ item_table(params).T
+
+
+def with_negatives(
+    arrays: Arrays,
+    seed: int,
+    epoch: int,
+    n_items: int,
+    cfg=None,
+    sequences=None,
+    *,
+    negatives: str | None = None,
+) -> Arrays:
+    """``arrays`` plus one ``"negatives"`` item per target position, derived from (seed, row
+    index, epoch): SASRec's, GRU4Rec's and DCRec's training data.
+
+    Args:
+      cfg: a ``SurrogateConfig``; its ``negatives`` option chooses the sampler unless
+        ``negatives=`` is given (no cfg: ``"target"``).
+      sequences: for ``"sequence"``, the excluded items of each row (``Dataset.train``, aligned
+        with ``arrays["index"]``).
+      negatives: ``"target"``: any item but the position's target (:func:`sample_negatives`);
+        ``"sequence"``: an item outside the row's whole sequence (:func:`sequence_negatives`,
+        as the paper's code).
+    Returns:
+      a new dict: ``arrays`` and ``"negatives"`` ``[N, L]``.
+    """
+    negatives = negatives or getattr(cfg, "negatives", "target")
+    if negatives == "sequence":
+        if sequences is None:
+            raise ValueError("negatives='sequence' needs sequences= (the users' train items)")
+        seqs = [sequences[i] for i in np.asarray(arrays["index"])]
+        neg = sequence_negatives(seed, arrays["index"], epoch, arrays["targets"], n_items, seqs)
+    elif negatives == "target":
+        neg = sample_negatives(seed, arrays["index"], epoch, arrays["targets"], n_items)
+    else:
+        raise ValueError(f"negatives must be 'sequence' or 'target', got {negatives!r}")
+    return {**arrays, "negatives": np.asarray(neg)}
+
+
+def bce_el2n(pos, neg, mask) -> jax.Array:
+    """EL2N error (Paul et al. 2021) of BCE-trained samples: the mean over a sample's target
+    positions of the L2 norm of ``(sigmoid(pos) - 1, sigmoid(neg))``, 0 without positions (as
+    :func:`el2n_error`)."""
+    e = jnp.sqrt((jax.nn.sigmoid(pos) - 1.0) ** 2 + jax.nn.sigmoid(neg) ** 2)
+    return jnp.sum(jnp.where(mask, e, 0.0), -1) / jnp.maximum(jnp.sum(mask, -1), 1)
+
+
+SPEC = ModelSpec(
+    build=build,
+    init_params=init_params,
+    make_loss_fns=make_loss_fns,
+    train_per_sample=train_per_sample,
+    item_scores=item_scores,
+    user_representations=user_representations,
+    training_data=with_negatives,
+    el2n_error=el2n_error,
+    weighted=True,
+    sample_loss=per_user_loss,
+)

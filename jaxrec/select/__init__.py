@@ -12,6 +12,9 @@ scores and representations are score files that ``dealrec influence --score KIND
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
 import numpy as np
 
 from jaxrec.errors import UserError
@@ -56,7 +59,7 @@ SURROGATE_FILES = {
 }
 
 
-def score_stages(methods) -> list[tuple[str, str]]:
+def score_stages(methods: Iterable[str]) -> list[tuple[str, str]]:
     """``[(kind, file name)]`` of the surrogate score files that ``methods`` need, in a fixed
     order, each once: the ``dealrec influence --score KIND --out RUN/FILE`` runs to make."""
     needed = {name for m in methods for name in REQUIRES[m]}
@@ -74,19 +77,19 @@ def select(
     *,
     seed: int = 0,
     n_total: int | None = None,
-    influence=None,
-    effort=None,
-    grand=None,
-    el2n=None,
-    representations=None,
-    llm_representations=None,
-    interactions=None,
+    influence: np.ndarray | None = None,
+    effort: np.ndarray | None = None,
+    grand: np.ndarray | None = None,
+    el2n: np.ndarray | None = None,
+    representations: np.ndarray | None = None,
+    llm_representations: np.ndarray | None = None,
+    interactions: np.ndarray | None = None,
     lamda: float = 0.3,
     groups: int = 50,
     hard_prune: float = 0.1,
     beta: float | None = None,
     clusters: int = 50,
-    eligible=None,
+    eligible: np.ndarray | None = None,
 ) -> Selection:
     """Choose ``n`` training users with ``method`` (one of :data:`METHODS`).
 
@@ -102,25 +105,6 @@ def select(
     sorted indices.
     """
     check_method(method)
-    if eligible is not None and not np.all(eligible):
-        return _among(
-            eligible,
-            method,
-            n,
-            seed=seed,
-            lamda=lamda,
-            groups=groups,
-            hard_prune=hard_prune,
-            beta=beta,
-            clusters=clusters,
-            influence=influence,
-            effort=effort,
-            grand=grand,
-            el2n=el2n,
-            representations=representations,
-            llm_representations=llm_representations,
-            interactions=interactions,
-        )
     given = {
         "influence": influence,
         "effort": effort,
@@ -130,6 +114,27 @@ def select(
         "interactions": interactions,
         "llm_representations": llm_representations,
     }
+    options = Options(seed, lamda, groups, hard_prune, beta, clusters)
+    if eligible is not None and not np.all(eligible):
+        return _among(eligible, method, n, given, options)
+    total = _n_users(method, given, n_total)
+    return _dispatch(method, n, total, given, options)
+
+
+class Options(NamedTuple):
+    """The options of :func:`select` that are not per-user arrays."""
+
+    seed: int
+    lamda: float
+    groups: int
+    hard_prune: float
+    beta: float | None
+    clusters: int
+
+
+def _n_users(method: str, given: dict[str, np.ndarray | None], n_total: int | None) -> int:
+    """The number of users the inputs agree on; a :class:`UserError` when ``method`` lacks
+    an input or the inputs disagree."""
     for name in REQUIRES[method]:
         if given[name] is None:
             raise UserError(f"method {method!r} needs {name}")
@@ -143,71 +148,69 @@ def select(
         )
     if not lengths:
         raise UserError(f"method {method!r} needs n_total")
-    total = next(iter(lengths.values()))
+    return next(iter(lengths.values()))
 
+
+def _dispatch(method: str, n: int, total: int, given: dict[str, Any], o: Options) -> Selection:
+    """:func:`select` by ``method`` on checked inputs of ``total`` users."""
+    influence, effort = given["influence"], given["effort"]
     if method == "dealrec":
         return dealrec_select(
-            influence, effort, n, lamda=lamda, groups=groups, hard_prune=hard_prune, seed=seed
+            influence,
+            effort,
+            n,
+            lamda=o.lamda,
+            groups=o.groups,
+            hard_prune=o.hard_prune,
+            seed=o.seed,
         )
     if method == "greedy":
-        return greedy_select(influence, effort, n, lamda=lamda)
-    if method == "influence-only":
+        return greedy_select(influence, effort, n, lamda=o.lamda)
+    if method in ("influence-only", "effort-only"):
+        name = method.removesuffix("-only")
         return stratified_sample(
-            minmax(influence, "influence"), n, groups=groups, hard_prune=hard_prune, seed=seed
-        )
-    if method == "effort-only":
-        return stratified_sample(
-            minmax(effort, "effort"), n, groups=groups, hard_prune=hard_prune, seed=seed
+            minmax(given[name], name), n, groups=o.groups, hard_prune=o.hard_prune, seed=o.seed
         )
     if method == "random":
-        return random_select(total, n, seed=seed)
+        return random_select(total, n, seed=o.seed)
     if method == "all":
         return Selection(np.arange(total, dtype=np.int64), {"all_users": True})
     if method in ("grand", "el2n"):
         return top_n(given[method], n)
     if method == "ccs":
-        return ccs_select(el2n, n, beta=beta, groups=groups, seed=seed)
+        return ccs_select(given["el2n"], n, beta=o.beta, groups=o.groups, seed=o.seed)
     if method == "tfdcon":
         return tfdcon_select(
-            representations,
+            given["representations"],
             n,
-            clusters=clusters,
-            seed=seed,
-            llm_representations=llm_representations,
+            clusters=o.clusters,
+            seed=o.seed,
+            llm_representations=given["llm_representations"],
         )
-    return recranker_select(representations, interactions, n, clusters=clusters, seed=seed)
+    return recranker_select(
+        given["representations"], given["interactions"], n, clusters=o.clusters, seed=o.seed
+    )
 
 
-def _among(eligible, method: str, n: int, **kw) -> Selection:
+def _among(
+    eligible: np.ndarray,
+    method: str,
+    n: int,
+    given: dict[str, np.ndarray | None],
+    options: Options,
+) -> Selection:
     """:func:`select` on the ``eligible`` rows only, its indices mapped back to all rows."""
     rows = np.flatnonzero(np.asarray(eligible, bool))
     if rows.size == 0:
         raise UserError("no user has a training sample: nothing can be selected")
-    sub = {
-        k: (None if v is None or k not in ARRAYS else np.asarray(v)[rows]) for k, v in kw.items()
-    }
-    options = {k: v for k, v in kw.items() if k not in ARRAYS}
-    sel = select(
-        method, n, n_total=rows.size, **options, **{k: v for k, v in sub.items() if k in ARRAYS}
-    )
+    sub: dict[str, Any] = {k: None if v is None else np.asarray(v)[rows] for k, v in given.items()}
+    sel = select(method, n, n_total=rows.size, **options._asdict(), **sub)
     info = {
         **sel.info,
         "eligible_users": int(rows.size),
         "users_without_sample": int(len(eligible) - rows.size),
     }
     return Selection(np.sort(rows[sel.indices]).astype(np.int64), info)
-
-
-# the per-user inputs of :func:`select`
-ARRAYS = (
-    "influence",
-    "effort",
-    "grand",
-    "el2n",
-    "representations",
-    "llm_representations",
-    "interactions",
-)
 
 
 __all__ = [

@@ -6,9 +6,11 @@ See ``docs/selection.md`` for the exact rule of each.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from jaxrec.errors import UserError
 from jaxrec.select.stratified import (
+    Seed,
     Selection,
     check_n,
     check_scores,
@@ -18,11 +20,11 @@ from jaxrec.select.stratified import (
 )
 
 
-def _rng(seed) -> np.random.Generator:
+def _rng(seed: Seed) -> np.random.Generator:
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
-def random_select(n_total: int, n: int, *, seed=0) -> Selection:
+def random_select(n_total: int, n: int, *, seed: Seed = 0) -> Selection:
     """Uniformly random ``n`` of ``n_total`` users, without replacement."""
     check_n(n, n_total)
     chosen = _rng(seed).choice(n_total, size=n, replace=False)
@@ -56,7 +58,14 @@ def ccs_beta(n: int, n_total: int) -> float:
     return ccs_prune_count(n, n_total) / n_total
 
 
-def ccs_select(el2n, n: int, *, beta: float | None = None, groups: int = 50, seed=0) -> Selection:
+def ccs_select(
+    el2n: ArrayLike,
+    n: int,
+    *,
+    beta: float | None = None,
+    groups: int = 50,
+    seed: Seed = 0,
+) -> Selection:
     """Coverage-centric coreset selection (Zheng et al., ICLR 2023) with EL2N as the importance
     score: prune the hardest ``beta`` fraction (highest EL2N; ``floor(beta * N)`` samples, ties:
     the lower row first), then stratified sampling over ``groups`` equal-width EL2N strata with
@@ -98,7 +107,7 @@ def ccs_select(el2n, n: int, *, beta: float | None = None, groups: int = 50, see
 
 
 # ----------------------------------------------------------------------------- k-means
-def _check_features(x, name: str) -> np.ndarray:
+def _check_features(x: ArrayLike, name: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise UserError(f"{name} must be a non-empty [n_users, dim] array, got shape {x.shape}")
@@ -107,13 +116,33 @@ def _check_features(x, name: str) -> np.ndarray:
     return x
 
 
-def _sq_dists(x, x_sq, centres):
+def _sq_dists(x: np.ndarray, x_sq: np.ndarray, centres: np.ndarray) -> np.ndarray:
     d = x_sq[:, None] - 2.0 * x @ centres.T + (centres**2).sum(1)[None, :]
     return np.maximum(d, 0.0)
 
 
+def _kmeans_pp(x: np.ndarray, x_sq: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007): ``k`` centres ``[k, d]``, each drawn
+    with probability proportional to its squared distance from the closest centre so far."""
+    n = x.shape[0]
+    centres = np.empty((k, x.shape[1]))
+    centres[0] = x[rng.integers(n)]
+    closest = _sq_dists(x, x_sq, centres[:1])[:, 0]
+    for j in range(1, k):
+        total = closest.sum()
+        i = rng.choice(n, p=closest / total) if total > 0 else rng.integers(n)
+        centres[j] = x[i]
+        closest = np.minimum(closest, _sq_dists(x, x_sq, centres[j : j + 1])[:, 0])
+    return centres
+
+
 def kmeans(
-    x, k: int, *, seed=0, max_iter: int = 100, tol: float = 1e-4
+    x: ArrayLike,
+    k: int,
+    *,
+    seed: Seed = 0,
+    max_iter: int = 100,
+    tol: float = 1e-4,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii, 2007), seeded.
 
@@ -130,14 +159,7 @@ def kmeans(
     n = x.shape[0]
     k = min(int(k), n)
     x_sq = (x**2).sum(1)
-    centres = np.empty((k, x.shape[1]))
-    centres[0] = x[rng.integers(n)]
-    closest = _sq_dists(x, x_sq, centres[:1])[:, 0]
-    for j in range(1, k):
-        total = closest.sum()
-        i = rng.choice(n, p=closest / total) if total > 0 else rng.integers(n)
-        centres[j] = x[i]
-        closest = np.minimum(closest, _sq_dists(x, x_sq, centres[j : j + 1])[:, 0])
+    centres = _kmeans_pp(x, x_sq, k, rng)
     labels = np.full(n, -1, dtype=np.int64)
     threshold = tol * float(x.var(0).mean())
     it, converged = 0, False
@@ -151,15 +173,15 @@ def kmeans(
         counts = np.bincount(labels, minlength=k)
         sums = np.stack([np.bincount(labels, weights=col, minlength=k) for col in x.T], 1)
         own = d[np.arange(n), labels]
-        for j in np.flatnonzero(counts == 0):  # re-seed an empty cluster at the farthest point
+        for empty in np.flatnonzero(counts == 0):  # re-seed an empty cluster at the farthest
             far = int(own.argmax())
             old = labels[far]
             if counts[old] <= 1:
                 continue
             sums[old] -= x[far]
             counts[old] -= 1
-            sums[j], counts[j] = x[far], 1
-            labels[far], own[far] = j, -1.0
+            sums[empty], counts[empty] = x[far], 1
+            labels[far], own[far] = empty, -1.0
         nonempty = counts > 0
         previous = centres.copy()
         centres[nonempty] = sums[nonempty] / counts[nonempty, None]
@@ -177,13 +199,18 @@ def _standardise(block: np.ndarray) -> np.ndarray:
     return block / scale if scale > 0 else block
 
 
-def _cluster_info(labels, k, counts, extra) -> dict:
+def _cluster_info(labels: np.ndarray, k: int, counts: np.ndarray, extra: dict) -> dict:
     sizes = np.bincount(labels, minlength=k)
     return {"cluster_sizes": sizes.tolist(), "cluster_selected": counts.tolist(), **extra}
 
 
 def tfdcon_select(
-    representations, n: int, *, clusters: int = 50, seed=0, llm_representations=None
+    representations: ArrayLike,
+    n: int,
+    *,
+    clusters: int = 50,
+    seed: Seed = 0,
+    llm_representations: ArrayLike | None = None,
 ) -> Selection:
     """TF-DCon-style user condensation (Wu et al., 2024), as adapted here.
 
@@ -213,7 +240,7 @@ def tfdcon_select(
     return Selection(chosen, _cluster_info(labels, k, counts, stats))
 
 
-def proportional_budgets(sizes, n: int) -> np.ndarray:
+def proportional_budgets(sizes: ArrayLike, n: int) -> np.ndarray:
     """Largest-remainder apportionment of ``n`` over groups in proportion to ``sizes``
     (ties in the remainder: the lower group first). Never exceeds a group's size when
     ``n <= sum(sizes)``."""
@@ -227,7 +254,12 @@ def proportional_budgets(sizes, n: int) -> np.ndarray:
 
 
 def recranker_select(
-    representations, interactions, n: int, *, clusters: int = 50, seed=0
+    representations: ArrayLike,
+    interactions: ArrayLike,
+    n: int,
+    *,
+    clusters: int = 50,
+    seed: Seed = 0,
 ) -> Selection:
     """RecRanker-style adaptive user sampling (Luo et al., 2023), as adapted here.
 

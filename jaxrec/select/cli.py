@@ -20,7 +20,7 @@ from jaxrec.data import load_dataset, load_scores, save_scores
 from jaxrec.data.dataset import sha256_file
 from jaxrec.errors import ScoreFileError, UserError
 from jaxrec.select import REQUIRES, SURROGATE_FILES, check_method, select
-from jaxrec.select.stratified import check_n
+from jaxrec.select.stratified import check_n, Selection
 
 LLM_REPRESENTATION_KINDS = ("llm_representation", "representation")
 
@@ -59,7 +59,9 @@ def check_config(cfg: SelectConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- surrogate inputs
-def surrogate_file(cfg: SelectConfig, name: str, fingerprint: dict):
+def surrogate_file(
+    cfg: SelectConfig, name: str, fingerprint: dict
+) -> tuple[np.ndarray, dict, Path]:
     """``(array, manifest, path)`` of a surrogate score file (``grand``, ``el2n``,
     ``representations``): ``--scores`` when given (GraNd / EL2N), else ``RUN/FILE`` as
     ``dealrec influence --score KIND`` writes it. Missing or made from another dataset is an
@@ -82,7 +84,7 @@ def surrogate_file(cfg: SelectConfig, name: str, fingerprint: dict):
 
 
 # ----------------------------------------------------------------------------- main
-def run_select(cfg: SelectConfig):
+def run_select(cfg: SelectConfig) -> tuple[Selection, dict[str, dict]]:
     """Load and check every input of ``cfg``, then select. Returns ``(Selection, inputs)``
     where ``inputs`` maps each input name to its path / sha256 / fingerprint record."""
     check_config(cfg)
@@ -97,7 +99,8 @@ def run_select(cfg: SelectConfig):
             )
         check_n(cfg.n, ds.n_users)
     needs = set(REQUIRES[cfg.method])
-    arrays, inputs = {}, {}
+    arrays: dict[str, np.ndarray] = {}
+    inputs: dict[str, dict] = {}
     for name in ("influence", "effort"):
         if name in needs:
             path = Path(getattr(cfg, name))

@@ -9,10 +9,15 @@ by small groups flows to the larger ones.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from jaxrec.errors import UserError
+
+#: a seed, or a NumPy generator to draw from
+Seed: TypeAlias = int | np.random.Generator
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ def check_n(n: int, n_total: int) -> None:
         raise UserError(f"n={n} is larger than the dataset ({n_total} users)")
 
 
-def check_scores(scores, name: str = "scores") -> np.ndarray:
+def check_scores(scores: ArrayLike, name: str = "scores") -> np.ndarray:
     """Return ``scores`` as a finite 1-D float64 array, else raise :class:`UserError`."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1 or scores.size == 0:
@@ -49,7 +54,7 @@ def check_scores(scores, name: str = "scores") -> np.ndarray:
     return scores
 
 
-def smallest_first_budgets(sizes, n: int) -> np.ndarray:
+def smallest_first_budgets(sizes: ArrayLike, n: int) -> np.ndarray:
     """How many samples each group gets under Algorithm 2's budget rule.
 
     Non-empty groups are visited by increasing size (ties: lower group index first); each takes
@@ -98,12 +103,12 @@ def sample_groups(
 
 
 def stratified_sample(
-    scores,
+    scores: ArrayLike,
     n: int,
     *,
     groups: int = 50,
     hard_prune: float = 0.1,
-    seed: int | np.random.Generator = 0,
+    seed: Seed = 0,
 ) -> Selection:
     """Coverage-enhanced sample selection (paper Algorithm 2, as the paper's code does it).
 
