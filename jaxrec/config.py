@@ -540,7 +540,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         flags = ["--" + n.replace("_", "-") for n in (f.name, *f.metadata.get("aliases", ()))]
         typ = _field_type(cls, f)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         text = f.metadata.get("help", "")
         text = f"{text} (default: {default!r})" if text else f"(default: {default!r})"
         if typ is bool:
@@ -661,7 +661,7 @@ def config_from_args(cls, args: argparse.Namespace, section: str, classes: dict 
     """Defaults <- section of the config file (``CONFIG`` or ``--config``) <- command-line
     flags. The file is checked by :func:`check_sections` against ``classes`` (default: only
     ``section``, of ``cls``)."""
-    values = {}
+    values: dict = {}
     path = getattr(args, "config", None)
     positional = getattr(args, "config_file", None)
     if path and positional and path != positional:

@@ -218,7 +218,7 @@ def retrain_many(
 
 
 def _retrain_group(task: SurrogateTask, masks: np.ndarray, seeds: list[int]) -> Params:
-    """:func:`retrain_many` on one group of models. Over 60 lines for a reason: one loop
+    """:func:`retrain_many` on one group of models. Long because of one loop
     whose per-model state (epoch, position in the epoch's plan, that epoch's data, RNG) every
     step reads and advances together; split, the pieces would pass all of it around."""
     cfg = task.cfg

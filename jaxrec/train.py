@@ -37,6 +37,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from jaxrec.base import Loss, PerSampleLoss
 from jaxrec.config import SurrogateConfig, SurrogateEvalConfig, make_config
 from jaxrec.data import (
     Dataset,
@@ -63,9 +64,9 @@ class Surrogate:
     config: SurrogateConfig
     dataset: Dataset
     data: dict  # inputs / targets / negatives / index, one row per user (NumPy)
-    loss: callable
-    per_sample_loss: callable
-    sample_loss: callable  # per-user loss (jaxrec.models.sample_loss): the g_i of the scores
+    loss: Loss
+    per_sample_loss: PerSampleLoss
+    sample_loss: PerSampleLoss  # per-user loss (jaxrec.models.sample_loss): the g_i of the scores
 
     def user_representations(self, params, inputs):
         """``[B, L] -> [B, hidden]``: hidden state at the newest position."""

@@ -264,7 +264,7 @@ def run(cfg: EvaluateConfig) -> int:
     """BIGRec's evaluation: generate for each evaluated user, ground to items by L2 distance of
     base-model embeddings, write Recall/NDCG@{10,20} to ``cfg.out`` and predictions beside it.
 
-    Over 60 lines: the stage's steps in order, timed between them (load, generation,
+    Long because: the stage's steps in order, timed between them (load, generation,
     grounding), and the result record that reports those times."""
     if cfg.adapter:
         check_adapter_folder(cfg.adapter)

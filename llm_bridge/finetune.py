@@ -396,7 +396,7 @@ def warmup(
     Returns:
       the loss of each step.
 
-    Over 60 lines for this docstring; the code is about 35.
+    Long because of this docstring; the code is about 35.
     """
     lm_loss.check_loss(loss)
     if steps < 1 or batch_size < 1:

@@ -158,7 +158,7 @@ def merge_shards(
         seconds += float(manifest.get("seconds") or 0.0)
     if (covered > 1).any():
         raise UserError(f"{folder}: row {int(np.flatnonzero(covered > 1)[0])} is in two shards")
-    if (covered == 0).any():
+    if scores is None or (covered == 0).any():
         return None
     save_scores(
         out,

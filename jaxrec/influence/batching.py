@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxrec.errors import UserError
-from jaxrec.influence import hosts
+import jaxrec.influence.hosts as hosts
 
 
 def data_size(data) -> int:

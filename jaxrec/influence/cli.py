@@ -270,6 +270,14 @@ def main(cfg: InfluenceConfig) -> int:
         if jax_process() != 0:
             print(f"process {jax_process()}: rows {rows[0]}..{rows[1] - 1} written")
             return 0
+    _save(cfg, out, scores, info, dataset, multi, t0)
+    return 0
+
+
+def _save(
+    cfg: InfluenceConfig, out: Path, scores, info: dict, dataset: dict, multi: bool, t0: float
+) -> None:
+    """Write ``out`` + manifest (under several processes: process 0 merges the parts)."""
     extra = {
         "run": str(cfg.run),
         "score": cfg.score,
@@ -298,7 +306,6 @@ def main(cfg: InfluenceConfig) -> int:
         f"({time.perf_counter() - t0:.1f} s; {info['n_params']} parameters"
         f"{f'; LiSSA steps {steps}' if steps else ''})"
     )
-    return 0
 
 
 def check_hosts(cfg: InfluenceConfig) -> None:

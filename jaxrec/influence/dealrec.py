@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jaxrec.base import Loss, Params, PerSampleLoss
 from jaxrec.config import InfluenceConfig, LissaOptions, solver_options
 from jaxrec.data.buckets import bucket_widths, width_strata
-from jaxrec.influence import hosts
+import jaxrec.influence.hosts as hosts
 from jaxrec.influence.batching import Strata
 from jaxrec.influence.params import ParamSubset
 from jaxrec.influence.scores import influence_scores
@@ -75,7 +75,7 @@ def dealrec_scores(
       ``seconds`` (per stage) and ``solver`` (the solver's report, ``negative_draws``,
       ``sample_loss``).
 
-    Over 60 lines by its Args/Returns documentation; the code is one straight path.
+    Long because of its Args/Returns documentation; the code is one straight path.
     """
     if cfg.sample_loss not in ("per-user", "training"):
         raise ValueError(f"sample_loss must be 'per-user' or 'training', got {cfg.sample_loss!r}")

@@ -107,7 +107,7 @@ def inverse_hvp_with_info(
     Returns ``(u, info)``: ``info`` is the solver's report (LiSSA's ``norm_trace`` and
     ``steps_run``, CG's residuals, eigenvalues, ...).
 
-    Over 60 lines: the one dispatch over the four solvers, with the conventions each needs.
+    Long because: the one dispatch over the four solvers, with the conventions each needs.
     """
     opts = solver_options(solver, **options)
     name = solver_name(opts)

@@ -228,7 +228,7 @@ def fit_state(state, progress=None) -> dict:
     for EK-FAC, the corrected eigenvalues (a second pass). Returns ``{"layers": {module path:
     {"kernel", "bias", "qa", "qs", "eigenvalues" [in(+1), out], "damping"}}}``.
 
-    Over 60 lines: K-FAC's covariance pass and EK-FAC's eigenvalue pass share the layer
+    Long because: K-FAC's covariance pass and EK-FAC's eigenvalue pass share the layer
     table, the rotations and the batch sizes; split, they would pass all of it around."""
 
     opts = state.options

@@ -34,7 +34,7 @@ from jaxrec.config import LissaOptions
 from jaxrec.errors import UserError
 from jax.sharding import PartitionSpec
 
-from jaxrec.influence import hosts
+import jaxrec.influence.hosts as hosts
 from jaxrec.influence import tree as T
 from jaxrec.influence.batching import _disable, data_size, strata
 from jaxrec.influence.hvp import hvp
@@ -280,7 +280,7 @@ def solve(
     cut to the shortest run), ``steps_run`` per repeat, ``rel_std`` (standard error of the mean
     over repeats relative to ``||h||``; NaN for 1 repeat).
 
-    Over 60 lines by its documentation and the per-repeat bookkeeping of one loop.
+    Long because of its documentation and the per-repeat bookkeeping of one loop.
     """
     opts = options or LissaOptions()
     _check(opts, d, scale)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from jaxrec.errors import UserError
-from jaxrec.influence import hosts
+import jaxrec.influence.hosts as hosts
 from jaxrec.influence.batching import full_batches
 from jaxrec.influence.hvp import hvp
 from jaxrec.influence.tree import all_finite

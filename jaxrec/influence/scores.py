@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxrec.config import InfluenceConfig
 from jaxrec.errors import UserError
-from jaxrec.influence import hosts
+import jaxrec.influence.hosts as hosts
 from jaxrec.influence.batching import data_mesh, global_size, in_order, replicate, strata_batches
 from jaxrec.influence.inverse import SolverOptions, inverse_hvp_with_info
 
@@ -199,7 +199,7 @@ def influence_scores(
     the solver's HVPs cover every process's (``n`` too), the scores are this process's rows.
     Returns ``(scores [n], info)`` where ``info`` holds the solver's report and timings.
 
-    Over 60 lines by its documentation; the code is the three timed steps.
+    Long because of its documentation; the code is the three timed steps.
     """
     n = global_size(data)
     t0 = time.perf_counter()

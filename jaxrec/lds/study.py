@@ -8,6 +8,7 @@ Everything lands in ``cfg.out``; retrained losses and attributions are cached th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -15,7 +16,7 @@ import time
 import typing
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import jax
 import numpy as np
@@ -88,10 +89,14 @@ def retrained_losses(
             if not np.all(np.isfinite(value)):
                 raise UserError(f"retrain on subset {m} (seed {s}) gave a non-finite loss")
             if f is not None:
-                atomic_write_bytes(f, lambda fh, v=value: np.save(fh, v, allow_pickle=False))
+                atomic_write_bytes(f, functools.partial(_save_npy, value=value))
             out[m][k] = value
             bar.update(1)
     return np.stack([np.stack(row) for row in out])
+
+
+def _save_npy(fh: BinaryIO, value: np.ndarray) -> None:
+    np.save(fh, value, allow_pickle=False)
 
 
 def surrogate_config(cfg: LdsConfig, data: str) -> SurrogateConfig:

@@ -290,7 +290,7 @@ def _fit(
 ) -> dict:
     """The epoch loop with early stopping, best-model saving and per-epoch checkpoints.
 
-    Over 60 lines: one loop whose state (best epoch, bad epochs, seconds) is saved with every
+    Long because: one loop whose state (best epoch, bad epochs, seconds) is saved with every
     checkpoint; split, that state would be passed back and forth."""
     ckpt, early = out / "checkpoint", record["early_stopping"]
     max_epochs, n_train = record["max_epochs"], len(train[0])
@@ -359,7 +359,7 @@ def run(cfg: FinetuneConfig) -> int:
     """TIGER's fine-tune: all T5 parameters on the selection's samples, early-stopped on the
     same users' valid loss; write the best model, then ``train_record.json``, to ``cfg.out``.
 
-    Over 60 lines: the checks, the settings a checkpoint must match and the record's fields,
+    Long because: the checks, the settings a checkpoint must match and the record's fields,
     each once, in the order the files are written."""
     _check(cfg)
     ds = load_dataset(cfg.data)
