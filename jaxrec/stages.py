@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
-BACKENDS = ("bigrec", "tiger")
+from llm_bridge.config import Backend
+
+#: the backends' names: one home, ``llm_bridge.config.Backend`` (``llm_bridge.backend`` maps
+#: each to its implementation)
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 class Command(NamedTuple):
