@@ -6,7 +6,7 @@ code's ``--train_on_inputs``) train the LoRA adapter with AdamW (lr 1e-4), gradi
 accumulation and a seeded sample order. After every epoch the same users' *valid-period*
 samples are scored (history = all train titles, response = the first valid item's title,
 for the selected users that have valid items, or with ``valid_users: fixed`` for one seeded
-set of users, :func:`fixed_valid_users`); training stops when that loss has not
+set of users, :func:`~llm_bridge.training.fixed_valid_users`); training stops when that loss has not
 improved for ``patience`` epochs, and the adapter of the best epoch is kept. If no selected
 user has a valid item, a fixed ``fallback_epochs`` are trained and the last adapter is kept
 (the record says so).

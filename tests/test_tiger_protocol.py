@@ -16,7 +16,7 @@ from jaxrec.data.synthetic import make_synthetic
 from jaxrec.errors import UserError
 from jaxrec.pipeline import key_options
 from llm_bridge.config import FinetuneConfig
-from llm_bridge.finetune import fixed_valid_users, valid_rows
+from llm_bridge.training import fixed_valid_users, valid_rows
 from llm_bridge.tiger import model as M
 from llm_bridge.tiger.finetune import run as finetune_main
 
