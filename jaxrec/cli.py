@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import sys
 
-from jaxrec.config import add_config_arguments, config_from_args, flag_words
+from jaxrec.config_io import add_config_arguments, config_from_args, flag_words
 from jaxrec.errors import UserError
 from jaxrec.stages import PIPELINE, Command, load
 
@@ -80,7 +80,7 @@ _load = load  # the name tests use
 def section_classes() -> dict[str, type | None]:
     """Every section a config file may hold -> the config class that reads it (``None``: a
     section only ``run`` / ``experiment`` read). A command given a file checks all of them
-    (:func:`jaxrec.config.check_sections`)."""
+    (:func:`jaxrec.config_io.check_sections`)."""
     classes: dict[str, type | None] = dict.fromkeys(PIPELINE_SECTIONS)
     for cfg_ref, section, _runner, _help in COMMANDS.values():
         if section is not None:

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 
 
-from jaxrec.config import help_of, option
+from jaxrec.config_io import help_of, option
 from jaxrec.errors import UserError
 
 JAX_PROBE = """

@@ -39,7 +39,7 @@ from typing import Literal, NamedTuple, cast
 
 import yaml
 
-from jaxrec.config import help_of, keyed_value, load_config_file, make_config, option
+from jaxrec.config_io import help_of, keyed_value, load_config_file, make_config, option
 from jaxrec.data import load_dataset
 from jaxrec.data.subset import write_user_subset
 from jaxrec.errors import UserError
@@ -287,7 +287,7 @@ WIRED_PATHS = frozenset(
 
 
 def at_since_default(fields: Iterable[dataclasses.Field], name: str, value: object) -> bool:
-    """Whether option ``name`` was marked ``since`` (:func:`jaxrec.config.option`) and has its
+    """Whether option ``name`` was marked ``since`` (:func:`jaxrec.config_io.option`) and has its
     default ``value``: such an option is left out of reuse keys."""
     for f in fields:
         if f.name == name and f.metadata.get("since"):
@@ -305,7 +305,7 @@ def key_options(stage: str, section: dict) -> dict:
     stages, which copy the section, read them). A stage unknown to :func:`config_classes`
     (tests' stand-ins) keys on ``section`` as given. An option marked ``since`` in its config
     class is left out while at its default, so adding it keeps archived runs valid; one marked
-    ``keyed_as`` keys as that value whatever its own (:func:`jaxrec.config.keyed_value`). Of the
+    ``keyed_as`` keys as that value whatever its own (:func:`jaxrec.config_io.keyed_value`). Of the
     paths in :data:`WIRED_PATHS` only the file name is keyed, so keys do not depend on the
     workdir."""
     known = stage.partition(":")[0] in config_classes()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxrec.config import help_of, option
+from jaxrec.config_io import help_of, option
 from jaxrec.data import load_scores, read_manifest
 from jaxrec.errors import UserError
 from jaxrec.experiment.plots import pyplot

@@ -38,7 +38,8 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from jaxrec.base import Loss, PerSampleLoss
-from jaxrec.config import SurrogateConfig, SurrogateEvalConfig, make_config
+from jaxrec.config import SurrogateConfig, SurrogateEvalConfig
+from jaxrec.config_io import make_config
 from jaxrec.data import (
     Dataset,
     evaluation_arrays,

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from jaxrec.config import GAMES, option
+from jaxrec.config import GAMES
+from jaxrec.config_io import option
 from jaxrec.errors import UserError
 
 Backend = Literal["bigrec", "tiger"]

@@ -52,7 +52,8 @@ def test_a_pipeline_file_and_its_score_stages_are_accepted(tmp_path):
     """``dealrec run`` hands every stage its resolved.yaml: all sections, plus score stages
     named ``influence:KIND``."""
     from jaxrec.cli import section_classes
-    from jaxrec.config import SelectConfig, check_sections, load_config_file
+    from jaxrec.config import SelectConfig
+    from jaxrec.config_io import check_sections, load_config_file
 
     cfg = tmp_path / "f.yaml"
     cfg.write_text(
@@ -64,7 +65,8 @@ def test_a_pipeline_file_and_its_score_stages_are_accepted(tmp_path):
 
 
 def test_positional_config_and_flags(tmp_path):
-    from jaxrec.config import LdsConfig, config_from_args
+    from jaxrec.config import LdsConfig
+    from jaxrec.config_io import config_from_args
 
     cfg = tmp_path / "f.yaml"
     cfg.write_text("lds:\n  subsets: 7\n  seeds: 3\n")
@@ -77,7 +79,8 @@ def test_positional_config_and_flags(tmp_path):
 
 
 def test_errors_name_flags_as_spelled(tmp_path, capsys):
-    from jaxrec.config import SelectConfig, flag_words
+    from jaxrec.config import SelectConfig
+    from jaxrec.config_io import flag_words
 
     assert flag_words("increase damping= or use out='a b'", SelectConfig) == (
         "increase damping= or use --out a b"
@@ -167,7 +170,7 @@ def test_every_documented_command_line_parses(where, line):
         read_experiment_file(config)
     else:
         from jaxrec.cli import _load, section_classes
-        from jaxrec.config import config_from_args
+        from jaxrec.config_io import config_from_args
 
         cfg_ref, section, _runner, _help = COMMANDS[args.command]
         args.config, args.config_file = config, None
@@ -219,7 +222,8 @@ def test_resume_is_the_default_and_keyed_as_archived():
     """Every resumable command resumes by default; ``resume`` and the cache folders do not
     change results, so reuse keys hold the value archived keys were made with
     (``keyed_value``; the pipeline's key_options applies it)."""
-    from jaxrec.config import SurrogateConfig, keyed_value
+    from jaxrec.config import SurrogateConfig
+    from jaxrec.config_io import keyed_value
     from llm_bridge.config import (
         EffortConfig,
         EvaluateConfig,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from jaxrec.cli import COMMANDS
-from jaxrec.config import make_config
+from jaxrec.config_io import make_config
 from jaxrec.errors import UserError
 from jaxrec.experiment import ExperimentConfig
 from jaxrec.pipeline import read_experiment_file

@@ -307,7 +307,8 @@ def test_renamed_solver_options_keep_their_old_spellings_and_keys():
     maxiter, rank, iterations); the old spellings still parse, and a run's folder records
     them under the old names, so an archived run's settings.json still matches."""
     from jaxrec.cli import build_parser
-    from jaxrec.config import LdsConfig, config_from_args, make_config
+    from jaxrec.config import LdsConfig
+    from jaxrec.config_io import config_from_args, make_config
 
     args = build_parser().parse_args(["lds", "--lissa-steps", "7", "--cg-tol", "1e-3"])
     got = config_from_args(LdsConfig, args, "lds")

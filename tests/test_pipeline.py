@@ -109,7 +109,7 @@ def test_option_marked_since_stays_out_of_the_key_at_its_default():
     default, so the archive's earlier runs keep their keys."""
     import dataclasses
 
-    from jaxrec.config import option
+    from jaxrec.config_io import option
     from jaxrec.pipeline import at_since_default
 
     @dataclasses.dataclass

@@ -12,7 +12,7 @@ from typing import Literal, NamedTuple
 
 import yaml
 
-from jaxrec.config import help_of, make_config, option
+from jaxrec.config_io import help_of, make_config, option
 from jaxrec.errors import UserError
 from jaxrec.pipeline import (
     PipelineArgs,

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxrec.config import InfluenceConfig, to_dict
+from jaxrec.config import InfluenceConfig
+from jaxrec.config_io import to_dict
 from jaxrec.data.buckets import width_strata
 from jaxrec.data import load_dataset
 from jaxrec.data.scorefiles import (

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.config import option
+from jaxrec.config_io import option
 from jaxrec.errors import UserError
 from jaxrec.influence.batching import data_size, strata, total_size
 from jaxrec.influence.pairwise import batch_reduce

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jaxrec.config import option
+from jaxrec.config_io import option
 from jaxrec.errors import UserError
 from jaxrec.influence.pairwise import Checkpoints, pairwise_scores, query_gradients
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.config import option
+from jaxrec.config_io import option
 from jaxrec.errors import UserError
 from jaxrec.influence.batching import total_size
 from jaxrec.influence.pairwise import Checkpoints, batch_reduce, query_gradients

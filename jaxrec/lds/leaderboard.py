@@ -20,7 +20,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from jaxrec.config import LdsConfig, load_config_file, make_config, option
+from jaxrec.config import LdsConfig
+from jaxrec.config_io import load_config_file, make_config, option
 from jaxrec.errors import UserError
 from jaxrec.lds.study import check_options
 from jaxrec.lds.study import main as run_study
