@@ -11,8 +11,8 @@ import llm_bridge.backend as backend_registry
 from pathlib import Path
 
 from jaxrec.stages import PER_RUN, PIPELINE, SHARED, STAGE, stage_table
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 JAX = ("jax", "flax", "optax", "orbax")
 TORCH = ("torch", "transformers", "peft", "accelerate")
 HEAVY = ("scipy", "matplotlib")

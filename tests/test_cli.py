@@ -4,13 +4,11 @@ line that README.md and docs/*.md show parses (and, for a shipped config, valida
 
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
 from jaxrec.cli import COMMANDS, build_parser, main
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
 
 
 def _error(capsys, argv) -> str:

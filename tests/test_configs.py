@@ -12,8 +12,9 @@ from jaxrec.errors import UserError
 from jaxrec.experiment import ExperimentConfig
 from jaxrec.pipeline import read_experiment_file
 from jaxrec.select import check_method
+from tests.support import ROOT
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
 def test_configs_exist():
@@ -59,7 +60,7 @@ def test_experiment_rejects_unknown_method_before_running(tmp_path):
 
 
 # ----------------------------------------------------------------------------- paper protocol
-CONFIG_DIR = Path(__file__).parent.parent / "configs"
+CONFIG_DIR = ROOT / "configs"
 BIGREC_STUDIES = sorted((CONFIG_DIR / "studies").glob("*_bigrec.yaml"))
 
 

@@ -5,12 +5,12 @@ No wall-clock assertion: the notebook takes about 1 minute on a quiet 2-core mac
 fine-tune and the rest of the suite, one cell took over 300 s. nbclient's per-cell timeout
 (900 s) only guards against a hang; the notebook's speed belongs in bench/, not here."""
 
-from pathlib import Path
-
 import nbformat
 from nbclient import NotebookClient
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "influence_explorer.ipynb"
+from tests.support import ROOT
+
+NOTEBOOK = ROOT / "notebooks" / "influence_explorer.ipynb"
 
 
 def test_influence_explorer_executes(tmp_path, monkeypatch):

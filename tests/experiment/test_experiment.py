@@ -384,7 +384,8 @@ def test_archived_runs_keep_their_keys():
     )
     from jaxrec.pipeline import baseline_score_options, digest, key_options, stage_keys, wire
 
-    root = Path(__file__).resolve().parents[1]
+    from tests.support import ROOT as root
+
     archived = {r["key"] for r in csv.DictReader(open(root / "results/tiger_games/runs.csv"))}
     # runs archived by the pinned clones of 2026-12-07 (random: 34e6704, DEALRec: 5ac7c44)
     known = {

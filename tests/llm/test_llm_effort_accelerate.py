@@ -14,8 +14,7 @@ from jaxrec.data import load_dataset, load_scores
 from jaxrec.data.synthetic import make_synthetic
 from llm_bridge import effort
 from llm_bridge.config import EffortConfig
-from tests.conftest import GAMES, games_available
-from tests.llm_fixtures import tiny_llama
+from tests.support import GAMES, games_available, tiny_llama
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")

@@ -17,7 +17,7 @@ from llm_bridge import bigrec, effort, shards
 from llm_bridge.config import EffortConfig
 from llm_bridge.model import add_lora, load_tokenizer_and_model
 from llm_bridge.prompts import collate, encode_sample, user_sample
-from tests.llm_fixtures import tiny_llama
+from tests.support import tiny_llama
 
 
 @pytest.fixture(scope="module")

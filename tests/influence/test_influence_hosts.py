@@ -10,12 +10,12 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
+
 
 # One process of P: every solver on this process's rows; prints {solver: scores}.
 SCRIPT = r"""

@@ -162,7 +162,7 @@ def test_bigrec_stops_on_the_fixed_set_and_refuses_prefixes(tmp_path):
     """BIGRec shares ``valid_users``: a selection without any valid item still early-stops
     on the fixed set; ``train_samples: prefixes`` is TIGER's only."""
     from llm_bridge import finetune
-    from tests.llm_fixtures import tiny_llama
+    from tests.support import tiny_llama
 
     path = make_synthetic(tmp_path / "d", n_users=60, n_items=30, n_clusters=3, max_len=6, seed=1)
     ds = load_dataset(path)

@@ -12,7 +12,7 @@ from jaxrec.data.synthetic import make_synthetic
 from jaxrec.errors import UserError
 from llm_bridge import model as model_mod
 from llm_bridge.prompts import IGNORE, build_prompt, collate, encode_sample, user_sample
-from tests.llm_fixtures import tiny_llama, tiny_tokenizer
+from tests.support import tiny_llama, tiny_tokenizer
 
 EXPECTED = (
     "Below is an instruction that describes a task, paired with an input that provides further "

@@ -12,7 +12,7 @@ from jax.flatten_util import ravel_pytree
 from jaxrec.config import InfluenceConfig
 from jaxrec.influence.dealrec import dealrec_scores
 from jaxrec.models import sample_loss, sasrec
-from tests.test_sasrec_official import official_batch, official_model, torch_from_flax
+from tests.support import official_batch, official_model, torch_from_flax
 
 BLOCK = r"^attn_out_1/bias$"  # 16 values: an exact Hessian by hand
 

@@ -3,7 +3,7 @@ equal the single-device results (issue 2, "Scale past one device")."""
 
 import numpy as np
 
-from tests.conftest import run_on_forced_devices
+from tests.support import run_on_forced_devices
 
 SCRIPT = r"""
 import json, sys

@@ -14,7 +14,7 @@ from llm_bridge.tiger import finetune as tft
 from llm_bridge.tiger import generate as gen
 from llm_bridge.tiger import model as M
 from llm_bridge.tiger.evaluate import target_losses
-from tests.test_tiger_model import TINY, ft_config, random_codes, random_inputs, syn  # noqa: F401
+from tests.support import TINY, ft_config, random_codes, random_inputs
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -137,7 +137,7 @@ def test_bf16_autocast_beam_search_is_close():
     np.testing.assert_allclose(target_losses(model, inputs, first, autocast="bf16"), exact, 0.02)
 
 
-def test_speed_options_run_key_and_resume_only_when_set(syn, tmp_path):  # noqa: F811
+def test_speed_options_run_key_and_resume_only_when_set(syn, tmp_path):
     from jaxrec.pipeline import key_options
 
     root, path, *_ = syn

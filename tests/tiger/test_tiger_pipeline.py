@@ -9,13 +9,13 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from jaxrec.cli import main as cli
 from jaxrec.data.synthetic import make_synthetic
+from tests.support import ROOT
 
 pytest.importorskip("llm_bridge.tiger.effort")
 
@@ -181,7 +181,7 @@ def test_two_processes_take_the_runs_of_one_experiment(config):
     path = _write(
         root, dict(cfg, experiment={"methods": ["random"], "seeds": [5, 6, 7]}), "two.yaml"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     argv = [sys.executable, "-m", "jaxrec.cli", "experiment", path]
     procs = [subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     logs = [p.communicate(timeout=900)[1] for p in procs]

@@ -13,7 +13,7 @@ from jaxrec.errors import UserError
 from llm_bridge.config import EffortConfig
 from llm_bridge.tiger import effort as eff
 from llm_bridge.tiger import model as M
-from tests.test_tiger_model import TINY, random_codes, random_inputs, write_codes
+from tests.support import TINY, random_codes, random_inputs, write_codes
 
 
 @pytest.fixture(autouse=True, scope="module")

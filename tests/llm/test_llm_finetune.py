@@ -16,7 +16,7 @@ from jaxrec.errors import UserError
 from jaxrec.pipeline import stage_output
 from llm_bridge import finetune, prompts
 from llm_bridge.config import FinetuneConfig
-from tests.llm_fixtures import tiny_llama
+from tests.support import tiny_llama
 
 
 @pytest.fixture(scope="module")

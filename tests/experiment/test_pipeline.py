@@ -10,7 +10,7 @@ import yaml
 from jaxrec.cli import main as cli
 from jaxrec.data import load_scores
 from jaxrec.data.synthetic import make_synthetic
-from tests.llm_fixtures import tiny_llama
+from tests.support import tiny_llama
 
 
 @pytest.fixture(scope="module")

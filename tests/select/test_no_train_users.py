@@ -107,7 +107,7 @@ def test_tiger_pipeline_with_users_without_train_items(tmp_path):
 
 
 def test_bigrec_pipeline_with_users_without_train_items(tmp_path):
-    from tests.llm_fixtures import tiny_llama
+    from tests.support import tiny_llama
 
     data = make_synthetic(
         tmp_path / "data", n_users=50, n_items=30, n_clusters=3, max_len=6, seed=2, no_train=4

@@ -19,7 +19,7 @@ from llm_bridge import user_reps
 from llm_bridge.config import UserRepsConfig
 from llm_bridge.model import load_tokenizer_and_model
 from llm_bridge.prompts import build_prompt, collate, user_sample
-from tests.llm_fixtures import tiny_llama
+from tests.support import tiny_llama
 
 
 @pytest.fixture(scope="module")

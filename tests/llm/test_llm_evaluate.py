@@ -16,7 +16,7 @@ from jaxrec.data.synthetic import make_synthetic
 from jaxrec.errors import UserError
 from llm_bridge import evaluate
 from llm_bridge.config import EvaluateConfig
-from tests.llm_fixtures import tiny_llama
+from tests.support import GAMES, games_available, tiny_llama
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -246,8 +246,6 @@ def test_bad_input(env, tmp_path, capsys):
 def _games_slice(out, n_users: int = 3, seed: int = 0):
     """A dataset folder of ``n_users`` Games users with test items, their items renumbered
     1..m with their real titles (so that grounding ranks m items, not 17,332)."""
-    from tests.conftest import GAMES
-
     ds = load_dataset(GAMES)
     rows = np.sort(
         np.random.default_rng(seed).choice(
@@ -275,8 +273,6 @@ def _games_slice(out, n_users: int = 3, seed: int = 0):
 
 @pytest.mark.slow
 def test_smollm2_finetune_and_evaluate_games_users(tmp_path):
-    from tests.conftest import games_available
-
     if not games_available():
         pytest.skip("Games data not found")
     from jaxrec.data import save_scores

@@ -9,51 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from jaxrec.data import load_dataset, save_scores
+from jaxrec.data import load_dataset
 from jaxrec.data.synthetic import make_synthetic
 from jaxrec.errors import UserError
-from llm_bridge.config import EvaluateConfig, FinetuneConfig
+from llm_bridge.config import EvaluateConfig
 from llm_bridge.tiger import finetune as tft
 from llm_bridge.tiger import generate as gen
 from llm_bridge.tiger import model as M
 from llm_bridge.tiger.evaluate import run as evaluate_main
-
-TINY = {
-    "d_model": 16,
-    "d_kv": 8,
-    "d_ff": 32,
-    "num_layers": 1,
-    "num_decoder_layers": 2,
-    "num_heads": 2,
-}
-
-
-# ----------------------------------------------------------------------------- helpers
-def random_codes(n_items: int, sizes, seed: int = 0) -> np.ndarray:
-    """``[n_items, len(sizes)]`` distinct random code tuples."""
-    rng = np.random.default_rng(seed)
-    space = int(np.prod(sizes))
-    flat = rng.choice(space, size=n_items, replace=False)
-    return np.stack(np.unravel_index(flat, sizes), 1).astype(np.int64)
-
-
-def write_codes(path, ds, codes, sizes):
-    """A semantic-ID file as ``dealrec semantic-ids`` writes it."""
-    return save_scores(
-        path,
-        codes,
-        kind="semantic_ids",
-        dataset=ds.fingerprint(),
-        codebook_sizes=[int(k) for k in sizes],
-    )
-
-
-def random_inputs(n_users: int, n_items: int, tokens, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    return [
-        M.history_input(rng.integers(1, n_items + 1, rng.integers(0, 7)), tokens, 20)
-        for _ in range(n_users)
-    ]
+from tests.support import TINY, ft_config, random_codes, random_inputs, write_codes
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -62,39 +26,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    """A 120-user, 40-item synthetic dataset, its codes file and a 48-user selection."""
-    root = tmp_path_factory.mktemp("tiger")
-    path = make_synthetic(root / "data", n_users=120, n_items=40, n_clusters=4, max_len=8, seed=3)
-    ds = load_dataset(path)
-    sizes = [4, 4, 3, 2]
-    codes = random_codes(ds.n_items, sizes, seed=1)
-    write_codes(root / "codes.npy", ds, codes, sizes)
-    sel = np.random.default_rng(0).choice(ds.n_users, 48, replace=False)
-    save_scores(root / "sel.npy", sel, kind="selection", dataset=ds.fingerprint())
-    return root, path, ds, codes, sizes
-
-
-def ft_config(root, path, out, **kw) -> FinetuneConfig:
-    base = {
-        "data": str(path),
-        "backend": "tiger",
-        "semantic_ids": str(root / "codes.npy"),
-        "selection": str(root / "sel.npy"),
-        "out": str(out),
-        "epochs": 4,
-        "patience": 10,
-        "lr": 3e-3,
-        "weight_decay": 0.01,
-        "schedule": "cosine",
-        "batch_size": 16,
-        "grad_accum": 1,
-        "device": "cpu",
-    }
-    return FinetuneConfig(**{**base, **kw})
 
 
 # ----------------------------------------------------------------------------- model

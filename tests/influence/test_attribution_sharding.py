@@ -1,10 +1,10 @@
 """Every attribution estimator on 4 (forced host) CPU devices equals its single-device result:
 batches (scoring, covariances, projections, DataInf sums) are padded and sharded as the
-engine's scores are (tests/test_influence_sharding.py)."""
+engine's scores are (tests/influence/test_influence_sharding.py)."""
 
 import numpy as np
 
-from tests.conftest import run_on_forced_devices
+from tests.support import run_on_forced_devices
 
 SCRIPT = r"""
 import json
