@@ -437,7 +437,7 @@ def test_lissa_stops_when_converged_within_its_noise():
         688 <= info["steps_run"][0] <= 1500 and info["norm_trace"].shape[1] == info["steps_run"][0]
     )
     runs = [
-        inf.inverse_hvp(loss, params, data, v, steps=5000, seed=s, tol=0.0, **common)
+        inf.inverse_hvp_with_info(loss, params, data, v, steps=5000, seed=s, tol=0.0, **common)
         for s in (0, 1, 2)
     ]
     assert all(r[1]["steps_run"] == [5000] for r in runs)
