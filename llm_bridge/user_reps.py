@@ -1,4 +1,5 @@
-"""``dealrec user-reps``: TF-DCon's LLM half, one LLM embedding of every user's prompt.
+"""``dealrec user-reps``: TF-DCon's LLM half, one LLM embedding of every user's prompt (BIGRec;
+TIGER's T5 vectors: :mod:`llm_bridge.tiger.user_reps`).
 
 TF-DCon (Wu et al., 2024) condenses users on both the recommender's and the LLM's view of them;
 ``dealrec select --method tfdcon --llm-reps FILE`` clusters on the surrogate's user
@@ -121,13 +122,14 @@ def _settings(cfg: UserRepsConfig, ds, info: dict) -> dict:
 
 
 def main(cfg: UserRepsConfig) -> int:
-    """``dealrec user-reps``: the user representations of the BIGRec LLM (the config has no
-    ``backend``: TF-DCon reads a text LLM's view of the users; :mod:`llm_bridge.backend`)."""
-    return get_backend("bigrec").user_reps(cfg)
+    """``dealrec user-reps``: the user representations of ``cfg.backend``
+    (:mod:`llm_bridge.backend`; TIGER's: :mod:`llm_bridge.tiger.user_reps`)."""
+    return get_backend(cfg.backend).user_reps(cfg)
 
 
-def _check(cfg: UserRepsConfig) -> Path:
-    """``cfg.out`` as a Path; :class:`UserError` for a bad option (before any work)."""
+def check_config(cfg: UserRepsConfig) -> Path:
+    """``cfg.out`` as a Path after the checks both backends share; :class:`UserError` for a
+    bad option (before any work)."""
     out = Path(cfg.out)
     if out.suffix != ".npy":
         raise UserError(f"{out}: the user-reps file name must end in .npy")
@@ -141,7 +143,7 @@ def _check(cfg: UserRepsConfig) -> Path:
 def run(cfg: UserRepsConfig) -> int:
     """The LLM vector of every user's prompt (or rows ``--users A:B``), sharded and resumable
     (:mod:`llm_bridge.shards`), merged into ``cfg.out`` when every row is done."""
-    out = _check(cfg)
+    out = check_config(cfg)
     ds = load_dataset(cfg.data)
     parse_users(cfg.users, ds.n_users)
     folder = shard_folder(out)
