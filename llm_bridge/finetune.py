@@ -46,7 +46,13 @@ from llm_bridge.config import FinetuneConfig
 from llm_bridge.model import check_adapter_folder, lora_model
 from llm_bridge.prompts import collate, encode_users
 from llm_bridge.runtime import RESTART, eval_mode, jsonable, read_json, reading
-from llm_bridge.training import added_settings, check_selection, save_best, valid_rows
+from llm_bridge.training import (
+    added_settings,
+    check_selection,
+    resume_state,
+    save_best,
+    valid_rows,
+)
 
 # Settings that must match for a checkpoint to be continued (``epochs``/``patience`` may grow).
 _RESUME_KEYS = (
@@ -160,7 +166,7 @@ def run(cfg: FinetuneConfig) -> int:
         **{k: getattr(cfg, k) for k in _RESUME_KEYS},
         **added_settings(cfg),
     }
-    resuming = _can_resume(cfg, ckpt, settings)
+    resuming = resume_state(cfg.resume, ckpt, settings) is not None
     tokenizer, model, info = lora_model(
         cfg.model,
         device=cfg.device,
@@ -301,23 +307,6 @@ def _check_inputs(cfg: FinetuneConfig):
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     return ds, selection, out
-
-
-def _can_resume(cfg: FinetuneConfig, ckpt: Path, settings: dict) -> bool:
-    """Whether to resume from ``ckpt``; a checkpoint made with other settings is an error."""
-    if not (cfg.resume and (ckpt / "state.json").is_file()):
-        return False
-    state = read_json(ckpt / "state.json", RESTART)
-    if not isinstance(state.get("epoch"), int):
-        raise UserError(f"{ckpt / 'state.json'}: damaged (no epoch); {RESTART}")
-    old = state.get("settings", {})
-    if old != settings:
-        diff = sorted(k for k in settings if old.get(k) != settings[k])
-        raise UserError(
-            f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)});"
-            " use --no-resume to start over or another --out"
-        )
-    return True
 
 
 def _run_epoch(

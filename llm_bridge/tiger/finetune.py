@@ -48,7 +48,13 @@ from jaxrec.errors import UserError
 from llm_bridge.config import FinetuneConfig
 from llm_bridge.runtime import RESTART, autocast_context, read_json, reading, resolve_device_dtype
 from llm_bridge.tiger.semantic_ids import load_semantic_ids, vocab_sizes
-from llm_bridge.training import added_settings, check_selection, save_best, valid_rows
+from llm_bridge.training import (
+    added_settings,
+    check_selection,
+    resume_state,
+    save_best,
+    valid_rows,
+)
 from llm_bridge.tiger.model import (
     build_model,
     codes_digest,
@@ -259,24 +265,6 @@ def load_checkpoint(ckpt: Path, model, opt, sched) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
-def _resume_state(cfg: FinetuneConfig, ckpt: Path, settings: dict) -> dict | None:
-    """The checkpoint's ``state.json`` when resuming; :class:`UserError` if made otherwise."""
-
-    if not (cfg.resume and (ckpt / "state.json").is_file()):
-        return None
-    state = read_json(ckpt / "state.json", RESTART)
-    if not isinstance(state.get("epoch"), int):
-        raise UserError(f"{ckpt / 'state.json'}: damaged (no epoch); {RESTART}")
-    if state.get("settings") != settings:
-        old = state.get("settings", {})
-        diff = sorted(k for k in {*settings, *old} if old.get(k) != settings.get(k))
-        raise UserError(
-            f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)}); "
-            "use --no-resume to start over or another --out"
-        )
-    return state
-
-
 def _fit(
     model: Any,
     opt: Any,
@@ -378,7 +366,7 @@ def run(cfg: FinetuneConfig) -> int:
         # checkpoints made before them still resume
         **added_settings(cfg),
     }
-    resume = _resume_state(cfg, out / "checkpoint", settings)
+    resume = resume_state(cfg.resume, out / "checkpoint", settings)
     device, _ = resolve_device_dtype(cfg.device, "float32")
     model = build_model(sizes, cfg.init_seed, device)
     if cfg.fast_dropout:
