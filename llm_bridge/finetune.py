@@ -76,7 +76,7 @@ def _batches(samples: list[dict], order, batch_size: int, pad_id: int, device):
         yield {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
 
 
-def micro_batch_loss(model, batch: dict, loss: str) -> tuple[torch.Tensor, int]:
+def micro_batch_loss(model: Any, batch: dict, loss: str) -> tuple[torch.Tensor, int]:
     """``(value, weight)`` of ``loss`` on one padded batch (:func:`llm_bridge.loss.batch_loss`)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return lm_loss.batch_loss(logits, batch["labels"], loss, batch["attention_mask"])
@@ -84,7 +84,7 @@ def micro_batch_loss(model, batch: dict, loss: str) -> tuple[torch.Tensor, int]:
 
 @torch.no_grad()
 def dataset_loss(
-    model,
+    model: Any,
     samples: list[dict],
     *,
     pad_id: int,
@@ -362,9 +362,9 @@ def _run_epoch(
 
 
 def warmup(
-    model,
-    tokenizer,
-    dataset,
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
     *,
     steps: int,
     batch_size: int = 8,

@@ -49,7 +49,7 @@ KIND = "llm_representation"
 SHARD_KIND = "llm-representation-shard"
 
 
-def encode_prompts(tokenizer, dataset, rows, *, cutoff_len: int = 512) -> list[dict]:
+def encode_prompts(tokenizer: Any, dataset: Any, rows, *, cutoff_len: int = 512) -> list[dict]:
     """The prompt (no response, no EOS) of each user's training sample, as token ids."""
     out = []
     for row in rows:
@@ -60,7 +60,9 @@ def encode_prompts(tokenizer, dataset, rows, *, cutoff_len: int = 512) -> list[d
 
 
 @torch.no_grad()
-def embed(model, input_ids, attention_mask, pooling: str = "mean") -> torch.Tensor:
+def embed(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean"
+) -> torch.Tensor:
     """``[B, H]`` float32 user vectors of a padded batch of prompts: the decoder's last hidden
     state pooled over each prompt's real tokens (``mean``) or taken at its last real token
     (``last``). Positions come from the attention mask, so either padding side gives each
@@ -83,7 +85,7 @@ def embed(model, input_ids, attention_mask, pooling: str = "mean") -> torch.Tens
 
 
 def embed_samples(
-    model,
+    model: Any,
     samples: list[dict],
     *,
     pad_id: int,
@@ -91,7 +93,7 @@ def embed_samples(
     max_tokens: int = 0,
     pooling: str = "mean",
     autocast: str = "",
-    bar=None,
+    bar: Any = None,
 ) -> np.ndarray:
     """``[len(samples), H]`` float32 vectors (:func:`embed`) in length-bucketed batches of at
     most ``batch_size`` prompts and ``max_tokens`` padded tokens."""
