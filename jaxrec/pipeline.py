@@ -183,6 +183,9 @@ def wire(sections: dict, workdir: Path, data: str, backend: str = "bigrec") -> d
     if reps_backend != backend:  # user_reps.backend: bigrec, the text LLM's view under TIGER
         wired["user_reps"]["backend"] = reps_backend
         wired["user_reps"].pop("semantic_ids")
+    if reps_backend == "tiger":  # the input of the fine-tune's sample, as effort's
+        history = wired["finetune"].get("max_history", config_classes()["finetune"].max_history)
+        wired["user_reps"].setdefault("max_history", history)
     wired["effort"].update(data=data, out=out["effort"])
     wired["user_reps"].update(data=data, out=out["user_reps"])
     if backend == "bigrec" and "model" not in wired["user_reps"]:

@@ -134,6 +134,9 @@ def test_pipeline_wires_the_backend_into_user_reps(tmp_path):
     w = wire(sections, tmp_path, "data", "tiger")
     assert w["user_reps"]["backend"] == "tiger"
     assert w["user_reps"]["semantic_ids"] == f"{tmp_path}/semantic_ids.npy"
+    assert w["user_reps"]["max_history"] == 20  # finetune's, so at its default: not keyed
+    short = {"effort": {"max_history": 7}, "finetune": {"max_history": 7}}
+    assert wire(short, tmp_path, "data", "tiger")["user_reps"]["max_history"] == 7
     kept = wire({**sections, "user_reps": {"backend": "bigrec"}}, tmp_path, "data", "tiger")
     assert kept["user_reps"]["backend"] == "bigrec" and "semantic_ids" not in kept["user_reps"]
     assert wire(sections, tmp_path, "data", "bigrec")["user_reps"]["backend"] == "bigrec"
