@@ -23,8 +23,13 @@ _UNSET = object()
 
 
 def option(
-    default, text: str, flag: str = "", since: str = "", keyed_as=_UNSET, aliases: tuple = ()
-):
+    default: typing.Any,
+    text: str,
+    flag: str = "",
+    since: str = "",
+    keyed_as: typing.Any = _UNSET,
+    aliases: tuple = (),
+) -> typing.Any:
     """A documented option field: ``text`` is its ``--help`` text. A list or dict default is
     copied for every instance (``default_factory``). ``flag`` (solver options) names the
     ``InfluenceConfig`` field, and so the command-line flag, that sets it when that name
@@ -55,7 +60,7 @@ def keyed_value(f: dataclasses.Field, value):
     return f.metadata.get("keyed_as", value)
 
 
-def help_of(cls, name: str) -> str:
+def help_of(cls: typing.Any, name: str) -> str:
     """The help text of field ``name`` of the dataclass ``cls``."""
     return cls.__dataclass_fields__[name].metadata["help"]
 

@@ -9,10 +9,11 @@ one, and each frees its accelerator memory when done)::
 ``pipeline.backend`` picks the recommender that is fine-tuned: ``bigrec`` (an LLM with LoRA on
 item titles) or ``tiger`` (a small T5 on semantic-ID codes; it adds the ``semantic_ids`` stage,
 and the pipeline passes the backend and the codes to effort, finetune and evaluate).
-``user_reps`` (``dealrec user-reps``: an LLM embedding of every user's prompt) runs when the
-selection method is ``tfdcon``, which then clusters on both the surrogate's and the LLM's
-user representations (TF-DCon's two halves); ``pipeline.tfdcon_llm_reps: false`` (or an
-explicit ``select.llm_reps`` file) skips it.
+``user_reps`` (``dealrec user-reps``: the backend's embedding of every user's history, BIGRec's
+LLM over the prompt or TIGER's T5 encoder over the semantic IDs; ``user_reps.backend: bigrec``
+keeps the text LLM under TIGER) runs when the selection method is ``tfdcon``, which then
+clusters on both the surrogate's and the LLM's user representations (TF-DCon's two halves);
+``pipeline.tfdcon_llm_reps: false`` (or an explicit ``select.llm_reps`` file) skips it.
 
 The config file has a ``pipeline:`` section (:class:`PipelineConfig`) and one section per
 stage (``surrogate:``, ``influence:``, ``semantic_ids:``, ``effort:``, ``select:``,
@@ -52,6 +53,7 @@ from jaxrec.stages import (
     STAGES,
     base_stage,
     config_classes,
+    stage_inputs,
 )
 
 # ``influence:`` keys that only the GraNd / EL2N score stages read (the early-training variant);
@@ -168,10 +170,22 @@ def wire(sections: dict, workdir: Path, data: str, backend: str = "bigrec") -> d
     wired["semantic_ids"].update(data=data, out=out["semantic_ids"])
     for stage in ("semantic_ids", "evaluate"):  # the encoder cache lives in the workdir
         wired[stage].setdefault("cache_dir", f"{w}/cache")
+    reps_backend = wired["user_reps"].get("backend", backend)
+    if reps_backend not in (backend, "bigrec"):
+        raise UserError(
+            f"user_reps.backend: {reps_backend} needs pipeline.backend: {reps_backend} "
+            "(it reads that backend's inputs)"
+        )
     for stage in BACKEND_STAGES:
         wired[stage]["backend"] = backend
         if backend == "tiger":
             wired[stage]["semantic_ids"] = out["semantic_ids"]
+    if reps_backend != backend:  # user_reps.backend: bigrec, the text LLM's view under TIGER
+        wired["user_reps"]["backend"] = reps_backend
+        wired["user_reps"].pop("semantic_ids")
+    if reps_backend == "tiger":  # the input of the fine-tune's sample, as effort's
+        history = wired["finetune"].get("max_history", config_classes()["finetune"].max_history)
+        wired["user_reps"].setdefault("max_history", history)
     wired["effort"].update(data=data, out=out["effort"])
     wired["user_reps"].update(data=data, out=out["user_reps"])
     if backend == "bigrec" and "model" not in wired["user_reps"]:
@@ -340,10 +354,11 @@ def baseline_score_options(wired: dict, method: str) -> list:
 
 def shared_key(stage: str, wired: dict) -> str:
     """The reuse key of shared ``stage``: a hash of its resolved options and of the keys of
-    the shared stages it reads (:data:`SHARED_INPUTS`, those in ``wired``), and of nothing
-    else, so its output is reused whichever other stages ran with it (``--stages
+    the shared stages it reads (:func:`jaxrec.stages.stage_inputs`, those in ``wired``), and
+    of nothing else, so its output is reused whichever other stages ran with it (``--stages
     semantic_ids`` alone, or an experiment whose methods need no surrogate)."""
-    inputs = [shared_key(s, wired) for s in SHARED_INPUTS[stage.partition(":")[0]] if s in wired]
+    reads = stage_inputs(stage, wired[stage])
+    inputs = [shared_key(s, wired) for s in reads if s in wired]
     return digest([digest(inputs) if inputs else "", stage, key_options(stage, wired[stage])])
 
 

@@ -46,6 +46,9 @@ class Stage:
       runner: the function the subcommand calls, ``"module:function"``.
       help: the subcommand's help line.
       inputs: the stages whose outputs it reads (a shared stage's reuse key covers theirs).
+      backend_inputs: stages it reads only under a backend whose pipeline has them
+        (``user_reps`` reads ``semantic_ids`` under TIGER only); a shared stage's reuse key
+        covers them only then (:func:`stage_inputs`), so keys made before it read them hold.
       output: its output (``out``), a file or folder name under the workdir (a shared stage) or
         under the run folder (a per-run stage).
       done: for a folder output, the file in it whose presence means the stage finished.
@@ -66,6 +69,7 @@ class Stage:
     done: str = ""
     backends: tuple[str, ...] = BACKENDS
     takes_backend: bool = False
+    backend_inputs: tuple[str, ...] = ()
 
     @property
     def cli(self) -> Command:
@@ -122,10 +126,13 @@ PIPELINE: tuple[Stage, ...] = (
         "user-reps",
         "llm_bridge.config:UserRepsConfig",
         "llm_bridge.user_reps:main",
-        "TF-DCon's LLM half: an LLM embedding of every user's prompt (for select --llm-reps)",
+        "TF-DCon's LLM half: the backend's embedding of every user's history "
+        "(for select --llm-reps)",
         inputs=(),
         output="llm_reps.npy",
         shared=True,
+        takes_backend=True,
+        backend_inputs=("semantic_ids",),  # TIGER's T5 reads the semantic IDs
     ),
     Stage(
         "select",
@@ -192,6 +199,14 @@ def base_stage(stage: str) -> Stage:
     return STAGE[stage.partition(":")[0]]
 
 
+def stage_inputs(stage: str, section: dict) -> tuple[str, ...]:
+    """The stages whose outputs ``stage`` reads when run with ``section``: its ``inputs``, and
+    those of its ``backend_inputs`` that the pipeline of ``section``'s backend has."""
+    s = base_stage(stage)
+    backend = section.get("backend")
+    return s.inputs + tuple(i for i in s.backend_inputs if backend in STAGE[i].backends)
+
+
 def upstream(stages: set[str] | list[str] | tuple[str, ...]) -> set[str]:
     """``stages`` and every stage they read, directly or through others."""
     found: set[str] = set()
@@ -223,7 +238,8 @@ def stage_table() -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for s in PIPELINE:
-        reads = ", ".join(f"`{i}`" for i in s.inputs) or "-"
+        only = [f"`{i}` ({', '.join(STAGE[i].backends)})" for i in s.backend_inputs]
+        reads = ", ".join([f"`{i}`" for i in s.inputs] + only) or "-"
         writes = f"`{s.output}/` (done: `{s.done}`)" if s.done else f"`{s.output}`"
         runs = "once (shared)" if s.shared else "per run"
         rows.append(

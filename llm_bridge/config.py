@@ -146,30 +146,50 @@ class EffortConfig:
 
 @dataclass
 class UserRepsConfig:
-    """``dealrec user-reps``: TF-DCon's LLM half, an LLM embedding of every user's prompt."""
+    """``dealrec user-reps``: TF-DCon's LLM half, the backend's embedding of every user's
+    history (BIGRec: the LLM over the prompt; TIGER: the T5 encoder over the semantic IDs)."""
 
     data: str = option(GAMES, "dataset folder")
+    backend: Backend = option(
+        "bigrec",
+        "bigrec: the LLM's last hidden state over the user's prompt; tiger: the T5 encoder's "
+        "over the user's semantic-ID history (needs --semantic-ids)",
+        since="2026-12-07",
+    )
+    semantic_ids: str = option("", SEMANTIC_IDS_HELP, since="2026-12-07")
     out: str = option(
         "runs/llm_reps.npy",
         "representation file to write (.npy [n_users, hidden] float32, plus a .json manifest)",
     )
-    model: str = option("", MODEL_HELP.removeprefix("bigrec: "))
+    model: str = option(
+        "",
+        MODEL_HELP + "; tiger: a fine-tuned model folder (`dealrec finetune --backend tiger`), "
+        "empty = the T5 at initialisation (--init-seed)",
+    )
     pooling: Literal["mean", "last"] = option(
         "mean",
-        "the user's vector from the LLM's last hidden state over the prompt: mean = "
-        "average over its tokens; last = the last prompt token's",
+        "the user's vector from the last hidden state over the input: mean = "
+        "average over its tokens; last = the last token's (bigrec: prompt; tiger: EOS)",
+    )
+    max_history: int = option(
+        20, "tiger: history items in the input (as effort's and finetune's)", since="2026-12-07"
+    )
+    init_seed: int = option(
+        0,
+        "tiger, no --model: seed of the T5's initial parameters (finetune's --init-seed)",
+        since="2026-12-07",
     )
     users: str = option("", USERS_HELP)
-    batch_size: int = option(16, "prompts per forward pass (at most)")
-    max_tokens: int = option(4096, "padded tokens per forward pass (at most; 0 = no cap)")
+    batch_size: int = option(16, "users per forward pass (at most)")
+    max_tokens: int = option(4096, "bigrec: padded tokens per forward pass (at most; 0 = no cap)")
     cutoff_len: int = option(
-        512, "most tokens per prompt (the oldest history titles are dropped to fit)"
+        512, "bigrec: most tokens per prompt (the oldest history titles are dropped to fit)"
     )
     resume: bool = option(True, RESUME_HELP, keyed_as=False)
     shard_size: int = option(1024, SHARD_SIZE_HELP)
     device: str = option("auto", DEVICE_HELP)
-    dtype: str = option("auto", DTYPE_HELP)
-    autocast: str = option("", AUTOCAST_HELP)
+    dtype: str = option("auto", "bigrec: " + DTYPE_HELP)
+    autocast: str = option("", "bigrec: " + AUTOCAST_HELP)
 
 
 @dataclass

@@ -44,6 +44,8 @@ with a JSON manifest.
 
 from __future__ import annotations
 
+from typing import Any
+
 import re
 
 import numpy as np
@@ -71,7 +73,7 @@ def loss_text(loss: str) -> str:
     )
 
 
-def scope_params(model, scope: str = "lora", params: str = "") -> str:
+def scope_params(model: Any, scope: str = "lora", params: str = "") -> str:
     """The parameter regex of ``scope`` (``""`` = every trainable parameter, i.e. all LoRA
     parameters); ``official`` = the last decoder layer's ``self_attn.v_proj.lora_B`` of a
     LLaMA-family model (the official code: ``layers.31`` of LLaMA-7B). A non-empty ``params``
@@ -88,7 +90,7 @@ def scope_params(model, scope: str = "lora", params: str = "") -> str:
     return rf"\.layers\.{last}\.self_attn\.v_proj\.lora_B\."
 
 
-def select_params(model, params: str | None = None) -> dict[str, torch.nn.Parameter]:
+def select_params(model: Any, params: str | None = None) -> dict[str, torch.nn.Parameter]:
     """The parameters the gradient is taken over: the trainable ones, or (``params`` a regex,
     ``re.search`` on the name) those whose name matches."""
     if params:
@@ -112,7 +114,11 @@ def _split_lm(model):
 
 
 def per_sample_losses(
-    model, input_ids, attention_mask, labels, loss: str = "response-mean"
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    loss: str = "response-mean",
 ) -> torch.Tensor:
     """``[B]`` loss of each sample alone (:func:`llm_bridge.loss.per_sample`: the mean, or for
     ``response-sum`` the sum, of the next-token cross-entropy over its own label tokens,
@@ -176,10 +182,10 @@ MAX_TOKENS = 1024  # padded tokens per pass: on 2 CPU cores, larger passes got s
 
 
 def per_sample_grad_norms(
-    model,
-    input_ids,
-    attention_mask,
-    labels,
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
     params=None,
     *,
     max_tokens: int = MAX_TOKENS,
@@ -291,7 +297,7 @@ def _loop_sq_norms(
 
 
 def score_samples(
-    model,
+    model: Any,
     samples: list[dict],
     *,
     pad_id: int,
@@ -300,7 +306,7 @@ def score_samples(
     max_tokens: int = 0,
     autocast: str = "",
     loss: str = "response-mean",
-    bar=None,
+    bar: Any = None,
 ) -> np.ndarray:
     """Effort of each encoded sample (length-bucketed batches, see :func:`length_batches`),
     float32.

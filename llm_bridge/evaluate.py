@@ -19,6 +19,8 @@ Metrics (the ground truth is the set of all the user's items in the split):
 
 from __future__ import annotations
 
+from typing import Any
+
 import contextlib
 import hashlib
 import json
@@ -84,7 +86,7 @@ def _base(model):
 
 @torch.no_grad()
 def embed_texts(
-    model, tokenizer, texts: list[str], *, batch_size: int = 32, desc: str | None = None
+    model: Any, tokenizer: Any, texts: list[str], *, batch_size: int = 32, desc: str | None = None
 ) -> np.ndarray:
     """BIGRec's text embedding: the base model's last-layer hidden state (after the final norm)
     at the last token of each text, ``[len(texts), hidden]`` float32.
@@ -137,8 +139,8 @@ def _path_digest(path: Path) -> str:
 
 
 def title_embeddings(
-    model,
-    tokenizer,
+    model: Any,
+    tokenizer: Any,
     titles: list[str],
     *,
     model_path: str | Path,
@@ -177,7 +179,7 @@ def clean_response(text: str) -> str:
     return text.strip('"').strip()
 
 
-def prompt_ids(tokenizer, history_titles: list[str], cutoff_len: int = 512) -> list[int]:
+def prompt_ids(tokenizer: Any, history_titles: list[str], cutoff_len: int = 512) -> list[int]:
     """Token ids of the inference prompt: the training template and truncation rule of
     :func:`llm_bridge.prompts.encode_sample` (oldest titles dropped to fit ``cutoff_len``) with
     an empty response; the ids are the sample's prompt part (its ``-100`` labels)."""
@@ -189,8 +191,8 @@ def prompt_ids(tokenizer, history_titles: list[str], cutoff_len: int = 512) -> l
 
 @torch.no_grad()
 def generate(
-    model,
-    tokenizer,
+    model: Any,
+    tokenizer: Any,
     ids: list[list[int]],
     *,
     beams: int = 4,
@@ -228,8 +230,8 @@ def generate(
 
 @torch.no_grad()
 def target_losses(
-    model,
-    tokenizer,
+    model: Any,
+    tokenizer: Any,
     histories: list[list[str]],
     targets: list[str],
     *,

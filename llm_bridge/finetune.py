@@ -46,7 +46,13 @@ from llm_bridge.config import FinetuneConfig
 from llm_bridge.model import check_adapter_folder, lora_model
 from llm_bridge.prompts import collate, encode_users
 from llm_bridge.runtime import RESTART, eval_mode, jsonable, read_json, reading
-from llm_bridge.training import added_settings, check_selection, save_best, valid_rows
+from llm_bridge.training import (
+    added_settings,
+    check_selection,
+    resume_state,
+    save_best,
+    valid_rows,
+)
 
 # Settings that must match for a checkpoint to be continued (``epochs``/``patience`` may grow).
 _RESUME_KEYS = (
@@ -70,7 +76,7 @@ def _batches(samples: list[dict], order, batch_size: int, pad_id: int, device):
         yield {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
 
 
-def micro_batch_loss(model, batch: dict, loss: str) -> tuple[torch.Tensor, int]:
+def micro_batch_loss(model: Any, batch: dict, loss: str) -> tuple[torch.Tensor, int]:
     """``(value, weight)`` of ``loss`` on one padded batch (:func:`llm_bridge.loss.batch_loss`)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return lm_loss.batch_loss(logits, batch["labels"], loss, batch["attention_mask"])
@@ -78,7 +84,7 @@ def micro_batch_loss(model, batch: dict, loss: str) -> tuple[torch.Tensor, int]:
 
 @torch.no_grad()
 def dataset_loss(
-    model,
+    model: Any,
     samples: list[dict],
     *,
     pad_id: int,
@@ -160,7 +166,7 @@ def run(cfg: FinetuneConfig) -> int:
         **{k: getattr(cfg, k) for k in _RESUME_KEYS},
         **added_settings(cfg),
     }
-    resuming = _can_resume(cfg, ckpt, settings)
+    resuming = resume_state(cfg.resume, ckpt, settings) is not None
     tokenizer, model, info = lora_model(
         cfg.model,
         device=cfg.device,
@@ -303,23 +309,6 @@ def _check_inputs(cfg: FinetuneConfig):
     return ds, selection, out
 
 
-def _can_resume(cfg: FinetuneConfig, ckpt: Path, settings: dict) -> bool:
-    """Whether to resume from ``ckpt``; a checkpoint made with other settings is an error."""
-    if not (cfg.resume and (ckpt / "state.json").is_file()):
-        return False
-    state = read_json(ckpt / "state.json", RESTART)
-    if not isinstance(state.get("epoch"), int):
-        raise UserError(f"{ckpt / 'state.json'}: damaged (no epoch); {RESTART}")
-    old = state.get("settings", {})
-    if old != settings:
-        diff = sorted(k for k in settings if old.get(k) != settings[k])
-        raise UserError(
-            f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)});"
-            " use --no-resume to start over or another --out"
-        )
-    return True
-
-
 def _run_epoch(
     cfg, model, optimizer, train, valid, epoch: int, max_epochs: int, pad_id: int
 ) -> dict:
@@ -373,9 +362,9 @@ def _run_epoch(
 
 
 def warmup(
-    model,
-    tokenizer,
-    dataset,
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
     *,
     steps: int,
     batch_size: int = 8,

@@ -88,7 +88,10 @@ def per_sample(tok_loss: torch.Tensor, rows: torch.Tensor, n: int, loss: str) ->
 
 
 def sample_losses(
-    logits: torch.Tensor, labels: torch.Tensor, loss: str, attention_mask=None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss: str,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B]`` per-sample ``loss`` of a causal LM's ``logits [B, T, V]`` and ``labels [B, T]``
     (``-100`` outside the loss; shifted by one as in transformers)."""
@@ -98,7 +101,10 @@ def sample_losses(
 
 
 def batch_loss(
-    logits: torch.Tensor, labels: torch.Tensor, loss: str, attention_mask=None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss: str,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """The fine-tuning loss of a micro-batch and its weight ``(value, weight)``.
 

@@ -92,7 +92,7 @@ def resolve_model(model: str = "") -> tuple[Path, str, str]:
 
 def load_tokenizer_and_model(
     model: str = "", *, device: str = "auto", dtype: str = "auto", padding_side: str = "right"
-):
+) -> tuple[Any, Any, dict]:
     """Load a LLaMA-family causal LM and its tokenizer.
 
     Args:
@@ -151,26 +151,26 @@ def check_adapter_folder(adapter: str | Path) -> Path:
     return path
 
 
-def unwrap(model):
+def unwrap(model: Any) -> Any:
     """The underlying causal LM of a peft-wrapped model (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def position_ids(attention_mask):
+def position_ids(attention_mask: Any) -> Any:
     """Position ids counted over real tokens only, so a left-padded sample gets the positions
     of a batch of one (pads get 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def add_lora(
-    model,
+    model: Any,
     *,
     r: int = 8,
     alpha: int = 16,
     dropout: float = 0.05,
     adapter: str = "",
     trainable: bool = True,
-):
+) -> Any:
     """Wrap ``model`` in a peft LoRA on ``q_proj``/``v_proj`` (paper Sec. 4.1, BIGRec settings).
 
     A fresh adapter follows peft's init (``lora_A`` random, ``lora_B`` zero; seed torch first

@@ -24,6 +24,8 @@ oldest titles are dropped until prompt + response fit in ``cutoff_len`` tokens.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from jaxrec.errors import UserError
@@ -55,7 +57,7 @@ def _prompt_ids(tokenizer, history_titles: list[str]) -> list[int]:
 
 
 def encode_sample(
-    tokenizer,
+    tokenizer: Any,
     history_titles: list[str],
     target_title: str | None,
     cutoff_len: int = 512,
@@ -104,7 +106,7 @@ def encode_sample(
     return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
 
 
-def user_sample(dataset, row: int) -> tuple[list[str], str] | None:
+def user_sample(dataset: Any, row: int) -> tuple[list[str], str] | None:
     """The training sample of the user on line ``row`` of ``sequential_train.txt``:
     ``(titles of all train items but the last, title of the last)``, or ``None`` when the
     user has no train item (no sample: see ``Dataset.has_sample``)."""
@@ -115,7 +117,7 @@ def user_sample(dataset, row: int) -> tuple[list[str], str] | None:
     return titles[:-1], titles[-1]
 
 
-def valid_sample(dataset, row: int) -> tuple[list[str], str] | None:
+def valid_sample(dataset: Any, row: int) -> tuple[list[str], str] | None:
     """The valid-period sample of a user: all train titles -> the first valid item's title,
     or ``None`` when the user has no valid item."""
     if len(dataset.valid[row]) == 0:
@@ -125,7 +127,13 @@ def valid_sample(dataset, row: int) -> tuple[list[str], str] | None:
 
 
 def encode_users(
-    tokenizer, dataset, rows, *, cutoff_len: int, train_on_inputs: bool, split: str = "train"
+    tokenizer: Any,
+    dataset: Any,
+    rows,
+    *,
+    cutoff_len: int,
+    train_on_inputs: bool,
+    split: str = "train",
 ) -> list[dict]:
     """Encoded samples of ``rows``: BIGRec training samples (``split="train"``, paper Eq. 1) or
     valid-period samples (``split="valid"``, users without valid items are skipped)."""

@@ -1,5 +1,6 @@
 """What both backends' fine-tunes share: the selection check, the users that early-stop,
-the options added since checkpoints were made, and saving the best model.
+the options added since checkpoints were made, the checks of a checkpoint to resume, and saving
+the best model.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from jaxrec.errors import UserError
 from jaxrec.pipeline import at_since_default
 from llm_bridge.config import FinetuneConfig
+from llm_bridge.runtime import RESTART, read_json
 
 
 def check_selection(
@@ -84,6 +86,32 @@ def added_settings(cfg: FinetuneConfig) -> dict:
         if f.metadata.get("since")
         and not at_since_default(fields(cfg), f.name, getattr(cfg, f.name))
     }
+
+
+def resume_state(resume: bool, ckpt: Path, settings: dict) -> dict | None:
+    """The ``state.json`` of the checkpoint folder ``ckpt`` (both backends' fine-tunes) when the
+    run continues from it (``resume`` and a committed checkpoint), else ``None``.
+
+    Args:
+      resume: ``cfg.resume``; ckpt: ``OUT/checkpoint``; settings: what this run must share
+        with the checkpoint's run (dataset, selection, the resume keys, :func:`added_settings`).
+    Raises:
+      UserError (one line, nothing changed): ``state.json`` unreadable or without an epoch, or
+      the checkpoint made with other settings (the keys that differ are named).
+    """
+    if not (resume and (ckpt / "state.json").is_file()):
+        return None
+    state = read_json(ckpt / "state.json", RESTART)
+    if not isinstance(state.get("epoch"), int):
+        raise UserError(f"{ckpt / 'state.json'}: damaged (no epoch); {RESTART}")
+    old = state.get("settings", {})
+    if old != settings:
+        diff = sorted(k for k in {*settings, *old} if old.get(k) != settings.get(k))
+        raise UserError(
+            f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)}); "
+            "use --no-resume to start over or another --out"
+        )
+    return state
 
 
 def save_best(model: Any, out: Path) -> None:

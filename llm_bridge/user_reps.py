@@ -1,4 +1,5 @@
-"""``dealrec user-reps``: TF-DCon's LLM half, one LLM embedding of every user's prompt.
+"""``dealrec user-reps``: TF-DCon's LLM half, one LLM embedding of every user's prompt (BIGRec;
+TIGER's T5 vectors: :mod:`llm_bridge.tiger.user_reps`).
 
 TF-DCon (Wu et al., 2024) condenses users on both the recommender's and the LLM's view of them;
 ``dealrec select --method tfdcon --llm-reps FILE`` clusters on the surrogate's user
@@ -48,7 +49,7 @@ KIND = "llm_representation"
 SHARD_KIND = "llm-representation-shard"
 
 
-def encode_prompts(tokenizer, dataset, rows, *, cutoff_len: int = 512) -> list[dict]:
+def encode_prompts(tokenizer: Any, dataset: Any, rows, *, cutoff_len: int = 512) -> list[dict]:
     """The prompt (no response, no EOS) of each user's training sample, as token ids."""
     out = []
     for row in rows:
@@ -59,7 +60,9 @@ def encode_prompts(tokenizer, dataset, rows, *, cutoff_len: int = 512) -> list[d
 
 
 @torch.no_grad()
-def embed(model, input_ids, attention_mask, pooling: str = "mean") -> torch.Tensor:
+def embed(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean"
+) -> torch.Tensor:
     """``[B, H]`` float32 user vectors of a padded batch of prompts: the decoder's last hidden
     state pooled over each prompt's real tokens (``mean``) or taken at its last real token
     (``last``). Positions come from the attention mask, so either padding side gives each
@@ -82,7 +85,7 @@ def embed(model, input_ids, attention_mask, pooling: str = "mean") -> torch.Tens
 
 
 def embed_samples(
-    model,
+    model: Any,
     samples: list[dict],
     *,
     pad_id: int,
@@ -90,7 +93,7 @@ def embed_samples(
     max_tokens: int = 0,
     pooling: str = "mean",
     autocast: str = "",
-    bar=None,
+    bar: Any = None,
 ) -> np.ndarray:
     """``[len(samples), H]`` float32 vectors (:func:`embed`) in length-bucketed batches of at
     most ``batch_size`` prompts and ``max_tokens`` padded tokens."""
@@ -121,13 +124,14 @@ def _settings(cfg: UserRepsConfig, ds, info: dict) -> dict:
 
 
 def main(cfg: UserRepsConfig) -> int:
-    """``dealrec user-reps``: the user representations of the BIGRec LLM (the config has no
-    ``backend``: TF-DCon reads a text LLM's view of the users; :mod:`llm_bridge.backend`)."""
-    return get_backend("bigrec").user_reps(cfg)
+    """``dealrec user-reps``: the user representations of ``cfg.backend``
+    (:mod:`llm_bridge.backend`; TIGER's: :mod:`llm_bridge.tiger.user_reps`)."""
+    return get_backend(cfg.backend).user_reps(cfg)
 
 
-def _check(cfg: UserRepsConfig) -> Path:
-    """``cfg.out`` as a Path; :class:`UserError` for a bad option (before any work)."""
+def check_config(cfg: UserRepsConfig) -> Path:
+    """``cfg.out`` as a Path after the checks both backends share; :class:`UserError` for a
+    bad option (before any work)."""
     out = Path(cfg.out)
     if out.suffix != ".npy":
         raise UserError(f"{out}: the user-reps file name must end in .npy")
@@ -141,7 +145,7 @@ def _check(cfg: UserRepsConfig) -> Path:
 def run(cfg: UserRepsConfig) -> int:
     """The LLM vector of every user's prompt (or rows ``--users A:B``), sharded and resumable
     (:mod:`llm_bridge.shards`), merged into ``cfg.out`` when every row is done."""
-    out = _check(cfg)
+    out = check_config(cfg)
     ds = load_dataset(cfg.data)
     parse_users(cfg.users, ds.n_users)
     folder = shard_folder(out)

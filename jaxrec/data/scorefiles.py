@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from collections.abc import Callable
 
 from numpy.typing import ArrayLike
@@ -125,7 +125,7 @@ def save_scores(
     dataset: dict,
     options: dict | None = None,
     seconds: float | None = None,
-    **extra,
+    **extra: Any,
 ) -> Path:
     """Save ``array`` to ``path`` (``.npy``) and its manifest to ``path`` with ``.json``.
 

@@ -7,20 +7,21 @@ along a ``data`` mesh axis; parameters are replicated. Nothing here holds more t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from jaxrec.base import Batch
 from jaxrec.errors import UserError
 import jaxrec.influence.hosts as hosts
 
 
-def data_size(data) -> int:
+def data_size(data: Batch) -> int:
     """The common leading size ``n`` of every leaf of ``data``."""
     sizes = {int(np.shape(x)[0]) for x in jax.tree.leaves(data)}
     if len(sizes) != 1:
@@ -63,7 +64,12 @@ class Strata:
         return out
 
 
-def in_order(data, values):
+#: what the engine runs over: one pytree, a list of strata (their concatenation) or a
+#: :class:`Strata`
+Data: TypeAlias = Batch | list | Strata
+
+
+def in_order(data: Data, values: Any) -> Any:
     """``values`` (per row of ``data``, in strata order, leading axis ``n``) in the order of
     the data set ``data`` stands for: reordered when ``data`` is a :class:`Strata`, else as
     they are (a pytree or a plain list of strata is its own order)."""
@@ -74,7 +80,7 @@ def in_order(data, values):
     return jax.tree.map(lambda x: x[np.argsort(data.order)], values)
 
 
-def strata(data) -> list:
+def strata(data: Data) -> list:
     """``data`` as a list of strata. A :class:`Strata` gives its parts; a list of pytrees (e.g.
     length buckets cut to different widths) stands for their concatenation, in order;
     anything else is one stratum."""
@@ -86,12 +92,12 @@ def strata(data) -> list:
     return out
 
 
-def total_size(data) -> int:
+def total_size(data: Data) -> int:
     """Number of samples over all strata of ``data``."""
     return sum(data_size(s) for s in strata(data))
 
 
-def global_size(data) -> int:
+def global_size(data: Data) -> int:
     """Number of samples over all strata of ``data`` and, under JAX's multi-process runtime,
     over every process (each holds its own rows)."""
     return int(hosts.allgather(total_size(data)).sum())
@@ -105,11 +111,12 @@ def data_mesh() -> Mesh:
     )
 
 
-def replicate(tree, mesh: Mesh):
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` placed on every device of ``mesh`` (parameters)."""
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def shard(tree, mesh: Mesh):
+def shard(tree: Any, mesh: Mesh) -> Any:
     """Place a host batch split along the mesh's ``data`` axis. On a mesh spanning several
     processes each process passes its own rows and gets the global batch
     (``make_array_from_process_local_data``; see docs/benchmarks.md, "Several hosts")."""
@@ -127,7 +134,9 @@ def round_batch(batch_size: int, n: int, n_devices: int) -> int:
     return -(-b // n_devices) * n_devices
 
 
-def padded_batches(data, batch_size: int, mesh: Mesh | None = None):
+def padded_batches(
+    data: Batch, batch_size: int, mesh: Mesh | None = None
+) -> Iterator[tuple[int, int, Any, Any]]:
     """Yield ``(start, count, batch, weight)`` over ``data`` in order.
 
     ``batch`` has exactly ``batch_size`` rows (rounded to the device count): the last batch
@@ -150,11 +159,14 @@ def padded_batches(data, batch_size: int, mesh: Mesh | None = None):
 
 
 def num_batches(n: int, batch_size: int, n_devices: int = 1) -> int:
+    """How many batches of :func:`padded_batches` cover ``n`` rows."""
     b = round_batch(batch_size, n, n_devices)
     return -(-n // b)
 
 
-def strata_batches(data, batch_size: int, mesh: Mesh, *, desc: str, progress: bool | None = None):
+def strata_batches(
+    data: Data, batch_size: int, mesh: Mesh, *, desc: str, progress: bool | None = None
+) -> Iterator[tuple[int, Any, Any]]:
     """Yield ``(count, batch, weight)`` of :func:`padded_batches` over every stratum of
     ``data`` in order (one compiled shape per stratum), with one progress bar."""
     parts = [p for p in strata(data) if data_size(p)]  # a process may hold none of a bucket
@@ -171,7 +183,7 @@ def _disable(progress: bool | None):
     return None if progress is None else not progress
 
 
-def full_batches(data, batch_size: int):
+def full_batches(data: Data, batch_size: int) -> list[tuple[float, Any]]:
     """``[(weight, batch)]`` covering every stratum of ``data`` exactly once, on device, with
     ``weight = |batch|/n`` (the mean loss over all ``n`` samples is ``sum weight *
     loss(batch)``; under JAX's multi-process runtime ``data`` is this process's rows and ``n``

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxrec.base import Params
 from jaxrec.errors import UserError
 from jaxrec.influence import tree as T
 from jaxrec.influence.batching import _disable
@@ -13,7 +14,7 @@ from jaxrec.influence.operator import FullHessian
 
 def solve(
     op: FullHessian,
-    v,
+    v: Params,
     damping: float,
     *,
     tol: float = 1e-6,

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from jaxrec.base import Params
 from jaxrec.errors import UserError
 from jaxrec.influence.operator import FullHessian
 
@@ -38,7 +39,7 @@ def hessian_matrix(op: FullHessian, chunk: int = 256) -> np.ndarray:
     return h
 
 
-def solve(op: FullHessian, v, damping: float, *, chunk: int = 256):
+def solve(op: FullHessian, v: Params, damping: float, *, chunk: int = 256) -> tuple[Params, dict]:
     """``(H + damping I)^-1 v`` by a dense float64 solve. Returns ``(u, info)``."""
     flat_v, unravel = ravel_pytree(v)
     h = hessian_matrix(op, chunk)

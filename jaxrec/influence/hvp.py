@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import jax
 
+from jaxrec.base import Batch, Loss, Params
 
-def hvp(loss, params, batch, v):
+
+def hvp(loss: Loss, params: Params, batch: Batch, v: Params) -> Params:
     """``H v`` where ``H`` is the Hessian of ``loss(params, batch)`` w.r.t. ``params``.
 
     Forward-over-reverse: the JVP of ``jax.grad(loss)`` along ``v``; cost about 3 gradients,

@@ -1,11 +1,11 @@
 """The TIGER backend object that the registry (:mod:`llm_bridge.backend`) returns for
-``backend: tiger``: effort, fine-tune and evaluation of :mod:`llm_bridge.tiger`."""
+``backend: tiger``: effort, fine-tune, evaluation and user representations of
+:mod:`llm_bridge.tiger`."""
 
 from __future__ import annotations
 
-from jaxrec.errors import UserError
 from llm_bridge.config import EffortConfig, EvaluateConfig, FinetuneConfig, UserRepsConfig
-from llm_bridge.tiger import effort, evaluate, finetune
+from llm_bridge.tiger import effort, evaluate, finetune, user_reps
 
 
 class Tiger:
@@ -26,12 +26,8 @@ class Tiger:
         return evaluate.run(cfg)
 
     def user_reps(self, cfg: UserRepsConfig) -> int:
-        """TF-DCon's LLM half reads a text LLM's view of the users; TIGER's T5 over semantic
-        IDs has none. Raises :class:`UserError` (``dealrec user-reps`` runs the BIGRec LLM)."""
-        raise UserError(
-            "user-reps: the TIGER backend has no LLM user representation; "
-            "`dealrec user-reps` embeds the prompts with the BIGRec LLM (--model)"
-        )
+        """:func:`llm_bridge.tiger.user_reps.run`."""
+        return user_reps.run(cfg)
 
 
 TIGER = Tiger()

@@ -19,6 +19,8 @@ item count all match.
 
 from __future__ import annotations
 
+from typing import Any
+
 import hashlib
 import importlib.util
 import json
@@ -44,7 +46,7 @@ PRECISIONS = ("float32", "bfloat16")
 
 
 # ----------------------------------------------------------------------------- item texts
-def item_texts(ds) -> list[str]:
+def item_texts(ds: Any) -> list[str]:
     """The text embedded for each item.
 
     Args:
@@ -219,8 +221,8 @@ def mean_pool_normalise(hidden, mask):
 
 
 def encode_texts(
-    tokenizer,
-    model,
+    tokenizer: Any,
+    model: Any,
     texts: list[str],
     batch_size: int = 128,
     progress: bool = True,
@@ -277,7 +279,7 @@ def encode_texts(
 
 # ----------------------------------------------------------------------------- cache
 def cache_path(
-    cache_dir: str | Path, ds, encoder_sha: str, texts_sha: str, precision: str = "float32"
+    cache_dir: str | Path, ds: Any, encoder_sha: str, texts_sha: str, precision: str = "float32"
 ) -> Path:
     """``cache_dir/item_embeddings-<train>-<encoder>-<texts>[-bfloat16].npy`` (12 hex digits
     each)."""
@@ -307,7 +309,7 @@ def _load_cached(path: Path, ds, encoder_sha: str, texts_sha: str, precision: st
 
 
 def item_embeddings(
-    ds,
+    ds: Any,
     *,
     encoder: str = "",
     cache_dir: str | Path = "runs/cache",

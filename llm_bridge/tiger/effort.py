@@ -94,7 +94,9 @@ def _tape_sq_norms(tape, grads, p: dict, batch: int) -> torch.Tensor:
     return sq + shared.pow(2).sum((1, 2))
 
 
-def grad_norms(model, input_ids, attention_mask, targets) -> torch.Tensor:
+def grad_norms(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets
+) -> torch.Tensor:
     """Paper Eq. 12 for a padded batch: ``[B]`` exact L2 norms of each sample's own loss
     gradient w.r.t. every parameter of ``model`` (eval mode), in one forward and one backward.
 
@@ -115,7 +117,9 @@ def grad_norms(model, input_ids, attention_mask, targets) -> torch.Tensor:
         return _tape_sq_norms(tape, grads, p, len(input_ids)).sqrt()
 
 
-def vmap_grad_norms(p: dict, spec: Spec, input_ids, attention_mask, targets) -> torch.Tensor:
+def vmap_grad_norms(
+    p: dict, spec: Spec, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets
+) -> torch.Tensor:
     """The same norms by ``torch.func.vmap(grad(...))`` (every per-sample gradient
     materialised; slower, kept as a second exact reference)."""
 
@@ -126,7 +130,7 @@ def vmap_grad_norms(p: dict, spec: Spec, input_ids, attention_mask, targets) -> 
     return sum(g.pow(2).flatten(1).sum(1) for g in grads.values()).sqrt()
 
 
-def loop_grad_norms(model, inputs: list[list[int]], targets) -> np.ndarray:
+def loop_grad_norms(model: Any, inputs: list[list[int]], targets) -> np.ndarray:
     """The baseline: one autograd call per sample on the ``transformers`` module (eval mode,
     unpadded input), norm over ``model.parameters()``."""
     model.eval()
@@ -141,7 +145,9 @@ def loop_grad_norms(model, inputs: list[list[int]], targets) -> np.ndarray:
     return out
 
 
-def score_samples(model, inputs, targets, *, batch_size: int = 32, bar=None) -> np.ndarray:
+def score_samples(
+    model: Any, inputs, targets, *, batch_size: int = 32, bar: Any = None
+) -> np.ndarray:
     """Effort of each sample (length-bucketed batches of at most ``batch_size``), float32."""
     model.eval()
     device = next(model.parameters()).device

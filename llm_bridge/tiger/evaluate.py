@@ -14,6 +14,8 @@ evaluating with other IDs (or another dataset) is a one-line error.
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import time
 from dataclasses import asdict
@@ -44,7 +46,7 @@ from llm_bridge.tiger.model import (
 )
 
 
-def check_model_folder(folder: str, ds, codes: np.ndarray, sizes: list[int]) -> dict:
+def check_model_folder(folder: str, ds: Any, codes: np.ndarray, sizes: list[int]) -> dict:
     """The ``train_record.json`` of a finished TIGER fine-tune in ``folder``.
 
     Raises :class:`UserError` (one line) when the folder is not one, or was trained on another
@@ -85,7 +87,11 @@ def _check(cfg: EvaluateConfig) -> None:
 
 @torch.no_grad()
 def target_losses(
-    model, inputs: list[list[int]], targets: np.ndarray, batch_size: int = 256, autocast: str = ""
+    model: Any,
+    inputs: list[list[int]],
+    targets: np.ndarray,
+    batch_size: int = 256,
+    autocast: str = "",
 ) -> np.ndarray:
     """``[n]`` each user's loss (mean token cross-entropy, eval mode) of the first item of the
     split given the history: the per-user difficulty of paper Fig. 6 (``autocast="bf16"``:

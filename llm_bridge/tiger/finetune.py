@@ -18,7 +18,7 @@ trained and the last model is kept.
 Two options trade exactness for speed on CPU (both off by default; ``bench/tiger_speed.py``
 measures them against the default on the same runs): ``autocast: bf16`` runs the training
 forward passes under bfloat16 autocast, ``fast_dropout`` draws the dropout masks from 16 random
-bits per value (:class:`llm_bridge.tiger.model.FastDropout`).
+bits per value (:class:`llm_bridge.tiger.dropout.FastDropout`).
 
 Output folder ``OUT``: ``config.json`` + ``model.safetensors`` (the best model,
 ``save_pretrained``), ``checkpoint/`` (the last finished epoch's model, optimizer, scheduler and
@@ -48,7 +48,14 @@ from jaxrec.errors import UserError
 from llm_bridge.config import FinetuneConfig
 from llm_bridge.runtime import RESTART, autocast_context, read_json, reading, resolve_device_dtype
 from llm_bridge.tiger.semantic_ids import load_semantic_ids, vocab_sizes
-from llm_bridge.training import added_settings, check_selection, save_best, valid_rows
+from llm_bridge.training import (
+    added_settings,
+    check_selection,
+    resume_state,
+    save_best,
+    valid_rows,
+)
+from llm_bridge.tiger.dropout import use_fast_dropout
 from llm_bridge.tiger.model import (
     build_model,
     codes_digest,
@@ -56,7 +63,6 @@ from llm_bridge.tiger.model import (
     item_tokens,
     pad_inputs,
     prefix_samples,
-    use_fast_dropout,
     user_samples,
 )
 
@@ -77,7 +83,7 @@ MICRO_TOKENS = 2048  # padded input tokens per forward/backward chunk (see lengt
 
 
 # ----------------------------------------------------------------------------- inputs
-def load_codes(path: str, ds) -> tuple[np.ndarray, list[int]]:
+def load_codes(path: str, ds: Any) -> tuple[np.ndarray, list[int]]:
     """The semantic IDs of ``ds`` from ``path`` (``dealrec semantic-ids``) and their codebook
     sizes; one-line :class:`UserError` when missing or made for another dataset."""
     if not path:
@@ -86,7 +92,7 @@ def load_codes(path: str, ds) -> tuple[np.ndarray, list[int]]:
     return codes, vocab_sizes(manifest)
 
 
-def train_samples(ds, selection, tokens, cfg: FinetuneConfig) -> tuple[list, np.ndarray]:
+def train_samples(ds: Any, selection, tokens, cfg: FinetuneConfig) -> tuple[list, np.ndarray]:
     """``(inputs, targets)`` of the selected users' training samples: one per user
     (``train_samples: last``, :func:`~llm_bridge.tiger.model.user_samples`) or every prefix
     (``prefixes``, :func:`~llm_bridge.tiger.model.prefix_samples`)."""
@@ -129,7 +135,7 @@ def length_chunks(rows, inputs, max_tokens: int = MICRO_TOKENS) -> list[np.ndarr
 
 
 @torch.no_grad()
-def dataset_loss(model, inputs, targets, batch_size: int = 256) -> float:
+def dataset_loss(model: Any, inputs, targets, batch_size: int = 256) -> float:
     """Mean over samples (= over target tokens: all samples have ``L + 1``) of the loss, eval
     mode; ``nan`` for no samples."""
     if not len(inputs):
@@ -146,7 +152,7 @@ def dataset_loss(model, inputs, targets, batch_size: int = 256) -> float:
 
 
 # ----------------------------------------------------------------------------- optimisation
-def make_optimizer(model, cfg: FinetuneConfig, total_steps: int):
+def make_optimizer(model: Any, cfg: FinetuneConfig, total_steps: int):
     """AdamW over all parameters (no weight decay on layer norms) and a per-step ``LambdaLR``:
     cosine from ``lr`` to 0 over ``total_steps``, or constant."""
     decay = [p for n, p in model.named_parameters() if "layer_norm" not in n]
@@ -171,12 +177,12 @@ def make_optimizer(model, cfg: FinetuneConfig, total_steps: int):
 
 
 def train_epoch(
-    model,
+    model: Any,
     inputs,
     targets,
     order,
-    opt,
-    sched,
+    opt: Any,
+    sched: Any,
     batch_size: int,
     grad_accum: int,
     autocast: str = "",
@@ -219,7 +225,7 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
 
 
-def save_checkpoint(ckpt: Path, epoch: int, model, opt, sched, state: dict) -> None:
+def save_checkpoint(ckpt: Path, epoch: int, model: Any, opt: Any, sched: Any, state: dict) -> None:
     """Epoch-numbered model and optimizer files, then ``state.json`` (the commit point)."""
     ckpt.mkdir(parents=True, exist_ok=True)
     blob = st_save(_weights(model))
@@ -238,7 +244,7 @@ def save_checkpoint(ckpt: Path, epoch: int, model, opt, sched, state: dict) -> N
             f.unlink(missing_ok=True)
 
 
-def load_checkpoint(ckpt: Path, model, opt, sched) -> dict:
+def load_checkpoint(ckpt: Path, model: Any, opt: Any, sched: Any) -> dict:
     """Restore model, optimizer, scheduler and RNG state; returns ``state.json``."""
     state = read_json(ckpt / "state.json", RESTART)
     epoch = state["epoch"]
@@ -259,24 +265,6 @@ def load_checkpoint(ckpt: Path, model, opt, sched) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
-def _resume_state(cfg: FinetuneConfig, ckpt: Path, settings: dict) -> dict | None:
-    """The checkpoint's ``state.json`` when resuming; :class:`UserError` if made otherwise."""
-
-    if not (cfg.resume and (ckpt / "state.json").is_file()):
-        return None
-    state = read_json(ckpt / "state.json", RESTART)
-    if not isinstance(state.get("epoch"), int):
-        raise UserError(f"{ckpt / 'state.json'}: damaged (no epoch); {RESTART}")
-    if state.get("settings") != settings:
-        old = state.get("settings", {})
-        diff = sorted(k for k in {*settings, *old} if old.get(k) != settings.get(k))
-        raise UserError(
-            f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)}); "
-            "use --no-resume to start over or another --out"
-        )
-    return state
-
-
 def _fit(
     model: Any,
     opt: Any,
@@ -378,7 +366,7 @@ def run(cfg: FinetuneConfig) -> int:
         # checkpoints made before them still resume
         **added_settings(cfg),
     }
-    resume = _resume_state(cfg, out / "checkpoint", settings)
+    resume = resume_state(cfg.resume, out / "checkpoint", settings)
     device, _ = resolve_device_dtype(cfg.device, "float32")
     model = build_model(sizes, cfg.init_seed, device)
     if cfg.fast_dropout:

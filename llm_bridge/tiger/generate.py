@@ -25,6 +25,8 @@ every step. Both give the same result; ``bench/tiger.py`` measures which is fast
 
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +57,7 @@ class Trie:
     offsets: list[int]
     sizes: list[int]
 
-    def to(self, device) -> Trie:
+    def to(self, device: Any) -> Trie:
         return Trie(
             [a.to(device) for a in self.allowed],
             [c.to(device) for c in self.child],
@@ -125,7 +127,13 @@ def _reorder(past, parent):
 
 @torch.no_grad()
 def beam_search(
-    p: dict, spec: Spec, input_ids, attention_mask, trie: Trie, beams: int = 20, cache: bool = True
+    p: dict,
+    spec: Spec,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    trie: Trie,
+    beams: int = 20,
+    cache: bool = True,
 ):
     """Trie-constrained beam search for a batch of users (see the module docstring).
 
@@ -162,7 +170,7 @@ def beam_search(
 
 
 def generate(
-    model,
+    model: Any,
     inputs: list[list[int]],
     trie: Trie,
     *,

@@ -32,7 +32,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -53,6 +56,9 @@ T5_SIZES = {
 }
 CPU_THREADS = 1  # torch intra-op threads on CPU unless DEALREC_TORCH_THREADS says otherwise
 THREADS_ENV = "DEALREC_TORCH_THREADS"
+Sizes = Sequence[int] | np.ndarray  # codebook sizes, one per code position
+Tensor: TypeAlias = torch.Tensor
+Tape: TypeAlias = list | None  # the parameter uses of a forward (effort's)
 
 
 def default_threads() -> int:
@@ -68,7 +74,7 @@ def default_threads() -> int:
 
 
 @contextlib.contextmanager
-def cpu_threads(device, n: int | None = None):
+def cpu_threads(device: Any, n: int | None = None) -> Iterator[None]:
     """Run torch with ``n`` intra-op threads (default :func:`default_threads`) on a CPU device,
     then restore the count.
 
@@ -86,18 +92,18 @@ def cpu_threads(device, n: int | None = None):
 
 
 # ----------------------------------------------------------------------------- vocabulary
-def level_offsets(codebook_sizes) -> np.ndarray:
+def level_offsets(codebook_sizes: Sizes) -> np.ndarray:
     """Token id of code 0 at each code position: ``2 + sum(codebook_sizes[:l])``."""
     sizes = np.asarray(codebook_sizes, dtype=np.int64)
     return N_SPECIAL + np.concatenate([[0], np.cumsum(sizes)[:-1]])
 
 
-def vocab_size(codebook_sizes) -> int:
+def vocab_size(codebook_sizes: Sizes) -> int:
     """Pad + EOS + one token per (position, code)."""
     return N_SPECIAL + int(sum(int(k) for k in codebook_sizes))
 
 
-def item_tokens(codes: np.ndarray, codebook_sizes) -> np.ndarray:
+def item_tokens(codes: np.ndarray, codebook_sizes: Sizes) -> np.ndarray:
     """``[n_items + 1, L]`` int64 token ids of every item's codes; row ``i`` is item ``i`` (row 0,
     the padding item, is all PAD).
 
@@ -115,7 +121,7 @@ def item_tokens(codes: np.ndarray, codebook_sizes) -> np.ndarray:
     return out
 
 
-def codes_digest(codes: np.ndarray, codebook_sizes) -> dict:
+def codes_digest(codes: np.ndarray, codebook_sizes: Sizes) -> dict:
     """Identity of a semantic-ID table, stored with a fine-tuned model and checked on load."""
     codes = np.ascontiguousarray(codes, dtype=np.int64)
     sha = hashlib.sha256(repr(codes.shape).encode() + codes.tobytes()).hexdigest()
@@ -127,7 +133,9 @@ def codes_digest(codes: np.ndarray, codebook_sizes) -> dict:
 
 
 # ----------------------------------------------------------------------------- samples
-def history_input(items, tokens: np.ndarray, max_history: int) -> list[int]:
+def history_input(
+    items: Sequence[int] | np.ndarray, tokens: np.ndarray, max_history: int
+) -> list[int]:
     """Encoder input: the codes of the last ``max_history`` items, flattened, then EOS."""
     items = np.asarray(items, dtype=np.int64)[-max_history:] if max_history > 0 else []
     return [int(t) for t in tokens[items].reshape(-1)] + [EOS]
@@ -138,7 +146,9 @@ def target_tokens(item: int, tokens: np.ndarray) -> list[int]:
     return [int(t) for t in tokens[int(item)]] + [EOS]
 
 
-def user_samples(ds, rows, tokens: np.ndarray, max_history: int, split: str = "train"):
+def user_samples(
+    ds: Any, rows: Iterable[int], tokens: np.ndarray, max_history: int, split: str = "train"
+) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
     """Encoded samples of the users on lines ``rows`` (see the module docstring).
 
     Args:
@@ -173,7 +183,9 @@ def user_samples(ds, rows, tokens: np.ndarray, max_history: int, split: str = "t
     )
 
 
-def prefix_samples(ds, rows, tokens: np.ndarray, max_history: int):
+def prefix_samples(
+    ds: Any, rows: Iterable[int], tokens: np.ndarray, max_history: int
+) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
     """``finetune.train_samples: prefixes``: every prefix of a user's train items predicts the
     next one, as the authors' TIGER code trains with ``--subseq`` (Linxyhaha/TransRec, commit
     04cb471, ``baselines/TIGER/data.py`` lines 263-285): for train items ``x_1..x_m`` with
@@ -202,7 +214,7 @@ def prefix_samples(ds, rows, tokens: np.ndarray, max_history: int):
     )
 
 
-def pad_inputs(inputs: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_inputs(inputs: list[list[int]], device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids [B, S]`` (PAD) and ``attention_mask [B, S]`` (int64)."""
     width = max(len(x) for x in inputs)
     ids = torch.full((len(inputs), width), PAD, dtype=torch.long)
@@ -214,20 +226,18 @@ def pad_inputs(inputs: list[list[int]], device=None) -> tuple[torch.Tensor, torc
 
 
 # ----------------------------------------------------------------------------- module
-def t5_config(codebook_sizes, **sizes):
+def t5_config(codebook_sizes: Sizes, **sizes: Any) -> Any:
     """A ``T5Config`` with TIGER's sizes (``sizes`` overrides them, e.g. for tests)."""
     from transformers import T5Config  # here: keeps transformers out of `dealrec doctor`
 
-    return T5Config(
-        vocab_size=vocab_size(codebook_sizes),
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        decoder_start_token_id=PAD,
-        **{**T5_SIZES, **sizes},
-    )
+    special = {"pad_token_id": PAD, "eos_token_id": EOS, "decoder_start_token_id": PAD}
+    options: dict[str, Any] = {**special, **T5_SIZES, **sizes}
+    return T5Config(vocab_size=vocab_size(codebook_sizes), **options)
 
 
-def build_model(codebook_sizes, init_seed: int = 0, device="cpu", **sizes):
+def build_model(
+    codebook_sizes: Sizes, init_seed: int = 0, device: Any = "cpu", **sizes: Any
+) -> Any:
     """A randomly initialised ``T5ForConditionalGeneration`` (``torch.manual_seed(init_seed)``)."""
     # here: keeps transformers out of `dealrec doctor`, which imports this module
     from transformers import T5ForConditionalGeneration
@@ -237,40 +247,7 @@ def build_model(codebook_sizes, init_seed: int = 0, device="cpu", **sizes):
     return model.to(device)
 
 
-class FastDropout(torch.nn.Module):
-    """Inverted dropout whose mask takes 16 random bits per value (four values per int64 draw of
-    the torch generator) instead of a Bernoulli draw: a value is dropped with probability
-    ``q = round(p * 65536) / 65536`` (6554/65536 for 0.1) and the kept ones are scaled by
-    ``1 / (1 - q)``. Same law as ``torch.nn.Dropout`` up to ``q``, another random stream; on one
-    CPU core the mask costs about a fifth of a Bernoulli draw (FastDropout is not in TIGER)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.threshold = int(round(p * 65536))
-        self.scale = 65536 / (65536 - self.threshold)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.threshold == 0:
-            return x
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
-        bits.random_(-(2**63), None)  # all 64 bits uniform
-        keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold - 32768
-        return torch.where(keep, x * self.scale, 0.0)
-
-
-def use_fast_dropout(model) -> int:
-    """Replace every ``torch.nn.Dropout`` of ``model`` by :class:`FastDropout` of the same
-    probability (the attention-weight dropout inside T5's attention stays torch's); returns how
-    many were replaced. Parameters and saved files are unchanged."""
-    found = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Dropout]
-    for name, module in found:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, FastDropout(module.p).train(module.training))
-    return len(found)
-
-
-def load_model(folder, device="cpu"):
+def load_model(folder: str | Path, device: Any = "cpu") -> Any:
     """The model saved by ``save_pretrained`` in ``folder`` (local files only), eval mode."""
     # here: keeps transformers out of `dealrec doctor`, which imports this module
     from transformers import T5ForConditionalGeneration
@@ -295,7 +272,7 @@ class Spec:
     scale_output: float
 
     @classmethod
-    def of(cls, config) -> Spec:
+    def of(cls, config: Any) -> Spec:
         scale = config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", True) else 1.0
         return cls(
             config.num_layers,
@@ -309,7 +286,7 @@ class Spec:
         )
 
 
-def params_of(model) -> dict[str, torch.Tensor]:
+def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameter dict of the functional forward (detached; tied weights once)."""
     return {n: p.detach() for n, p in model.named_parameters()}
 
@@ -393,7 +370,9 @@ def _self_attention(p, pre, h, spec, bias, past=None, tape=None):
     return h + _lin(p, pre + "SelfAttention.o.weight", _attend(q, k, v, bias), tape), (k, v)
 
 
-def encode(p: dict, spec: Spec, input_ids, attention_mask, tape=None):
+def encode(
+    p: dict, spec: Spec, input_ids: Tensor, attention_mask: Tensor, tape: Tape = None
+) -> Tensor:
     """The encoder: ``[B, S, d]`` hidden states (after the final norm)."""
     h = _embed(p, input_ids, tape)
     b, s = input_ids.shape
@@ -413,7 +392,9 @@ def encode(p: dict, spec: Spec, input_ids, attention_mask, tape=None):
     return _norm(p, "encoder.final_layer_norm.weight", h, spec.eps, tape)
 
 
-def cross_kv(p: dict, spec: Spec, enc, attention_mask, tape=None):
+def cross_kv(
+    p: dict, spec: Spec, enc: Tensor, attention_mask: Tensor, tape: Tape = None
+) -> tuple[list[tuple[Tensor, ...]], Tensor]:
     """Each decoder layer's cross-attention keys and values ``[B, H, S, dk]`` (computed once per
     user, shared by all its beams) and the additive encoder mask ``[B, 1, 1, S]``."""
     kv = [
@@ -435,7 +416,15 @@ def _causal(q_len, k_len, q_start, dtype, device):
     return (k > q).to(dtype) * torch.finfo(dtype).min
 
 
-def decode(p: dict, spec: Spec, dec_ids, kv, cross_mask, past=None, tape=None):
+def decode(
+    p: dict,
+    spec: Spec,
+    dec_ids: Tensor,
+    kv: list,
+    cross_mask: Tensor,
+    past: Tape = None,
+    tape: Tape = None,
+) -> tuple[Tensor, list]:
     """The decoder over new tokens ``dec_ids [B, W, T]`` (``W`` beams per user), optionally
     after cached earlier tokens.
 
@@ -476,7 +465,14 @@ def decode(p: dict, spec: Spec, dec_ids, kv, cross_mask, past=None, tape=None):
     return _lin(p, "shared.weight", h, tape), new_past
 
 
-def sample_losses(p: dict, spec: Spec, input_ids, attention_mask, targets, tape=None):
+def sample_losses(
+    p: dict,
+    spec: Spec,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    targets: Tensor,
+    tape: Tape = None,
+) -> Tensor:
     """``[B]`` loss of each sample alone: the mean token cross-entropy over its ``L + 1`` target
     tokens (codes and EOS), teacher-forced from the decoder start (pad) token; eval mode."""
     enc = encode(p, spec, input_ids, attention_mask, tape)

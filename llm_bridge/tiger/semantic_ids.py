@@ -26,6 +26,8 @@ a 2-core CPU; the per-level losses are means over elements rather than sums.
 
 from __future__ import annotations
 
+from typing import Any
+
 import itertools
 import time
 from dataclasses import asdict
@@ -331,7 +333,7 @@ def vocab_sizes(manifest: dict) -> list[int]:
     return [int(v) for v in manifest["codebook_sizes"]]
 
 
-def load_semantic_ids(path, ds) -> tuple[np.ndarray, dict]:
+def load_semantic_ids(path, ds: Any) -> tuple[np.ndarray, dict]:
     """Load and check a ``dealrec semantic-ids`` file.
 
     Args:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llm_bridge.config import FinetuneConfig
+from llm_bridge.tiger import dropout as D
 from llm_bridge.tiger import finetune as tft
 from llm_bridge.tiger import generate as gen
 from llm_bridge.tiger import model as M
@@ -55,7 +56,7 @@ def test_batched_beam_search_equals_one_user_at_a_time():
 
 # ----------------------------------------------------------------------------- approximate
 def test_fast_dropout_law_scale_gradient_and_eval():
-    drop = M.FastDropout(0.1)
+    drop = D.FastDropout(0.1)
     q = 6554 / 65536
     x = torch.rand(2_000_000) + 0.5
     torch.manual_seed(0)
@@ -82,9 +83,9 @@ def test_use_fast_dropout_replaces_every_dropout_and_keeps_eval_outputs():
     tgt = torch.tensor([[2, 6, 9, 11, 1]] * 2)
     before = model(input_ids=ids, attention_mask=(ids > 0).long(), labels=tgt).loss
     n = sum(type(m) is torch.nn.Dropout for m in model.modules())
-    assert n > 0 and M.use_fast_dropout(model) == n
+    assert n > 0 and D.use_fast_dropout(model) == n
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
-    assert sum(isinstance(m, M.FastDropout) for m in model.modules()) == n
+    assert sum(isinstance(m, D.FastDropout) for m in model.modules()) == n
     after = model(input_ids=ids, attention_mask=(ids > 0).long(), labels=tgt).loss
     assert torch.equal(before, after)
 
