@@ -2,7 +2,8 @@
 
 :class:`SurrogateTask` holds what a retrain needs (model, pure loss pair, training arrays,
 validation batch); :func:`retrain` trains one model on a subset mask with the recipe of
-``dealrec train-surrogate`` for a fixed number of epochs; :func:`valid_losses` measures each
+``dealrec train-surrogate`` for a fixed number of epochs (:func:`retrain_scan`: the same
+models, each epoch one jitted ``lax.scan``); :func:`valid_losses` measures each
 validation user's loss. Many retrains at once: one jitted, ``jax.vmap``-ed training step over a
 stack of models, each with its own subset mask and training seed.
 
