@@ -2,7 +2,8 @@
 
 :class:`SurrogateTask` holds what a retrain needs (model, pure loss pair, training arrays,
 validation batch); :func:`retrain` trains one model on a subset mask with the recipe of
-``dealrec train-surrogate`` for a fixed number of epochs; :func:`valid_losses` measures each
+``dealrec train-surrogate`` for a fixed number of epochs (:func:`retrain_scan`: the same
+models, each epoch one jitted ``lax.scan``); :func:`valid_losses` measures each
 validation user's loss. Many retrains at once: one jitted, ``jax.vmap``-ed training step over a
 stack of models, each with its own subset mask and training seed.
 
@@ -37,6 +38,7 @@ from jaxrec import models
 from jaxrec.base import Loss, Params, PerSampleLoss
 from jaxrec.config import SurrogateConfig
 from jaxrec.data import training_arrays
+from jaxrec.data.buckets import TRAIN_WIDTHS, bucket_widths
 from jaxrec.errors import UserError
 from jaxrec.models.sasrec import positions_per_sample
 from jaxrec.train import (
@@ -72,6 +74,8 @@ class SurrogateTask:
     dataset: Any  # the Dataset (sequence negatives exclude each user's train items)
     # retrain_many's jitted, vmapped step, built once per task (a new one recompiles)
     many_step: Callable | None = field(default=None, repr=False)
+    # retrain_scan's jitted epoch (a lax.scan over the epoch's batches), built once per task
+    epoch_scan: Callable | None = field(default=None, repr=False)
 
 
 def model_module(cfg: SurrogateConfig):
@@ -157,6 +161,102 @@ def retrain(
             raise UserError(f"retraining diverged at epoch {epoch} (loss {value}); lower lr=")
         if on_epoch is not None:
             on_epoch(epoch, params)
+    return params
+
+
+def _epoch_scan(raw: Callable, widths: tuple[int, ...]) -> Callable:
+    """Jitted ``(params, opt_state, key, batches, weights, which) -> (params, opt_state, key,
+    losses)``: one ``lax.scan`` over an epoch's batches, each stored at the widest width
+    ``widths[-1]``; step ``t`` cuts its batch to ``widths[which[t]]`` columns (``lax.switch``,
+    so it computes exactly the one-width step of :func:`retrain`, dropout bits included) and
+    splits the key as :func:`retrain` does; ``which[t] = len(widths)`` is a padding step that
+    changes nothing (so epochs of different lengths share one compiled scan)."""
+
+    def branch(width: int) -> Callable:
+        def go(state, batch, weights):
+            params, opt_state, key = state
+            key, sub = jax.random.split(key)
+            cut = {k: v[:, -width:] for k, v in batch.items()}
+            params, opt_state, value = raw(params, opt_state, cut, weights, sub)
+            return (params, opt_state, key), value
+
+        return go
+
+    def skip(state, batch, weights):
+        return state, jnp.float32(jnp.nan)
+
+    branches = [branch(w) for w in widths] + [skip]
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def epoch(params, opt_state, key, batches, weights, which):
+        def body(state, xs):
+            batch, w, i = xs
+            return jax.lax.switch(i, branches, state, batch, w)
+
+        (params, opt_state, key), values = jax.lax.scan(
+            body, (params, opt_state, key), (batches, weights, which)
+        )
+        return params, opt_state, key, values
+
+    return epoch
+
+
+def retrain_scan(
+    task: SurrogateTask,
+    mask: np.ndarray,
+    seed: int,
+    *,
+    pad_to: int = 8,
+) -> Params:
+    """:func:`retrain` with each epoch run as one jitted ``lax.scan`` over its batches (one
+    dispatch per epoch instead of one per step; issue 27 section 3, idea (a)).
+
+    The batches, their order, widths, negatives and dropout keys are those of :func:`retrain`
+    (the same calls of the same generators, in the same order): each batch is gathered at the
+    widest training width and cut back to its own width inside the scan. Results equal
+    :func:`retrain` up to float rounding (tested).
+
+    Args:
+      task: a :class:`SurrogateTask`.
+      mask: ``[n]`` bool, the users the model trains on.
+      seed: the training seed (batch order, dropout, sampled negatives).
+      pad_to: each epoch's scan is padded with no-op steps to a multiple of this many steps,
+        so epochs and subsets with a few batches more or less reuse one compiled scan.
+    Returns:
+      the parameters.
+    """
+    cfg = task.cfg
+    widths = tuple(bucket_widths(cfg.max_len, TRAIN_WIDTHS))
+    if task.epoch_scan is None:
+        raw = train_step_fn(
+            task.model,
+            optax.adam(cfg.lr),
+            cfg.loss_weighting,
+            float(positions_per_sample(task.arrays["targets"])),
+        )
+        task.epoch_scan = _epoch_scan(raw, widths)
+    params = task.init_params(task.model, jax.random.PRNGKey(cfg.seed))
+    opt_state = optax.adam(cfg.lr).init(params)
+    arrays = dict(task.arrays, targets=np.where(mask[:, None], task.arrays["targets"], 0))
+    rng = np.random.default_rng([cfg.seed, seed])
+    key = jax.random.PRNGKey(seed + 1)
+    for epoch in range(1, cfg.epochs + 1):
+        data = training_data(cfg, arrays, task.dataset, epoch, seed)
+        plan = epoch_batches(target_lengths(data), cfg.batch_size, cfg.max_len, rng, cfg.batching)
+        steps = -(-len(plan) // pad_to) * pad_to
+        pad = -np.ones(cfg.batch_size, int)
+        rows = [r for r, _ in plan] + [pad] * (steps - len(plan))
+        which = np.full(steps, len(widths), np.int32)
+        which[: len(plan)] = [widths.index(w) for _, w in plan]
+        parts = [take_batch(data, r, widths[-1]) for r in rows]
+        batches = {k: np.stack([b[k] for b in parts]) for k in parts[0]}
+        weights = np.stack([(r >= 0).astype(np.float32) for r in rows])
+        params, opt_state, key, values = task.epoch_scan(
+            params, opt_state, key, batches, weights, which
+        )
+        value = float(np.mean(np.asarray(values)[: len(plan)]))
+        if not np.isfinite(value):
+            raise UserError(f"retraining diverged at epoch {epoch} (loss {value}); lower lr=")
     return params
 
 

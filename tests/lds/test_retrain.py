@@ -1,7 +1,11 @@
 """Vmapped LDS retraining (jaxrec.retrain.retrain_many) against the one-at-a-time
 jaxrec.retrain.retrain."""
 
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -36,3 +40,53 @@ def test_vmapped_retrains_equal_one_at_a_time(tmp_path):
     np.testing.assert_allclose(valid_losses_many(task, stacked), want, rtol=1e-4, atol=1e-5)
     # the models differ (masks and seeds matter): the test can fail
     assert np.abs(want[0] - want[1]).max() > 1e-3 and np.abs(want[0] - want[2]).max() > 1e-3
+
+
+def test_scanned_retrain_equals_one_step_at_a_time(tmp_path):
+    """retrain_scan (each epoch one lax.scan, padded with no-op steps) trains the model of
+    retrain: same batches, widths, negatives and dropout keys."""
+    from jaxrec.data.synthetic import make_synthetic
+
+    ds = load_dataset(make_synthetic(tmp_path / "data", n_users=40, n_items=30, seed=0))
+    cfg = SurrogateConfig(
+        data=str(ds.path), hidden=8, max_len=12, dropout=0.2, batch_size=16, epochs=2, seed=3
+    )
+    task = retrain.surrogate_task(cfg, ds)
+    masks = lds.draw_subsets(ds.n_users, 2, 0.5, seed=1)
+    got = [retrain.retrain_scan(task, mask, s, pad_to=4) for mask, s in zip(masks, [0, 1])]
+    want = [retrain.retrain(task, mask, s) for mask, s in zip(masks, [0, 1])]
+    for g, w in zip(got, want):
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    diff = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for g, w in zip(got, want)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w))
+    )
+    print(f"\nlargest difference to retrain: {diff:.2e}")
+    # the two models differ (mask and seed matter): the comparison can fail
+    a, b = (retrain.valid_losses(task, p) for p in want)
+    assert np.abs(a - b).max() > 1e-3
+
+
+def test_retrain_bench_runs(tmp_path):
+    """The command of docs/benchmarks.md ("Vmapped LDS retraining"), on a slice of a tiny
+    synthetic set: every path trains the same models and the step comparison prints."""
+    from jaxrec.data.synthetic import make_synthetic
+
+    root = Path(__file__).resolve().parents[2]
+    data = make_synthetic(tmp_path / "data", n_users=30, n_items=15, seed=0)
+    out = subprocess.run(
+        [sys.executable, "bench/retrain_vmap.py", "--data", str(data), "--users", "24"]
+        + ["--models", "2", "--epochs", "1", "--hidden", "8", "--batch-size", "8"]
+        + ["--max-len", "12", "--step-widths", "8"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+    ).stdout
+    for path in ("one", "scan", "vmap"):
+        row = rf"^  {path}: one-at-a-time / {path} = [\d.]+x wall.* one-at-a-time (\S+)$"
+        found = re.search(row, out, re.M)
+        assert found and float(found.group(1)) < 1e-4, out  # every path trains the same models
+    assert re.search(r"^step width 8: single [\d.]+ CPU ms, vmapped x2", out, re.M), out
