@@ -1,11 +1,7 @@
 """Vmapped LDS retraining (jaxrec.retrain.retrain_many) against the one-at-a-time
 jaxrec.retrain.retrain."""
 
-import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -67,26 +63,3 @@ def test_scanned_retrain_equals_one_step_at_a_time(tmp_path):
     # the two models differ (mask and seed matter): the comparison can fail
     a, b = (retrain.valid_losses(task, p) for p in want)
     assert np.abs(a - b).max() > 1e-3
-
-
-def test_retrain_bench_runs(tmp_path):
-    """The command of docs/benchmarks.md ("Vmapped LDS retraining"), on a slice of a tiny
-    synthetic set: every path trains the same models and the step comparison prints."""
-    from jaxrec.data.synthetic import make_synthetic
-
-    root = Path(__file__).resolve().parents[2]
-    data = make_synthetic(tmp_path / "data", n_users=30, n_items=15, seed=0)
-    out = subprocess.run(
-        [sys.executable, "bench/retrain_vmap.py", "--data", str(data), "--users", "24"]
-        + ["--models", "2", "--epochs", "1", "--hidden", "8", "--batch-size", "8"]
-        + ["--max-len", "12", "--step-widths", "8"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=root,
-    ).stdout
-    for path in ("one", "scan", "vmap"):
-        row = rf"^  {path}: one-at-a-time / {path} = [\d.]+x wall.* one-at-a-time (\S+)$"
-        found = re.search(row, out, re.M)
-        assert found and float(found.group(1)) < 1e-4, out  # every path trains the same models
-    assert re.search(r"^step width 8: single [\d.]+ CPU ms, vmapped x2", out, re.M), out
