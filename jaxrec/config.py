@@ -9,12 +9,11 @@ and how files and flags are read is in :mod:`jaxrec.config_io`.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 
-from jaxrec.config_io import option
+from jaxrec.config_io import nested, option, tie
 from jaxrec.errors import UserError
 
 GAMES = "../shared/data/games"
@@ -188,21 +187,12 @@ ScoreModel = Literal["trained", "early"]
 SampleLoss = Literal["per-user", "training"]
 
 
-def _same(cls, name: str, aliases: tuple = ()):
-    """A config field with the default and help of option ``cls.name`` (``aliases``: its
-    earlier names, as :func:`option`)."""
-    f = cls.__dataclass_fields__[name]
-    return option(f.default, f.metadata["help"], aliases=aliases)
-
-
 def solver_options(cfg: InfluenceConfig | LdsConfig, solver: str = ""):
-    """The option dataclass of ``solver`` (default ``cfg.solver``) filled from ``cfg``'s
-    fields of the same names: ``dealrec influence`` and ``dealrec lds`` name every solver
-    option alike (``steps``, ``lissa_batch_size``, ``tol``, ``maxiter``, ``rank``, ...)."""
-    cls = SOLVER_OPTIONS[solver or getattr(cfg, "solver")]  # noqa: B009 - LdsConfig has none
-    return cls(
-        **{f.name: getattr(cfg, f.metadata.get("flag", f.name)) for f in dataclasses.fields(cls)}
-    )
+    """The options object of ``solver`` (default ``cfg.solver``) in ``cfg``: its nested field
+    of that name (``cfg.lissa``, ``cfg.cg``, ...). ``dealrec influence``, ``dealrec lds``
+    and the Python API share these objects and their flat names (``steps``,
+    ``lissa_batch_size``, ``tol``, ``maxiter``, ``rank``, ...)."""
+    return getattr(cfg, solver or getattr(cfg, "solver"))  # noqa: B009 - LdsConfig has none
 
 
 @dataclass
@@ -287,17 +277,14 @@ class InfluenceConfig:
     scale: float = field(
         default=25.0, metadata={"help": "LiSSA step 1/scale, and the dealrec convention's factor"}
     )
-    steps: int = _same(LissaOptions, "steps")
-    lissa_batch_size: int = _same(LissaOptions, "batch_size")
-    repeats: int = _same(LissaOptions, "repeats")
-    lissa_tol: float = _same(LissaOptions, "tol")
-    rtol: float = _same(LissaOptions, "rtol")
-    chunk: int = _same(LissaOptions, "chunk")
-    tol: float = _same(CGOptions, "tol")
-    maxiter: int = _same(CGOptions, "maxiter")
-    exact_chunk: int = _same(ExactOptions, "chunk")
-    rank: int = _same(ArnoldiOptions, "rank")
-    iterations: int = _same(ArnoldiOptions, "iterations")
+    # each solver's options: one typed object (jaxrec.influence's), set in a config file as a
+    # mapping (lissa: {steps: 2000}) or by the flat names its flags and reuse keys use (steps,
+    # lissa_batch_size, lissa_tol, repeats, rtol, chunk; tol, maxiter; exact_chunk; rank,
+    # iterations); batch_size and seed are this config's own fields, copied in (config_io.tie)
+    lissa: LissaOptions = nested(LissaOptions(), "LiSSA's options (solver lissa)")
+    cg: CGOptions = nested(CGOptions(), "CG's options (solver cg)")
+    exact: ExactOptions = nested(ExactOptions(), "the exact solver's options (solver exact)")
+    arnoldi: ArnoldiOptions = nested(ArnoldiOptions(), "Arnoldi's options (solver arnoldi)")
     batch_size: int = field(
         default=4096,
         metadata={
@@ -339,6 +326,9 @@ class InfluenceConfig:
             "empty = off"
         },
     )
+
+    def __post_init__(self):
+        tie(self)  # batch_size and seed into the solvers' options
 
 
 @dataclass
@@ -445,15 +435,32 @@ class LdsConfig:
         "dealrec row: the loss whose gradient scores a user, as influence.sample_loss",
     )
     scale: float = option(25.0, "LiSSA step 1/scale, and the dealrec convention's factor")
-    # the solver options under the names of InfluenceConfig (dealrec influence); the earlier
-    # lds spellings stay accepted (aliases) and name them in settings.json and cache keys
-    steps: int = option(5000, "most LiSSA steps per solve", aliases=("lissa_steps",))
-    lissa_batch_size: int = option(16, "LiSSA minibatch size")
-    lissa_tol: float = _same(LissaOptions, "tol")
-    tol: float = _same(CGOptions, "tol", aliases=("cg_tol",))
-    maxiter: int = _same(CGOptions, "maxiter", aliases=("cg_maxiter",))
-    rank: int = _same(ArnoldiOptions, "rank", aliases=("arnoldi_rank",))
-    iterations: int = _same(ArnoldiOptions, "iterations", aliases=("arnoldi_iterations",))
+    # the solver options: the objects of InfluenceConfig (dealrec influence), under its flat
+    # names; the earlier lds spellings stay accepted (aliases) and name them in settings.json
+    # and cache keys. LiSSA's seed is this config's seed; the other fields (lissa: repeats,
+    # rtol, chunk; cg / exact / arnoldi: batch_size; arnoldi: seed; exact: chunk) are set in
+    # the mapping only and keyed only when not at their defaults
+    lissa: LissaOptions = nested(
+        LissaOptions(),
+        "LiSSA's options (lissa, lissa-small, the dealrec row)",
+        {
+            "steps": ("steps", "lissa_steps"),
+            "batch_size": "lissa_batch_size",
+            "tol": "lissa_tol",
+            "seed": "seed",
+        },
+    )
+    cg: CGOptions = nested(
+        CGOptions(),
+        "CG's options",
+        {"tol": ("tol", "cg_tol"), "maxiter": ("maxiter", "cg_maxiter")},
+    )
+    exact: ExactOptions = nested(ExactOptions(), "the exact solver's options", {})
+    arnoldi: ArnoldiOptions = nested(
+        ArnoldiOptions(),
+        "Arnoldi's options",
+        {"rank": ("rank", "arnoldi_rank"), "iterations": ("iterations", "arnoldi_iterations")},
+    )
     fisher: Literal["empirical", "gauss-newton", "sampled"] = option(
         "empirical",
         "kfac / ekfac: the curvature (empirical Fisher of the per-sample losses; gauss-newton "
@@ -472,6 +479,9 @@ class LdsConfig:
     compile_cache: str = option(
         "~/.cache/dealrec/jax", "JAX persistent compilation cache; empty = off"
     )
+
+    def __post_init__(self):
+        tie(self)  # seed into LiSSA's options
 
 
 __all__ = [

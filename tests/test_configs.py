@@ -122,6 +122,21 @@ def test_every_option_has_help_text_that_help_shows(cmd, capsys):
     assert exited.value.code == 0
     shown = "".join(capsys.readouterr().out.split())
     for f in fields:
+        if "nested" in f.metadata:  # an options object: its flags under its flat names
+            inner = dataclasses.fields(f.default_factory())
+            own = {f.name for f in fields}  # a tied flat name is the config's own field
+            flagged = {
+                g.name: g
+                for g in inner
+                if g.name in f.metadata["nested"] and f.metadata["nested"][g.name][0] not in own
+            }
+            for name, g in flagged.items():
+                flag = f.metadata["nested"][name][0]
+                assert "--" + flag.replace("_", "-") in shown, (cmd, f.name, name)
+                assert "".join(g.metadata["help"].split()) in shown, (cmd, f.name, name)
+            if flagged:
+                assert "".join(f.metadata["help"].split()) in shown, (cmd, f.name)
+            continue
         assert "".join(f.metadata["help"].split()) in shown, (cmd, f.name)
         if not hasattr(cls, "add_arguments"):  # one --flag per field
             assert "--" + f.name.replace("_", "-") in shown, (cmd, f.name)
@@ -157,3 +172,27 @@ def test_influence_reuse_key_of_set_solver_options_is_unchanged():
     section = {"solver": "cg", "steps": 100, "tol": 1e-4, "batch_size": 32, "seed": 3}
     section.update(exact_chunk=64, lissa_batch_size=8, rank=7, damping=1)
     assert digest(key_options("influence", section)) == "b7721e7b2742edf5"
+
+
+def test_nested_solver_options_read_and_key_as_their_flat_names():
+    """An influence section may give each solver's options as a mapping (the typed objects of
+    the Python API) or by their flat names: the same config, the same reuse key; a tied option
+    (the config's own batch_size / seed) set differently in a mapping is an error."""
+    from jaxrec.config import CGOptions, InfluenceConfig, LissaOptions
+    from jaxrec.pipeline import digest, key_options
+
+    flat = {"solver": "cg", "steps": 100, "tol": 1e-4, "batch_size": 32, "seed": 3}
+    flat.update(exact_chunk=64, lissa_batch_size=8, rank=7, damping=1)
+    nested = {"solver": "cg", "batch_size": 32, "seed": 3, "damping": 1}
+    nested.update(lissa={"steps": 100, "batch_size": 8}, cg={"tol": 1e-4})
+    nested.update(exact={"chunk": 64}, arnoldi={"rank": 7})
+    a, b = make_config(InfluenceConfig, flat), make_config(InfluenceConfig, nested)
+    assert a == b and a.lissa == LissaOptions(steps=100, batch_size=8, seed=3)
+    assert a.cg == CGOptions(tol=1e-4, batch_size=32) and a.arnoldi.seed == 3
+    assert digest(key_options("influence", nested)) == "b7721e7b2742edf5"
+    with pytest.raises(UserError, match="cg.batch_size is batch_size here"):
+        make_config(InfluenceConfig, {"cg": {"batch_size": 8}})
+    with pytest.raises(UserError, match="name one option"):
+        make_config(InfluenceConfig, {"steps": 5, "lissa": {"steps": 6}})
+    with pytest.raises(UserError, match="unknown key 'stepz'"):
+        make_config(InfluenceConfig, {"lissa": {"stepz": 6}})

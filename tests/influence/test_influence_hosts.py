@@ -24,15 +24,15 @@ run, coordinator, processes, index = sys.argv[1], sys.argv[2], int(sys.argv[3]),
 from jaxrec.influence import hosts
 if processes > 1:
     hosts.initialize(coordinator, processes, index)
-from jaxrec.config import InfluenceConfig
+from jaxrec.config import InfluenceConfig, LissaOptions
 from jaxrec.influence import dealrec_scores
 from jaxrec.train import load_surrogate, negative_draw
 import jax
 rows = hosts.row_range(90) if processes > 1 else None  # tiny_run's 90 users
 sur = load_surrogate(run, rows=rows)
 out = {"rows": rows, "processes": jax.process_count()}
-for solver, extra in (("lissa", {"steps": 120, "lissa_batch_size": 8}), ("cg", {}),
-                      ("exact", {})):
+for solver, extra in (("lissa", {"lissa": LissaOptions(steps=120, batch_size=8)}),
+                      ("cg", {}), ("exact", {})):
     cfg = InfluenceConfig(solver=solver, params="^ffn_1_0/bias$", negative_draws=2, batch_size=32,
                           **extra)
     s, info = dealrec_scores(sur.loss, sur.per_sample_loss, sur.sample_loss, sur.params,
