@@ -174,6 +174,60 @@ class ArnoldiOptions:
     batch_size: int = option(4096, "samples per full-data HVP batch")
 
 
+# the attribution estimators' options (jaxrec.influence.attribution.fit takes them; the
+# estimators are in jaxrec.influence.kfac, .trak, .datainf); here so dealrec lds nests them
+Fisher = Literal["empirical", "gauss-newton", "sampled"]
+
+
+@dataclass(frozen=True)
+class KFACOptions:
+    """K-FAC influence (George et al. 2018; Grosse et al. 2023) for Flax Dense layers."""
+
+    fisher: Fisher = option(
+        "empirical",
+        "curvature: empirical (per-sample loss gradients), gauss-newton (exact, from output=), "
+        "sampled (true Fisher by Monte Carlo, from output=)",
+    )
+    damping: float | None = option(
+        None, "damping lam of every layer; None: damping_scale x the layer's mean eigenvalue"
+    )
+    damping_scale: float = option(0.1, "the heuristic's factor (kronfluence: 0.1)")
+    seed: int = option(0, "PRNG seed of the sampled Fisher's draws")
+    fit_batch_size: int = option(256, "samples per covariance batch")
+    batch_size: int = option(4096, "training samples per scoring batch")
+    query_batch_size: int = option(64, "query samples per gradient batch")
+
+
+@dataclass(frozen=True)
+class EKFACOptions(KFACOptions):
+    """EK-FAC: K-FAC with its eigenvalues corrected to the curvature's diagonal in the
+    Kronecker eigenbasis (George et al. 2018; Grosse et al. 2023)."""
+
+
+@dataclass(frozen=True)
+class TRAKOptions:
+    """TRAK's projected Gauss-Newton influence (Park et al. 2023)."""
+
+    dim: int = option(2048, "projection dimension k")
+    seed: int = option(0, "PRNG seed of the projections (model m uses fold_in(seed, m))")
+    damping: float = option(0.0, "added to the projected Gauss-Newton matrix's diagonal")
+    batch_size: int = option(256, "training samples per per-sample-gradient batch")
+    query_batch_size: int = option(64, "query samples per gradient batch")
+
+
+@dataclass(frozen=True)
+class DataInfOptions:
+    """DataInf's closed-form inverse (Kwon et al. 2024, Eq. 5)."""
+
+    damping: float | None = option(
+        None, "damping lam_l of every block; None: damping_scale x the mean squared gradient entry"
+    )
+    damping_scale: float = option(0.1, "the paper's factor of the mean squared gradient entry")
+    batch_size: int = option(4096, "training samples per scoring batch")
+    grad_batch_size: int = option(64, "training samples per per-sample-gradient batch")
+    query_batch_size: int = option(64, "query samples per gradient batch")
+
+
 SOLVER_OPTIONS = {
     "lissa": LissaOptions,
     "cg": CGOptions,
@@ -461,18 +515,32 @@ class LdsConfig:
         "Arnoldi's options",
         {"rank": ("rank", "arnoldi_rank"), "iterations": ("iterations", "arnoldi_iterations")},
     )
-    fisher: Literal["empirical", "gauss-newton", "sampled"] = option(
-        "empirical",
-        "kfac / ekfac: the curvature (empirical Fisher of the per-sample losses; gauss-newton "
-        "and sampled use the per-sample losses as the model output here)",
+    # the estimators' options: the objects attribution.fit takes, by the flat names of
+    # before (fisher, kfac_damping_scale, trak_dim; kfac and ekfac share theirs, so does
+    # datainf its damping_scale: set alike); their seed is this config's; added since
+    # 2026-12-07, so they are left out of settings.json at their defaults
+    kfac: KFACOptions = nested(
+        KFACOptions(),
+        "K-FAC's options (gauss-newton and sampled use the per-sample losses as the model "
+        "output here)",
+        {"fisher": "fisher", "damping_scale": "kfac_damping_scale", "seed": "seed"},
         since="2026-12-07",
     )
-    kfac_damping_scale: float = option(
-        0.1,
-        "kfac / ekfac / datainf: damping = this x the layer's mean eigenvalue",
+    ekfac: EKFACOptions = nested(
+        EKFACOptions(),
+        "EK-FAC's options",
+        {"fisher": "fisher", "damping_scale": "kfac_damping_scale", "seed": "seed"},
         since="2026-12-07",
     )
-    trak_dim: int = option(2048, "trak: projection dimension k", since="2026-12-07")
+    trak: TRAKOptions = nested(
+        TRAKOptions(), "TRAK's options", {"dim": "trak_dim", "seed": "seed"}, since="2026-12-07"
+    )
+    datainf: DataInfOptions = nested(
+        DataInfOptions(),
+        "DataInf's options",
+        {"damping_scale": "kfac_damping_scale"},
+        since="2026-12-07",
+    )
     bootstrap: int = option(2000, "bootstrap resamples of the validation users")
     level: float = option(0.95, "confidence level of the bootstrap interval")
     seed: int = option(0, "seed of the slice, subsets, validation-user choice and initialisation")
@@ -481,7 +549,7 @@ class LdsConfig:
     )
 
     def __post_init__(self):
-        tie(self)  # seed into LiSSA's options
+        tie(self)  # seed into LiSSA's, K-FAC's and TRAK's options
 
 
 __all__ = [
@@ -496,6 +564,10 @@ __all__ = [
     "CGOptions",
     "ExactOptions",
     "ArnoldiOptions",
+    "KFACOptions",
+    "EKFACOptions",
+    "TRAKOptions",
+    "DataInfOptions",
     "SOLVER_OPTIONS",
     "solver_options",
 ]

@@ -50,7 +50,7 @@ def option(
     return field(default=default, metadata=metadata)
 
 
-def nested(default, text: str, flat: dict | None = None):
+def nested(default, text: str, flat: dict | None = None, since: str = ""):
     """A config field that holds a frozen options dataclass (a solver's, say
     :class:`~jaxrec.config.LissaOptions`): one typed object shared by the config classes and
     the Python API. Config files give it as a mapping (``lissa: {steps: 2000}``) or by the flat
@@ -65,11 +65,13 @@ def nested(default, text: str, flat: dict | None = None):
         is also a field of the config itself (``seed``, ``batch_size``) is that field: the
         config's ``__post_init__`` copies it in (:func:`tie`). Inner fields without a flat
         name are set in the mapping only, and keyed as ``field.inner`` when not at the default.
+      since: as :func:`option`'s, for every flat name of the field but a tied one.
     """
     if flat is None:
         flat = {f.name: f.metadata.get("flag", f.name) for f in dataclasses.fields(default)}
     names = {k: (v,) if isinstance(v, str) else tuple(v) for k, v in flat.items()}
-    return field(default_factory=lambda: default, metadata={"help": text, "nested": names})
+    metadata = {"help": text, "nested": names, **({"since": since} if since else {})}
+    return field(default_factory=lambda: default, metadata=metadata)
 
 
 def _default(f: dataclasses.Field):
@@ -89,13 +91,36 @@ def _nested_fields(cls) -> list[tuple[dataclasses.Field, dict[str, tuple[str, ..
 
 def tie(cfg) -> None:
     """Copy each config field into the nested options whose flat name it is (:func:`nested`):
-    ``InfluenceConfig.batch_size`` into ``cg.batch_size``, ``exact.batch_size``, ...; call it
-    from the config's ``__post_init__``."""
+    ``InfluenceConfig.batch_size`` into ``cg.batch_size``, ``exact.batch_size``, ...; and
+    refuse nested options that share a flat name with different values (one flag, one
+    recorded value). Call it from the config's ``__post_init__``."""
     own = _own_fields(type(cfg))
+    seen: dict[str, tuple[str, object]] = {}
     for f, names in _nested_fields(type(cfg)):
         tied = {inner: getattr(cfg, nm[0]) for inner, nm in names.items() if nm[0] in own}
         if tied and any(getattr(getattr(cfg, f.name), k) != v for k, v in tied.items()):
             setattr(cfg, f.name, dataclasses.replace(getattr(cfg, f.name), **tied))
+        for inner, nm in names.items():
+            if nm[0] in own:
+                continue
+            value = getattr(getattr(cfg, f.name), inner)
+            other = seen.setdefault(nm[0], (f"{f.name}.{inner}", value))
+            if other[1] != value:
+                raise UserError(
+                    f"{other[0]}={other[1]!r} and {f.name}.{inner}={value!r} share the option "
+                    f"{nm[0]}: set them alike (or set {nm[0]})"
+                )
+
+
+def since_names(cls) -> set[str]:
+    """The flat names of the options of ``cls`` marked ``since`` (:func:`option`,
+    :func:`nested`; a tied flat name is the config's own field's)."""
+    own = _own_fields(cls)
+    out = {name for name, f in own.items() if f.metadata.get("since")}
+    for f, names in _nested_fields(cls):
+        if f.metadata.get("since"):
+            out |= {nm[0] for nm in names.values() if nm[0] not in own}
+    return out
 
 
 def flat_dests(cls) -> list[str]:

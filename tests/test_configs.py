@@ -121,15 +121,17 @@ def test_every_option_has_help_text_that_help_shows(cmd, capsys):
         main([cmd, "--help"])
     assert exited.value.code == 0
     shown = "".join(capsys.readouterr().out.split())
+    own = {f.name for f in fields}
     for f in fields:
         if "nested" in f.metadata:  # an options object: its flags under its flat names
             inner = dataclasses.fields(f.default_factory())
-            own = {f.name for f in fields}  # a tied flat name is the config's own field
+            # a tied flat name is the config's own field; a shared one, an earlier group's
             flagged = {
                 g.name: g
                 for g in inner
                 if g.name in f.metadata["nested"] and f.metadata["nested"][g.name][0] not in own
             }
+            own |= {nm[0] for nm in f.metadata["nested"].values()}
             for name, g in flagged.items():
                 flag = f.metadata["nested"][name][0]
                 assert "--" + flag.replace("_", "-") in shown, (cmd, f.name, name)

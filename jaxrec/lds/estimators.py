@@ -22,11 +22,8 @@ from jaxrec.base import Loss, Params, PerSampleLoss
 from jaxrec.config import InfluenceConfig, LdsConfig
 from jaxrec.errors import UserError
 from jaxrec.influence import attribution as at
-from jaxrec.influence.datainf import DataInfOptions
 from jaxrec.influence.dealrec import dealrec_scores
-from jaxrec.influence.kfac import EKFACOptions, KFACOptions
 from jaxrec.influence.tracin import TracInOptions
-from jaxrec.influence.trak import TRAKOptions
 
 
 def _influence(cfg: LdsConfig, solver: Any, damping: float | None = None) -> at.InfluenceOptions:
@@ -47,13 +44,11 @@ ESTIMATORS: dict[str, Callable[[LdsConfig], Any]] = {
     "arnoldi": lambda c: _influence(c, c.arnoldi),
     "grad-dot": lambda c: at.GradDotOptions(),
     "grad-cos": lambda c: at.GradCosOptions(),
-    "kfac": lambda c: KFACOptions(fisher=c.fisher, damping_scale=c.kfac_damping_scale, seed=c.seed),
-    "ekfac": lambda c: EKFACOptions(
-        fisher=c.fisher, damping_scale=c.kfac_damping_scale, seed=c.seed
-    ),
-    "trak": lambda c: TRAKOptions(dim=c.trak_dim, seed=c.seed),
+    "kfac": lambda c: c.kfac,
+    "ekfac": lambda c: c.ekfac,
+    "trak": lambda c: c.trak,
     "tracin": lambda c: TracInOptions(),
-    "datainf": lambda c: DataInfOptions(damping_scale=c.kfac_damping_scale),
+    "datainf": lambda c: c.datainf,
 }
 ATTRIBUTIONS = (*ESTIMATORS, "dealrec")
 

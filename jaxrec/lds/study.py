@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxrec.config import LdsConfig, SurrogateConfig
-from jaxrec.config_io import archived_names, flat_values
+from jaxrec.config_io import archived_names, flat_values, since_names
 from jaxrec.data import load_dataset
 from jaxrec.data.buckets import width_strata
 from jaxrec.data.scorefiles import atomic_write_bytes, write_json
@@ -139,7 +139,7 @@ def settings(cfg: LdsConfig) -> dict:
     folders and caches of earlier runs stay valid."""
     out = {}
     defaults = flat_values(LdsConfig())
-    since = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("since")}
+    since = since_names(LdsConfig)
     archived = archived_names(LdsConfig)
     for name, value in flat_values(cfg).items():
         if name in since and value == defaults[name]:
@@ -198,9 +198,9 @@ def check_options(cfg: LdsConfig) -> None:
         )
     if not cfg.attributions or len(set(cfg.attributions)) != len(cfg.attributions):
         raise UserError(f"attributions= must name distinct attributions, got {cfg.attributions}")
+    flat = flat_values(cfg)  # the nested options by their flat names (trak_dim)
     small = {
-        k: getattr(cfg, k)
-        for k in ("seeds", "val_users", "epochs", "bootstrap", "batch_size", "trak_dim")
+        k: flat[k] for k in ("seeds", "val_users", "epochs", "bootstrap", "batch_size", "trak_dim")
     }
     bad = {k: v for k, v in small.items() if v < 1}
     if bad:
@@ -215,8 +215,8 @@ def check_options(cfg: LdsConfig) -> None:
     if not 0 < cfg.level < 1:
         raise UserError(f"level={cfg.level}: the confidence level must be in (0, 1)")
     for name in ("damping", "small_damping", "scale", "lr", "kfac_damping_scale"):
-        if not getattr(cfg, name) > 0:
-            raise UserError(f"{name}={getattr(cfg, name)}: must be > 0")
+        if not flat[name] > 0:
+            raise UserError(f"{name}={flat[name]}: must be > 0")
     try:
         re.compile(resolve_pattern(cfg.params))
     except re.error as e:

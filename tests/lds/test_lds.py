@@ -331,6 +331,27 @@ def test_renamed_solver_options_keep_their_old_spellings_and_keys():
     )
 
 
+def test_estimator_options_are_the_library_objects_under_their_flat_names():
+    """``dealrec lds`` nests the estimators' option objects (KFACOptions, ...) that
+    attribution.fit takes; the flat keys of before set them (kfac and ekfac share fisher and
+    kfac_damping_scale, datainf the latter; seed is the config's), settings.json records them
+    by those names only when not at their defaults, and diverging shared values are refused."""
+    from jaxrec.config import EKFACOptions, KFACOptions, LdsConfig, TRAKOptions
+    from jaxrec.config_io import make_config
+
+    cfg = make_config(LdsConfig, {"fisher": "sampled", "kfac_damping_scale": 0.5, "seed": 2})
+    assert lds.estimator_options("kfac", cfg) == KFACOptions("sampled", None, 0.5, 2)
+    assert lds.estimator_options("ekfac", cfg) == EKFACOptions("sampled", None, 0.5, 2)
+    assert lds.estimator_options("trak", cfg) == TRAKOptions(seed=2)
+    assert lds.estimator_options("datainf", cfg).damping_scale == 0.5
+    nested = make_config(LdsConfig, {"trak": {"dim": 64, "damping": 0.1}})
+    assert study.settings(nested)["trak_dim"] == 64 and nested.trak.damping == 0.1
+    assert study.settings(nested)["trak.damping"] == 0.1  # no flat name: dotted, not default
+    assert not {"fisher", "kfac_damping_scale", "trak_dim"} & set(study.settings(LdsConfig()))
+    with pytest.raises(Exception, match="share the option fisher"):
+        make_config(LdsConfig, {"kfac": {"fisher": "sampled"}})
+
+
 def test_the_leaderboard_config_parses_and_plans(capsys):
     """configs/studies/lds_leaderboard.yaml: SASRec and GRU4Rec, two slices, M = 100, 2 seeds,
     64 validation users, every estimator; each study's command line parses."""
