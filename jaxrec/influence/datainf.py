@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxrec.config import DataInfOptions
+from jaxrec.influence_options import DataInfOptions
 from jaxrec.errors import UserError
 from jaxrec.influence.batching import total_size
 from jaxrec.influence.pairwise import _per_sample_grad_fn, batch_reduce

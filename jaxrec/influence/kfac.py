@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.config import EKFACOptions, KFACOptions
+from jaxrec.influence_options import EKFACOptions, KFACOptions
 from jaxrec.errors import UserError
 from jaxrec.influence.batching import data_size, strata, total_size
 from jaxrec.influence.pairwise import batch_reduce

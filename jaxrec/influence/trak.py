@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.config import TRAKOptions
+from jaxrec.influence_options import TRAKOptions
 from jaxrec.errors import UserError
 from jaxrec.influence.batching import total_size
 from jaxrec.influence.pairwise import Checkpoints, batch_reduce, query_gradients
