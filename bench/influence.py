@@ -50,7 +50,7 @@ def main() -> None:
         jax.config.update("jax_compilation_cache_dir", args.cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-    from jaxrec.config import InfluenceConfig
+    from jaxrec.config import InfluenceConfig, LissaOptions
     from jaxrec.influence import sample_scores
     from jaxrec.data.buckets import width_strata
     from jaxrec.influence.cli import compute
@@ -70,8 +70,7 @@ def main() -> None:
         cfg = InfluenceConfig(
             run=args.run,
             params=params_regex,
-            steps=args.steps,
-            lissa_batch_size=args.lissa_batch_size,
+            lissa=LissaOptions(steps=args.steps, batch_size=args.lissa_batch_size),
             negative_draws=args.negative_draws,
         )
         t0 = time.perf_counter()

@@ -9,13 +9,23 @@ and how files and flags are read is in :mod:`jaxrec.config_io`.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 
-from jaxrec.config_io import option
+from jaxrec.config_io import nested, option, tie
 from jaxrec.errors import UserError
+from jaxrec.influence_options import (
+    SOLVER_OPTIONS,
+    ArnoldiOptions,
+    CGOptions,
+    DataInfOptions,
+    EKFACOptions,
+    ExactOptions,
+    KFACOptions,
+    LissaOptions,
+    TRAKOptions,
+)
 
 GAMES = "../shared/data/games"
 
@@ -119,68 +129,6 @@ class SurrogateEvalConfig:
     out: str = option("", "also write the metrics to this JSON file; empty = print only")
 
 
-# ----------------------------------------------------------------------------- solver options
-@dataclass(frozen=True)
-class LissaOptions:
-    """LiSSA (paper Algorithm 1): ``h <- v + (1 - d) h - H_t h / scale`` on PRNG minibatches."""
-
-    steps: int = option(5000, "most LiSSA steps (minibatch HVPs per repeat)")
-    batch_size: int = option(
-        16,
-        "samples per LiSSA minibatch HVP (all rows when >= n: the "
-        "deterministic full-data recursion)",
-        "lissa_batch_size",
-    )
-    repeats: int = option(1, "independent LiSSA runs, averaged (their spread gives rel_std)")
-    seed: int = option(0, "PRNG seed of the minibatch draws")
-    tol: float = option(
-        1e-3,
-        "convergence stop: once (1 - d)^t, the bound on what is left of the "
-        "start-up transient, is below tol and the change of h per chunk "
-        "has stopped shrinking (LiSSA's own noise floor); 0 = run all steps",
-        "lissa_tol",
-    )
-    rtol: float = option(
-        0.0, "also stop when the relative change of h over a chunk is below rtol; 0 = off"
-    )
-    chunk: int = option(250, "steps per compiled lax.scan chunk (checks run between chunks)")
-
-
-@dataclass(frozen=True)
-class CGOptions:
-    """Conjugate gradient on full-data HVPs."""
-
-    tol: float = option(1e-6, "CG stops at relative residual ||r|| / ||v|| <= tol")
-    maxiter: int = option(100, "most CG iterations")
-    batch_size: int = option(4096, "samples per full-data HVP batch")
-
-
-@dataclass(frozen=True)
-class ExactOptions:
-    """Dense Hessian from HVPs, float64 NumPy solve (at most 20,000 parameters)."""
-
-    batch_size: int = option(4096, "samples per full-data HVP batch")
-    chunk: int = option(
-        256, "basis vectors per batched HVP while building the Hessian", "exact_chunk"
-    )
-
-
-@dataclass(frozen=True)
-class ArnoldiOptions:
-    """Arnoldi low-rank inverse (Schioppa et al. 2022) on full-data HVPs."""
-
-    rank: int = option(20, "Arnoldi eigenpairs kept")
-    iterations: int = option(60, "Arnoldi iterations (Krylov basis size)")
-    seed: int = option(0, "PRNG seed of the start vector")
-    batch_size: int = option(4096, "samples per full-data HVP batch")
-
-
-SOLVER_OPTIONS = {
-    "lissa": LissaOptions,
-    "cg": CGOptions,
-    "exact": ExactOptions,
-    "arnoldi": ArnoldiOptions,
-}
 Solver = Literal["lissa", "cg", "exact", "arnoldi"]
 Convention = Literal["dealrec", "standard"]
 Score = Literal["influence", "grand", "el2n", "representation"]
@@ -188,21 +136,12 @@ ScoreModel = Literal["trained", "early"]
 SampleLoss = Literal["per-user", "training"]
 
 
-def _same(cls, name: str, aliases: tuple = ()):
-    """A config field with the default and help of option ``cls.name`` (``aliases``: its
-    earlier names, as :func:`option`)."""
-    f = cls.__dataclass_fields__[name]
-    return option(f.default, f.metadata["help"], aliases=aliases)
-
-
 def solver_options(cfg: InfluenceConfig | LdsConfig, solver: str = ""):
-    """The option dataclass of ``solver`` (default ``cfg.solver``) filled from ``cfg``'s
-    fields of the same names: ``dealrec influence`` and ``dealrec lds`` name every solver
-    option alike (``steps``, ``lissa_batch_size``, ``tol``, ``maxiter``, ``rank``, ...)."""
-    cls = SOLVER_OPTIONS[solver or getattr(cfg, "solver")]  # noqa: B009 - LdsConfig has none
-    return cls(
-        **{f.name: getattr(cfg, f.metadata.get("flag", f.name)) for f in dataclasses.fields(cls)}
-    )
+    """The options object of ``solver`` (default ``cfg.solver``) in ``cfg``: its nested field
+    of that name (``cfg.lissa``, ``cfg.cg``, ...). ``dealrec influence``, ``dealrec lds``
+    and the Python API share these objects and their flat names (``steps``,
+    ``lissa_batch_size``, ``tol``, ``maxiter``, ``rank``, ...)."""
+    return getattr(cfg, solver or getattr(cfg, "solver"))  # noqa: B009 - LdsConfig has none
 
 
 @dataclass
@@ -287,17 +226,14 @@ class InfluenceConfig:
     scale: float = field(
         default=25.0, metadata={"help": "LiSSA step 1/scale, and the dealrec convention's factor"}
     )
-    steps: int = _same(LissaOptions, "steps")
-    lissa_batch_size: int = _same(LissaOptions, "batch_size")
-    repeats: int = _same(LissaOptions, "repeats")
-    lissa_tol: float = _same(LissaOptions, "tol")
-    rtol: float = _same(LissaOptions, "rtol")
-    chunk: int = _same(LissaOptions, "chunk")
-    tol: float = _same(CGOptions, "tol")
-    maxiter: int = _same(CGOptions, "maxiter")
-    exact_chunk: int = _same(ExactOptions, "chunk")
-    rank: int = _same(ArnoldiOptions, "rank")
-    iterations: int = _same(ArnoldiOptions, "iterations")
+    # each solver's options: one typed object (jaxrec.influence's), set in a config file as a
+    # mapping (lissa: {steps: 2000}) or by the flat names its flags and reuse keys use (steps,
+    # lissa_batch_size, lissa_tol, repeats, rtol, chunk; tol, maxiter; exact_chunk; rank,
+    # iterations); batch_size and seed are this config's own fields, copied in (config_io.tie)
+    lissa: LissaOptions = nested(LissaOptions(), "LiSSA's options (solver lissa)")
+    cg: CGOptions = nested(CGOptions(), "CG's options (solver cg)")
+    exact: ExactOptions = nested(ExactOptions(), "the exact solver's options (solver exact)")
+    arnoldi: ArnoldiOptions = nested(ArnoldiOptions(), "Arnoldi's options (solver arnoldi)")
     batch_size: int = field(
         default=4096,
         metadata={
@@ -339,6 +275,9 @@ class InfluenceConfig:
             "empty = off"
         },
     )
+
+    def __post_init__(self):
+        tie(self)  # batch_size and seed into the solvers' options
 
 
 @dataclass
@@ -445,33 +384,67 @@ class LdsConfig:
         "dealrec row: the loss whose gradient scores a user, as influence.sample_loss",
     )
     scale: float = option(25.0, "LiSSA step 1/scale, and the dealrec convention's factor")
-    # the solver options under the names of InfluenceConfig (dealrec influence); the earlier
-    # lds spellings stay accepted (aliases) and name them in settings.json and cache keys
-    steps: int = option(5000, "most LiSSA steps per solve", aliases=("lissa_steps",))
-    lissa_batch_size: int = option(16, "LiSSA minibatch size")
-    lissa_tol: float = _same(LissaOptions, "tol")
-    tol: float = _same(CGOptions, "tol", aliases=("cg_tol",))
-    maxiter: int = _same(CGOptions, "maxiter", aliases=("cg_maxiter",))
-    rank: int = _same(ArnoldiOptions, "rank", aliases=("arnoldi_rank",))
-    iterations: int = _same(ArnoldiOptions, "iterations", aliases=("arnoldi_iterations",))
-    fisher: Literal["empirical", "gauss-newton", "sampled"] = option(
-        "empirical",
-        "kfac / ekfac: the curvature (empirical Fisher of the per-sample losses; gauss-newton "
-        "and sampled use the per-sample losses as the model output here)",
+    # the solver options: the objects of InfluenceConfig (dealrec influence), under its flat
+    # names; the earlier lds spellings stay accepted (aliases) and name them in settings.json
+    # and cache keys. LiSSA's seed is this config's seed; the other fields (lissa: repeats,
+    # rtol, chunk; cg / exact / arnoldi: batch_size; arnoldi: seed; exact: chunk) are set in
+    # the mapping only and keyed only when not at their defaults
+    lissa: LissaOptions = nested(
+        LissaOptions(),
+        "LiSSA's options (lissa, lissa-small, the dealrec row)",
+        {
+            "steps": ("steps", "lissa_steps"),
+            "batch_size": "lissa_batch_size",
+            "tol": "lissa_tol",
+            "seed": "seed",
+        },
+    )
+    cg: CGOptions = nested(
+        CGOptions(),
+        "CG's options",
+        {"tol": ("tol", "cg_tol"), "maxiter": ("maxiter", "cg_maxiter")},
+    )
+    exact: ExactOptions = nested(ExactOptions(), "the exact solver's options", {})
+    arnoldi: ArnoldiOptions = nested(
+        ArnoldiOptions(),
+        "Arnoldi's options",
+        {"rank": ("rank", "arnoldi_rank"), "iterations": ("iterations", "arnoldi_iterations")},
+    )
+    # the estimators' options: the objects attribution.fit takes, by the flat names of
+    # before (fisher, kfac_damping_scale, trak_dim; kfac and ekfac share theirs, so does
+    # datainf its damping_scale: set alike); their seed is this config's; added since
+    # 2026-12-07, so they are left out of settings.json at their defaults
+    kfac: KFACOptions = nested(
+        KFACOptions(),
+        "K-FAC's options (gauss-newton and sampled use the per-sample losses as the model "
+        "output here)",
+        {"fisher": "fisher", "damping_scale": "kfac_damping_scale", "seed": "seed"},
         since="2026-12-07",
     )
-    kfac_damping_scale: float = option(
-        0.1,
-        "kfac / ekfac / datainf: damping = this x the layer's mean eigenvalue",
+    ekfac: EKFACOptions = nested(
+        EKFACOptions(),
+        "EK-FAC's options",
+        {"fisher": "fisher", "damping_scale": "kfac_damping_scale", "seed": "seed"},
         since="2026-12-07",
     )
-    trak_dim: int = option(2048, "trak: projection dimension k", since="2026-12-07")
+    trak: TRAKOptions = nested(
+        TRAKOptions(), "TRAK's options", {"dim": "trak_dim", "seed": "seed"}, since="2026-12-07"
+    )
+    datainf: DataInfOptions = nested(
+        DataInfOptions(),
+        "DataInf's options",
+        {"damping_scale": "kfac_damping_scale"},
+        since="2026-12-07",
+    )
     bootstrap: int = option(2000, "bootstrap resamples of the validation users")
     level: float = option(0.95, "confidence level of the bootstrap interval")
     seed: int = option(0, "seed of the slice, subsets, validation-user choice and initialisation")
     compile_cache: str = option(
         "~/.cache/dealrec/jax", "JAX persistent compilation cache; empty = off"
     )
+
+    def __post_init__(self):
+        tie(self)  # seed into LiSSA's, K-FAC's and TRAK's options
 
 
 __all__ = [
@@ -486,6 +459,10 @@ __all__ = [
     "CGOptions",
     "ExactOptions",
     "ArnoldiOptions",
+    "KFACOptions",
+    "EKFACOptions",
+    "TRAKOptions",
+    "DataInfOptions",
     "SOLVER_OPTIONS",
     "solver_options",
 ]

@@ -31,10 +31,11 @@ def option(
     aliases: tuple = (),
 ) -> typing.Any:
     """A documented option field: ``text`` is its ``--help`` text. A list or dict default is
-    copied for every instance (``default_factory``). ``flag`` (solver options) names the
-    ``InfluenceConfig`` field, and so the command-line flag, that sets it when that name
-    differs from the option's own. ``since`` (a date) marks an option added after runs were
-    archived whose default keeps the earlier behaviour: while it is at its default it is left
+    copied for every instance (``default_factory``). ``flag`` (the fields of an options
+    dataclass that a config nests, :func:`nested`) is its flat name there, and so its
+    command-line flag and reuse-key name, when that differs from the option's own. ``since``
+    (a date) marks an option added after runs were archived whose default keeps the earlier
+    behaviour: while it is at its default it is left
     out of the stage's reuse key (:func:`jaxrec.pipeline.key_options`), so archived runs stay
     valid; any other value is keyed as usual. ``keyed_as`` marks an option that does not
     change a stage's results (resume, a cache folder): a reuse key holds this value whatever
@@ -52,6 +53,171 @@ def option(
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def nested(default, text: str, flat: dict | None = None, since: str = ""):
+    """A config field that holds a frozen options dataclass (a solver's, say
+    :class:`~jaxrec.config.LissaOptions`): one typed object shared by the config classes and
+    the Python API. Config files give it as a mapping (``lissa: {steps: 2000}``) or by the flat
+    names of its fields (``steps: 2000``), the names flags and reuse keys use.
+
+    Args:
+      default: the options instance (frozen) the field defaults to.
+      text: its ``--help`` text.
+      flat: inner field name -> its flat name, or a tuple ``(name, *aliases)`` of earlier
+        spellings (the first alias is its archived name, as :func:`option`'s ``aliases``);
+        default: every field under its ``flag`` (:func:`option`) or own name. A flat name that
+        is also a field of the config itself (``seed``, ``batch_size``) is that field: the
+        config's ``__post_init__`` copies it in (:func:`tie`). Inner fields without a flat
+        name are set in the mapping only, and keyed as ``field.inner`` when not at the default.
+      since: as :func:`option`'s, for every flat name of the field but a tied one.
+    """
+    if flat is None:
+        flat = {f.name: f.metadata.get("flag", f.name) for f in dataclasses.fields(default)}
+    names = {k: (v,) if isinstance(v, str) else tuple(v) for k, v in flat.items()}
+    metadata = {"help": text, "nested": names, **({"since": since} if since else {})}
+    return field(default_factory=lambda: default, metadata=metadata)
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+
+
+def _own_fields(cls) -> dict[str, dataclasses.Field]:
+    """The fields of config ``cls`` that are not :func:`nested` sections."""
+    return {f.name: f for f in dataclasses.fields(cls) if "nested" not in f.metadata}
+
+
+def _nested_fields(cls) -> list[tuple[dataclasses.Field, dict[str, tuple[str, ...]]]]:
+    """``[(field, {inner name: (flat name, *aliases)})]`` of the :func:`nested` fields of
+    ``cls``."""
+    return [(f, f.metadata["nested"]) for f in dataclasses.fields(cls) if "nested" in f.metadata]
+
+
+def tie(cfg) -> None:
+    """Copy each config field into the nested options whose flat name it is (:func:`nested`):
+    ``InfluenceConfig.batch_size`` into ``cg.batch_size``, ``exact.batch_size``, ...; and
+    refuse nested options that share a flat name with different values (one flag, one
+    recorded value). Call it from the config's ``__post_init__``."""
+    own = _own_fields(type(cfg))
+    seen: dict[str, tuple[str, object]] = {}
+    for f, names in _nested_fields(type(cfg)):
+        tied = {inner: getattr(cfg, nm[0]) for inner, nm in names.items() if nm[0] in own}
+        if tied and any(getattr(getattr(cfg, f.name), k) != v for k, v in tied.items()):
+            setattr(cfg, f.name, dataclasses.replace(getattr(cfg, f.name), **tied))
+        for inner, nm in names.items():
+            if nm[0] in own:
+                continue
+            value = getattr(getattr(cfg, f.name), inner)
+            other = seen.setdefault(nm[0], (f"{f.name}.{inner}", value))
+            if other[1] != value:
+                raise UserError(
+                    f"{other[0]}={other[1]!r} and {f.name}.{inner}={value!r} share the option "
+                    f"{nm[0]}: set them alike (or set {nm[0]})"
+                )
+
+
+def since_names(cls) -> set[str]:
+    """The flat names of the options of ``cls`` marked ``since`` (:func:`option`,
+    :func:`nested`; a tied flat name is the config's own field's)."""
+    own = _own_fields(cls)
+    out = {name for name, f in own.items() if f.metadata.get("since")}
+    for f, names in _nested_fields(cls):
+        if f.metadata.get("since"):
+            out |= {nm[0] for nm in names.values() if nm[0] not in own}
+    return out
+
+
+def flat_dests(cls) -> list[str]:
+    """The flat names of every option of ``cls`` that has a flag: its own fields, then each
+    nested field's flat names (a tied one once, as the config's field)."""
+    out = list(_own_fields(cls))
+    for _, names in _nested_fields(cls):
+        out += [nm[0] for nm in names.values() if nm[0] not in out]
+    return out
+
+
+def flat_values(cfg) -> dict:
+    """``cfg`` as one flat dict: its own fields by name, each nested option by its flat name
+    (an inner option without one as ``field.inner``, only when not at the nested default).
+    The form of archived records (LDS settings, score manifests) from before the nesting."""
+    own = _own_fields(type(cfg))
+    out = {name: getattr(cfg, name) for name in own}
+    for f, names in _nested_fields(type(cfg)):
+        value, default = getattr(cfg, f.name), _default(f)
+        for g in dataclasses.fields(value):
+            nm = names.get(g.name)
+            if nm is None:
+                if getattr(value, g.name) != getattr(default, g.name):
+                    out[f"{f.name}.{g.name}"] = getattr(value, g.name)
+            elif nm[0] not in own:
+                out.setdefault(nm[0], getattr(value, g.name))
+    return out
+
+
+def flat_options(cls, section: dict) -> dict:
+    """Every option of config ``cls`` as a flat dict, as :func:`flat_values` names them:
+    its defaults <- ``section`` (a config file's section: flat keys kept as given, a nested
+    mapping's keys under their flat names). Values are not converted (``1`` stays an int),
+    so reuse keys hash what the file says (:func:`jaxrec.pipeline.key_options`)."""
+    out = flat_values(cls())
+    nests = dict(_nested_fields(cls))
+    by_name = {f.name: f for f in nests}
+    own = _own_fields(cls)
+    for key, value in section.items():
+        if key not in by_name or not isinstance(value, dict):
+            out[key] = value
+            continue
+        default = _default(by_name[key])
+        for inner, v in value.items():
+            nm = nests[by_name[key]].get(inner)
+            if nm is None:
+                if v != getattr(default, inner, _UNSET):
+                    out[f"{key}.{inner}"] = v
+            elif nm[0] not in own:  # a tied one is the config's own field (tie)
+                out[nm[0]] = v
+    return out
+
+
+def archived_names(cls) -> dict[str, str]:
+    """Flat name -> the name archived records use: its first alias, else itself."""
+    out = {f.name: (f.metadata.get("aliases") or (f.name,))[0] for f in dataclasses.fields(cls)}
+    for _, names in _nested_fields(cls):
+        out.update({nm[0]: (nm[1:] or nm)[0] for nm in names.values()})
+    return out
+
+
+def _gather_nested(cls, values: dict, source: str) -> dict:
+    """``values`` with each nested field built from its mapping and its flat keys (which
+    are consumed): an options instance, checked by :func:`make_config`."""
+    own = _own_fields(cls)
+    used: set[str] = set()
+    for f, names in _nested_fields(cls):
+        given = values.get(f.name, {})
+        if isinstance(given, type(_default(f))):
+            given = {g.name: getattr(given, g.name) for g in dataclasses.fields(given)}
+        elif not isinstance(given, dict):
+            raise UserError(f"{source}: {f.name} must be a mapping of keys")
+        inner = dict(given)
+        for name, nm in names.items():
+            if nm[0] in own:
+                if name in given and given[name] != values.get(nm[0], _default(own[nm[0]])):
+                    raise UserError(
+                        f"{source}: {f.name}.{name} is {nm[0]} here (one option): set {nm[0]}"
+                    )
+                continue
+            present = [n for n in nm if n in values]
+            if len(present) > 1 or (present and name in given):
+                other = present[1] if len(present) > 1 else f"{f.name}.{name}"
+                raise UserError(f"{source}: {present[0]} and {other} name one option: give one")
+            if present:
+                inner[name] = values[present[0]]
+                used.add(present[0])
+        defaults = {g.name: getattr(_default(f), g.name) for g in dataclasses.fields(_default(f))}
+        values[f.name] = make_config(
+            type(_default(f)), {**defaults, **inner}, f"{source} [{f.name}]"
+        )
+    return {k: v for k, v in values.items() if k not in used}
 
 
 def keyed_value(f: dataclasses.Field, value):
@@ -83,31 +249,43 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         help="YAML config file (see configs/), the same as --config",
     )
     parser.add_argument("--config", default=None, help="YAML config file (see configs/)")
-    for f in dataclasses.fields(cls):
+    for f in _own_fields(cls).values():
         flags = ["--" + n.replace("_", "-") for n in (f.name, *f.metadata.get("aliases", ()))]
-        typ = _field_type(cls, f)
-        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        text = f.metadata.get("help", "")
-        text = f"{text} (default: {default!r})" if text else f"(default: {default!r})"
-        if typ is bool:
-            parser.add_argument(
-                *flags, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text
-            )
-        elif typing.get_origin(typ) is list:
-            parser.add_argument(
-                *flags,
-                dest=f.name,
-                default=None,
-                nargs="+",
-                type=typing.get_args(typ)[0],
-                help=text,
-            )
-        elif typing.get_origin(typ) is typing.Literal:
-            parser.add_argument(
-                *flags, dest=f.name, default=None, choices=typing.get_args(typ), help=text
-            )
-        else:
-            parser.add_argument(*flags, dest=f.name, default=None, type=typ, help=text)
+        _add_flag(parser, flags, f.name, _field_type(cls, f), _default(f), f.metadata)
+    own, added = _own_fields(cls), set()
+    for f, names in _nested_fields(cls):  # one group per options object, its flat flags
+        inner = type(_default(f))
+        group = parser.add_argument_group(f"{f.name}: {f.metadata['help']}")
+        for g in dataclasses.fields(inner):
+            nm = names.get(g.name)
+            if nm is None or nm[0] in own or nm[0] in added:
+                continue
+            added.add(nm[0])
+            flags = ["--" + n.replace("_", "-") for n in nm]
+            default = getattr(_default(f), g.name)
+            _add_flag(group, flags, nm[0], _field_type(inner, g), default, g.metadata)
+
+
+def _add_flag(
+    parser: argparse._ActionsContainer, flags: list[str], dest: str, typ, default, metadata
+) -> None:
+    """One option's ``--flag`` (``default=None``: unset flags do not override the file)."""
+    text = metadata.get("help", "")
+    text = f"{text} (default: {default!r})" if text else f"(default: {default!r})"
+    if typ is bool:
+        parser.add_argument(
+            *flags, dest=dest, default=None, action=argparse.BooleanOptionalAction, help=text
+        )
+    elif typing.get_origin(typ) is list:
+        parser.add_argument(
+            *flags, dest=dest, default=None, nargs="+", type=typing.get_args(typ)[0], help=text
+        )
+    elif typing.get_origin(typ) is typing.Literal:
+        parser.add_argument(
+            *flags, dest=dest, default=None, choices=typing.get_args(typ), help=text
+        )
+    else:
+        parser.add_argument(*flags, dest=dest, default=None, type=typ, help=text)
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -144,10 +322,14 @@ def make_config(cls, values: dict | None = None, source: str = "config"):
                 if f.name in values:
                     raise UserError(f"{source}: {alias} and {f.name} name one option: give one")
                 values[f.name] = values.pop(alias)
+    values = _gather_nested(cls, values, source)
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise UserError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(names)})")
+        known = ", ".join(dict.fromkeys([*names, *flat_dests(cls)]))
+        raise UserError(f"{source}: unknown key {unknown[0]!r} (known: {known})")
     for key, value in values.items():
+        if "nested" in names[key].metadata:
+            continue
         typ = _field_type(cls, names[key])
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             values[key] = float(value)
@@ -220,10 +402,10 @@ def config_from_args(cls, args: argparse.Namespace, section: str, classes: dict 
         source = f"{path} [{section}]"
     else:
         source = "config"
-    for f in dataclasses.fields(cls):
-        flag = getattr(args, f.name, None)
+    for name in flat_dests(cls):
+        flag = getattr(args, name, None)
         if flag is not None:
-            values[f.name] = flag
+            values[name] = flag
     return make_config(cls, values, source)
 
 
@@ -231,7 +413,7 @@ def flag_words(message: str, cls) -> str:
     """A library message for the command line: ``name=`` of a field of the config class
     ``cls`` becomes its flag, ``"increase damping="`` -> ``"increase --damping"``,
     ``"out='x'"`` -> ``"--out x"``; other names are left as they are."""
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = flat_dests(cls)
     if not names:
         return message
 

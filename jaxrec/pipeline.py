@@ -40,7 +40,14 @@ from typing import Literal, NamedTuple, cast
 
 import yaml
 
-from jaxrec.config_io import help_of, keyed_value, load_config_file, make_config, option
+from jaxrec.config_io import (
+    flat_options,
+    help_of,
+    keyed_value,
+    load_config_file,
+    make_config,
+    option,
+)
 from jaxrec.data import load_dataset
 from jaxrec.data.subset import write_user_subset
 from jaxrec.errors import UserError
@@ -289,9 +296,11 @@ def digest(obj: object) -> str:
 # ----------------------------------------------------------------------------- running
 def resolved_options(stage: str, section: dict) -> dict:
     """``section`` over the defaults of ``stage``'s config class (a score stage
-    ``influence:KIND`` has the influence stage's): every option the stage will run with."""
+    ``influence:KIND`` has the influence stage's): every option the stage will run with, flat
+    (a nested options object under its fields' flat names, :func:`~jaxrec.config_io.flat_options`:
+    the form reuse keys were archived in)."""
     cls = config_classes()[stage.partition(":")[0]]
-    return {**dataclasses.asdict(cls()), **section}
+    return flat_options(cls, section)
 
 
 # options that wire() / experiment cells set to paths under the workdir

@@ -14,7 +14,7 @@ K-FAC, EK-FAC, TRAK, TracIn-CP, DataInf): :mod:`jaxrec.influence.attribution`.
 """
 
 from jaxrec.influence.hvp import hvp
-from jaxrec.config import ArnoldiOptions, CGOptions, ExactOptions, LissaOptions
+from jaxrec.influence_options import ArnoldiOptions, CGOptions, ExactOptions, LissaOptions
 from jaxrec.influence.inverse import CONVENTIONS, SOLVERS, inverse_hvp, inverse_hvp_with_info
 from jaxrec.influence.batching import Strata
 from jaxrec.influence.params import ParamSubset, parameter_paths

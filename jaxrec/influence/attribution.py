@@ -49,7 +49,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jaxrec.base import PerSampleLoss
-from jaxrec.config import CGOptions
+from jaxrec.influence_options import CGOptions
 from jaxrec.config_io import option
 from jaxrec.errors import UserError
 from jaxrec.influence import arnoldi, datainf, kfac, tracin, trak

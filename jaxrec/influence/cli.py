@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxrec.config import InfluenceConfig
-from jaxrec.config_io import to_dict
+from jaxrec.config_io import flat_values
 from jaxrec.data.buckets import width_strata
 from jaxrec.data import load_dataset
 from jaxrec.data.scorefiles import (
@@ -290,7 +290,7 @@ def _save(
         extra["solver"] = _solver_record(info["solver"], out)
     if "early" in info:
         extra["early"] = info["early"]
-    options = {k: v for k, v in to_dict(cfg).items() if k not in _RUNTIME}
+    options = {k: v for k, v in flat_values(cfg).items() if k not in _RUNTIME}
     seconds = time.perf_counter() - t0
     if multi:
         extra["processes"] = jax_process_count()

@@ -12,28 +12,14 @@ by Sherman-Morrison per sample), so ``u_l = (v_l - (1/n) sum_i c_i g_il) / lam_l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 
-from jaxrec.config_io import option
+from jaxrec.influence_options import DataInfOptions
 from jaxrec.errors import UserError
 from jaxrec.influence.batching import total_size
 from jaxrec.influence.pairwise import _per_sample_grad_fn, batch_reduce
-
-
-@dataclass(frozen=True)
-class DataInfOptions:
-    """DataInf's closed-form inverse (Kwon et al. 2024, Eq. 5)."""
-
-    damping: float | None = option(
-        None, "damping lam_l of every block; None: damping_scale x the mean squared gradient entry"
-    )
-    damping_scale: float = option(0.1, "the paper's factor of the mean squared gradient entry")
-    batch_size: int = option(4096, "training samples per scoring batch")
-    grad_batch_size: int = option(64, "training samples per per-sample-gradient batch")
-    query_batch_size: int = option(64, "query samples per gradient batch")
 
 
 ESTIMATORS = {DataInfOptions: "datainf"}

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxrec.base import Loss, Params, PerSampleLoss
-from jaxrec.config import InfluenceConfig, LissaOptions, solver_options
+from jaxrec.config import InfluenceConfig, solver_options
+from jaxrec.influence_options import LissaOptions
 from jaxrec.data.buckets import bucket_widths, width_strata
 import jaxrec.influence.hosts as hosts
 from jaxrec.influence.batching import Strata

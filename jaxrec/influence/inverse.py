@@ -2,7 +2,7 @@
 
 Each solver's options are one frozen dataclass (:class:`LissaOptions`, :class:`CGOptions`,
 :class:`ExactOptions`, :class:`ArnoldiOptions`, defined with their documented defaults in
-``jaxrec.config`` so the command line reads the same definitions).
+:mod:`jaxrec.influence_options`, which the configs of the command line nest).
 """
 
 from __future__ import annotations
@@ -12,7 +12,13 @@ import dataclasses
 import jax
 
 from jaxrec.base import Loss, Params
-from jaxrec.config import SOLVER_OPTIONS, ArnoldiOptions, CGOptions, ExactOptions, LissaOptions
+from jaxrec.influence_options import (
+    SOLVER_OPTIONS,
+    ArnoldiOptions,
+    CGOptions,
+    ExactOptions,
+    LissaOptions,
+)
 from jaxrec.errors import UserError
 from jaxrec.influence import arnoldi, cg, exact, lissa
 from jaxrec.influence.operator import FullHessian

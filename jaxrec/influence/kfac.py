@@ -36,45 +36,19 @@ independently (no batch statistics). Padding tokens are not masked out of ``A``.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.config_io import option
+from jaxrec.influence_options import EKFACOptions, KFACOptions
 from jaxrec.errors import UserError
 from jaxrec.influence.batching import data_size, strata, total_size
 from jaxrec.influence.pairwise import batch_reduce
 from jaxrec.influence.params import path_string
 
 FISHERS = ("empirical", "gauss-newton", "sampled")
-
-
-@dataclass(frozen=True)
-class KFACOptions:
-    """K-FAC influence (George et al. 2018; Grosse et al. 2023) for Flax Dense layers."""
-
-    fisher: str = option(
-        "empirical",
-        "curvature: empirical (per-sample loss gradients), gauss-newton (exact, from output=), "
-        "sampled (true Fisher by Monte Carlo, from output=)",
-    )
-    damping: float | None = option(
-        None, "damping lam of every layer; None: damping_scale x the layer's mean eigenvalue"
-    )
-    damping_scale: float = option(0.1, "the heuristic's factor (kronfluence: 0.1)")
-    seed: int = option(0, "PRNG seed of the sampled Fisher's draws")
-    fit_batch_size: int = option(256, "samples per covariance batch")
-    batch_size: int = option(4096, "training samples per scoring batch")
-    query_batch_size: int = option(64, "query samples per gradient batch")
-
-
-@dataclass(frozen=True)
-class EKFACOptions(KFACOptions):
-    """EK-FAC: K-FAC with its eigenvalues corrected to the curvature's diagonal in the
-    Kronecker eigenbasis (George et al. 2018; Grosse et al. 2023)."""
 
 
 ESTIMATORS = {KFACOptions: "kfac", EKFACOptions: "ekfac"}

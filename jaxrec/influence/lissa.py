@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxrec.config import LissaOptions
+from jaxrec.influence_options import LissaOptions
 from jaxrec.errors import UserError
 from jax.sharding import PartitionSpec
 

@@ -25,28 +25,16 @@ the jitted step from its key, one leaf at a time, so it is never stored.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.config_io import option
+from jaxrec.influence_options import TRAKOptions
 from jaxrec.errors import UserError
 from jaxrec.influence.batching import total_size
 from jaxrec.influence.pairwise import Checkpoints, batch_reduce, query_gradients
 from jaxrec.influence.scores import per_sample_map
-
-
-@dataclass(frozen=True)
-class TRAKOptions:
-    """TRAK's projected Gauss-Newton influence (Park et al. 2023)."""
-
-    dim: int = option(2048, "projection dimension k")
-    seed: int = option(0, "PRNG seed of the projections (model m uses fold_in(seed, m))")
-    damping: float = option(0.0, "added to the projected Gauss-Newton matrix's diagonal")
-    batch_size: int = option(256, "training samples per per-sample-gradient batch")
-    query_batch_size: int = option(64, "query samples per gradient batch")
 
 
 ESTIMATORS = {TRAKOptions: "trak"}

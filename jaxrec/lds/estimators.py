@@ -7,7 +7,8 @@ training user against every chosen validation user with the library
 and the ``dealrec`` row is the influence stage's own score
 (:func:`jaxrec.influence.dealrec.dealrec_scores`). The solver options carry the names of
 ``dealrec influence``'s (``steps``, ``lissa_batch_size``, ``lissa_tol``, ``tol``, ``maxiter``,
-``rank``, ``iterations``) and become the same nested typed objects (:class:`LissaOptions`, ...).
+``rank``, ``iterations``) and are the same nested typed objects (``cfg.lissa``, ``cfg.cg``,
+``cfg.exact``, ``cfg.arnoldi``: :class:`~jaxrec.config.LissaOptions`, ...).
 """
 
 from __future__ import annotations
@@ -18,21 +19,11 @@ from typing import Any
 import numpy as np
 
 from jaxrec.base import Loss, Params, PerSampleLoss
-from jaxrec.config import (
-    ArnoldiOptions,
-    CGOptions,
-    ExactOptions,
-    InfluenceConfig,
-    LdsConfig,
-    LissaOptions,
-)
+from jaxrec.config import InfluenceConfig, LdsConfig
 from jaxrec.errors import UserError
 from jaxrec.influence import attribution as at
-from jaxrec.influence.datainf import DataInfOptions
 from jaxrec.influence.dealrec import dealrec_scores
-from jaxrec.influence.kfac import EKFACOptions, KFACOptions
 from jaxrec.influence.tracin import TracInOptions
-from jaxrec.influence.trak import TRAKOptions
 
 
 def _influence(cfg: LdsConfig, solver: Any, damping: float | None = None) -> at.InfluenceOptions:
@@ -44,29 +35,20 @@ def _influence(cfg: LdsConfig, solver: Any, damping: float | None = None) -> at.
     )
 
 
-def lissa_options(cfg: LdsConfig) -> LissaOptions:
-    """LiSSA's options of an LDS run (``steps``, ``lissa_batch_size``, ``lissa_tol``, ``seed``)."""
-    return LissaOptions(
-        steps=cfg.steps, batch_size=cfg.lissa_batch_size, seed=cfg.seed, tol=cfg.lissa_tol
-    )
-
-
 # name -> the estimator's options under an LDS config (``dealrec`` is the stage's own score)
 ESTIMATORS: dict[str, Callable[[LdsConfig], Any]] = {
-    "exact": lambda c: _influence(c, ExactOptions()),
-    "cg": lambda c: _influence(c, CGOptions(tol=c.tol, maxiter=c.maxiter)),
-    "lissa": lambda c: _influence(c, lissa_options(c)),
-    "lissa-small": lambda c: _influence(c, lissa_options(c), c.small_damping),
-    "arnoldi": lambda c: _influence(c, ArnoldiOptions(rank=c.rank, iterations=c.iterations)),
+    "exact": lambda c: _influence(c, c.exact),
+    "cg": lambda c: _influence(c, c.cg),
+    "lissa": lambda c: _influence(c, c.lissa),
+    "lissa-small": lambda c: _influence(c, c.lissa, c.small_damping),
+    "arnoldi": lambda c: _influence(c, c.arnoldi),
     "grad-dot": lambda c: at.GradDotOptions(),
     "grad-cos": lambda c: at.GradCosOptions(),
-    "kfac": lambda c: KFACOptions(fisher=c.fisher, damping_scale=c.kfac_damping_scale, seed=c.seed),
-    "ekfac": lambda c: EKFACOptions(
-        fisher=c.fisher, damping_scale=c.kfac_damping_scale, seed=c.seed
-    ),
-    "trak": lambda c: TRAKOptions(dim=c.trak_dim, seed=c.seed),
+    "kfac": lambda c: c.kfac,
+    "ekfac": lambda c: c.ekfac,
+    "trak": lambda c: c.trak,
     "tracin": lambda c: TracInOptions(),
-    "datainf": lambda c: DataInfOptions(damping_scale=c.kfac_damping_scale),
+    "datainf": lambda c: c.datainf,
 }
 ATTRIBUTIONS = (*ESTIMATORS, "dealrec")
 
@@ -87,9 +69,7 @@ def influence_config(cfg: LdsConfig) -> InfluenceConfig:
         convention=cfg.convention,
         damping=cfg.damping,
         scale=cfg.scale,
-        steps=cfg.steps,
-        lissa_batch_size=cfg.lissa_batch_size,
-        lissa_tol=cfg.lissa_tol,
+        lissa=cfg.lissa,
         seed=cfg.seed,
         negative_draws=cfg.negative_draws,
         sample_loss=cfg.sample_loss,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jaxrec.config import LdsConfig
-from jaxrec.config_io import load_config_file, make_config, option
+from jaxrec.config_io import flat_values, load_config_file, make_config, option
 from jaxrec.errors import UserError
 from jaxrec.lds.study import check_options
 from jaxrec.lds.study import main as run_study
@@ -69,14 +69,15 @@ def name(cfg: LdsConfig) -> str:
 
 def command_line(cfg: LdsConfig) -> str:
     """The ``dealrec lds`` command line of one study (every option that differs from its
-    default, as a flag)."""
+    default, as a flag; a nested option without a flat name is an error)."""
     words = ["python", "-m", "jaxrec.cli", "lds"]
-    defaults = LdsConfig()
-    for f in dataclasses.fields(LdsConfig):
-        value = getattr(cfg, f.name)
-        if value == getattr(defaults, f.name):
+    defaults = flat_values(LdsConfig())
+    for name, value in flat_values(cfg).items():  # nested solver options by their flat names
+        if value == defaults.get(name):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        if "." in name:
+            raise UserError(f"{name}={value!r} has no flag: set it in the lds config file")
+        flag = "--" + name.replace("_", "-")
         words += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
     return shlex.join(words)
 

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxrec.config import LdsConfig, SurrogateConfig
+from jaxrec.config_io import archived_names, flat_values, since_names
 from jaxrec.data import load_dataset
 from jaxrec.data.buckets import width_strata
 from jaxrec.data.scorefiles import atomic_write_bytes, write_json
@@ -132,27 +133,25 @@ _RETRAIN_KEYS = {"data", "users", "alpha", "epochs", "dropout", "lr", "batch_siz
 
 
 def settings(cfg: LdsConfig) -> dict:
-    """``cfg`` as its folder records it: a renamed option under its archived name (its first
-    alias), an option added since (``since``) left out at its default, so the folders and
-    caches of earlier runs stay valid."""
+    """``cfg`` as its folder records it: flat (the nested solver options under their flat
+    names, :func:`jaxrec.config_io.flat_values`), a renamed option under its archived name
+    (its first alias), an option added since (``since``) left out at its default, so the
+    folders and caches of earlier runs stay valid."""
     out = {}
-    defaults = LdsConfig()
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.metadata.get("since") and value == getattr(defaults, f.name):
+    defaults = flat_values(LdsConfig())
+    since = since_names(LdsConfig)
+    archived = archived_names(LdsConfig)
+    for name, value in flat_values(cfg).items():
+        if name in since and value == defaults[name]:
             continue
-        out[_archived_name(f)] = value
+        out[archived.get(name, name)] = value
     return out
 
 
-def _archived_name(f: dataclasses.Field) -> str:
-    return (f.metadata.get("aliases") or (f.name,))[0]
-
-
 def _fingerprint(cfg: LdsConfig, keys: Iterable[str]) -> str:
-    """A hash of the options ``keys`` (field or archived names) as :func:`settings` records
+    """A hash of the options ``keys`` (flat or archived names) as :func:`settings` records
     them."""
-    archived = {f.name: _archived_name(f) for f in dataclasses.fields(cfg)}
+    archived = archived_names(LdsConfig)
     names = {archived.get(k, k) for k in keys}
     d = {k: v for k, v in settings(cfg).items() if k in names}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -160,7 +159,8 @@ def _fingerprint(cfg: LdsConfig, keys: Iterable[str]) -> str:
 
 def _key_names(cfg: LdsConfig, drop: set) -> set:
     """Every option name :func:`settings` records, but ``drop``."""
-    return {_archived_name(f) for f in dataclasses.fields(cfg)} - drop
+    archived = archived_names(LdsConfig)
+    return {archived.get(k, k) for k in flat_values(cfg)} - drop
 
 
 def _dealrec_tag(cfg: LdsConfig) -> str:
@@ -198,9 +198,9 @@ def check_options(cfg: LdsConfig) -> None:
         )
     if not cfg.attributions or len(set(cfg.attributions)) != len(cfg.attributions):
         raise UserError(f"attributions= must name distinct attributions, got {cfg.attributions}")
+    flat = flat_values(cfg)  # the nested options by their flat names (trak_dim)
     small = {
-        k: getattr(cfg, k)
-        for k in ("seeds", "val_users", "epochs", "bootstrap", "batch_size", "trak_dim")
+        k: flat[k] for k in ("seeds", "val_users", "epochs", "bootstrap", "batch_size", "trak_dim")
     }
     bad = {k: v for k, v in small.items() if v < 1}
     if bad:
@@ -215,8 +215,8 @@ def check_options(cfg: LdsConfig) -> None:
     if not 0 < cfg.level < 1:
         raise UserError(f"level={cfg.level}: the confidence level must be in (0, 1)")
     for name in ("damping", "small_damping", "scale", "lr", "kfac_damping_scale"):
-        if not getattr(cfg, name) > 0:
-            raise UserError(f"{name}={getattr(cfg, name)}: must be > 0")
+        if not flat[name] > 0:
+            raise UserError(f"{name}={flat[name]}: must be > 0")
     try:
         re.compile(resolve_pattern(cfg.params))
     except re.error as e:
@@ -464,7 +464,7 @@ def run(cfg: LdsConfig, *, progress: bool | None = None) -> dict:
         "lds": {k: summary(v, arrays[k], ref) for k, v in scores.items()},
         "per_user": {k: v["per_user"] for k, v in scores.items()},
         "costs": _costs(info),
-        "config": dataclasses.asdict(cfg),
+        "config": flat_values(cfg),
         "seconds": {
             k: round(v, 1)
             for k, v in {**timing, **retrain_timing, "total": time.perf_counter() - t0}.items()

@@ -399,20 +399,22 @@ def test_solver_options_dataclass_equals_keywords_and_unknown_is_an_error():
         inf.inverse_hvp(lambda p, b: -loss(p, b), params, data, v, solver="cg", damping=0.01)
 
 
-def test_config_fields_share_the_option_defaults_and_help():
+def test_config_holds_the_solvers_option_objects_with_their_defaults_and_help():
+    """InfluenceConfig nests each solver's options object (the Python API's), at its
+    documented defaults; its own batch_size and seed are the solvers' (tied)."""
     import dataclasses
 
     from jaxrec.config import SOLVER_OPTIONS, InfluenceConfig, solver_options
 
     cfg = InfluenceConfig()
-    cfields = {f.name: f for f in dataclasses.fields(InfluenceConfig)}
     for name, cls in SOLVER_OPTIONS.items():
         opts = solver_options(dataclasses.replace(cfg, solver=name))
-        assert opts == cls(), name  # config defaults = documented defaults
-        for f in dataclasses.fields(cls):
-            flag = f.metadata.get("flag", f.name)
-            assert f.metadata["help"] and cfields[flag].metadata["help"], (name, f.name)
+        assert opts == cls() and opts is getattr(cfg, name), name
+        assert all(f.metadata["help"] for f in dataclasses.fields(cls)), name
     assert all(f.metadata.get("help") for f in dataclasses.fields(InfluenceConfig))
+    tied = InfluenceConfig(batch_size=32, seed=3)
+    assert tied.cg.batch_size == tied.exact.batch_size == tied.arnoldi.batch_size == 32
+    assert tied.lissa.seed == tied.arnoldi.seed == 3 and tied.lissa.batch_size == 16
 
 
 # ----------------------------------------------------------------------------- LiSSA stop

@@ -24,15 +24,15 @@ run, coordinator, processes, index = sys.argv[1], sys.argv[2], int(sys.argv[3]),
 from jaxrec.influence import hosts
 if processes > 1:
     hosts.initialize(coordinator, processes, index)
-from jaxrec.config import InfluenceConfig
+from jaxrec.config import InfluenceConfig, LissaOptions
 from jaxrec.influence import dealrec_scores
 from jaxrec.train import load_surrogate, negative_draw
 import jax
 rows = hosts.row_range(90) if processes > 1 else None  # tiny_run's 90 users
 sur = load_surrogate(run, rows=rows)
 out = {"rows": rows, "processes": jax.process_count()}
-for solver, extra in (("lissa", {"steps": 120, "lissa_batch_size": 8}), ("cg", {}),
-                      ("exact", {})):
+for solver, extra in (("lissa", {"lissa": LissaOptions(steps=120, batch_size=8)}),
+                      ("cg", {}), ("exact", {})):
     cfg = InfluenceConfig(solver=solver, params="^ffn_1_0/bias$", negative_draws=2, batch_size=32,
                           **extra)
     s, info = dealrec_scores(sur.loss, sur.per_sample_loss, sur.sample_loss, sur.params,
@@ -189,3 +189,32 @@ def test_killed_process_leaves_no_score_file(tiny_run, tmp_path):
             p.wait(timeout=60)
     assert not out.exists() and not out.with_suffix(".json").exists()
     assert not list((tmp_path / "killed.npy.shards").glob("*.json"))
+
+
+def test_hosts_bench_command_plans_valid_influence_commands():
+    """docs/benchmarks.md's ``bench/hosts.py`` command (``--plan``: its command lines only): one
+    process on the given cores, then two processes (process i on core i of ``--cores``), each
+    an influence command line that ``dealrec`` parses, with the benchmark's flags."""
+    import shlex
+
+    from jaxrec.cli import build_parser
+
+    doc = (ROOT / "docs/benchmarks.md").read_text()
+    line = next(x for x in doc.splitlines() if x.startswith("python bench/hosts.py RUN"))
+    words = shlex.split(line.rstrip("\\")) + shlex.split(doc.split(line)[1].splitlines()[1])
+    out = subprocess.run(
+        [sys.executable, *words[1:], "--plan"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env=env(),
+    ).stdout.splitlines()
+    assert len(out) == 3
+    for cmd, cores, process in zip(out, ["0", "0", "0"], [None, "0", "1"]):
+        w = shlex.split(cmd)
+        assert w[:3] == ["taskset", "-c", cores]
+        args = build_parser().parse_args(w[w.index("jaxrec.cli") + 1 :])
+        assert args.params == "^attn_out_1/kernel$" and args.steps == 100
+        assert args.negative_draws == 2 and args.compile_cache == ""
+        assert args.process_id == (None if process is None else int(process))

@@ -12,7 +12,7 @@ from jaxrec.cli import main as cli_main
 from jaxrec.config import InfluenceConfig
 from jaxrec.data import load_scores
 from jaxrec.data.buckets import width_strata
-from jaxrec.influence import LissaOptions, ParamSubset, influence_scores
+from jaxrec.influence import ExactOptions, LissaOptions, ParamSubset, influence_scores
 from jaxrec.influence.cli import compute
 
 # the 64x64 block of the paper's code, item_encoder.layer.1.attention.dense.weight (4096 parameters)
@@ -46,10 +46,12 @@ def test_lissa_vs_exact_on_trained_sasrec_block(surrogate):
     float64 solve of the 4096 x 4096 Hessian built from HVPs, on the paper's block."""
     common = dict(params=BLOCK, convention="dealrec", damping=0.01, scale=25.0, negative_draws=1)
     exact, info_e = compute(  # 64 HVPs at a time: a quarter of the default chunk's memory
-        InfluenceConfig(solver="exact", exact_chunk=64, **common), surrogate, progress=False
+        InfluenceConfig(solver="exact", exact=ExactOptions(chunk=64), **common),
+        surrogate,
+        progress=False,
     )
     lissa, info_l = compute(
-        InfluenceConfig(solver="lissa", steps=2000, lissa_batch_size=32, **common),
+        InfluenceConfig(solver="lissa", lissa=LissaOptions(steps=2000, batch_size=32), **common),
         surrogate,
         progress=False,
     )

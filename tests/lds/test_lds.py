@@ -4,6 +4,7 @@ attributions near 0, and resuming a killed run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 
@@ -233,17 +234,18 @@ def test_dealrec_row_takes_the_influence_stage_options():
     """``dealrec lds``'s dealrec row runs ``dealrec_scores`` with an ``InfluenceConfig``: the
     influence stage's defaults (32 negative draws, the per-user sample loss) and the LDS run's
     block, damping convention and LiSSA settings; only that row's cache name keys them."""
-    from jaxrec.config import InfluenceConfig, LdsConfig
+    from jaxrec.config import InfluenceConfig, LdsConfig, LissaOptions
 
-    cfg = LdsConfig(params="^x$", damping=0.02, steps=300, seed=4)
+    cfg = LdsConfig(params="^x$", damping=0.02, lissa=LissaOptions(steps=300), seed=4)
     got = lds.influence_config(cfg)
     want = InfluenceConfig(
-        solver="lissa", params="^x$", damping=0.02, steps=300, seed=4, lissa_batch_size=16
+        solver="lissa", params="^x$", damping=0.02, lissa=LissaOptions(steps=300), seed=4
     )
     assert got == want and got.negative_draws == 32 and got.sample_loss == "per-user"
-    other = LdsConfig(params="^x$", damping=0.02, steps=300, seed=4, negative_draws=1)
+    other = dataclasses.replace(cfg, negative_draws=1)
     assert study._dealrec_tag(other) != study._dealrec_tag(cfg)
-    keys = set(vars(cfg)) - study._SCORING_ONLY - study._DEALREC_ONLY
+    keys = study._key_names(cfg, study._SCORING_ONLY | study._DEALREC_ONLY)
+    assert {"lissa_steps", "seed"} <= keys and got.lissa.seed == 4
     assert study._fingerprint(other, keys) == study._fingerprint(cfg, keys)
 
 
@@ -312,16 +314,42 @@ def test_renamed_solver_options_keep_their_old_spellings_and_keys():
 
     args = build_parser().parse_args(["lds", "--lissa-steps", "7", "--cg-tol", "1e-3"])
     got = config_from_args(LdsConfig, args, "lds")
-    assert (got.steps, got.tol) == (7, 1e-3)
-    assert make_config(LdsConfig, {"arnoldi_rank": 5, "iterations": 9}).rank == 5
+    assert (got.lissa.steps, got.cg.tol) == (7, 1e-3)
+    assert make_config(LdsConfig, {"arnoldi_rank": 5, "iterations": 9}).arnoldi.rank == 5
     with pytest.raises(Exception, match="name one option"):
         make_config(LdsConfig, {"arnoldi_rank": 5, "rank": 6})
+    with pytest.raises(Exception, match="name one option"):  # flat and nested at once
+        make_config(LdsConfig, {"steps": 5, "lissa": {"steps": 6}})
+    # the nested form reads the same options and records the same settings
+    nested = make_config(LdsConfig, {"lissa": {"steps": 7}, "cg": {"tol": 1e-3}})
+    assert nested == got and study.settings(nested) == study.settings(got)
     archived = json.loads(open("results/lds/sasrec_m100_s0/settings.json").read())
     cfg = make_config(LdsConfig, {**archived, "out": "x"})
     keep = {k: v for k, v in study.settings(cfg).items() if k in archived}
     assert keep == archived and set(study.settings(cfg)) - set(archived) <= (
         study._SCORING_ONLY | study._DEALREC_ONLY
     )
+
+
+def test_estimator_options_are_the_library_objects_under_their_flat_names():
+    """``dealrec lds`` nests the estimators' option objects (KFACOptions, ...) that
+    attribution.fit takes; the flat keys of before set them (kfac and ekfac share fisher and
+    kfac_damping_scale, datainf the latter; seed is the config's), settings.json records them
+    by those names only when not at their defaults, and diverging shared values are refused."""
+    from jaxrec.config import EKFACOptions, KFACOptions, LdsConfig, TRAKOptions
+    from jaxrec.config_io import make_config
+
+    cfg = make_config(LdsConfig, {"fisher": "sampled", "kfac_damping_scale": 0.5, "seed": 2})
+    assert lds.estimator_options("kfac", cfg) == KFACOptions("sampled", None, 0.5, 2)
+    assert lds.estimator_options("ekfac", cfg) == EKFACOptions("sampled", None, 0.5, 2)
+    assert lds.estimator_options("trak", cfg) == TRAKOptions(seed=2)
+    assert lds.estimator_options("datainf", cfg).damping_scale == 0.5
+    nested = make_config(LdsConfig, {"trak": {"dim": 64, "damping": 0.1}})
+    assert study.settings(nested)["trak_dim"] == 64 and nested.trak.damping == 0.1
+    assert study.settings(nested)["trak.damping"] == 0.1  # no flat name: dotted, not default
+    assert not {"fisher", "kfac_damping_scale", "trak_dim"} & set(study.settings(LdsConfig()))
+    with pytest.raises(Exception, match="share the option fisher"):
+        make_config(LdsConfig, {"kfac": {"fisher": "sampled"}})
 
 
 def test_the_leaderboard_config_parses_and_plans(capsys):
