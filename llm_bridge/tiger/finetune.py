@@ -37,6 +37,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -172,7 +173,10 @@ def cost_chunks(
     return chunks[::-1]
 
 
-CHUNKINGS = {"tokens": length_chunks, "cost": cost_chunks}
+CHUNKINGS: dict[str, Callable[..., list[np.ndarray]]] = {
+    "tokens": length_chunks,
+    "cost": cost_chunks,
+}
 
 
 @torch.no_grad()
