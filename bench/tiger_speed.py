@@ -6,7 +6,9 @@ tiger`` as subprocesses, the options of ``configs/table2_tiger.yaml``):
 
 * ``old``: the defaults (float32, torch dropout): today's results;
 * ``new``: ``finetune --autocast bf16 --fast-dropout`` and ``evaluate --autocast bf16``;
-* ``new-fp32-eval``: the ``new`` model evaluated in float32 (separates the two stages' shifts).
+* ``new-fp32-eval``: the ``new`` model evaluated in float32 (separates the two stages' shifts);
+* ``fast``: every speed option: ``new`` plus ``finetune --chunking cost`` (the cheapest cut of
+  each length-sorted batch into forward/backward chunks).
 
 The variants run at the same time (``--parallel``, default) so that they share the machine's
 load, or one after the other. Per stage: wall seconds and the CPU seconds of its process
@@ -18,7 +20,7 @@ Usage::
     DEALREC_TORCH_THREADS=1 OMP_NUM_THREADS=1 nice -n 15 python bench/tiger_speed.py \\
         --semantic-ids runs/table2_tiger/semantic_ids.npy --selection SELECTED.npy \\
         [--data ../shared/data/games] [--epochs 200] [--eval-users 0] \\
-        [--variants old,new,new-fp32-eval] [--sequential] [--out runs/bench_tiger_speed]
+        [--variants old,new,new-fp32-eval,fast] [--sequential] [--out runs/bench_tiger_speed]
 
 ``--epochs`` below 200 and ``--eval-users`` above 0 give a shorter run (a cosine over fewer
 epochs, a seeded subsample of test users): a cheaper protocol, the same for every variant.
@@ -49,6 +51,11 @@ VARIANTS = {  # name: (finetune flags, evaluate flags, model folder of)
     "old": ([], [], "old"),
     "new": (["--autocast", "bf16", "--fast-dropout"], ["--autocast", "bf16"], "new"),
     "new-fp32-eval": (None, [], "new"),
+    "fast": (
+        ["--autocast", "bf16", "--fast-dropout", "--chunking", "cost"],
+        ["--autocast", "bf16"],
+        "fast",
+    ),
 }
 
 
@@ -87,6 +94,9 @@ def run_variant(name: str, a, out: Path, results: dict) -> None:
             best_epoch=rec["best_epoch"],
             best_valid_loss=rec["best_valid_loss"],
             seconds_per_epoch=rec["seconds_per_epoch"],
+            cpu_seconds_per_epoch=[e.get("cpu_seconds") for e in rec["epochs"]],
+            train_loss=[round(e["train_loss"], 5) for e in rec["epochs"]],
+            valid_loss=[round(e["valid_loss"], 5) for e in rec["epochs"]],
         )
     else:  # wait for the model of the variant it evaluates
         while not (model / "train_record.json").is_file():
@@ -114,6 +124,21 @@ def top_overlap(a: str, b: str) -> float:
     pa = [json.loads(line)["top"] for line in open(a)]
     pb = [json.loads(line)["top"] for line in open(b)]
     return float(np.mean([len(set(x) & set(y)) / 20 for x, y in zip(pa, pb)]))
+
+
+def speedup(old: dict, new: dict) -> dict:
+    """Old over new seconds per stage (wall and CPU) and for the whole run (CPU)."""
+    out = {
+        f"{stage}_{kind}": round(old[stage][kind] / new[stage][kind], 2)
+        for stage in ("finetune", "evaluate")
+        for kind in ("wall_seconds", "cpu_seconds")
+    }
+    out["run_cpu_seconds"] = round(
+        sum(old[s]["cpu_seconds"] for s in ("finetune", "evaluate"))
+        / sum(new[s]["cpu_seconds"] for s in ("finetune", "evaluate")),
+        2,
+    )
+    return out
 
 
 def main() -> None:
@@ -150,22 +175,16 @@ def main() -> None:
         "total_wall_seconds": round(time.perf_counter() - t0, 1),
         "variants": results,
     }
-    if "old" in results and "new" in results:
-        old, new = results["old"], results["new"]
-        summary["speedup"] = {
-            f"{stage}_{kind}": round(old[stage][kind] / new[stage][kind], 2)
-            for stage in ("finetune", "evaluate")
-            for kind in ("wall_seconds", "cpu_seconds")
-        }
-        summary["speedup"]["run_cpu_seconds"] = round(
-            sum(old[s]["cpu_seconds"] for s in ("finetune", "evaluate"))
-            / sum(new[s]["cpu_seconds"] for s in ("finetune", "evaluate")),
-            2,
-        )
-        summary["metric_shift_new_minus_old"] = {
-            k: new["metrics"][k] - old["metrics"][k] for k in old["metrics"] if k != "n_users"
-        }
-        summary["top20_overlap_old_new"] = top_overlap(old["top20"], new["top20"])
+    for name in [n for n in names if n != "old" and "finetune" in results.get(n, {})]:
+        if "old" in results:
+            summary[f"speedup_{name}"] = speedup(results["old"], results[name])
+    for name in [n for n in names if n != "old"]:
+        if "old" in results and name in results:
+            old, new = results["old"], results[name]
+            summary[f"metric_shift_{name}_minus_old"] = {
+                k: new["metrics"][k] - old["metrics"][k] for k in old["metrics"] if k != "n_users"
+            }
+            summary[f"top20_overlap_old_{name}"] = top_overlap(old["top20"], new["top20"])
     (out / "bench_tiger_speed.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 

@@ -264,6 +264,14 @@ class FinetuneConfig:
         "instead of torch's Bernoulli draws: same law, another random stream, faster on CPU",
         since="2026-12-07",
     )
+    chunking: Literal["tokens", "cost"] = option(
+        "tokens",
+        "tiger: how a length-sorted batch is cut into forward/backward chunks: tokens = at "
+        "most 2048 padded tokens each (greedy); cost = the cut with the least padded tokens "
+        "plus a fixed cost per chunk (same batches and gradient up to float rounding, other "
+        "dropout masks; faster on CPU)",
+        since="2026-12-07",
+    )
     seed: int = option(0, "seed of the sample order each epoch and (bigrec) of the fresh LoRA")
     resume: bool = option(
         True,

@@ -18,7 +18,10 @@ trained and the last model is kept.
 Two options trade exactness for speed on CPU (both off by default; ``bench/tiger_speed.py``
 measures them against the default on the same runs): ``autocast: bf16`` runs the training
 forward passes under bfloat16 autocast, ``fast_dropout`` draws the dropout masks from 16 random
-bits per value (:class:`llm_bridge.tiger.dropout.FastDropout`).
+bits per value (:class:`llm_bridge.tiger.dropout.FastDropout`). ``chunking: cost`` cuts each
+length-sorted batch into forward/backward chunks with less padding (:func:`cost_chunks`): the
+same batches and gradients up to float rounding, but other dropout masks (they follow the
+chunks' shapes).
 
 Output folder ``OUT``: ``config.json`` + ``model.safetensors`` (the best model,
 ``save_pretrained``), ``checkpoint/`` (the last finished epoch's model, optimizer, scheduler and
@@ -34,6 +37,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -80,6 +84,9 @@ _RESUME_KEYS = (
     "seed",
 )
 MICRO_TOKENS = 2048  # padded input tokens per forward/backward chunk (see length_chunks)
+# chunking "cost" (see cost_chunks): a chunk's fixed cost and a row's decoder cost, in padded
+# encoder tokens (fitted to one-thread CPU epochs of TIGER's T5 on Games, docs/benchmarks.md)
+CHUNK_OVERHEAD, ROW_TOKENS, MAX_CHUNK_TOKENS = 300, 8, 8192
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -114,6 +121,8 @@ def _check(cfg: FinetuneConfig) -> None:
         raise UserError("max_history must be >= 1, lr > 0 and weight_decay >= 0")
     if cfg.schedule not in ("constant", "cosine"):
         raise UserError(f"--schedule {cfg.schedule!r}: expected constant or cosine")
+    if cfg.chunking not in CHUNKINGS:
+        raise UserError(f"--chunking {cfg.chunking!r}: expected {' or '.join(CHUNKINGS)}")
 
 
 def _tensors(inputs, targets, rows, device):
@@ -132,6 +141,48 @@ def length_chunks(rows, inputs, max_tokens: int = MICRO_TOKENS) -> list[np.ndarr
             chunks.append(rows[start:end])
             start = end
     return chunks
+
+
+def cost_chunks(
+    rows,
+    inputs,
+    overhead: float = CHUNK_OVERHEAD,
+    row_tokens: float = ROW_TOKENS,
+    max_tokens: int = MAX_CHUNK_TOKENS,
+) -> list[np.ndarray]:
+    """``rows`` sorted by input length and cut where the cost of the chunks is least:
+    ``sum over chunks of overhead + rows * (longest + row_tokens)`` (padded encoder tokens, a
+    fixed cost per forward/backward and the decoder's tokens per row), no chunk over
+    ``max_tokens`` padded tokens unless it is one row. Dynamic programming over the cut points
+    (O(n^2) for n rows). The batch and its gradient are those of :func:`length_chunks`; only
+    the cut differs (less padding than the greedy cut at a fixed token budget).
+
+    Returns:
+      the chunks in increasing length, together a partition of ``rows``.
+    """
+    rows = np.asarray(rows)
+    rows = rows[np.argsort([len(inputs[r]) for r in rows], kind="stable")]
+    n = len(rows)
+    lengths = np.array([len(inputs[r]) for r in rows], dtype=np.float64)
+    best = np.zeros(n + 1)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for end in range(1, n + 1):
+        count = end - np.arange(end)  # rows of the chunk rows[start:end] for every start
+        cost = best[:end] + overhead + count * (lengths[end - 1] + row_tokens)
+        cost[(count * lengths[end - 1] > max_tokens) & (count > 1)] = np.inf
+        cut[end] = int(np.argmin(cost))
+        best[end] = cost[cut[end]]
+    chunks, end = [], n
+    while end > 0:
+        chunks.append(rows[cut[end] : end])
+        end = int(cut[end])
+    return chunks[::-1]
+
+
+CHUNKINGS: dict[str, Callable[..., list[np.ndarray]]] = {
+    "tokens": length_chunks,
+    "cost": cost_chunks,
+}
 
 
 @torch.no_grad()
@@ -186,14 +237,17 @@ def train_epoch(
     batch_size: int,
     grad_accum: int,
     autocast: str = "",
+    chunking: str = "tokens",
 ) -> tuple[float, int]:
     """One epoch over ``order`` in batches of ``batch_size`` samples, ``grad_accum`` batches
     per optimizer step (the last step may take fewer). Each batch runs as length-sorted chunks
     (:func:`length_chunks`) whose losses are weighted by their share of the batch, so the
     gradient is that of the batch's mean loss. ``autocast="bf16"`` runs each forward (only:
     autocast caches a bfloat16 copy of every parameter until it exits, stale after a step)
-    under bfloat16 autocast; parameters, gradients and AdamW's state stay float32. Returns the
-    mean batch loss and the number of optimizer steps."""
+    under bfloat16 autocast; parameters, gradients and AdamW's state stay float32.
+    ``chunking`` picks the cut (:data:`CHUNKINGS`: ``tokens`` = :func:`length_chunks`,
+    ``cost`` = :func:`cost_chunks`). Returns the mean batch loss and the number of optimizer
+    steps."""
     model.train()
     device = next(model.parameters()).device
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -203,7 +257,7 @@ def train_epoch(
         group_start = (i // grad_accum) * grad_accum
         in_group = min(grad_accum, len(batches) - group_start)
         total = 0.0
-        for rows in length_chunks(batch, inputs):
+        for rows in CHUNKINGS[chunking](batch, inputs):
             ids, mask, tgt = _tensors(inputs, targets, rows, device)
             with autocast_context(device, autocast):
                 out = model(input_ids=ids, attention_mask=mask, labels=tgt)
@@ -301,10 +355,18 @@ def _fit(
     for epoch in bar:
         if early and bad >= cfg.patience:
             break
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)
         loss, steps = train_epoch(
-            model, *train, order, opt, sched, cfg.batch_size, cfg.grad_accum, cfg.autocast
+            model,
+            *train,
+            order,
+            opt,
+            sched,
+            cfg.batch_size,
+            cfg.grad_accum,
+            cfg.autocast,
+            cfg.chunking,
         )
         train_seconds = time.perf_counter() - t0
         vloss = dataset_loss(model, *valid, batch_size=max(cfg.batch_size, 256)) if early else None
@@ -317,6 +379,7 @@ def _fit(
                 "lr": sched.get_last_lr()[0],
                 "train_seconds": round(train_seconds, 3),
                 "seconds": round(time.perf_counter() - t0, 3),
+                "cpu_seconds": round(time.process_time() - cpu0, 3),
             }
         )
         improved = (

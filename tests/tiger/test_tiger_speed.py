@@ -54,6 +54,80 @@ def test_batched_beam_search_equals_one_user_at_a_time():
     np.testing.assert_allclose(one[1], many[1], rtol=1e-5, atol=1e-5)
 
 
+def _chunk_cost(chunks, lengths, overhead=tft.CHUNK_OVERHEAD, row_tokens=tft.ROW_TOKENS):
+    return sum(overhead + len(c) * (max(lengths[r] for r in c) + row_tokens) for c in chunks)
+
+
+def test_cost_chunks_are_the_cheapest_cut_of_the_sorted_rows():
+    """Against every one of the 2^(n-1) cuts of the length-sorted rows (brute force)."""
+    import itertools
+
+    rng = np.random.default_rng(3)
+    inputs = [[2] * int(n) for n in rng.integers(1, 82, 11)]
+    rows = rng.permutation(len(inputs))
+    lengths = {r: len(inputs[r]) for r in rows}
+    chunks = tft.cost_chunks(rows, inputs, max_tokens=400)
+    assert sorted(np.concatenate(chunks).tolist()) == sorted(rows.tolist())
+    assert all(len(c) == 1 or len(c) * max(lengths[r] for r in c) <= 400 for c in chunks)
+    srt = rows[np.argsort([lengths[r] for r in rows], kind="stable")]
+    best = np.inf
+    for mask in itertools.product([0, 1], repeat=len(srt) - 1):
+        bounds = [0, *[i + 1 for i, m in enumerate(mask) if m], len(srt)]
+        cut = [srt[a:b] for a, b in zip(bounds, bounds[1:])]
+        if all(len(c) == 1 or len(c) * max(lengths[r] for r in c) <= 400 for c in cut):
+            best = min(best, _chunk_cost(cut, lengths))
+    assert _chunk_cost(chunks, lengths) == best
+    greedy = tft.length_chunks(rows, inputs, 400)
+    assert _chunk_cost(chunks, lengths) <= _chunk_cost(greedy, lengths)
+
+
+def test_cost_chunks_leave_every_sample_loss_and_the_gradient_of_the_batch():
+    """Each user's loss in its chunk equals its loss in the whole padded batch (1e-5), and one
+    SGD step (lr 1) of ``train_epoch`` over the chunks moves the parameters by the gradient of
+    the batch's mean loss, computed as one padded batch (no dropout)."""
+    sizes = [6, 5, 4, 3]
+    codes = random_codes(150, sizes, seed=41)
+    tokens = M.item_tokens(codes, sizes)
+    rng = np.random.default_rng(41)
+    inputs = [
+        M.history_input(rng.integers(1, 151, rng.integers(0, 21)), tokens, 20) for _ in range(48)
+    ]
+    targets = np.array([M.target_tokens(i, tokens) for i in rng.integers(1, 151, 48)])
+    model = M.build_model(sizes, 41, **{**TINY, "dropout_rate": 0.0})
+    batch = np.arange(48)
+    chunks = tft.cost_chunks(batch, inputs, overhead=20, row_tokens=2, max_tokens=200)
+    assert len(chunks) > 2 and max(len(x) for x in inputs) > 2 * min(len(x) for x in inputs)
+
+    def per_sample(rows):
+        ids, mask, tgt = tft._tensors(inputs, targets, rows, "cpu")
+        logits = model(input_ids=ids, attention_mask=mask, labels=tgt).logits
+        ce = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), tgt.flatten(), reduction="none"
+        )
+        return ce.view(tgt.shape).mean(1)
+
+    with torch.no_grad():
+        whole = per_sample(batch)
+        for rows in chunks:
+            np.testing.assert_allclose(per_sample(rows), whole[rows], rtol=1e-5, atol=1e-5)
+    model.train()
+    model.zero_grad()
+    per_sample(batch).mean().backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    chunked = tft.CHUNKINGS["cost"]
+    try:  # the test's cost constants, so that the batch is cut in several chunks
+        tft.CHUNKINGS["cost"] = lambda r, i: chunked(r, i, 20, 2, 200)
+        loss, steps = tft.train_epoch(model, inputs, targets, batch, opt, sched, 48, 1, "", "cost")
+    finally:
+        tft.CHUNKINGS["cost"] = chunked
+    assert steps == 1 and abs(loss - float(whole.mean())) < 1e-5
+    moved = before - torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    np.testing.assert_allclose(moved, grad, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- approximate
 def test_fast_dropout_law_scale_gradient_and_eval():
     drop = D.FastDropout(0.1)
@@ -155,5 +229,7 @@ def test_speed_options_run_key_and_resume_only_when_set(syn, tmp_path):
     assert "autocast" not in plain and "fast_dropout" not in plain
     assert key_options("finetune", {"backend": "tiger", **fast}).items() >= fast.items()
     assert "autocast" not in key_options("evaluate", {"backend": "tiger"})
+    assert "chunking" not in plain
+    assert key_options("finetune", {"backend": "tiger", "chunking": "cost"})["chunking"] == "cost"
     with pytest.raises(Exception, match="autocast"):
         tft.run(ft_config(root, path, tmp_path / "bad", autocast="fp8"))
