@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,18 @@ from scipy.stats import spearmanr
 def lengths(path: Path) -> np.ndarray:
     """Number of items per user (line order) of one split file."""
     return np.array([len(line.split()) - 1 for line in path.read_text().splitlines()])
+
+
+def seed_of(name: str) -> int:
+    """The seed of a run folder ``METHOD-seedK`` or ``METHOD-seedK-KEY=VALUE...`` (a grid point)."""
+    return int(re.match(r".*-seed(\d+)", name).group(1))
+
+
+def label(name: str) -> str:
+    """The method of a run folder, with its grid point if any
+    (``dealrec select.hard_prune=0.0``)."""
+    method, rest = re.match(r"(.*)-seed\d+-?(.*)", name).groups()
+    return f"{method} {rest}" if rest else method
 
 
 def main() -> None:
@@ -54,8 +67,7 @@ def main() -> None:
             )
             loss = per_user[f"{key}.loss"].mean() if f"{key}.loss" in per_user else np.nan
             rows.append({
-                "method": run.name.rsplit("-seed", 1)[0],
-                "seed": int(run.name.rsplit("seed", 1)[1]),
+                "method": label(run.name), "seed": seed_of(run.name),
                 "train_len": train[sel].mean(), "valid_users": int(valid[sel].sum()),
                 "best_epoch": r["best_epoch"], "epochs": len(r["epochs"]),
                 "recall@20": m["recall@20"], "test_loss": float(loss),
