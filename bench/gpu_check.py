@@ -71,9 +71,9 @@ def stages(data: str, work: Path, tiny: bool) -> list[tuple[str, list[str]]]:
     codes, sel = f"{w}/codes.npy", f"{w}/selected.npy"
     surrogate = ["--epochs", "1", "--no-resume"] + (["--batch-size", "32"] if tiny else [])
     influence = ["--steps", "20", "--lissa-batch-size", "8"] if tiny else []
-    users = "0:8" if tiny else "0:4096"
+    users = "0:2" if tiny else "0:4096"  # tiny: 2 SmolLM2 backward passes, not 8
     effort = (
-        ["--cutoff-len", "128", "--batch-size", "8"]
+        ["--cutoff-len", "128", "--batch-size", "2"]
         if tiny
         else ["--batch-size", "64", "--max-tokens", "32768"]  # the CPU default caps at 1024
     )

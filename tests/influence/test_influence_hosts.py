@@ -31,7 +31,7 @@ import jax
 rows = hosts.row_range(90) if processes > 1 else None  # tiny_run's 90 users
 sur = load_surrogate(run, rows=rows)
 out = {"rows": rows, "processes": jax.process_count()}
-for solver, extra in (("lissa", {"lissa": LissaOptions(steps=120, batch_size=8)}),
+for solver, extra in (("lissa", {"lissa": LissaOptions(steps=40, batch_size=8)}),
                       ("cg", {}), ("exact", {})):
     cfg = InfluenceConfig(solver=solver, params="^ffn_1_0/bias$", negative_draws=2, batch_size=32,
                           **extra)
@@ -78,14 +78,27 @@ def finish(procs, timeout=600) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A SASRec surrogate on 90 synthetic users (3 epochs: the scores need not be good)."""
+    """A tiny SASRec surrogate on 90 synthetic users (3 epochs: the scores need not be good;
+    hidden 8, one block, sequences of at most 8 items: what is tested is that several
+    processes compute what one does, which does not need a large model, and the 4-process
+    case shares one core with its 3 siblings)."""
     from jaxrec.config import SurrogateConfig
     from jaxrec.data.synthetic import make_synthetic
     from jaxrec.train import train
 
     base = tmp_path_factory.mktemp("hosts")
-    data = make_synthetic(base / "data", n_users=90, n_items=40, seed=1)
-    cfg = SurrogateConfig(data=str(data), out=str(base / "run"), epochs=3, batch_size=32, seed=0)
+    data = make_synthetic(base / "data", n_users=90, n_items=40, max_len=8, seed=1)
+    cfg = SurrogateConfig(
+        data=str(data),
+        out=str(base / "run"),
+        epochs=3,
+        batch_size=32,
+        seed=0,
+        hidden=8,
+        blocks=1,
+        heads=1,
+        max_len=8,
+    )
     train(cfg, progress=False)
     return base / "run"
 
@@ -154,11 +167,11 @@ def cli(run, out, *flags) -> list[str]:
 def test_cli_two_processes_write_one_score_file(tiny_run, tmp_path):
     from jaxrec.data import load_scores
 
-    finish(launch(lambda i: cli(tiny_run, tmp_path / "one.npy", "--steps", "120"), 1))
+    finish(launch(lambda i: cli(tiny_run, tmp_path / "one.npy", "--steps", "40"), 1))
     port = free_port()
     hosts = ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id"]
     finish(
-        launch(lambda i: cli(tiny_run, tmp_path / "two.npy", "--steps", "120", *hosts, str(i)), 2)
+        launch(lambda i: cli(tiny_run, tmp_path / "two.npy", "--steps", "40", *hosts, str(i)), 2)
     )
     one, m1 = load_scores(tmp_path / "one.npy", kind="influence")
     two, m2 = load_scores(tmp_path / "two.npy", kind="influence")
