@@ -29,12 +29,20 @@ class Loss(Protocol):
 
     def __call__(self, params: Params, batch: Batch) -> jax.Array: ...
 
+    # Declared so that a loss can key a cache (``functools.lru_cache`` in
+    # ``jaxrec.influence.scores``): mypy does not count ``object.__hash__`` as a protocol member.
+    def __hash__(self) -> int: ...
+
 
 class PerSampleLoss(Protocol):
     """``per_sample_loss(params, batch) -> [B]``: one loss per row of ``batch``; the gradient of
     row ``s``'s entry is the per-sample gradient ``g_s`` of Eq. 9-11."""
 
     def __call__(self, params: Params, batch: Batch) -> jax.Array: ...
+
+    # Declared so that a loss can key a cache (``functools.lru_cache`` in
+    # ``jaxrec.influence.scores``): mypy does not count ``object.__hash__`` as a protocol member.
+    def __hash__(self) -> int: ...
 
 
 class HVP(Protocol):

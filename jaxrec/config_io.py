@@ -14,10 +14,17 @@ import re
 import typing
 from dataclasses import field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import yaml
 
 from jaxrec.errors import UserError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+#: A config dataclass (:func:`make_config` builds one of the class it is given).
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
 
 _UNSET = object()
 
@@ -55,7 +62,9 @@ def option(
     return field(default=default, metadata=metadata)
 
 
-def nested(default, text: str, flat: dict | None = None, since: str = ""):
+def nested(
+    default: DataclassInstance, text: str, flat: dict | None = None, since: str = ""
+) -> typing.Any:
     """A config field that holds a frozen options dataclass (a solver's, say
     :class:`~jaxrec.config.LissaOptions`): one typed object shared by the config classes and
     the Python API. Config files give it as a mapping (``lissa: {steps: 2000}``) or by the flat
@@ -94,7 +103,7 @@ def _nested_fields(cls) -> list[tuple[dataclasses.Field, dict[str, tuple[str, ..
     return [(f, f.metadata["nested"]) for f in dataclasses.fields(cls) if "nested" in f.metadata]
 
 
-def tie(cfg) -> None:
+def tie(cfg: DataclassInstance) -> None:
     """Copy each config field into the nested options whose flat name it is (:func:`nested`):
     ``InfluenceConfig.batch_size`` into ``cg.batch_size``, ``exact.batch_size``, ...; and
     refuse nested options that share a flat name with different values (one flag, one
@@ -117,7 +126,7 @@ def tie(cfg) -> None:
                 )
 
 
-def since_names(cls) -> set[str]:
+def since_names(cls: type[DataclassInstance]) -> set[str]:
     """The flat names of the options of ``cls`` marked ``since`` (:func:`option`,
     :func:`nested`; a tied flat name is the config's own field's)."""
     own = _own_fields(cls)
@@ -128,7 +137,7 @@ def since_names(cls) -> set[str]:
     return out
 
 
-def flat_dests(cls) -> list[str]:
+def flat_dests(cls: DataclassInstance | type[DataclassInstance]) -> list[str]:
     """The flat names of every option of ``cls`` that has a flag: its own fields, then each
     nested field's flat names (a tied one once, as the config's field)."""
     out = list(_own_fields(cls))
@@ -137,7 +146,7 @@ def flat_dests(cls) -> list[str]:
     return out
 
 
-def flat_values(cfg) -> dict:
+def flat_values(cfg: DataclassInstance) -> dict:
     """``cfg`` as one flat dict: its own fields by name, each nested option by its flat name
     (an inner option without one as ``field.inner``, only when not at the nested default).
     The form of archived records (LDS settings, score manifests) from before the nesting."""
@@ -155,7 +164,7 @@ def flat_values(cfg) -> dict:
     return out
 
 
-def flat_options(cls, section: dict) -> dict:
+def flat_options(cls: type[DataclassInstance], section: dict) -> dict:
     """Every option of config ``cls`` as a flat dict, as :func:`flat_values` names them:
     its defaults <- ``section`` (a config file's section: flat keys kept as given, a nested
     mapping's keys under their flat names). Values are not converted (``1`` stays an int),
@@ -179,7 +188,7 @@ def flat_options(cls, section: dict) -> dict:
     return out
 
 
-def archived_names(cls) -> dict[str, str]:
+def archived_names(cls: type[DataclassInstance]) -> dict[str, str]:
     """Flat name -> the name archived records use: its first alias, else itself."""
     out = {f.name: (f.metadata.get("aliases") or (f.name,))[0] for f in dataclasses.fields(cls)}
     for _, names in _nested_fields(cls):
@@ -220,7 +229,7 @@ def _gather_nested(cls, values: dict, source: str) -> dict:
     return {k: v for k, v in values.items() if k not in used}
 
 
-def keyed_value(f: dataclasses.Field, value):
+def keyed_value(f: dataclasses.Field, value: typing.Any) -> typing.Any:
     """The value a reuse key records for option field ``f`` set to ``value``: its
     ``keyed_as`` (:func:`option`) when it has one, else ``value``."""
     return f.metadata.get("keyed_as", value)
@@ -239,7 +248,7 @@ def _field_type(cls, f: dataclasses.Field):
     return hints[f.name]
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[DataclassInstance]) -> None:
     """Add ``--config FILE`` and one ``--flag`` per field of the dataclass ``cls``."""
     parser.add_argument(
         "config_file",
@@ -312,7 +321,7 @@ def load_config_file(path: str | Path) -> dict:
     return merged
 
 
-def make_config(cls, values: dict | None = None, source: str = "config"):
+def make_config(cls: type[ConfigT], values: dict | None = None, source: str = "config") -> ConfigT:
     """Build ``cls`` from a dict, checking keys and types (an unknown key is an error)."""
     values = dict(values or {})
     names = {f.name: f for f in dataclasses.fields(cls)}
@@ -385,7 +394,9 @@ def check_sections(data: dict, source: str, section: str, classes: dict) -> None
             make_config(cls, values or {}, f"{source} [{name}]")
 
 
-def config_from_args(cls, args: argparse.Namespace, section: str, classes: dict | None = None):
+def config_from_args(
+    cls: type[ConfigT], args: argparse.Namespace, section: str, classes: dict | None = None
+) -> ConfigT:
     """Defaults <- section of the config file (``CONFIG`` or ``--config``) <- command-line
     flags. The file is checked by :func:`check_sections` against ``classes`` (default: only
     ``section``, of ``cls``)."""
@@ -409,7 +420,7 @@ def config_from_args(cls, args: argparse.Namespace, section: str, classes: dict 
     return make_config(cls, values, source)
 
 
-def flag_words(message: str, cls) -> str:
+def flag_words(message: str, cls: DataclassInstance | type[DataclassInstance]) -> str:
     """A library message for the command line: ``name=`` of a field of the config class
     ``cls`` becomes its flag, ``"increase damping="`` -> ``"increase --damping"``,
     ``"out='x'"`` -> ``"--out x"``; other names are left as they are."""
@@ -425,5 +436,5 @@ def flag_words(message: str, cls) -> str:
     return re.sub(pattern, sub, message)
 
 
-def to_dict(cfg) -> dict:
+def to_dict(cfg: DataclassInstance) -> dict:
     return dataclasses.asdict(cfg)

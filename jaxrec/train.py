@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +39,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from jaxrec.base import Loss, PerSampleLoss
+from jaxrec.base import ArrayLike, Loss, Params, PerSampleLoss
 from jaxrec.config import SurrogateConfig, SurrogateEvalConfig
 from jaxrec.config_io import make_config
 from jaxrec.data import (
@@ -54,6 +56,10 @@ from jaxrec.data.ranking import recall_ndcg
 from jaxrec.data.scorefiles import environment
 from jaxrec.metrics import mask_seen, topk_metrics
 from jaxrec.models import sample_loss, sasrec, spec, spec_of, with_negatives
+from jaxrec.models.spec import Model
+
+#: ``(params, opt_state, batch, weights, rng) -> (params, opt_state, loss)``: one Adam step.
+TrainStep = Callable[..., tuple[Params, optax.OptState, jax.Array]]
 
 
 @dataclass
@@ -69,7 +75,7 @@ class Surrogate:
     per_sample_loss: PerSampleLoss
     sample_loss: PerSampleLoss  # per-user loss (jaxrec.models.sample_loss): the g_i of the scores
 
-    def user_representations(self, params, inputs):
+    def user_representations(self, params: Params, inputs: ArrayLike) -> jax.Array:
         """``[B, L] -> [B, hidden]``: hidden state at the newest position."""
         return spec_of(self.model).user_representations(self.model, params, inputs)
 
@@ -90,13 +96,13 @@ def user_representations(sur: Surrogate, batch_size: int = 1024) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
-def build_model(cfg: SurrogateConfig, n_items: int, ds: Dataset | None = None):
+def build_model(cfg: SurrogateConfig, n_items: int, ds: Dataset | None = None) -> Model:
     """The Flax model of ``cfg.model`` (registry :func:`jaxrec.models.spec`); DCRec builds its
     item graphs from ``ds``."""
     return spec(cfg.model).build(cfg, n_items, ds)
 
 
-def loss_fns(cfg: SurrogateConfig, model, arrays: dict):
+def loss_fns(cfg: SurrogateConfig, model: Model, arrays: dict) -> tuple[Loss, PerSampleLoss]:
     """The pure ``(loss, per_sample_loss)`` of ``model``; SASRec's under ``cfg.loss_weighting``
     (the ``"position"`` divisor is the mean number of target positions of ``arrays``)."""
     s = spec(cfg.model)
@@ -107,7 +113,9 @@ def loss_fns(cfg: SurrogateConfig, model, arrays: dict):
     return s.make_loss_fns(model)
 
 
-def training_data(cfg: SurrogateConfig, arrays: dict, ds: Dataset, epoch: int, seed=None) -> dict:
+def training_data(
+    cfg: SurrogateConfig, arrays: dict, ds: Dataset, epoch: int, seed: int | None = None
+) -> dict:
     """Every user's batch arrays for ``epoch``: negatives under ``cfg.negatives`` (and
     BERT4Rec's masks) derived from (seed, row index, epoch), so any sample's loss can be
     recomputed on its own. ``seed`` defaults to ``cfg.seed``."""
@@ -115,7 +123,9 @@ def training_data(cfg: SurrogateConfig, arrays: dict, ds: Dataset, epoch: int, s
     return spec(cfg.model).training_data(arrays, seed, epoch, ds.n_items, cfg, ds.train)
 
 
-def negative_draw(cfg: SurrogateConfig, arrays: dict, ds: Dataset):
+def negative_draw(
+    cfg: SurrogateConfig, arrays: dict, ds: Dataset
+) -> Callable[[int], np.ndarray] | None:
     """``k -> negatives [n, L]``: draw ``k`` of the negatives of ``arrays``'s users (seed
     ``cfg.seed + k``, epoch 0, sampled as training samples them), the draws
     ``influence.negative_draws`` averages over; draw 0 is :func:`load_surrogate`'s fixed data.
@@ -177,7 +187,12 @@ def take_batch(arrays: dict, rows: np.ndarray, width: int) -> dict:
     }
 
 
-def make_train_step(model, optimizer, weighting: str = "sample", positions: float = 1.0):
+def make_train_step(
+    model: Model,
+    optimizer: optax.GradientTransformation,
+    weighting: str = "sample",
+    positions: float = 1.0,
+) -> TrainStep:
     """A jitted Adam step on the dropout-on, row-weighted mean per-sample loss (a weighted
     model's under ``weighting`` / ``positions``, see :func:`loss_fns`).
 
@@ -190,7 +205,12 @@ def make_train_step(model, optimizer, weighting: str = "sample", positions: floa
     )
 
 
-def train_step_fn(model, optimizer, weighting: str = "sample", positions: float = 1.0):
+def train_step_fn(
+    model: Model,
+    optimizer: optax.GradientTransformation,
+    weighting: str = "sample",
+    positions: float = 1.0,
+) -> TrainStep:
     """The un-jitted step of :func:`make_train_step`, ``(params, opt_state, batch, weights,
     rng) -> (params, opt_state, loss)``: for callers that transform it further (``jax.vmap``
     over a stack of models, :func:`jaxrec.retrain.retrain_many`)."""
@@ -216,8 +236,8 @@ def _rank_batch(model, params, inputs, seen, truth):
 
 
 def evaluate(
-    model,
-    params,
+    model: Model,
+    params: Params,
     ds: Dataset,
     split: str,
     *,
@@ -246,7 +266,7 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
-def save_checkpoint(path: Path, tree) -> None:
+def save_checkpoint(path: Path, tree: Any) -> None:
     """Save a pytree with orbax, replacing any previous checkpoint at ``path`` atomically
     (orbax writes to a temporary folder and renames it when complete)."""
     ckpt = _checkpointer()
@@ -254,7 +274,7 @@ def save_checkpoint(path: Path, tree) -> None:
     ckpt.wait_until_finished()
 
 
-def restore_checkpoint(path: Path, like):
+def restore_checkpoint(path: Path, like: Any) -> Any:
     """The pytree saved at ``path`` (structure, shapes and dtypes of ``like``), read by this
     process alone onto its first local device.
 
@@ -414,7 +434,15 @@ def _start_or_resume(cfg: SurrogateConfig, ds: Dataset, model, optimizer, run: P
     return params, opt_state, state
 
 
-def train_epoch(step, params, opt_state, key, data: dict, cfg: SurrogateConfig, rng):
+def train_epoch(
+    step: TrainStep,
+    params: Params,
+    opt_state: optax.OptState,
+    key: jax.Array,
+    data: dict,
+    cfg: SurrogateConfig,
+    rng: np.random.Generator,
+) -> tuple[Params, optax.OptState, jax.Array, float]:
     """One pass over length-bucketed shuffled batches. Returns the new
     ``(params, opt_state, key, mean loss)``."""
     lengths = target_lengths(data)

@@ -5,20 +5,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from tqdm.auto import tqdm
 
+from jaxrec.base import Params
 from jaxrec.errors import UserError
 from jaxrec.influence.batching import _disable
 from jaxrec.influence.operator import FullHessian
 
 
 def eigenpairs(
-    op: FullHessian, *, rank: int = 20, iterations: int = 60, key=None, progress: bool | None = None
-):
+    op: FullHessian,
+    *,
+    rank: int = 20,
+    iterations: int = 60,
+    key: jax.Array | None = None,
+    progress: bool | None = None,
+) -> tuple[np.ndarray, jax.Array, Callable[[jax.Array], Params]]:
     """Top-``rank`` eigenvalues ``[k]`` and flat eigenvectors ``[k, d]`` of the full-data H."""
     flat0, unravel = ravel_pytree(op.params)
     d = flat0.size
@@ -54,14 +62,14 @@ def eigenpairs(
 
 def solve(
     op: FullHessian,
-    v,
+    v: Params,
     damping: float,
     *,
     rank: int = 20,
     iterations: int = 60,
-    key=None,
+    key: jax.Array | None = None,
     progress: bool | None = None,
-):
+) -> tuple[Params, dict]:
     """Low-rank ``(H + damping I)^-1 v`` on the top-``rank`` eigenspace. Returns ``(u, info)``."""
     lam, vecs, unravel = eigenpairs(
         op, rank=rank, iterations=iterations, key=key, progress=progress

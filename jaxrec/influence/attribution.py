@@ -48,12 +48,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jaxrec.base import PerSampleLoss
+from jaxrec.base import Loss, Params, PerSampleLoss
 from jaxrec.influence_options import CGOptions
 from jaxrec.config_io import option
 from jaxrec.errors import UserError
 from jaxrec.influence import arnoldi, datainf, kfac, tracin, trak
-from jaxrec.influence.batching import total_size
+from jaxrec.influence.batching import Data, total_size
 from jaxrec.influence.exact import hessian_matrix
 from jaxrec.influence.inverse import SolverOptions, inverse_hvp, solver_name, solver_options
 from jaxrec.influence.operator import FullHessian
@@ -228,18 +228,18 @@ def _estimators() -> dict[type, tuple[Any, str]]:
     return out
 
 
-def estimator_name(options) -> str:
+def estimator_name(options: Any) -> str:
     """The short name of an options instance (``kfac``, ``ekfac``, ``trak``, ...)."""
     _module(options)
     return _estimators()[type(options)][1]
 
 
 def fit(
-    options,
-    loss,
-    per_sample_loss,
-    params,
-    data,
+    options: Any,
+    loss: Loss,
+    per_sample_loss: PerSampleLoss,
+    params: Params | Checkpoints,
+    data: Data,
     *,
     output: Callable | None = None,
     query_loss: PerSampleLoss | None = None,
@@ -280,8 +280,8 @@ def fit(
 
 def attribute(
     state: State,
-    train,
-    query,
+    train: Data,
+    query: Data,
     *,
     query_mean: bool = False,
     progress: bool | None = None,
@@ -306,8 +306,8 @@ def attribute(
 
 def attribute_with_info(
     state: State,
-    train,
-    query,
+    train: Data,
+    query: Data,
     *,
     query_mean: bool = False,
     progress: bool | None = None,
@@ -340,7 +340,7 @@ def attribute_with_info(
     return np.asarray(a, np.float64), info
 
 
-def risk_scores(state: State, train) -> np.ndarray:
+def risk_scores(state: State, train: Data) -> np.ndarray:
     """Each training sample's influence on the mean training loss (the training risk) with
     any estimator's ``M``: ``s_i = g_i . M g_mean / n^2`` over ``train`` (``[n]``). With
     :class:`InfluenceOptions` it is the DEALRec score of paper Eq. 11,
@@ -350,7 +350,7 @@ def risk_scores(state: State, train) -> np.ndarray:
     return attribute(state, train, train, query_mean=True)[:, 0] / n**2
 
 
-def influence_options(solver="cg", **kwargs) -> InfluenceOptions:
+def influence_options(solver: str | SolverOptions = "cg", **kwargs: Any) -> InfluenceOptions:
     """:class:`InfluenceOptions` with ``solver`` a name or options dataclass
     (:func:`jaxrec.influence.inverse.solver_options`); other keywords are its fields."""
     names = {f.name for f in dataclasses.fields(InfluenceOptions)}

@@ -20,7 +20,7 @@ def solve(
     tol: float = 1e-6,
     maxiter: int = 100,
     progress: bool | None = None,
-):
+) -> tuple[Params, dict]:
     """CG until ``||r|| <= tol ||v||`` or ``maxiter`` iterations. Returns ``(u, info)`` with the
     relative residual trace. Raises UserError on non-positive curvature (increase damping)."""
 

@@ -25,6 +25,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,7 +40,11 @@ from jaxrec.data.scorefiles import (
     save_part,
     save_scores,
 )
+from jaxrec.base import Params
 from jaxrec.errors import UserError
+
+if TYPE_CHECKING:
+    from jaxrec.train import Surrogate
 
 # Library errors name Python arguments; these are the flags that set them.
 _FLAGS = {
@@ -63,7 +68,9 @@ def flag_words(message: str) -> str:
     return re.sub(r"\b(" + "|".join(_FLAGS) + r")=('[^']*'|[\w.+-]*)", sub, message)
 
 
-def compute(cfg: InfluenceConfig, surrogate, *, progress: bool | None = None):
+def compute(
+    cfg: InfluenceConfig, surrogate: Surrogate, *, progress: bool | None = None
+) -> tuple[np.ndarray, dict]:
     """The scores of ``cfg.score`` for every user (order of ``sequential_train.txt``).
 
     Returns ``(scores, info)``; ``info`` has the parameter subset, per-stage seconds and, for
@@ -128,7 +135,7 @@ def _score(cfg, surrogate, sub, parts, progress):
     return total / len(seeds), info
 
 
-def draw_seeds(surrogate, draws: int, offset: int = 0) -> list[int]:
+def draw_seeds(surrogate: Surrogate, draws: int, offset: int = 0) -> list[int]:
     """The negative-sampling seeds of ``draws`` draws: ``surrogate seed + offset + k`` (each at
     epoch 0; :func:`jaxrec.train.negative_draw`). Draw 0 with ``offset=0`` is the surrogate's
     own fixed draw (``load_surrogate``'s ``data``)."""
@@ -152,7 +159,7 @@ def _baseline_score(cfg, surrogate, sub, parts, progress):
     return el2n_scores(error, surrogate.params, parts, cfg.batch_size, progress=progress)
 
 
-def early_params(surrogate, epochs: int, seed: int, cache: Path):
+def early_params(surrogate: Surrogate, epochs: int, seed: int, cache: Path) -> Params:
     """Parameters of a fresh surrogate (initialisation ``seed``) after ``epochs`` epochs of the
     trained surrogate's own training recipe (``jaxrec.train.train`` with its config, on its
     dataset): the early-training models Paul et al. (2021) score GraNd / EL2N on.

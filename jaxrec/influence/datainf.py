@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from jaxrec.influence_options import DataInfOptions
 from jaxrec.errors import UserError
 from jaxrec.influence.batching import total_size
-from jaxrec.influence.pairwise import _per_sample_grad_fn, batch_reduce
+from jaxrec.base import Params
+from jaxrec.influence.pairwise import State, _per_sample_grad_fn, batch_reduce
 
 
 ESTIMATORS = {DataInfOptions: "datainf"}
@@ -32,7 +33,7 @@ def _sample_grads(per_sample_loss, p, batch):
     return jax.tree.map(lambda x: x.reshape(x.shape[0], -1), g)
 
 
-def fit_state(state, progress=None) -> dict:
+def fit_state(state: State, progress: bool | None = None) -> dict:
     """``lam_l`` per block: ``damping``, or ``damping_scale`` times the mean over samples and
     entries of ``g_il^2`` (one pass of per-sample gradients)."""
 
@@ -55,7 +56,7 @@ def fit_state(state, progress=None) -> dict:
     return {"lam": lam}
 
 
-def precondition(state, grads, progress=None):
+def precondition(state: State, grads: Params, progress: bool | None = None) -> Params:
     """Eq. 5-6 applied to the stacked query gradients: one pass of per-sample gradients over
     the fitted data accumulates ``sum_i c_ij g_il`` for every query ``j`` and block ``l``."""
 

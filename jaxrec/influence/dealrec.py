@@ -19,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 import jax
 import jax.numpy as jnp
 
-from jaxrec.base import Loss, Params, PerSampleLoss
+from jaxrec.base import ArrayLike, Loss, Params, PerSampleLoss
 from jaxrec.config import InfluenceConfig, solver_options
 from jaxrec.influence_options import LissaOptions
 from jaxrec.data.buckets import bucket_widths, width_strata
@@ -131,7 +132,9 @@ def every_bucket(parts: list[dict], max_len: int) -> list[dict]:
     ]
 
 
-def draw_parts(order, parts: list[dict], draw: Callable, offsets: list[int]) -> list[dict]:
+def draw_parts(
+    order: ArrayLike, parts: list[dict], draw: Callable, offsets: list[int]
+) -> list[dict]:
     """``parts`` (the width buckets of :func:`~jaxrec.data.buckets.width_strata`, rows
     ``order``) with ``negatives`` replaced by ``[B, K, w]``: draw ``offsets[k]``'s negatives
     (``draw(offset) -> [n, L]``), cut like ``parts``.
@@ -151,7 +154,7 @@ def draw_parts(order, parts: list[dict], draw: Callable, offsets: list[int]) -> 
     return [{**part, "negatives": neg} for part, neg in zip(parts, out)]
 
 
-def draw_batches(options, batch_size: int, draws: int):
+def draw_batches(options: Any, batch_size: int, draws: int) -> tuple[Any, int]:
     """``(options, batch_size)`` for K-draw batches: the full-data batches (JVP scores, mean
     gradient, and the CG / exact / Arnoldi HVPs) hold ``batch_size // K`` users (at least 1),
     so a batch holds as many (user, draw) losses, and as much memory, as a one-draw batch of
@@ -164,7 +167,7 @@ def draw_batches(options, batch_size: int, draws: int):
 
 
 @functools.lru_cache(maxsize=8)
-def draw_mean_losses(per_sample_loss):
+def draw_mean_losses(per_sample_loss: PerSampleLoss) -> tuple[Loss, PerSampleLoss]:
     """``(loss, per_sample_loss)`` averaged over negative draws: batches carry ``negatives``
     ``[B, K, w]`` and sample ``i``'s loss is ``(1/K) sum_k L_i(theta; negatives[:, k])``.
 

@@ -15,12 +15,14 @@ process; :func:`replicate` / :func:`localize` convert to and from replicated glo
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxrec.base import ArrayLike
 from jaxrec.errors import UserError
 
 
@@ -79,7 +81,7 @@ def global_mesh() -> Mesh:
     return Mesh(np.array(devices), ("data",))
 
 
-def replicate(tree):
+def replicate(tree: Any) -> Any:
     """A pytree of local arrays (equal on every process) as replicated global arrays."""
     mesh = global_mesh()
     sharding = NamedSharding(mesh, P())
@@ -92,12 +94,12 @@ def replicate(tree):
     return jax.tree.map(one, tree)
 
 
-def localize(tree):
+def localize(tree: Any) -> Any:
     """Replicated global arrays as local arrays (this process's copy)."""
     return jax.tree.map(lambda x: x.addressable_data(0), tree)
 
 
-def shard_rows(array: np.ndarray):
+def shard_rows(array: np.ndarray) -> jax.Array:
     """This process's rows ``[m, ...]`` (equal ``m`` on every process) as block ``p`` of a
     global array ``[P * m, ...]`` sharded along ``data``."""
     return jax.make_array_from_process_local_data(
@@ -105,7 +107,7 @@ def shard_rows(array: np.ndarray):
     )
 
 
-def shard_rows_tree(tree):
+def shard_rows_tree(tree: Any) -> Any:
     """:func:`shard_rows` on every leaf of ``tree``."""
     return jax.tree.map(shard_rows, tree)
 
@@ -116,7 +118,7 @@ def _sum_blocks():
     return jax.jit(lambda t: jax.tree.map(lambda x: jnp.sum(x, 0), t), out_shardings=out)
 
 
-def allreduce(tree):
+def allreduce(tree: Any) -> Any:
     """The sum over processes of a pytree of local arrays, as local arrays (one XLA
     all-reduce; the identity with one process)."""
     if not multi():
@@ -132,7 +134,7 @@ def allreduce(tree):
     return localize(_sum_blocks()(jax.tree.map(block, tree)))
 
 
-def allgather(values) -> np.ndarray:
+def allgather(values: ArrayLike) -> np.ndarray:
     """``[P, ...]``: every process's ``values`` (small integer tables), in process order."""
     values = np.asarray(values)
     if not multi():

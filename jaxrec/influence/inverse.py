@@ -8,6 +8,7 @@ Each solver's options are one frozen dataclass (:class:`LissaOptions`, :class:`C
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 
@@ -21,6 +22,7 @@ from jaxrec.influence_options import (
 )
 from jaxrec.errors import UserError
 from jaxrec.influence import arnoldi, cg, exact, lissa
+from jaxrec.influence.batching import Data
 from jaxrec.influence.operator import FullHessian
 from jaxrec.influence.tree import all_finite
 
@@ -29,7 +31,10 @@ CONVENTIONS = ("standard", "dealrec")
 SolverOptions = LissaOptions | CGOptions | ExactOptions | ArnoldiOptions
 
 
-def solver_options(solver, **overrides) -> SolverOptions:
+def solver_options(
+    solver: Any,  # a name or an options instance, checked at run time (else UserError)
+    **overrides: Any,
+) -> SolverOptions:
     """The option dataclass for ``solver`` (a name or an options instance), with ``overrides``
     (keyword options, e.g. ``steps=2000``) replacing its fields. An unknown name is an error."""
     if isinstance(solver, str):
@@ -58,7 +63,7 @@ def solver_name(options: SolverOptions) -> str:
 def inverse_hvp(
     loss: Loss,
     params: Params,
-    data,
+    data: Data,
     v: Params,
     *,
     solver: str | SolverOptions = "cg",
@@ -66,7 +71,7 @@ def inverse_hvp(
     convention: str = "standard",
     scale: float = 25.0,
     progress: bool | None = None,
-    **options,
+    **options: Any,
 ) -> Params:
     """``(H + damping I)^-1 v`` (the ``H^-1`` of paper Eq. 10): :func:`inverse_hvp_with_info`
     without the solver's report; the same arguments."""
@@ -87,7 +92,7 @@ def inverse_hvp(
 def inverse_hvp_with_info(
     loss: Loss,
     params: Params,
-    data,
+    data: Data,
     v: Params,
     *,
     solver: str | SolverOptions = "cg",
@@ -95,7 +100,7 @@ def inverse_hvp_with_info(
     convention: str = "standard",
     scale: float = 25.0,
     progress: bool | None = None,
-    **options,
+    **options: Any,
 ) -> tuple[Params, dict]:
     """``(H + damping I)^-1 v``, ``H`` the Hessian of the mean of ``loss`` over all of ``data``
     (the ``H^-1`` of paper Eq. 10).

@@ -36,6 +36,8 @@ independently (no batch statistics). Padding tokens are not masked out of ``A``.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,9 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrec.influence_options import EKFACOptions, KFACOptions
+from jaxrec.base import Batch, Params
 from jaxrec.errors import UserError
 from jaxrec.influence.batching import data_size, strata, total_size
-from jaxrec.influence.pairwise import batch_reduce
+from jaxrec.influence.pairwise import State, batch_reduce
 from jaxrec.influence.params import path_string
 
 FISHERS = ("empirical", "gauss-newton", "sampled")
@@ -62,7 +65,7 @@ def _module_path(ctx) -> str:
     return "/".join(str(x) for x in ctx.module.path)
 
 
-def dense_layers(fn, params, batch) -> dict:
+def dense_layers(fn: Callable[..., Any], params: Params, batch: Batch) -> dict:
     """The Dense layers ``fn(params, batch)`` calls whose kernel is in ``params``:
     ``{module path: {"kernel": param path, "bias": param path or None}}``. Raises a UserError
     naming any parameter that no such layer covers."""
@@ -197,7 +200,7 @@ def _output_shapes(fn, layers, p, batch) -> dict:
     return shapes
 
 
-def fit_state(state, progress=None) -> dict:
+def fit_state(state: State, progress: bool | None = None) -> dict:
     """Covariances ``A``, ``S`` per layer (one pass), their eigendecompositions (float64) and,
     for EK-FAC, the corrected eigenvalues (a second pass). Returns ``{"layers": {module path:
     {"kernel", "bias", "qa", "qs", "eigenvalues" [in(+1), out], "damping"}}}``.
@@ -212,7 +215,8 @@ def fit_state(state, progress=None) -> dict:
         raise UserError(f"fisher={opts.fisher!r} needs output= (whitened model outputs)")
     first = jax.tree.map(lambda x: np.asarray(x)[:1], strata(state.data)[0])
     fn = state.per_sample_loss if opts.fisher == "empirical" else state.output
-    layers = dense_layers(fn, state.params, first)
+    # fn is not None: a fisher other than "empirical" without output= was refused above
+    layers = dense_layers(fn, state.params, first)  # type: ignore[arg-type]
     if not layers:
         raise UserError("K-FAC found no Dense layer with parameters in params=")
     n = total_size(state.data)
@@ -290,7 +294,7 @@ def _sizes(state, layers) -> dict:
     }
 
 
-def precondition(state, grads, progress=None):
+def precondition(state: State, grads: Params, progress: bool | None = None) -> Params:
     """``(A (x) S + lam I)^-1 g_j`` (K-FAC) or with the corrected eigenvalues (EK-FAC), per
     layer, in the Kronecker eigenbasis, for every stacked query gradient."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(grads)

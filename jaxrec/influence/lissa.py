@@ -30,17 +30,18 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxrec.base import Loss, Params
 from jaxrec.influence_options import LissaOptions
 from jaxrec.errors import UserError
 from jax.sharding import PartitionSpec
 
 import jaxrec.influence.hosts as hosts
 from jaxrec.influence import tree as T
-from jaxrec.influence.batching import _disable, data_size, strata
+from jaxrec.influence.batching import Data, _disable, data_size, strata
 from jaxrec.influence.hvp import hvp
 
 
-def lissa_indices(key, step, n: int, batch_size: int):
+def lissa_indices(key: jax.Array, step: int | jax.Array, n: int, batch_size: int) -> jax.Array:
     """Row indices of step ``step``'s minibatch: uniform with replacement, or every row in
     order when ``batch_size >= n`` (then LiSSA is the deterministic full-data recursion)."""
     if batch_size >= n:
@@ -143,7 +144,14 @@ def _host_minibatch_hvp(loss, local_parts, batch_size: int):
     return parts, f
 
 
-def largest_eigenvalue(loss, params, data, batch_size: int, key, iterations: int = 30) -> float:
+def largest_eigenvalue(
+    loss: Loss,
+    params: Params,
+    data: Data,
+    batch_size: int,
+    key: jax.Array,
+    iterations: int = 30,
+) -> float:
     """Power-iteration estimate of the dominant eigenvalue of the minibatch Hessians (a fresh
     minibatch each iteration). Used to suggest a LiSSA scale that converges."""
     parts = [jax.device_put(jax.tree.map(jnp.asarray, p)) for p in strata(data)]
@@ -261,16 +269,16 @@ def _run_one(
 
 
 def solve(
-    loss,
-    params,
-    data,
-    v,
+    loss: Loss,
+    params: Params,
+    data: Data,
+    v: Params,
     *,
     d: float,
     scale: float = 25.0,
     options: LissaOptions | None = None,
     progress: bool | None = None,
-):
+) -> tuple[Params, dict]:
     """Run the recursion ``options.repeats`` times (independent keys) and average.
 
     ``data`` is one pytree or a list of strata (see :func:`_minibatch_hvp`). Each run stops

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 
+from jaxrec.base import Params
 from jaxrec.errors import UserError
 import jaxrec.influence.hosts as hosts
 from jaxrec.influence.batching import full_batches
@@ -23,7 +24,7 @@ class FullHessian:
         self._hmm = jax.jit(jax.vmap(lambda p, b, v: hvp(loss, p, b, v), in_axes=(None, None, 0)))
         self.count = 0
 
-    def matvec(self, v):
+    def matvec(self, v: Params) -> Params:
         """``H v`` (``v`` a parameter pytree); raises UserError if not finite."""
         out = None
         for w, batch in self.batches:
@@ -39,7 +40,7 @@ class FullHessian:
             )
         return out
 
-    def matmat(self, vs):
+    def matmat(self, vs: Params) -> Params:
         """``H v`` for a stack of vectors (leading axis k on every leaf)."""
         out = None
         for w, batch in self.batches:

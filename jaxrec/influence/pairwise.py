@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxrec.base import Params, PerSampleLoss
 from jaxrec.errors import UserError
-from jaxrec.influence.batching import data_mesh, in_order, replicate, strata_batches
+from jaxrec.influence.batching import Data, data_mesh, in_order, replicate, strata_batches
 from jaxrec.influence.scores import mean_gradient, per_sample_map
 
 _CACHE_SIZE = 8
@@ -103,13 +103,13 @@ def _take(tree, j):
     return jax.tree.map(lambda x: x[j], tree)
 
 
-def unstack(tree) -> list:
+def unstack(tree: Params) -> list:
     """A stacked pytree (leading axis q on every leaf) -> a list of q pytrees."""
     q = jax.tree.leaves(tree)[0].shape[0]
     return [_take(tree, j) for j in range(q)]
 
 
-def stack(trees: list):
+def stack(trees: list) -> Params:
     """A list of pytrees of one structure -> one stacked pytree (leading axis)."""
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
@@ -126,8 +126,13 @@ def _per_sample_grad_fn(per_sample_loss):
 
 
 def per_sample_gradients(
-    per_sample_loss, params, data, batch_size: int = 64, *, progress: bool | None = None
-):
+    per_sample_loss: PerSampleLoss,
+    params: Params,
+    data: Data,
+    batch_size: int = 64,
+    *,
+    progress: bool | None = None,
+) -> Params:
     """Each row's loss gradient, stacked: a pytree like ``params`` with a leading axis ``n``
     (rows in the order of ``data``, strata concatenated). For the few query rows only: the
     result holds ``n`` gradients. Batched, padded and sharded over all devices.
@@ -147,7 +152,9 @@ def per_sample_gradients(
     return in_order(data, jax.tree.map(lambda *xs: jnp.asarray(np.concatenate(xs)), *parts))
 
 
-def query_gradients(state: State, query, *, query_mean: bool = False, params=None):
+def query_gradients(
+    state: State, query: Data, *, query_mean: bool = False, params: Params | None = None
+) -> Params:
     """The query side of :func:`attribute`: stacked per-row gradients of ``query``, or with
     ``query_mean`` one vector, the mean gradient over ``query``
     (:func:`jaxrec.influence.mean_gradient`; the DEALRec score's ``g_mean``)."""
@@ -173,7 +180,13 @@ def _pairwise_fn(per_sample_loss):
 
 
 def pairwise_scores(
-    per_sample_loss, params, train, vectors, batch_size: int = 4096, *, progress=None
+    per_sample_loss: PerSampleLoss,
+    params: Params,
+    train: Data,
+    vectors: Params,
+    batch_size: int = 4096,
+    *,
+    progress: bool | None = None,
 ) -> np.ndarray:
     """``a[i, j] = g_i . u_j`` for every training row ``i`` and stacked vector ``u_j``
     (``vectors``: a pytree like ``params`` with a leading axis q), float64 ``[n, q]``.
@@ -200,7 +213,17 @@ def pairwise_scores(
     return a
 
 
-def batch_reduce(fn, params, data, init, batch_size: int, *, extra=(), desc="fit", progress=None):
+def batch_reduce(
+    fn: Callable[..., Any],
+    params: Params,
+    data: Data,
+    init: Any,
+    batch_size: int,
+    *,
+    extra: tuple = (),
+    desc: str = "fit",
+    progress: bool | None = None,
+) -> Any:
     """``acc = fn(params, batch, weight, acc, *extra)`` over every padded, sharded batch of
     ``data`` (``weight`` 1 for real rows, 0 for padding), jitted once per batch shape.
     Returns the final ``acc``: the fitting passes (covariances, Gram matrices, norms)."""

@@ -8,10 +8,16 @@ A pattern may also be a preset name of :data:`PRESETS`.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import jax
 
+from jaxrec.base import Params
 from jaxrec.errors import UserError
+
+#: A function of ``(params, batch)`` (a loss): :meth:`ParamSubset.restrict` gives one back.
+Fn = TypeVar("Fn", bound=Callable[..., Any])
 
 
 # Named parameter subsets. "official": the one matrix the paper's code scores,
@@ -26,7 +32,7 @@ def resolve_pattern(pattern: str) -> str:
     return PRESETS.get(pattern or "", pattern or "")
 
 
-def path_string(path) -> str:
+def path_string(path: Iterable[Any]) -> str:
     """``(DictKey('a'), DictKey('b'))`` -> ``"a/b"`` (sequence indices as numbers)."""
     parts = []
     for key in path:
@@ -39,7 +45,7 @@ def path_string(path) -> str:
     return "/".join(parts)
 
 
-def parameter_paths(params) -> list[str]:
+def parameter_paths(params: Params) -> list[str]:
     """Every leaf path of ``params`` in flattening order."""
     return [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
@@ -79,7 +85,7 @@ class ParamSubset:
     def size(self) -> int:
         return int(sum(self._leaves[i].size for i in self._index))
 
-    def combine(self, sub: dict, rest=None):
+    def combine(self, sub: dict, rest: Params | None = None) -> Params:
         """The full parameter tree with the selected leaves taken from ``sub``.
 
         ``rest`` (optional) is a full tree supplying the unselected leaves (default: the
@@ -89,7 +95,7 @@ class ParamSubset:
             leaves[i] = sub[p]
         return jax.tree_util.tree_unflatten(self._treedef, leaves)
 
-    def restrict(self, fn):
+    def restrict(self, fn: Fn) -> Fn:
         """``fn(params, batch)`` -> ``fn_sub(sub, batch)`` over the subset only (the same
         function object for the same ``fn``, so jit caches keyed on it hit)."""
         if fn not in self._restricted:
@@ -101,7 +107,7 @@ class ParamSubset:
             self._restricted[fn] = fn_sub
         return self._restricted[fn]
 
-    def frozen(self, fn):
+    def frozen(self, fn: Fn) -> Fn:
         """``fn(params, batch)`` over the full tree, differentiated in the subset only: the
         other leaves pass through ``jax.lax.stop_gradient``, so their gradients are zero
         (TracIn-CP over full checkpoints scored on one block). The same function object comes

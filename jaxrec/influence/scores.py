@@ -10,15 +10,25 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrec.base import Loss, Params, PerSampleLoss
 from jaxrec.config import InfluenceConfig
 from jaxrec.errors import UserError
 import jaxrec.influence.hosts as hosts
-from jaxrec.influence.batching import data_mesh, global_size, in_order, replicate, strata_batches
+from jaxrec.influence.batching import (
+    Data,
+    data_mesh,
+    global_size,
+    in_order,
+    replicate,
+    strata_batches,
+)
 from jaxrec.influence.inverse import SolverOptions, inverse_hvp_with_info
 
 
@@ -93,12 +103,12 @@ def _grand_fn(per_sample_loss):
 
 
 def per_sample_map(
-    fn,
-    params,
-    data,
+    fn: Callable[..., jax.Array],
+    params: Params,
+    data: Data,
     batch_size: int = 1024,
     *,
-    extra=(),
+    extra: tuple = (),
     desc: str = "batches",
     progress: bool | None = None,
 ) -> np.ndarray:
@@ -119,7 +129,13 @@ def per_sample_map(
 
 
 def sample_scores(
-    per_sample_loss, params, data, u, batch_size: int = 4096, *, progress: bool | None = None
+    per_sample_loss: PerSampleLoss,
+    params: Params,
+    data: Data,
+    u: Params,
+    batch_size: int = 4096,
+    *,
+    progress: bool | None = None,
 ) -> np.ndarray:
     """``s_i = g_i . u`` for every sample (the inner product of paper Eq. 10-11).
 
@@ -140,8 +156,13 @@ def sample_scores(
 
 
 def mean_gradient(
-    per_sample_loss, params, data, batch_size: int = 4096, *, progress: bool | None = None
-):
+    per_sample_loss: PerSampleLoss,
+    params: Params,
+    data: Data,
+    batch_size: int = 4096,
+    *,
+    progress: bool | None = None,
+) -> Params:
     """``(1/n) sum_i grad loss_i``: the mean training gradient (paper Eq. 10's sum over
     samples), batched with padding masked by weights and sharded over all devices. Under JAX's
     multi-process runtime each process sums its own rows and one all-reduce adds the sums
@@ -164,20 +185,20 @@ def mean_gradient(
 
 
 def influence_scores(
-    loss,
-    per_sample_loss,
-    params,
-    data,
+    loss: Loss,
+    per_sample_loss: PerSampleLoss,
+    params: Params,
+    data: Data,
     *,
     solver: str | SolverOptions = InfluenceConfig.solver,
     damping: float = InfluenceConfig.damping,
     convention: str = InfluenceConfig.convention,
     scale: float = InfluenceConfig.scale,
     batch_size: int = InfluenceConfig.batch_size,
-    sample_loss=None,
+    sample_loss: PerSampleLoss | None = None,
     progress: bool | None = None,
-    **solver_options,
-):
+    **solver_options: Any,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """DEALRec influence of removing each sample on the empirical risk (paper Eq. 11):
     ``score_i = g_i . H^-1 g_mean / n^2``.
 
@@ -231,7 +252,12 @@ def influence_scores(
 
 
 def grand_scores(
-    per_sample_loss, params, data, batch_size: int = 64, *, progress: bool | None = None
+    per_sample_loss: PerSampleLoss,
+    params: Params,
+    data: Data,
+    batch_size: int = 64,
+    *,
+    progress: bool | None = None,
 ) -> np.ndarray:
     """GraNd (Paul et al. 2021): ``||grad loss_i||_2`` per sample, by ``vmap`` of ``grad`` over
     a batch (memory O(batch x params): keep ``batch_size`` small for big models).
@@ -248,7 +274,12 @@ def grand_scores(
 
 
 def el2n_scores(
-    error_fn, params, data, batch_size: int = 4096, *, progress: bool | None = None
+    error_fn: PerSampleLoss,
+    params: Params,
+    data: Data,
+    batch_size: int = 4096,
+    *,
+    progress: bool | None = None,
 ) -> np.ndarray:
     """EL2N (Paul et al. 2021): the L2 norm of each sample's prediction error,
     ``error_fn(params, batch) -> [B]`` (model-specific; SASRec's is

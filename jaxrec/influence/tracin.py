@@ -14,7 +14,8 @@ import numpy as np
 
 from jaxrec.config_io import option
 from jaxrec.errors import UserError
-from jaxrec.influence.pairwise import Checkpoints, pairwise_scores, query_gradients
+from jaxrec.influence.batching import Data
+from jaxrec.influence.pairwise import Checkpoints, State, pairwise_scores, query_gradients
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class TracInOptions:
 ESTIMATORS = {TracInOptions: "tracin"}
 
 
-def fit_state(state, progress=None) -> dict:
+def fit_state(state: State, progress: bool | None = None) -> dict:
     """Checks the checkpoints; nothing to precompute (Eq. 3 is a sum of gradient products)."""
 
     ck = state.params
@@ -41,7 +42,9 @@ def fit_state(state, progress=None) -> dict:
     return {}
 
 
-def attribute(state, train, query, query_mean: bool, progress=None) -> np.ndarray:
+def attribute(
+    state: State, train: Data, query: Data, query_mean: bool, progress: bool | None = None
+) -> np.ndarray:
     """Eq. 3: the learning-rate-weighted sum over checkpoints of gradient dot products."""
 
     ck = state.params

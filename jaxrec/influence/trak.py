@@ -32,15 +32,16 @@ import numpy as np
 
 from jaxrec.influence_options import TRAKOptions
 from jaxrec.errors import UserError
-from jaxrec.influence.batching import total_size
-from jaxrec.influence.pairwise import Checkpoints, batch_reduce, query_gradients
+from jaxrec.base import Params
+from jaxrec.influence.batching import Data, total_size
+from jaxrec.influence.pairwise import Checkpoints, State, batch_reduce, query_gradients
 from jaxrec.influence.scores import per_sample_map
 
 
 ESTIMATORS = {TRAKOptions: "trak"}
 
 
-def projected(tree, params, key, dim: int):
+def projected(tree: Params, params: Params, key: jax.Array, dim: int) -> jax.Array | None:
     """``P^T x`` for a pytree ``tree`` shaped like ``params`` plus leading axes: each leaf is
     flattened over ``params``' leaf shape and multiplied by its Gaussian block, drawn from
     ``fold_in(key, leaf index)`` (``N(0, 1/dim)`` entries). Returns ``[*lead, dim]``."""
@@ -74,7 +75,7 @@ def _models(state) -> list:
     return list(state.params.params) if isinstance(state.params, Checkpoints) else [state.params]
 
 
-def fit_state(state, progress=None) -> dict:
+def fit_state(state: State, progress: bool | None = None) -> dict:
     """Per model: ``(F + damping I)^-1`` (float64, ``dim x dim``) of the projected
     Gauss-Newton matrix ``F`` over the fitted data."""
 
@@ -114,7 +115,9 @@ def fit_state(state, progress=None) -> dict:
     return {"inverses": inverses}
 
 
-def attribute(state, train, query, query_mean: bool, progress=None) -> np.ndarray:
+def attribute(
+    state: State, train: Data, query: Data, query_mean: bool, progress: bool | None = None
+) -> np.ndarray:
     """Eq. 16-17 per model (projected training and query gradients through the fitted
     inverse), averaged over the models."""
 

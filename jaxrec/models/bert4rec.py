@@ -30,14 +30,14 @@ import numpy as np
 
 from jaxrec.config import SurrogateConfig
 from jaxrec.data import Dataset
-from jaxrec.base import Batch, Loss, Params, PerSampleLoss
+from jaxrec.base import ArrayLike, Batch, Loss, Params, PerSampleLoss
 from jaxrec.models.spec import ModelSpec, forward
 
 _NEG = -1e9  # attention mask value: finite, so fully-masked (padding) rows stay NaN-free
 _INIT = nn.initializers.normal(0.02)  # BERT's / RecBole's initializer range
 
 
-def n_masks(lengths, mask_prob: float, max_len: int):
+def n_masks(lengths: ArrayLike, mask_prob: float, max_len: int) -> np.ndarray:
     """Masked positions of a sequence of each length: ``max(1, round(n p))`` capped at
     ``max(1, round(max_len p))``, 0 for an empty sequence (round half up). Works on NumPy ints
     and on Python ints (static widths)."""
@@ -98,7 +98,7 @@ class BERT4Rec(nn.Module):
     def mask_item(self) -> int:
         return self.n_items + 1
 
-    def setup(self):
+    def setup(self) -> None:
         eps = 1e-12
         self.item_emb = nn.Embed(self.n_items + 2, self.hidden, embedding_init=_INIT)
         self.pos_emb = nn.Embed(self.max_len, self.hidden, embedding_init=_INIT)
@@ -143,7 +143,9 @@ def _item_logits(params, h):
     return h @ table.T + params["out_bias"][1:-1]
 
 
-def masked_logits(model: BERT4Rec, params, batch, *, rng=None):
+def masked_logits(
+    model: BERT4Rec, params: Params, batch: Batch, *, rng: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Item logits at each row's masked positions: ``(logits [B, k, n_items], targets [B, k])``.
 
     Only the (at most) ``k = n_masks(width)`` masked positions of each row are scored, gathered
@@ -164,7 +166,9 @@ def _mean_over_masked(values, tgt):
     return jnp.sum(jnp.where(valid, values, 0.0), -1) / jnp.maximum(jnp.sum(valid, -1), 1)
 
 
-def cloze_per_sample(model: BERT4Rec, params, batch, *, rng=None):
+def cloze_per_sample(
+    model: BERT4Rec, params: Params, batch: Batch, *, rng: jax.Array | None = None
+) -> jax.Array:
     """Mean cross-entropy of each sample's masked items (BERT4Rec's cloze loss; 0 for a sample
     without any); with ``rng`` dropout is on."""
     logits, tgt = masked_logits(model, params, batch, rng=rng)
@@ -207,7 +211,14 @@ def item_scores(model: BERT4Rec, params: Params, inputs: jax.Array) -> jax.Array
     return jnp.concatenate([jnp.zeros_like(logits[:, :1]), logits], axis=1)
 
 
-def training_data(arrays: dict, seed: int, epoch: int, n_items: int, cfg, sequences=None) -> dict:
+def training_data(
+    arrays: dict,
+    seed: int,
+    epoch: int,
+    n_items: int,
+    cfg: SurrogateConfig,
+    sequences: object = None,
+) -> dict:
     """Cloze samples of every user for ``epoch``: the masked sequence, the masked items and
     all-zero negatives. Masked positions depend on (seed, row index, epoch) alone."""
     inputs, targets = np.asarray(arrays["inputs"]), np.asarray(arrays["targets"])

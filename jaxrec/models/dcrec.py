@@ -180,7 +180,7 @@ class DCRec(nn.Module):
     cl_weight: float = 0.1
     cl_temp: float = 1.0
 
-    def setup(self):
+    def setup(self) -> None:
         self.item_emb = nn.Embed(self.n_items + 1, self.hidden, embedding_init=_INIT)
         self.pos_emb = nn.Embed(self.max_len, self.hidden, embedding_init=_INIT)
         self.emb_ln = nn.LayerNorm(epsilon=1e-12)
@@ -190,7 +190,7 @@ class DCRec(nn.Module):
         self.attn = self.param("attn", _INIT, (1, self.hidden))
         self.drop = nn.Dropout(self.dropout)
 
-    def graph_states(self, deterministic: bool = True):
+    def graph_states(self, deterministic: bool = True) -> tuple[jax.Array, ...]:
         """``(adj, sim)`` graph-view states of every item ``[n_items + 1, hidden]`` each
         (authors' ``gcn_forward``: embedding dropout, 2 GraphConv layers, layer mean, residual
         LayerNorm; edge dropout while training)."""
@@ -208,7 +208,7 @@ class DCRec(nn.Module):
             out.append(self.graph_ln(jnp.mean(jnp.stack(layers), 0) + emb))
         return tuple(out)
 
-    def sequence_states(self, inputs, deterministic: bool = True):
+    def sequence_states(self, inputs: jax.Array, deterministic: bool = True) -> jax.Array:
         """Causal transformer state of every position ``[B, L, hidden]`` (the state at ``t``
         encodes the prefix ending with ``inputs[:, t]``)."""
         width = inputs.shape[1]
@@ -216,7 +216,7 @@ class DCRec(nn.Module):
         x = self.drop(self.emb_ln(x), deterministic=deterministic)
         return self.encoder(x, inputs > 0, deterministic)
 
-    def fuse(self, seq, g_adj, g_sim):
+    def fuse(self, seq: jax.Array, g_adj: jax.Array, g_sim: jax.Array) -> jax.Array:
         """Authors' ``graph_view_fusion``: attention over the three views ``[..., hidden]``."""
         mixed = jnp.stack([seq, g_adj, g_sim], 0)
         weights = jnp.sum((mixed @ self.attn_weights) * self.attn[0], -1)
@@ -274,7 +274,7 @@ def _masked_mean(x, mask):
     return jnp.sum(x * m, -2) / jnp.maximum(jnp.sum(m, -2), 1.0)
 
 
-def conformity(model: DCRec, batch, g_adj):
+def conformity(model: DCRec, batch: Batch, g_adj: jax.Array) -> jax.Array:
     """The per-sample conformity weight ``w [B, L]`` of every prefix (see the module
     docstring): ``sigmoid`` of the mean of the authors' views 2 (graph state vs foreign
     readout) and 3 (civil vs foreign readout); 0.5 for a prefix of length 1.
@@ -339,7 +339,9 @@ def _cross_entropy(fused, items, targets):
     return jax.lax.map(one, (jnp.swapaxes(fused, 0, 1), targets.T)).T
 
 
-def dcrec_terms(model: DCRec, params, batch, *, rng=None):
+def dcrec_terms(
+    model: DCRec, params: Params, batch: Batch, *, rng: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Per position: ``(ce, cl_adj, cl_a2s, w, mask)``, each ``[B, L]``; with ``rng`` dropout
     (and edge dropout) is on."""
     deterministic = rng is None
@@ -355,7 +357,9 @@ def dcrec_terms(model: DCRec, params, batch, *, rng=None):
     return ce, cl_adj, cl_a2s, w, targets > 0
 
 
-def dcrec_per_sample(model: DCRec, params, batch, *, rng=None):
+def dcrec_per_sample(
+    model: DCRec, params: Params, batch: Batch, *, rng: jax.Array | None = None
+) -> jax.Array:
     """Mean over a sample's positions of ``CE + cl_weight * (w CL_adj + (1 - w) CL_a2s)``
     (0 for a sample without positions)."""
     ce, cl_adj, cl_a2s, w, mask = dcrec_terms(model, params, batch, rng=rng)

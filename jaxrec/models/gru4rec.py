@@ -47,7 +47,7 @@ class GRU4Rec(nn.Module):
     max_len: int = 50
     dropout: float = 0.5
 
-    def setup(self):
+    def setup(self) -> None:
         init = nn.initializers.xavier_normal()
         self.item_emb = nn.Embed(
             self.n_items + 1, self.hidden, embedding_init=init, name="item_emb"
@@ -83,12 +83,15 @@ def init_params(model: GRU4Rec, key: jax.Array) -> Params:
     return model.init(key, jnp.ones((1, model.max_len), jnp.int32))["params"]
 
 
-def position_logits(model: GRU4Rec, params, batch, *, rng=None):
+def position_logits(
+    model: GRU4Rec, params: Params, batch: Batch, *, rng: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Target and negative logits at every position, ``(pos, neg, mask)`` each ``[B, L]``; with
     ``rng`` dropout is on."""
     deterministic = rng is None
     rngs = None if deterministic else {"dropout": rng}
-    h = model.apply({"params": params}, batch["inputs"], deterministic, rngs=rngs)
+    # rng is not None where rngs is built: mypy does not narrow through ``deterministic``
+    h = model.apply({"params": params}, batch["inputs"], deterministic, rngs=rngs)  # type: ignore[arg-type]
     table = params["item_emb"]["embedding"]
     pos = jnp.sum(h * table[batch["targets"]], -1)
     neg = jnp.sum(h * table[batch["negatives"]], -1)

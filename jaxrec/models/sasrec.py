@@ -20,6 +20,7 @@ max_len`` that holds its longest sequence and gives exactly the same numbers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import flax.linen as nn
@@ -29,7 +30,7 @@ import numpy as np
 
 from jaxrec.config import SurrogateConfig
 from jaxrec.data import Dataset
-from jaxrec.base import Batch, Loss, Params, PerSampleLoss
+from jaxrec.base import ArrayLike, Batch, Loss, Params, PerSampleLoss
 from jaxrec.errors import UserError
 from jaxrec.models.spec import Arrays, ModelSpec, forward
 
@@ -80,7 +81,7 @@ class SASRec(nn.Module):
     dropout: float = 0.5
     arch: Arch = "kang"
 
-    def setup(self):
+    def setup(self) -> None:
         if self.arch not in ("official", "kang"):
             raise ValueError(f"arch must be 'official' or 'kang', got {self.arch!r}")
         blocks = range(self.blocks)
@@ -169,7 +170,7 @@ class SASRec(nn.Module):
             x = x * valid
         return self.last_ln(x)
 
-    def item_embeddings(self):
+    def item_embeddings(self) -> jax.Array:
         """The item embedding table ``[n_items + 1, hidden]`` (row 0 is padding)."""
         return self.item_emb.embedding
 
@@ -199,7 +200,13 @@ def position_logits(
 LossWeighting = Literal["sample", "position"]
 
 
-def bce_per_sample(pos, neg, mask, weighting: LossWeighting = "sample", positions: float = 1.0):
+def bce_per_sample(
+    pos: jax.Array,
+    neg: jax.Array,
+    mask: jax.Array,
+    weighting: LossWeighting = "sample",
+    positions: float = 1.0,
+) -> jax.Array:
     """One BCE loss per sample from its position terms ``-log s(pos) - log(1 - s(neg))``.
 
     Args:
@@ -224,7 +231,7 @@ def bce_per_sample(pos, neg, mask, weighting: LossWeighting = "sample", position
     return total / jnp.maximum(jnp.sum(mask, -1), 1)
 
 
-def positions_per_sample(targets) -> float:
+def positions_per_sample(targets: ArrayLike) -> float:
     """Mean number of target positions per row of ``targets`` ``[n, L]`` (at least 1): the
     constant divisor of the ``"position"`` loss weighting."""
     return max(float(np.mean(np.sum(np.asarray(targets) > 0, -1))), 1.0)
@@ -279,7 +286,9 @@ def user_representations(model: SASRec, params: Params, inputs: jax.Array) -> ja
     return forward(model, params, inputs, True)[:, -1, :]
 
 
-def sample_negatives(seed: int, index, epoch: int, targets, n_items: int):
+def sample_negatives(
+    seed: int, index: ArrayLike, epoch: int, targets: ArrayLike, n_items: int
+) -> ArrayLike:
     """One negative item per target position, never equal to the target, reproducible from
     ``(seed, sample index, epoch)`` alone, so any sample's loss can be recomputed on its own.
     Padding positions (target 0) get 0."""
@@ -297,7 +306,14 @@ def _row_keys(seed: int, index, epoch: int):
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(index))
 
 
-def sequence_negatives(seed: int, index, epoch: int, targets, n_items: int, sequences):
+def sequence_negatives(
+    seed: int,
+    index: ArrayLike,
+    epoch: int,
+    targets: ArrayLike,
+    n_items: int,
+    sequences: Sequence[ArrayLike],
+) -> np.ndarray:
     """One negative item per target position, drawn uniformly from the items **not in the
     user's whole sequence** (the official ``neg_sample(set(items), item_size)``), reproducible
     from ``(seed, sample index, epoch)`` and the sample's own sequence alone.
@@ -393,8 +409,8 @@ def with_negatives(
     seed: int,
     epoch: int,
     n_items: int,
-    cfg=None,
-    sequences=None,
+    cfg: SurrogateConfig | None = None,
+    sequences: Sequence[ArrayLike] | None = None,
     *,
     negatives: str | None = None,
 ) -> Arrays:
@@ -425,7 +441,7 @@ def with_negatives(
     return {**arrays, "negatives": np.asarray(neg)}
 
 
-def bce_el2n(pos, neg, mask) -> jax.Array:
+def bce_el2n(pos: jax.Array, neg: jax.Array, mask: jax.Array) -> jax.Array:
     """EL2N error (Paul et al. 2021) of BCE-trained samples: the mean over a sample's target
     positions of the L2 norm of ``(sigmoid(pos) - 1, sigmoid(neg))``, 0 without positions (as
     :func:`el2n_error`)."""
