@@ -60,7 +60,7 @@ class DoctorArgs:
         parser.add_argument("--json", action="store_true", help=help_of(DoctorArgs, "json"))
 
     @classmethod
-    def from_args(cls, args):
+    def from_args(cls, args: argparse.Namespace) -> DoctorArgs:
         return cls(json=args.json)
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 
 @jax.jit
-def mask_seen(scores, seen):
+def mask_seen(scores: jax.Array, seen: jax.Array) -> jax.Array:
     """Set the score of padding (column 0) and of each user's seen items (``seen`` ``[B, S]``,
     0-padded) to -inf."""
     rows = jnp.arange(scores.shape[0])[:, None]
@@ -24,7 +24,9 @@ def mask_seen(scores, seen):
 
 
 @partial(jax.jit, static_argnames="k_max")
-def topk_metrics(scores, truth, k_max: int = 20):
+def topk_metrics(
+    scores: jax.Array, truth: jax.Array, k_max: int = 20
+) -> tuple[jax.Array, jax.Array]:
     """Per-user hit indicators of the top ``k_max`` items: ``hits [B, k_max]`` and ``n_truth``.
 
     ``truth`` ``[B, T]`` holds the split's items, 0-padded.

@@ -46,7 +46,7 @@ class ReportArgs:
         parser.add_argument("--out", default="", help=help_of(ReportArgs, "out"))
 
     @classmethod
-    def from_args(cls, args):
+    def from_args(cls, args: argparse.Namespace) -> ReportArgs:
         return cls(run_dir=args.run_dir, out=args.out)
 
 

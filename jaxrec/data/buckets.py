@@ -8,7 +8,10 @@ NumPy only. Training and the influence stage use the same rule, with different w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 # Training: one compilation per width per epoch is cheap next to 100+ epochs.
 TRAIN_WIDTHS = (8, 16, 32, 50)
@@ -19,12 +22,12 @@ SCORE_WIDTHS = (8, 50)
 KEYS = ("inputs", "targets", "negatives")
 
 
-def bucket_widths(max_len: int, widths=SCORE_WIDTHS) -> list[int]:
+def bucket_widths(max_len: int, widths: Sequence[int] = SCORE_WIDTHS) -> list[int]:
     """The sorted widths actually used: each capped at ``max_len``, plus ``max_len`` itself."""
     return sorted({min(int(w), max_len) for w in widths} | {max_len})
 
 
-def width_of(lengths, max_len: int, widths=SCORE_WIDTHS) -> np.ndarray:
+def width_of(lengths: ArrayLike, max_len: int, widths: Sequence[int] = SCORE_WIDTHS) -> np.ndarray:
     """The narrowest width of :func:`bucket_widths` that holds each length (``[n]`` ints)."""
     ws = np.asarray(bucket_widths(max_len, widths))
     idx = np.searchsorted(ws, np.minimum(np.asarray(lengths), max_len))
@@ -39,7 +42,12 @@ def target_lengths(data: dict) -> np.ndarray:
     return np.maximum(targets, (np.asarray(data["inputs"]) > 0).sum(1))
 
 
-def width_strata(data: dict, max_len: int, widths=SCORE_WIDTHS, keys=KEYS):
+def width_strata(
+    data: dict,
+    max_len: int,
+    widths: Sequence[int] = SCORE_WIDTHS,
+    keys: Sequence[str] = KEYS,
+) -> tuple[np.ndarray, list[dict]]:
     """Split rows into buckets by number of target positions, each cut to its width.
 
     Returns ``(order, parts)``: ``parts[g]`` holds rows ``order[start_g:end_g]`` (the parts

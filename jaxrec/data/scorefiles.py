@@ -227,7 +227,9 @@ def part_path(path: str | Path, a: int, b: int) -> Path:
     return part_folder(path) / f"rows-{a:08d}-{b:08d}.npy"
 
 
-def save_part(path, array, rows: tuple[int, int], *, kind: str, dataset: dict) -> Path:
+def save_part(
+    path: str | Path, array: ArrayLike, rows: tuple[int, int], *, kind: str, dataset: dict
+) -> Path:
     """Write rows ``rows = (a, b)`` of the score file ``path`` as a part (kind
     ``KIND-part``), manifest last."""
     a, b = rows
@@ -236,7 +238,7 @@ def save_part(path, array, rows: tuple[int, int], *, kind: str, dataset: dict) -
     )
 
 
-def merge_parts(path, *, kind: str, dataset: dict, **manifest) -> Path:
+def merge_parts(path: str | Path, *, kind: str, dataset: dict, **manifest: Any) -> Path:
     """Join the committed parts of ``path`` (:func:`save_part`) into ``path`` + its manifest
     (``manifest`` as for :func:`save_scores`, plus ``parts``: how many), then remove them.
 

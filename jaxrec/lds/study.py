@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from jaxrec.config import LdsConfig, SurrogateConfig
 from jaxrec.config_io import archived_names, flat_values, since_names
-from jaxrec.data import load_dataset
+from jaxrec.data import Dataset, load_dataset
 from jaxrec.data.buckets import width_strata
 from jaxrec.data.scorefiles import atomic_write_bytes, write_json
 from jaxrec.data.subset import write_user_subset
@@ -223,7 +223,7 @@ def check_options(cfg: LdsConfig) -> None:
         raise UserError(f"params={cfg.params!r} is not a valid regex ({e})") from None
 
 
-def check_parameters(cfg: LdsConfig, ds) -> int:
+def check_parameters(cfg: LdsConfig, ds: Dataset) -> int:
     """The size of the block ``cfg.params`` selects in ``cfg.model`` on dataset ``ds``, from the
     parameter shapes alone (nothing is trained). Raises :class:`UserError` when it selects
     nothing, or more than the exact solve takes while ``exact`` is among the attributions."""
