@@ -136,7 +136,9 @@ ScoreModel = Literal["trained", "early"]
 SampleLoss = Literal["per-user", "training"]
 
 
-def solver_options(cfg: InfluenceConfig | LdsConfig, solver: str = ""):
+def solver_options(
+    cfg: InfluenceConfig | LdsConfig, solver: str = ""
+) -> LissaOptions | CGOptions | ExactOptions | ArnoldiOptions:
     """The options object of ``solver`` (default ``cfg.solver``) in ``cfg``: its nested field
     of that name (``cfg.lissa``, ``cfg.cg``, ...). ``dealrec influence``, ``dealrec lds``
     and the Python API share these objects and their flat names (``steps``,

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import collections
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from types import ModuleType
 from typing import Any
 
 import jax
@@ -37,7 +38,7 @@ import optax
 from jaxrec import models
 from jaxrec.base import Loss, Params, PerSampleLoss
 from jaxrec.config import SurrogateConfig
-from jaxrec.data import training_arrays
+from jaxrec.data import Dataset, training_arrays
 from jaxrec.data.buckets import TRAIN_WIDTHS, bucket_widths
 from jaxrec.errors import UserError
 from jaxrec.models.sasrec import positions_per_sample
@@ -78,14 +79,14 @@ class SurrogateTask:
     epoch_scan: Callable | None = field(default=None, repr=False)
 
 
-def model_module(cfg: SurrogateConfig):
+def model_module(cfg: SurrogateConfig) -> tuple[ModuleType, models.ModelSpec]:
     """The model's registry entry (:func:`jaxrec.models.spec`): ``init_params`` and, where the
     model defines one, ``validation_arrays(ds, max_len)`` for its own batch format."""
     name = getattr(cfg, "model", "sasrec")
     return importlib.import_module(f"jaxrec.models.{name}"), models.spec(name)
 
 
-def validation_arrays(ds, max_len: int) -> dict:
+def validation_arrays(ds: Dataset, max_len: int) -> dict:
     """Next-item samples whose targets are each user's valid items (after the train history;
     train targets are not scored), for the users with a valid item; ``index`` = user row.
     Negatives come from a fixed seed, so the validation loss is one fixed function."""
@@ -101,7 +102,7 @@ def validation_arrays(ds, max_len: int) -> dict:
     return with_negatives(arrays, 12345, 0, ds.n_items)
 
 
-def surrogate_task(cfg: SurrogateConfig, ds) -> SurrogateTask:
+def surrogate_task(cfg: SurrogateConfig, ds: Dataset) -> SurrogateTask:
     """The :class:`SurrogateTask` of ``cfg``'s model on dataset ``ds`` (model from
     :func:`jaxrec.train.build_model`, training step from :func:`jaxrec.train.make_train_step`,
     loss pair and initialisation from the model's module). A model module may define
@@ -291,7 +292,7 @@ def _split_active(keys, active):
 
 
 def retrain_many(
-    task: SurrogateTask, masks: np.ndarray, seeds, *, group: int | None = None
+    task: SurrogateTask, masks: np.ndarray, seeds: Sequence[int], *, group: int | None = None
 ) -> Params:
     """Train one model per ``(masks[m], seeds[m])`` as :func:`retrain` does, all at
     once (``group`` models per vmapped step; default all).

@@ -18,6 +18,7 @@ import ast
 import gzip
 import json
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from jaxrec.config import PrepareConfig
@@ -76,7 +77,9 @@ def k_core(interactions: list[tuple[int, str, str]], k: int) -> list[tuple[int, 
         interactions = kept
 
 
-def split_by_time(interactions, ratios=(8, 1, 1)):
+def split_by_time(
+    interactions: Iterable[tuple], ratios: Sequence[int] = (8, 1, 1)
+) -> tuple[list[tuple], list[tuple], list[tuple]]:
     """Sort by global time (ties by user, item) and cut into consecutive periods."""
     ordered = sorted(interactions)
     n, total = len(ordered), sum(ratios)
