@@ -54,7 +54,9 @@ def labels_every_token(loss: str) -> bool:
     return check_loss(loss) == "sequence-mean"
 
 
-def label_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None = None):
+def label_positions(
+    labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     """``(rows, cols)`` of the positions ``t`` whose next token ``labels[:, t + 1]`` is a label
     (``!= -100``), shifted as in transformers; with ``attention_mask``, only positions that are
     real tokens (a label is never predicted from a left pad)."""

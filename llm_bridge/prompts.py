@@ -24,6 +24,7 @@ oldest titles are dropped until prompt + response fit in ``cutoff_len`` tokens.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -129,7 +130,7 @@ def valid_sample(dataset: Any, row: int) -> tuple[list[str], str] | None:
 def encode_users(
     tokenizer: Any,
     dataset: Any,
-    rows,
+    rows: Iterable[int],
     *,
     cutoff_len: int,
     train_on_inputs: bool,

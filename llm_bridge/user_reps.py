@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,9 @@ KIND = "llm_representation"
 SHARD_KIND = "llm-representation-shard"
 
 
-def encode_prompts(tokenizer: Any, dataset: Any, rows, *, cutoff_len: int = 512) -> list[dict]:
+def encode_prompts(
+    tokenizer: Any, dataset: Any, rows: Iterable[int], *, cutoff_len: int = 512
+) -> list[dict]:
     """The prompt (no response, no EOS) of each user's training sample, as token ids."""
     out = []
     for row in rows:
