@@ -134,6 +134,23 @@ def surrogate_task(cfg: SurrogateConfig, ds: Dataset) -> SurrogateTask:
     )
 
 
+def _start(task: SurrogateTask, mask: np.ndarray, seed: int) -> tuple:
+    """The shared start of :func:`retrain` and :func:`retrain_scan`: the initial parameters
+    and Adam state, the arrays with the targets of users outside ``mask`` cleared, and the
+    training-noise streams of ``seed``."""
+    cfg = task.cfg
+    params = task.init_params(task.model, jax.random.PRNGKey(cfg.seed))
+    opt_state = optax.adam(cfg.lr).init(params)
+    arrays = dict(task.arrays, targets=np.where(mask[:, None], task.arrays["targets"], 0))
+    return (
+        params,
+        opt_state,
+        arrays,
+        np.random.default_rng([cfg.seed, seed]),
+        jax.random.PRNGKey(seed + 1),
+    )
+
+
 def retrain(
     task: SurrogateTask,
     mask: np.ndarray,
@@ -148,11 +165,7 @@ def retrain(
     cleared, so they are never in a batch. ``on_epoch(epoch, params)`` sees the parameters
     after each epoch (TracIn-CP's checkpoints). Returns the parameters."""
     cfg = task.cfg
-    params = task.init_params(task.model, jax.random.PRNGKey(cfg.seed))
-    opt_state = optax.adam(cfg.lr).init(params)
-    arrays = dict(task.arrays, targets=np.where(mask[:, None], task.arrays["targets"], 0))
-    rng = np.random.default_rng([cfg.seed, seed])
-    key = jax.random.PRNGKey(seed + 1)
+    params, opt_state, arrays, rng, key = _start(task, mask, seed)
     for epoch in range(1, cfg.epochs + 1):
         data = training_data(cfg, arrays, task.dataset, epoch, seed)
         params, opt_state, key, value = train_epoch(
@@ -236,11 +249,7 @@ def retrain_scan(
             float(positions_per_sample(task.arrays["targets"])),
         )
         task.epoch_scan = _epoch_scan(raw, widths)
-    params = task.init_params(task.model, jax.random.PRNGKey(cfg.seed))
-    opt_state = optax.adam(cfg.lr).init(params)
-    arrays = dict(task.arrays, targets=np.where(mask[:, None], task.arrays["targets"], 0))
-    rng = np.random.default_rng([cfg.seed, seed])
-    key = jax.random.PRNGKey(seed + 1)
+    params, opt_state, arrays, rng, key = _start(task, mask, seed)
     for epoch in range(1, cfg.epochs + 1):
         data = training_data(cfg, arrays, task.dataset, epoch, seed)
         plan = epoch_batches(target_lengths(data), cfg.batch_size, cfg.max_len, rng, cfg.batching)
