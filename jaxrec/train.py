@@ -42,14 +42,8 @@ from tqdm.auto import tqdm
 from jaxrec.base import ArrayLike, Loss, Params, PerSampleLoss
 from jaxrec.config import SurrogateConfig, SurrogateEvalConfig
 from jaxrec.config_io import make_config
-from jaxrec.data import (
-    Dataset,
-    evaluation_arrays,
-    left_pad,
-    load_dataset,
-    training_arrays,
-    write_json,
-)
+from jaxrec.data import Dataset, evaluation_arrays, left_pad, load_dataset, training_arrays
+from jaxrec.data import write_json
 from jaxrec.data.buckets import TRAIN_WIDTHS, target_lengths, width_of
 from jaxrec.errors import UserError
 from jaxrec.data.ranking import recall_ndcg

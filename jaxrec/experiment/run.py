@@ -227,15 +227,16 @@ def run_cell(
             )
             return None
         try:
-            log.say(f"run {cell.name}" + (f" (in {d.name})" if d.name != cell.name else ""))
-            seconds = run_stages(
-                list(PER_RUN),
-                w,
-                d,
-                log,
-                state_file=d / "stages.json",
-                upstream=upstream[cell.method],
-            )
+            state_file = d / "stages.json"
+            if stages_finished(list(PER_RUN), w, state_file, upstream[cell.method]):
+                # another process finished it between our plan and our lock: not run twice
+                state = json.loads(state_file.read_text())
+                seconds = {s: state[s].get("seconds", 0.0) for s in PER_RUN}
+            else:
+                log.say(f"run {cell.name}" + (f" (in {d.name})" if d.name != cell.name else ""))
+                seconds = run_stages(
+                    list(PER_RUN), w, d, log, state_file=state_file, upstream=upstream[cell.method]
+                )
         finally:
             locks.release(lock)
     else:
