@@ -71,12 +71,13 @@ def llm_effort(ds, rows, autocast: str, seed: int, folder: Path, chunk: int = 10
     import torch
 
     from llm_bridge.config import EffortConfig
-    from llm_bridge.effort import _scoring_model, score_samples
+    from llm_bridge.bigrec import scoring_model
+    from llm_bridge.effort import score_samples
     from llm_bridge.prompts import encode_users
 
     torch.set_num_threads(1)
     cfg = EffortConfig(device="cpu", seed=seed, autocast=autocast)
-    tokenizer, model, _ = _scoring_model(cfg, "cpu", ds)
+    tokenizer, model, _ = scoring_model(cfg, "cpu", ds)
     folder.mkdir(parents=True, exist_ok=True)
     for a in range(0, len(rows), chunk):
         path = folder / f"{a:06d}.npz"

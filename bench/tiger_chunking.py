@@ -28,7 +28,8 @@ from jaxrec.data import load_dataset, load_scores
 from jaxrec.data.scorefiles import environment
 from llm_bridge.config import FinetuneConfig
 from llm_bridge.tiger import finetune as F
-from llm_bridge.tiger.model import build_model, item_tokens, use_fast_dropout, user_samples
+from llm_bridge.tiger.dropout import use_fast_dropout
+from llm_bridge.tiger.model import build_model, item_tokens, user_samples
 
 
 def main() -> None:
