@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
-from jaxrec.data import load_dataset, load_scores, write_json
+from jaxrec.data import Dataset, load_dataset, load_scores, write_json
 from jaxrec.data.dataset import sha256_file
 from jaxrec.data.scorefiles import atomic_write_bytes, environment
 from jaxrec.errors import UserError
@@ -364,7 +365,7 @@ def _run_epoch(
 def warmup(
     model: Any,
     tokenizer: Any,
-    dataset: Any,
+    dataset: Dataset,
     *,
     steps: int,
     batch_size: int = 8,
@@ -372,7 +373,7 @@ def warmup(
     loss: str = "response-mean",
     cutoff_len: int = 512,
     seed: int = 0,
-    rows=None,
+    rows: Sequence[int] | np.ndarray | None = None,
 ) -> list[float]:
     """A short LoRA warm-up (used by ``dealrec effort --warmup-steps``, so ``lora_B != 0``).
 
@@ -381,6 +382,15 @@ def warmup(
     with a generator seeded by ``seed`` (without replacement while there are enough rows), in
     train mode; the model's train/eval mode is restored. Not in the paper: the official code
     scores with the alpaca-lora-7B adapter, whose ``lora_B`` is already nonzero.
+
+    Args:
+      model: the LoRA model (:func:`llm_bridge.model.lora_model`); its trainable parameters
+        are updated in place.
+      tokenizer, dataset: the model's tokenizer and the dataset of the samples.
+      steps, batch_size, lr: AdamW steps, samples per step, learning rate.
+      loss: the LLM loss (:mod:`llm_bridge.loss`); cutoff_len: most tokens of a sample.
+      seed: seed of the sample draw; rows: the users drawn from (default every user with a
+        training sample).
 
     Returns:
       the loss of each step.

@@ -12,8 +12,8 @@ paths, a runner on forced CPU devices and the small models the tests build as re
 * The official SASRec: a PyTorch transcription of the paper's code (github Linxyhaha/DEALRec
   ``code/prune/modules.py``, ``models.py``, ``trainers.py``), ``torch_from_flax`` to load the
   ``arch="official"`` Flax parameters into it, ``official_model`` and ``official_batch``.
-* TIGER: the ``TINY`` T5 sizes, random unique codes, a semantic-ID file, random histories and a
-  fine-tune config.
+* TIGER: the ``TINY`` T5 sizes, random unique codes, a semantic-ID file, random histories, a
+  fine-tune config and the fine-tune / evaluate sections of the tiny ``dealrec run`` tests.
 """
 
 from __future__ import annotations
@@ -333,6 +333,21 @@ def random_inputs(n_users: int, n_items: int, tokens, seed: int = 0):
         M.history_input(rng.integers(1, n_items + 1, rng.integers(0, 7)), tokens, 20)
         for _ in range(n_users)
     ]
+
+
+# The fine-tune and evaluate sections of the tiny TIGER `dealrec run` tests (full-size T5, a
+# few epochs; a seeded 16 of the users with test items evaluated: 20-beam search on every one
+# of them made most of a run's time)
+TIGER_FINETUNE = {
+    "epochs": 2,
+    "patience": 1,
+    "lr": 1e-3,
+    "batch_size": 16,
+    "grad_accum": 1,
+    "device": "cpu",
+    "schedule": "cosine",
+}
+TIGER_EVALUATE = {"beams": 20, "batch_size": 16, "device": "cpu", "users": 16}
 
 
 def ft_config(root, path, out, **kw) -> FinetuneConfig:

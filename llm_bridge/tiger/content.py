@@ -19,7 +19,7 @@ item count all match.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hashlib
 import importlib.util
@@ -33,10 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxrec.data import load_scores, save_scores
+from jaxrec.data import Dataset, load_scores, save_scores
 from jaxrec.data.scorefiles import default_mode
 from jaxrec.errors import ScoreFileError, UserError
 from llm_bridge.runtime import resolve_device_dtype
+
+if TYPE_CHECKING:  # for the annotations only: `dealrec doctor` imports this module
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PACKAGE = "all_minilm_l6_v2"
 PACKAGE_NAME = "all-MiniLM-L6-v2"
@@ -46,7 +50,7 @@ PRECISIONS = ("float32", "bfloat16")
 
 
 # ----------------------------------------------------------------------------- item texts
-def item_texts(ds: Any) -> list[str]:
+def item_texts(ds: Dataset) -> list[str]:
     """The text embedded for each item.
 
     Args:
@@ -174,7 +178,9 @@ def _check_pooling(folder: Path) -> None:
         )
 
 
-def load_encoder(encoder: str = "", cache_dir: str | Path = "runs/cache", device: str = "auto"):
+def load_encoder(
+    encoder: str = "", cache_dir: str | Path = "runs/cache", device: str = "auto"
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, dict[str, Any]]:
     """Load the sentence encoder (tokenizer + transformer, eval mode, float32).
 
     Args:
@@ -211,8 +217,14 @@ def load_encoder(encoder: str = "", cache_dir: str | Path = "runs/cache", device
 
 
 # ----------------------------------------------------------------------------- encoding
-def mean_pool_normalise(hidden, mask):
-    """Mean of ``hidden [B, T, D]`` over ``mask [B, T]``, then L2-normalised (torch)."""
+def mean_pool_normalise(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The sentence-transformers pooling: mean over the mask, then L2 normalisation.
+
+    Args:
+      hidden: ``[B, T, D]`` last hidden states; mask: ``[B, T]`` attention mask.
+    Returns:
+      ``[B, D]`` unit vectors (``hidden``'s dtype).
+    """
     import torch  # here: keeps torch out of `dealrec doctor`, which imports this module
 
     m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -279,7 +291,7 @@ def encode_texts(
 
 # ----------------------------------------------------------------------------- cache
 def cache_path(
-    cache_dir: str | Path, ds: Any, encoder_sha: str, texts_sha: str, precision: str = "float32"
+    cache_dir: str | Path, ds: Dataset, encoder_sha: str, texts_sha: str, precision: str = "float32"
 ) -> Path:
     """``cache_dir/item_embeddings-<train>-<encoder>-<texts>[-bfloat16].npy`` (12 hex digits
     each)."""
@@ -309,7 +321,7 @@ def _load_cached(path: Path, ds, encoder_sha: str, texts_sha: str, precision: st
 
 
 def item_embeddings(
-    ds: Any,
+    ds: Dataset,
     *,
     encoder: str = "",
     cache_dir: str | Path = "runs/cache",

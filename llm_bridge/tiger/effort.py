@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
-from jaxrec.data import load_dataset, read_manifest
+from jaxrec.data import Dataset, load_dataset, read_manifest
 from jaxrec.errors import UserError
 from llm_bridge.config import EffortConfig
 from llm_bridge.norms import linear_sq_norms
@@ -95,7 +95,7 @@ def _tape_sq_norms(tape, grads, p: dict, batch: int) -> torch.Tensor:
 
 
 def grad_norms(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
     """Paper Eq. 12 for a padded batch: ``[B]`` exact L2 norms of each sample's own loss
     gradient w.r.t. every parameter of ``model`` (eval mode), in one forward and one backward.
@@ -105,6 +105,13 @@ def grad_norms(
     sample's own output gradients (samples do not interact; padding gets exactly zero), from
     which each parameter's per-sample gradient norm follows exactly (:func:`_tape_sq_norms`).
     No parameter gradient is formed.
+
+    Args:
+      model: the ``T5ForConditionalGeneration``.
+      input_ids, attention_mask: ``[B, S]`` right-padded encoder inputs
+        (:func:`~llm_bridge.tiger.model.pad_inputs`); targets: ``[B, L + 1]`` target tokens.
+    Returns:
+      ``[B]`` gradient norms (the model's dtype).
     """
     p = {n: q.detach().requires_grad_() for n, q in model.named_parameters()}
     spec, tape = Spec.of(model.config), cast(list, [])
@@ -118,10 +125,21 @@ def grad_norms(
 
 
 def vmap_grad_norms(
-    p: dict, spec: Spec, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets
+    p: dict[str, torch.Tensor],
+    spec: Spec,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    targets: torch.Tensor,
 ) -> torch.Tensor:
-    """The same norms by ``torch.func.vmap(grad(...))`` (every per-sample gradient
-    materialised; slower, kept as a second exact reference)."""
+    """The norms of :func:`grad_norms` by ``torch.func.vmap(grad(...))`` (every per-sample
+    gradient materialised; slower, kept as a second exact reference).
+
+    Args:
+      p, spec: the parameters and shapes (:func:`~llm_bridge.tiger.model.params_of`,
+        :class:`~llm_bridge.tiger.model.Spec`); the rest as :func:`grad_norms`.
+    Returns:
+      ``[B]`` gradient norms.
+    """
 
     def loss(params, ids, mask, tgt):
         return sample_losses(params, spec, ids[None], mask[None], tgt[None])[0]
@@ -130,9 +148,16 @@ def vmap_grad_norms(
     return sum(g.pow(2).flatten(1).sum(1) for g in grads.values()).sqrt()
 
 
-def loop_grad_norms(model: Any, inputs: list[list[int]], targets) -> np.ndarray:
+def loop_grad_norms(model: Any, inputs: list[list[int]], targets: np.ndarray) -> np.ndarray:
     """The baseline: one autograd call per sample on the ``transformers`` module (eval mode,
-    unpadded input), norm over ``model.parameters()``."""
+    unpadded input), norm over ``model.parameters()``.
+
+    Args:
+      model: the ``T5ForConditionalGeneration``; inputs: encoder token lists; targets:
+        ``[n, L + 1]`` target tokens.
+    Returns:
+      ``[n]`` float32 gradient norms.
+    """
     model.eval()
     params = list(model.parameters())
     device = params[0].device
@@ -146,9 +171,22 @@ def loop_grad_norms(model: Any, inputs: list[list[int]], targets) -> np.ndarray:
 
 
 def score_samples(
-    model: Any, inputs, targets, *, batch_size: int = 32, bar: Any = None
+    model: Any,
+    inputs: list[list[int]],
+    targets: np.ndarray,
+    *,
+    batch_size: int = 32,
+    bar: Any = None,
 ) -> np.ndarray:
-    """Effort of each sample (length-bucketed batches of at most ``batch_size``), float32."""
+    """Effort (Eq. 12) of each sample, in length-bucketed batches (:func:`grad_norms`).
+
+    Args:
+      model: the ``T5ForConditionalGeneration`` (put in eval mode); inputs, targets: the
+        samples (:func:`~llm_bridge.tiger.model.user_samples`); batch_size: the most samples
+        of a batch; bar: a progress bar advanced by the samples scored.
+    Returns:
+      ``[n]`` float32 efforts, in input order.
+    """
     model.eval()
     device = next(model.parameters()).device
     scores = np.zeros(len(inputs), dtype=np.float32)
@@ -175,7 +213,7 @@ def _check(cfg: EffortConfig) -> Path:
 
 
 def _rows_scorer(
-    model: Any, ds: Any, tokens: np.ndarray, cfg: EffortConfig
+    model: Any, ds: Dataset, tokens: np.ndarray, cfg: EffortConfig
 ) -> Callable[[int, int, Any], np.ndarray]:
     """The shard scorer: the effort of rows ``a..b-1``, 0 for a user without a train item."""
 
@@ -239,7 +277,7 @@ def run(cfg: EffortConfig) -> int:
     return 0
 
 
-def _merge(folder: Path, out: Path, ds: Any, options: dict, n_params: int) -> None:
+def _merge(folder: Path, out: Path, ds: Dataset, options: dict, n_params: int) -> None:
     """Merge the shards into ``out`` when every row is scored; say what is missing otherwise."""
     merged = merge_shards(
         folder,

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jaxrec.data import history, load_dataset, write_json
+from jaxrec.data import Dataset, history, load_dataset, write_json
 from jaxrec.data.scorefiles import atomic_write_bytes
 from jaxrec.errors import UserError
 from llm_bridge.config import EvaluateConfig
@@ -46,7 +46,7 @@ from llm_bridge.tiger.model import (
 )
 
 
-def check_model_folder(folder: str, ds: Any, codes: np.ndarray, sizes: list[int]) -> dict:
+def check_model_folder(folder: str, ds: Dataset, codes: np.ndarray, sizes: list[int]) -> dict:
     """The ``train_record.json`` of a finished TIGER fine-tune in ``folder``.
 
     Raises :class:`UserError` (one line) when the folder is not one, or was trained on another

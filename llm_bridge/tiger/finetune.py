@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
-from jaxrec.data import load_dataset, load_scores, write_json
+from jaxrec.data import Dataset, load_dataset, load_scores, write_json
 from jaxrec.data.dataset import sha256_file
 from jaxrec.data.scorefiles import atomic_write_bytes, environment
 from jaxrec.errors import UserError
@@ -90,7 +90,7 @@ CHUNK_OVERHEAD, ROW_TOKENS, MAX_CHUNK_TOKENS = 300, 8, 8192
 
 
 # ----------------------------------------------------------------------------- inputs
-def load_codes(path: str, ds: Any) -> tuple[np.ndarray, list[int]]:
+def load_codes(path: str, ds: Dataset) -> tuple[np.ndarray, list[int]]:
     """The semantic IDs of ``ds`` from ``path`` (``dealrec semantic-ids``) and their codebook
     sizes; one-line :class:`UserError` when missing or made for another dataset."""
     if not path:
@@ -99,10 +99,20 @@ def load_codes(path: str, ds: Any) -> tuple[np.ndarray, list[int]]:
     return codes, vocab_sizes(manifest)
 
 
-def train_samples(ds: Any, selection, tokens, cfg: FinetuneConfig) -> tuple[list, np.ndarray]:
-    """``(inputs, targets)`` of the selected users' training samples: one per user
-    (``train_samples: last``, :func:`~llm_bridge.tiger.model.user_samples`) or every prefix
-    (``prefixes``, :func:`~llm_bridge.tiger.model.prefix_samples`)."""
+def train_samples(
+    ds: Dataset, selection: np.ndarray, tokens: np.ndarray, cfg: FinetuneConfig
+) -> tuple[list[list[int]], np.ndarray]:
+    """The selected users' training samples: one per user (``train_samples: last``,
+    :func:`~llm_bridge.tiger.model.user_samples`) or every prefix (``prefixes``,
+    :func:`~llm_bridge.tiger.model.prefix_samples`).
+
+    Args:
+      ds: the dataset; selection: the selected user rows; tokens: the items' tokens
+        (:func:`~llm_bridge.tiger.model.item_tokens`); cfg: its ``train_samples`` and
+        ``max_history``.
+    Returns:
+      ``(inputs: encoder token lists, targets [n, L + 1] int64)``.
+    """
     if cfg.train_samples not in ("last", "prefixes"):
         raise UserError(f"--train-samples {cfg.train_samples!r}: expected last or prefixes")
     if cfg.train_samples == "prefixes":
@@ -130,10 +140,18 @@ def _tensors(inputs, targets, rows, device):
     return ids, mask, torch.as_tensor(targets[rows], device=device)
 
 
-def length_chunks(rows, inputs, max_tokens: int = MICRO_TOKENS) -> list[np.ndarray]:
+def length_chunks(
+    rows: Sequence[int] | np.ndarray, inputs: list[list[int]], max_tokens: int = MICRO_TOKENS
+) -> list[np.ndarray]:
     """``rows`` sorted by input length and cut into chunks of at most ``max_tokens`` padded
     tokens (at least one row each): a batch's gradient is the sum of its chunks' gradients,
-    with far less padding than one ``[B, longest]`` batch."""
+    with far less padding than one ``[B, longest]`` batch.
+
+    Args:
+      rows: indices into ``inputs``; inputs: encoder token lists; max_tokens: the budget.
+    Returns:
+      the chunks in increasing length, together a partition of ``rows``.
+    """
     rows = np.asarray(rows)[np.argsort([len(inputs[r]) for r in rows], kind="stable")]
     chunks, start = [], 0
     for end in range(1, len(rows) + 1):
@@ -144,8 +162,8 @@ def length_chunks(rows, inputs, max_tokens: int = MICRO_TOKENS) -> list[np.ndarr
 
 
 def cost_chunks(
-    rows,
-    inputs,
+    rows: Sequence[int] | np.ndarray,
+    inputs: list[list[int]],
     overhead: float = CHUNK_OVERHEAD,
     row_tokens: float = ROW_TOKENS,
     max_tokens: int = MAX_CHUNK_TOKENS,
@@ -186,9 +204,18 @@ CHUNKINGS: dict[str, Callable[..., list[np.ndarray]]] = {
 
 
 @torch.no_grad()
-def dataset_loss(model: Any, inputs, targets, batch_size: int = 256) -> float:
+def dataset_loss(
+    model: Any, inputs: list[list[int]], targets: np.ndarray, batch_size: int = 256
+) -> float:
     """Mean over samples (= over target tokens: all samples have ``L + 1``) of the loss, eval
-    mode; ``nan`` for no samples."""
+    mode (the model's train/eval mode is restored).
+
+    Args:
+      model: the ``T5ForConditionalGeneration``; inputs, targets: samples as
+        :func:`train_samples` returns them; batch_size: the least token budget of a chunk.
+    Returns:
+      the mean loss; ``nan`` for no samples.
+    """
     if not len(inputs):
         return float("nan")
     was_training = model.training
@@ -203,9 +230,18 @@ def dataset_loss(model: Any, inputs, targets, batch_size: int = 256) -> float:
 
 
 # ----------------------------------------------------------------------------- optimisation
-def make_optimizer(model: Any, cfg: FinetuneConfig, total_steps: int):
+def make_optimizer(
+    model: Any, cfg: FinetuneConfig, total_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over all parameters (no weight decay on layer norms) and a per-step ``LambdaLR``:
-    cosine from ``lr`` to 0 over ``total_steps``, or constant."""
+    cosine from ``lr`` to 0 over ``total_steps``, or constant.
+
+    Args:
+      model: the ``T5ForConditionalGeneration``; cfg: its ``lr``, ``weight_decay`` and
+        ``schedule``; total_steps: optimizer steps of the whole run (the cosine's length).
+    Returns:
+      ``(optimizer, scheduler)``.
+    """
     decay = [p for n, p in model.named_parameters() if "layer_norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if "layer_norm" in n]
     opt = torch.optim.AdamW(
@@ -229,11 +265,11 @@ def make_optimizer(model: Any, cfg: FinetuneConfig, total_steps: int):
 
 def train_epoch(
     model: Any,
-    inputs,
-    targets,
-    order,
-    opt: Any,
-    sched: Any,
+    inputs: list[list[int]],
+    targets: np.ndarray,
+    order: np.ndarray,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
     batch_size: int,
     grad_accum: int,
     autocast: str = "",
@@ -246,8 +282,11 @@ def train_epoch(
     autocast caches a bfloat16 copy of every parameter until it exits, stale after a step)
     under bfloat16 autocast; parameters, gradients and AdamW's state stay float32.
     ``chunking`` picks the cut (:data:`CHUNKINGS`: ``tokens`` = :func:`length_chunks`,
-    ``cost`` = :func:`cost_chunks`). Returns the mean batch loss and the number of optimizer
-    steps."""
+    ``cost`` = :func:`cost_chunks`).
+
+    Returns:
+      ``(mean batch loss, number of optimizer steps)``.
+    """
     model.train()
     device = next(model.parameters()).device
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -279,7 +318,14 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
 
 
-def save_checkpoint(ckpt: Path, epoch: int, model: Any, opt: Any, sched: Any, state: dict) -> None:
+def save_checkpoint(
+    ckpt: Path,
+    epoch: int,
+    model: Any,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    state: dict,
+) -> None:
     """Epoch-numbered model and optimizer files, then ``state.json`` (the commit point)."""
     ckpt.mkdir(parents=True, exist_ok=True)
     blob = st_save(_weights(model))
@@ -298,7 +344,9 @@ def save_checkpoint(ckpt: Path, epoch: int, model: Any, opt: Any, sched: Any, st
             f.unlink(missing_ok=True)
 
 
-def load_checkpoint(ckpt: Path, model: Any, opt: Any, sched: Any) -> dict:
+def load_checkpoint(
+    ckpt: Path, model: Any, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler
+) -> dict:
     """Restore model, optimizer, scheduler and RNG state; returns ``state.json``."""
     state = read_json(ckpt / "state.json", RESTART)
     epoch = state["epoch"]
@@ -321,8 +369,8 @@ def load_checkpoint(ckpt: Path, model: Any, opt: Any, sched: Any) -> dict:
 # ----------------------------------------------------------------------------- main
 def _fit(
     model: Any,
-    opt: Any,
-    sched: Any,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
     cfg: FinetuneConfig,
     train: tuple[list, np.ndarray],
     valid: tuple[list, np.ndarray],

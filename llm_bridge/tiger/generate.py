@@ -37,6 +37,7 @@ from llm_bridge.runtime import autocast_context
 
 from llm_bridge.tiger.model import (
     PAD,
+    Sizes,
     Spec,
     cross_kv,
     decode,
@@ -57,7 +58,8 @@ class Trie:
     offsets: list[int]
     sizes: list[int]
 
-    def to(self, device: Any) -> Trie:
+    def to(self, device: torch.device | str) -> Trie:
+        """The same trie with its tables on ``device``."""
         return Trie(
             [a.to(device) for a in self.allowed],
             [c.to(device) for c in self.child],
@@ -66,8 +68,15 @@ class Trie:
         )
 
 
-def build_trie(codes: np.ndarray, codebook_sizes) -> Trie:
-    """The trie over all items' code tuples (``codes[j]`` is item ``j + 1``; rows unique)."""
+def build_trie(codes: np.ndarray, codebook_sizes: Sizes) -> Trie:
+    """The trie over all items' code tuples.
+
+    Args:
+      codes: ``[n_items, L]`` codes; ``codes[j]`` is item ``j + 1``; rows unique.
+      codebook_sizes: the number of values of each code position.
+    Returns:
+      the :class:`Trie` (on the CPU; :meth:`Trie.to` moves it).
+    """
     codes = np.asarray(codes, dtype=np.int64)
     node, n_nodes = np.zeros(len(codes), dtype=np.int64), 1
     allowed, child = [], []
@@ -127,14 +136,14 @@ def _reorder(past, parent):
 
 @torch.no_grad()
 def beam_search(
-    p: dict,
+    p: dict[str, torch.Tensor],
     spec: Spec,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     trie: Trie,
     beams: int = 20,
     cache: bool = True,
-):
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Trie-constrained beam search for a batch of users (see the module docstring).
 
     Args:
@@ -179,7 +188,7 @@ def generate(
     cache: bool = True,
     desc: str | None = "beam search",
     autocast: str = "",
-):
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``beams`` items of every input (batched by input length, progress bar).
 
     Args:

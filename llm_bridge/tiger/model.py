@@ -40,6 +40,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import torch
 
+from jaxrec.data import Dataset
 from jaxrec.errors import UserError
 from llm_bridge.runtime import reading
 
@@ -74,7 +75,7 @@ def default_threads() -> int:
 
 
 @contextlib.contextmanager
-def cpu_threads(device: Any, n: int | None = None) -> Iterator[None]:
+def cpu_threads(device: torch.device | str, n: int | None = None) -> Iterator[None]:
     """Run torch with ``n`` intra-op threads (default :func:`default_threads`) on a CPU device,
     then restore the count.
 
@@ -147,7 +148,7 @@ def target_tokens(item: int, tokens: np.ndarray) -> list[int]:
 
 
 def user_samples(
-    ds: Any, rows: Iterable[int], tokens: np.ndarray, max_history: int, split: str = "train"
+    ds: Dataset, rows: Iterable[int], tokens: np.ndarray, max_history: int, split: str = "train"
 ) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
     """Encoded samples of the users on lines ``rows`` (see the module docstring).
 
@@ -184,7 +185,7 @@ def user_samples(
 
 
 def prefix_samples(
-    ds: Any, rows: Iterable[int], tokens: np.ndarray, max_history: int
+    ds: Dataset, rows: Iterable[int], tokens: np.ndarray, max_history: int
 ) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
     """``finetune.train_samples: prefixes``: every prefix of a user's train items predicts the
     next one, as the authors' TIGER code trains with ``--subseq`` (Linxyhaha/TransRec, commit
@@ -214,7 +215,9 @@ def prefix_samples(
     )
 
 
-def pad_inputs(inputs: list[list[int]], device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_inputs(
+    inputs: list[list[int]], device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids [B, S]`` (PAD) and ``attention_mask [B, S]`` (int64)."""
     width = max(len(x) for x in inputs)
     ids = torch.full((len(inputs), width), PAD, dtype=torch.long)

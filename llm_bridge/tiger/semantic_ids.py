@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from jaxrec.data import load_dataset, load_scores, save_scores
+from jaxrec.data import Dataset, load_dataset, load_scores, save_scores
 from jaxrec.errors import ScoreFileError, UserError
 from llm_bridge.config import SemanticIdConfig
 from llm_bridge.runtime import resolve_device_dtype
@@ -74,7 +74,9 @@ def _kmeans_pp(x, k: int, gen):
     return torch.stack(centres)
 
 
-def kmeans(x, k: int, *, gen, iters: int = KMEANS_ITERS):
+def kmeans(
+    x: torch.Tensor, k: int, *, gen: torch.Generator, iters: int = KMEANS_ITERS
+) -> torch.Tensor:
     """Seeded k-means (k-means++ init, then Lloyd until assignments stop changing).
 
     Args:
@@ -99,7 +101,9 @@ def kmeans(x, k: int, *, gen, iters: int = KMEANS_ITERS):
     return centres
 
 
-def residual_kmeans(x, levels: int, k: int, *, gen):
+def residual_kmeans(
+    x: torch.Tensor, levels: int, k: int, *, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual k-means: k-means on ``x``, then on the residuals, ``levels`` times.
 
     Args:
@@ -129,7 +133,9 @@ def _mlp(widths: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def build_rqvae(in_dim: int, hidden: list[int], code_dim: int, levels: int, codebook_size: int):
+def build_rqvae(
+    in_dim: int, hidden: list[int], code_dim: int, levels: int, codebook_size: int
+) -> nn.Module:
     """TIGER's RQ-VAE as a torch module.
 
     Args:
@@ -212,7 +218,9 @@ def _reset_dead_codes(model, usage, residuals, gen) -> int:
     return dead_total
 
 
-def train_rqvae(emb: np.ndarray, cfg: SemanticIdConfig, progress: bool = True):
+def train_rqvae(
+    emb: np.ndarray, cfg: SemanticIdConfig, progress: bool = True
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Train TIGER's RQ-VAE on the item embeddings and read off each item's codes.
 
     Args:
@@ -333,7 +341,7 @@ def vocab_sizes(manifest: dict) -> list[int]:
     return [int(v) for v in manifest["codebook_sizes"]]
 
 
-def load_semantic_ids(path, ds: Any) -> tuple[np.ndarray, dict]:
+def load_semantic_ids(path: str | Path, ds: Dataset) -> tuple[np.ndarray, dict]:
     """Load and check a ``dealrec semantic-ids`` file.
 
     Args:

@@ -28,14 +28,14 @@ aligned to ``sequential_train.txt``; :mod:`llm_bridge.shards`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 
-from jaxrec.data import load_dataset, read_manifest
+from jaxrec.data import Dataset, load_dataset, read_manifest
 from jaxrec.errors import UserError
 from llm_bridge.config import UserRepsConfig
 from llm_bridge.runtime import resolve_device_dtype
@@ -67,7 +67,9 @@ from llm_bridge.tiger.model import (
 from llm_bridge.user_reps import KIND, SHARD_KIND, check_config
 
 
-def user_inputs(ds: Any, rows: Any, tokens: np.ndarray, max_history: int) -> list[list[int]]:
+def user_inputs(
+    ds: Dataset, rows: Iterable[int], tokens: np.ndarray, max_history: int
+) -> list[list[int]]:
     """The encoder input of each user on lines ``rows``: the codes of the last ``max_history``
     train items but the last, then EOS (the input of :func:`~llm_bridge.tiger.model.user_samples`
     with ``split="train"``; ``[EOS]`` for a user with fewer than two train items)."""
@@ -118,7 +120,7 @@ def embed_inputs(
     return out
 
 
-def _model(cfg: UserRepsConfig, ds: Any, codes: np.ndarray, sizes: list[int], device: Any):
+def _model(cfg: UserRepsConfig, ds: Dataset, codes: np.ndarray, sizes: list[int], device: Any):
     """``(model, what)``: the fine-tuned T5 of ``cfg.model`` (checked) or the one at init, in
     eval mode, and what the shards' settings record of it."""
     if cfg.model:
@@ -128,7 +130,7 @@ def _model(cfg: UserRepsConfig, ds: Any, codes: np.ndarray, sizes: list[int], de
 
 
 def _rows(
-    model: Any, ds: Any, tokens: np.ndarray, cfg: UserRepsConfig
+    model: Any, ds: Dataset, tokens: np.ndarray, cfg: UserRepsConfig
 ) -> Callable[[int, int, Any], np.ndarray]:
     """The shard scorer: the vectors of rows ``a..b-1``."""
 

@@ -15,7 +15,7 @@ import yaml
 
 from jaxrec.cli import main as cli
 from jaxrec.data.synthetic import make_synthetic
-from tests.support import ROOT
+from tests.support import ROOT, TIGER_EVALUATE, TIGER_FINETUNE
 
 pytest.importorskip("llm_bridge.tiger.effort")
 
@@ -31,18 +31,8 @@ def config(tmp_path_factory):
         "semantic_ids": {"method": "rkmeans", "codebook_size": 4, "cache_dir": str(root / "cache")},
         "effort": {"batch_size": 32, "device": "cpu"},
         "select": {"n": 16, "groups": 4},
-        "finetune": {
-            "epochs": 2,
-            "patience": 1,
-            "lr": 1e-3,
-            "batch_size": 16,
-            "grad_accum": 1,
-            "device": "cpu",
-            "schedule": "cosine",
-        },
-        # a seeded 16 of the users with test items: 20-beam search on every one of them made
-        # most of each run's time, and the sweep below makes 16 runs
-        "evaluate": {"beams": 20, "batch_size": 16, "device": "cpu", "users": 16},
+        "finetune": dict(TIGER_FINETUNE),
+        "evaluate": dict(TIGER_EVALUATE),  # 16 users: the sweep below makes 16 runs
     }
     return root, cfg
 

@@ -1,7 +1,8 @@
 """``dealrec user-reps --backend tiger`` (TF-DCon's LLM half on TIGER's T5): the batched vectors
 against a batch-1 loop over the ``transformers`` encoder on hand-made histories, the command
 (at init and from a fine-tuned model folder), the pipeline's wiring, and a tiny TIGER
-``dealrec run`` with ``tfdcon`` that makes the T5 vectors and selects on them."""
+``dealrec run`` with ``tfdcon`` that makes the T5 vectors, selects on them, fine-tunes on the
+selection and evaluates."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import yaml
 
 from jaxrec.cli import main as cli
 from jaxrec.data import load_dataset, load_scores
+from jaxrec.data.dataset import sha256_file
 from jaxrec.data.synthetic import make_synthetic
 from jaxrec.errors import UserError
 from jaxrec.pipeline import wire
@@ -22,7 +24,7 @@ from llm_bridge import user_reps as bigrec_user_reps
 from llm_bridge.config import UserRepsConfig
 from llm_bridge.tiger import model as M
 from llm_bridge.tiger import user_reps as tr
-from tests.support import TINY, random_codes, write_codes
+from tests.support import TIGER_EVALUATE, TIGER_FINETUNE, TINY, random_codes, write_codes
 
 SIZES = [3, 3, 2, 2]
 # user -> train items, by hand: none, one, two, five, and 8 > MAX_HISTORY (the oldest cut)
@@ -145,6 +147,9 @@ def test_pipeline_wires_the_backend_into_user_reps(tmp_path):
 
 
 def test_tiger_run_with_tfdcon_end_to_end(tmp_path):
+    """The T5 vectors, the tfdcon selection on them, then TIGER's fine-tune on exactly the
+    selected users and its evaluation (the fine-tune / evaluate sections of the tiny TIGER
+    pipeline tests)."""
     data = make_synthetic(tmp_path / "data", n_users=40, n_items=20, n_clusters=3, seed=4)
     ds = load_dataset(data)
     work = tmp_path / "work"
@@ -155,22 +160,50 @@ def test_tiger_run_with_tfdcon_end_to_end(tmp_path):
             "workdir": str(work),
             "data": str(data),
             "backend": "tiger",
-            # fine-tune and evaluation read the selection as for any method (test_tiger_pipeline)
-            "stages": ["surrogate", "user_reps", "select"],
+            # the semantic IDs are written above (no semantic_ids stage); no effort: tfdcon
+            "stages": ["surrogate", "user_reps", "select", "finetune", "evaluate"],
         },
         "surrogate": {"epochs": 1, "batch_size": 32},
         "user_reps": {"batch_size": 32, "device": "cpu"},
         "select": {"method": "tfdcon", "n": 8, "clusters": 2},
-        "evaluate": {"beams": 20},  # checked before any stage runs
+        "finetune": dict(TIGER_FINETUNE),
+        "evaluate": dict(TIGER_EVALUATE),
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert cli(["run", str(path)]) == 0
     reps, manifest = load_scores(work / "llm_reps.npy", kind="llm_representation")
     assert reps.shape == (40, M.T5_SIZES["d_model"]) and manifest["backend"] == "tiger"
-    _, sel = load_scores(work / "selected.npy", kind="selection")
+    selected, sel = load_scores(work / "selected.npy", kind="selection")
     assert sel["method"] == "tfdcon"
     assert sel["inputs"]["llm_representations"]["path"] == str(work / "llm_reps.npy")
     assert "representations" in sel["inputs"]  # and the surrogate's half
     state = json.loads(Path(work / "stages.json").read_text())
-    assert list(state) == ["surrogate", "user_reps", "influence:representation", "select"]
+    assert list(state) == [
+        "surrogate",
+        "user_reps",
+        "influence:representation",
+        "select",
+        "finetune",
+        "evaluate",
+    ]
+    # the fine-tune trained on the tfdcon selection: its file, one sample per selected user
+    # (train_samples: last) and the valid samples of those of them with a valid item
+    rows = [int(r) for r in selected]
+    assert len(set(rows)) == 8 and all(len(ds.train[r]) for r in rows)
+    record = json.loads((work / "adapter" / "train_record.json").read_text())
+    assert record["backend"] == "tiger" and record["finished"]
+    assert record["settings"]["selection_sha256"] == sha256_file(work / "selected.npy")
+    assert record["n_train_samples"] == 8
+    assert record["n_valid_samples"] == sum(len(ds.valid[r]) > 0 for r in rows)
+    assert 1 <= record["best_epoch"] <= len(record["epochs"]) <= TIGER_FINETUNE["epochs"]
+    # the evaluation of that model: a seeded 16 of the users with test items
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert metrics["backend"] == "tiger" and metrics["adapter"] == str(work / "adapter")
+    assert metrics["n_users"] == TIGER_EVALUATE["users"] == 16
+    assert metrics["n_users_with_items"] == sum(len(t) > 0 for t in ds.test)
+    for k in (10, 20):
+        for name in ("recall", "ndcg"):
+            assert 0.0 <= metrics[f"{name}@{k}"] <= 1.0  # and so finite
+    predictions = Path(metrics["predictions"]).read_text().splitlines()
+    assert len(predictions) == 16
