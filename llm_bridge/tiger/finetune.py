@@ -41,16 +41,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from jaxrec.data import Dataset, load_dataset, load_scores, write_json
 from jaxrec.data.dataset import sha256_file
-from jaxrec.data.scorefiles import atomic_write_bytes, environment
+from jaxrec.data.scorefiles import environment
 from jaxrec.errors import UserError
 from llm_bridge.config import FinetuneConfig
-from llm_bridge.runtime import RESTART, autocast_context, read_json, reading, resolve_device_dtype
+from llm_bridge.runtime import autocast_context, resolve_device_dtype
 from llm_bridge.tiger.semantic_ids import load_semantic_ids, vocab_sizes
 from llm_bridge.training import (
     added_settings,
@@ -59,6 +57,7 @@ from llm_bridge.training import (
     save_best,
     valid_rows,
 )
+from llm_bridge.tiger.checkpoint import load_checkpoint, save_checkpoint
 from llm_bridge.tiger.dropout import use_fast_dropout
 from llm_bridge.tiger.model import (
     build_model,
@@ -310,60 +309,6 @@ def train_epoch(
             opt.zero_grad(set_to_none=True)
             steps += 1
     return float(np.mean(losses)), steps
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def _weights(model) -> dict[str, torch.Tensor]:
-    """Parameters by name, tied weights once (safetensors refuses shared tensors)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
-
-
-def save_checkpoint(
-    ckpt: Path,
-    epoch: int,
-    model: Any,
-    opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler,
-    state: dict,
-) -> None:
-    """Epoch-numbered model and optimizer files, then ``state.json`` (the commit point)."""
-    ckpt.mkdir(parents=True, exist_ok=True)
-    blob = st_save(_weights(model))
-    atomic_write_bytes(ckpt / f"model-{epoch}.safetensors", lambda f: f.write(blob))
-    extra = {
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        extra["cuda_rng"] = torch.cuda.get_rng_state_all()
-    atomic_write_bytes(ckpt / f"optimizer-{epoch}.pt", lambda f: torch.save(extra, f))
-    write_json(ckpt / "state.json", {**state, "epoch": epoch})
-    for f in ckpt.iterdir():  # older epochs are no longer needed
-        if f.name.startswith(("model-", "optimizer-")) and f.stem.split("-")[-1] != str(epoch):
-            f.unlink(missing_ok=True)
-
-
-def load_checkpoint(
-    ckpt: Path, model: Any, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler
-) -> dict:
-    """Restore model, optimizer, scheduler and RNG state; returns ``state.json``."""
-    state = read_json(ckpt / "state.json", RESTART)
-    epoch = state["epoch"]
-    device = next(model.parameters()).device
-    with reading(ckpt / f"model-{epoch}.safetensors", RESTART):
-        weights = load_file(str(ckpt / f"model-{epoch}.safetensors"), device=str(device))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(weights[name])
-    with reading(ckpt / f"optimizer-{epoch}.pt", RESTART):
-        extra = torch.load(ckpt / f"optimizer-{epoch}.pt", map_location=device, weights_only=True)
-        opt.load_state_dict(extra["optimizer"])
-        sched.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"].cpu())
-    if "cuda_rng" in extra and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in extra["cuda_rng"]])
-    return state
 
 
 # ----------------------------------------------------------------------------- main
