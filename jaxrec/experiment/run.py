@@ -197,6 +197,12 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{max(minutes, 1)} min"
 
 
+def _run_seconds(state_file: Path) -> dict[str, float]:
+    """The per-run stages' seconds recorded in a finished run's ``stages.json``."""
+    state = json.loads(state_file.read_text())
+    return {s: state[s].get("seconds", 0.0) for s in PER_RUN}
+
+
 def run_cell(
     cell: Cell,
     prep: Prepared,
@@ -214,9 +220,9 @@ def run_cell(
         if now:
             log.say(f"run {cell.name}: archived in {archive.folder}, not rerun")
         return archive.row(key, fields)
+    state_file = d / "stages.json"
     if finished:
-        state = json.loads((d / "stages.json").read_text())
-        seconds = {s: state[s].get("seconds", 0.0) for s in PER_RUN}
+        seconds = _run_seconds(state_file)
     elif now:
         d.mkdir(parents=True, exist_ok=True)
         lock = d / "run.lock"
@@ -227,11 +233,9 @@ def run_cell(
             )
             return None
         try:
-            state_file = d / "stages.json"
             if stages_finished(list(PER_RUN), w, state_file, upstream[cell.method]):
                 # another process finished it between our plan and our lock: not run twice
-                state = json.loads(state_file.read_text())
-                seconds = {s: state[s].get("seconds", 0.0) for s in PER_RUN}
+                seconds = _run_seconds(state_file)
             else:
                 log.say(f"run {cell.name}" + (f" (in {d.name})" if d.name != cell.name else ""))
                 seconds = run_stages(
