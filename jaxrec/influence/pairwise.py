@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import resource
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -70,12 +71,22 @@ class State:
 
 
 # ----------------------------------------------------------------------------- cost reports
+def _current_rss() -> int | None:
+    """The process's resident set size now, in bytes (``/proc/self/statm``; ``None`` where
+    there is no procfs, e.g. macOS)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def peak_memory() -> dict:
     """Peak memory so far: ``device_peak_bytes`` (sum over devices of
     ``peak_bytes_in_use`` where the backend reports it, e.g. GPUs; else ``None``) and
     ``host_peak_rss_bytes`` (the process's maximum resident set size). Both are high-water marks
     since the process started (neither backend can reset them), so an estimator's number bounds
-    its own peak from above."""
+    its own peak from above; :func:`measured` samples the block's own host peak instead."""
     peaks = []
     for d in jax.local_devices():
         try:
@@ -88,14 +99,49 @@ def peak_memory() -> dict:
     return {"device_peak_bytes": sum(peaks) if peaks else None, "host_peak_rss_bytes": int(rss)}
 
 
+class _RssSampler(threading.Thread):
+    """Reads the process's RSS every ``interval`` seconds until :meth:`stop`; ``peak`` is the
+    largest value seen (a sampled peak: an allocation freed within one interval can be missed)."""
+
+    def __init__(self, interval: float = 0.005):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self._done = interval, _current_rss(), threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            now = _current_rss()
+            if now is not None and (self.peak is None or now > self.peak):
+                self.peak = now
+
+    def stop(self) -> int | None:
+        self._done.set()
+        self.join()
+        now = _current_rss()
+        return max(self.peak, now) if self.peak is not None and now is not None else self.peak
+
+
 @contextmanager
 def measured(info: dict, stage: str) -> Iterator[None]:
-    """Record the wall-clock seconds of the block in ``info["seconds"][stage]`` and the peak
-    memory after it in ``info["memory"][stage]`` (:func:`peak_memory`)."""
+    """Record the wall-clock seconds of the block in ``info["seconds"][stage]`` and its memory
+    in ``info["memory"][stage]``: the process's RSS at the block's start
+    (``host_start_rss_bytes``) and the largest RSS sampled during the block (every 5 ms:
+    ``host_block_peak_rss_bytes``; ``None`` without procfs), beside :func:`peak_memory`'s
+    process-wide high-water marks. The block's peak minus its start is what the block itself
+    added, whatever ran before it in the process."""
+    sampler = _RssSampler()
+    start = sampler.peak
     t0 = time.perf_counter()
-    yield
+    sampler.start()
+    try:
+        yield
+    finally:
+        peak = sampler.stop()
     info.setdefault("seconds", {})[stage] = time.perf_counter() - t0
-    info.setdefault("memory", {})[stage] = peak_memory()
+    info.setdefault("memory", {})[stage] = {
+        **peak_memory(),
+        "host_start_rss_bytes": start,
+        "host_block_peak_rss_bytes": peak,
+    }
 
 
 # ----------------------------------------------------------------------------- gradients

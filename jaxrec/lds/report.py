@@ -21,27 +21,32 @@ def summary(scored: dict, attr: np.ndarray, ref: np.ndarray | None) -> dict:
 
 
 def _cost_cells(cost: dict) -> str:
-    """`` seconds | peak RSS |`` of one estimator (``-`` where unknown: a cached attribution
-    of a run made before costs were recorded)."""
+    """`` seconds | peak RSS | added RSS |`` of one estimator in GiB (``-`` where unknown: a
+    cached attribution of a run made before costs were recorded). The peak is the estimator's
+    own sampled peak where recorded, else the process's high-water mark marked ``<=`` (an
+    upper bound: it includes whatever ran before in the process)."""
     seconds = cost.get("seconds", {}).get("total")
+    own, added = cost.get("host_block_peak_rss_bytes"), cost.get("host_added_rss_bytes")
     rss = cost.get("host_peak_rss_bytes")
-    return (f" {seconds:.1f} |" if seconds is not None else " - |") + (
-        f" {rss / 2**30:.2f} |" if rss else " - |"
+    peak = f"{own / 2**30:.2f}" if own else (f"<= {rss / 2**30:.2f}" if rss else "-")
+    return (
+        (f" {seconds:.1f} |" if seconds is not None else " - |")
+        + f" {peak} |"
+        + (f" {added / 2**30:.2f} |" if added is not None else " - |")
     )
 
 
 def markdown_table(results: dict) -> str:
     """The LDS table of :func:`run`'s results: one row per attribution, with the interval,
     when ``exact`` ran the paired difference to it and the Spearman of the attributions, and
-    each estimator's seconds and peak host memory (a high-water mark of the process, so an
-    upper bound: :func:`jaxrec.influence.attribution.peak_memory`)."""
+    each estimator's seconds, peak host memory and the memory it added (:func:`_cost_cells`)."""
     level = int(round(100 * results["config"]["level"]))
     vs = all("minus_exact" in v for v in results["lds"].values())
     head = f"| attribution | LDS | {level}% CI | users |"
     if vs:
         head += f" LDS - exact [{level}% CI, paired] | Spearman of a[i, j] with exact |"
     costs = results.get("costs", {})
-    head += " seconds | peak RSS (GiB) |"
+    head += " seconds | peak RSS (GiB) | added RSS (GiB) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, v in results["lds"].items():
         row = (

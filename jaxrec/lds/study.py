@@ -409,18 +409,29 @@ def _scores(cfg: LdsConfig, arrays: dict, masks: np.ndarray, losses: np.ndarray)
 
 
 def _costs(info: dict) -> dict:
-    """Each estimator's seconds (fit, scoring, total) and peak memory (bytes, host RSS and
-    device where reported) from its info (:func:`jaxrec.influence.attribution.measured`)."""
+    """Each estimator's seconds (fit, scoring, total) and memory (bytes) from its info
+    (:func:`jaxrec.influence.attribution.measured`): the process-wide high-water marks (host
+    RSS, device where reported), and where sampled the estimator's own peak host RSS
+    (``host_block_peak_rss_bytes``) and how much it added to the RSS it started from
+    (``host_added_rss_bytes``)."""
     out = {}
     for name, i in info.items():
         seconds = {k: round(v, 2) for k, v in i.get("seconds", {}).items()}
         peaks = list(i.get("memory", {}).values())
+        blocks = [p for p in peaks if p.get("host_block_peak_rss_bytes") is not None]
         out[name] = {
             "seconds": seconds,
             "host_peak_rss_bytes": max((p["host_peak_rss_bytes"] for p in peaks), default=None),
             "device_peak_bytes": max((p["device_peak_bytes"] or 0 for p in peaks), default=None)
             or None,
         }
+        if blocks:
+            out[name]["host_block_peak_rss_bytes"] = max(
+                p["host_block_peak_rss_bytes"] for p in blocks
+            )
+            out[name]["host_added_rss_bytes"] = max(
+                p["host_block_peak_rss_bytes"] - p["host_start_rss_bytes"] for p in blocks
+            )
     return out
 
 
