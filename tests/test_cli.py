@@ -1,14 +1,10 @@
 """The ``dealrec`` command line: config files are read strictly (no section or key is silently
-ignored), the positional ``CONFIG`` form, one-line errors that name flags, and every command
-line that README.md and docs/*.md show parses (and, for a shipped config, validates)."""
-
-import re
-import shlex
+ignored), the positional ``CONFIG`` form, one-line errors that name flags. (The command lines
+that README.md and docs/*.md show: tests/test_documented_commands.py.)"""
 
 import pytest
 
-from jaxrec.cli import COMMANDS, build_parser, main
-from tests.support import ROOT
+from jaxrec.cli import build_parser, main
 
 
 def _error(capsys, argv) -> str:
@@ -95,84 +91,6 @@ def test_help_has_no_rst_markup(capsys):
         main(["--help"])
     shown = capsys.readouterr().out
     assert "``" not in shown and "dealrec doctor" in shown
-
-
-# ----------------------------------------------------------------------------- docs
-def documented_commands() -> list[tuple[str, str]]:
-    """``(file, command line)`` of every ``dealrec CMD ...`` in README.md and docs/*.md, from
-    code spans and code blocks (continuation lines joined, comments dropped)."""
-    found = []
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        text = path.read_text()
-        lines = [m.group(1) for m in re.finditer(r"`(dealrec [^`]+)`", text)]
-        for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
-            for line in block.replace("\\\n", " ").splitlines():
-                if line.lstrip().startswith("dealrec "):
-                    lines.append(line.strip().split("#")[0])
-        for line in lines:
-            words = line.split()
-            if len(words) > 1 and words[1] in COMMANDS:
-                found.append((path.name, " ".join(words)))
-    return sorted(set(found))
-
-
-def argv_of(line: str) -> list[str]:
-    """A documented line as concrete arguments: ``[--x A|B]`` -> ``--x A``; ``..`` (and a flag
-    whose only value it is) dropped; ``N`` -> ``100``."""
-    line = line.replace("\\|", "|").replace("[", " ").replace("]", " ")
-    words = shlex.split(line)[1:]
-    out = []
-    for i, w in enumerate(words):
-        if w == "..":
-            if out and out[-1].startswith("--") and i and words[i - 1] == out[-1]:
-                out.pop()
-            continue
-        w = w.split("|")[0] if "|" in w and not w.startswith("--") else w
-        out.append("100" if w == "N" else w)
-    return out
-
-
-DOCUMENTED = documented_commands()
-
-
-def test_the_docs_show_command_lines():
-    assert len(DOCUMENTED) > 40
-    assert any(line.startswith("dealrec lds configs/") for _, line in DOCUMENTED)
-
-
-@pytest.mark.parametrize("where,line", DOCUMENTED, ids=[f"{f}:{x[:60]}" for f, x in DOCUMENTED])
-def test_every_documented_command_line_parses(where, line):
-    """argparse accepts it (flags, choices, types); a shipped config it names is read and
-    checked as the command would (sections, keys, values, methods, seeds, points)."""
-    argv = argv_of(line)
-    if len(argv) == 1:  # a mention of the command in prose
-        argv.append("--help")
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:
-        assert e.code == 0, f"{where}: {line!r} does not parse"
-        return
-    config = getattr(args, "config", None) or getattr(args, "config_file", None)
-    if not config or not (ROOT / config).is_file():
-        return
-    config = str(ROOT / config)
-    if args.command == "experiment":
-        from jaxrec.experiment import ExperimentArgs, chosen_points, read_experiment
-
-        args.config = config
-        _data, exp, _cells = read_experiment(ExperimentArgs.from_args(args))
-        chosen_points(args.points, exp.sweep)
-    elif args.command == "run":
-        from jaxrec.pipeline import read_experiment_file
-
-        read_experiment_file(config)
-    else:
-        from jaxrec.cli import _load, section_classes
-        from jaxrec.config_io import config_from_args
-
-        cfg_ref, section, _runner, _help = COMMANDS[args.command]
-        args.config, args.config_file = config, None
-        config_from_args(_load(cfg_ref), args, section, section_classes())
 
 
 def test_run_refuses_a_bad_select_value_before_any_stage(tmp_path, capsys):

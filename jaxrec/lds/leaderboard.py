@@ -82,12 +82,17 @@ def command_line(cfg: LdsConfig) -> str:
     return shlex.join(words)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the plan (``--plan``) or run every study of the file in turn."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m jaxrec.lds.leaderboard``: ``CONFIG [--plan]``."""
     ap = argparse.ArgumentParser(prog="python -m jaxrec.lds.leaderboard", description=__doc__)
     ap.add_argument("config", help="leaderboard YAML (configs/studies/lds_leaderboard.yaml)")
     ap.add_argument("--plan", action="store_true", help="print the studies' commands only")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the plan (``--plan``) or run every study of the file in turn."""
+    args = build_parser().parse_args(argv)
     try:
         studies = plan(args.config)
     except UserError as e:
