@@ -55,27 +55,30 @@ def _commands(text: str) -> list[str]:
     return out
 
 
+def commands_in(text: str) -> list[str]:
+    """The command lines of one Markdown text that start with ``python``, ``python3``,
+    ``bash`` or ``dealrec`` (a bare name in prose excluded), or that name one behind a prefix
+    not stripped (so that the guard sees them), from code blocks and code spans."""
+    lines = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            lines += _commands(re.sub(r"(^|\s)#.*", "", line))
+    prose = re.sub(r"```[a-z]*\n.*?```", "", text, flags=re.S)
+    for span in re.findall(r"`([^`]+)`", prose):
+        lines += _commands(" ".join(span.split()))
+    found = []
+    for line in lines:
+        words = line.split()
+        if (len(words) > 1 and words[0] in OURS) or (
+            _names_a_command(words) and not TREE_ROW.match(line)
+        ):
+            found.append(" ".join(words))
+    return found
+
+
 def shown_commands() -> list[tuple[str, str]]:
-    """``(file, command line)`` of every command line in README.md and docs/*.md that starts
-    with ``python``, ``python3``, ``bash`` or ``dealrec`` (a bare name in prose excluded), from
-    code blocks and code spans."""
-    found = set()
-    for path in DOCS:
-        text = path.read_text()
-        lines = []
-        for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
-            for line in block.replace("\\\n", " ").splitlines():
-                lines += _commands(re.sub(r"(^|\s)#.*", "", line))
-        prose = re.sub(r"```[a-z]*\n.*?```", "", text, flags=re.S)
-        for span in re.findall(r"`([^`]+)`", prose):
-            lines += _commands(" ".join(span.split()))
-        for line in lines:
-            words = line.split()
-            if len(words) > 1 and words[0] in OURS:
-                found.add((path.name, " ".join(words)))
-            elif _names_a_command(words) and not TREE_ROW.match(line):
-                found.add((path.name, " ".join(words)))  # after a prefix not stripped above
-    return sorted(found)
+    """``(file, command line)`` of every command line in README.md and docs/*.md."""
+    return sorted({(path.name, line) for path in DOCS for line in commands_in(path.read_text())})
 
 
 def _names_a_command(words: list[str]) -> bool:
@@ -150,10 +153,17 @@ def test_the_docs_show_command_lines_of_every_kind():
     assert BY_KIND["leaderboard"] and BY_KIND["gpu_check"]
     assert any(line.startswith("dealrec lds configs/") for _, line in BY_KIND["cli"])
     assert any(line.startswith("python -m jaxrec.cli ") for _, line in BY_KIND["cli"])
-    # the finder reads wrapped spans, continued block lines and shell prefixes
-    assert ("benchmarks.md", "python bench/hosts.py RUN --out runs/hosts --rounds 1 --cores 0,0 "
-            "--params '^attn_out_1/kernel$' --negative-draws 2 --steps 100 --compile-cache ''"
-            ) in SHOWN  # fmt: skip
+    # the finder reads wrapped spans, continued block lines, shell prefixes and comments
+    text = (
+        "Run `OMP_NUM_THREADS=1 python bench/a.py\n--n 2` or `dealrec` (prose), then:\n"
+        "```bash\ntime dealrec lds c.yaml \\\n  --seed 1   # slice 1\nenv python b.py\n```\n"
+        "```\njaxrec/lds/    dealrec lds: the LDS\n```\n"
+    )
+    assert commands_in(text) == [
+        "dealrec lds c.yaml --seed 1",
+        "env python b.py",  # a prefix it does not strip: kind None, the guard fails
+        "python bench/a.py --n 2",
+    ]
     assert _commands("for s in 0 1; do X=1 taskset -c 1 python bench/a.py --seed $s; done") == [
         "for s in 0 1",
         "python bench/a.py --seed $s",
