@@ -263,7 +263,9 @@ def run_cell(
     return row
 
 
-def take_run(cell: Cell, prep: Prepared, upstream: str, log: RunLog) -> tuple | None:
+def take_run(
+    cell: Cell, prep: Prepared, upstream: str, log: RunLog
+) -> tuple[Path, dict, dict] | None:
     """Run ``cell`` now under its run lock, in its folder or, when another run (another
     study's process) took that folder since the plan, in its spare folder; ``(folder, wired,
     seconds)``, or ``None`` when another process runs it."""
