@@ -5,7 +5,9 @@ The config file is a pipeline config (:mod:`jaxrec.pipeline`) plus an ``experime
 (:class:`ExperimentConfig`). The shared stages (surrogate, influence, semantic IDs, effort) run
 once; then every *cell* (method, seed, grid point) runs select -> finetune -> evaluate in
 ``workdir/runs/CELL/`` (:func:`run_folder`: a grid point at the config's own value is the
-un-swept run, so every study of one workdir shares it). A finished cell is reused, so an
+un-swept run, so every study of one workdir shares it; a run whose folder holds another run,
+of another study with other options, uses ``runs/CELL~KEY8/``,
+:mod:`jaxrec.experiment.folders`). A finished cell is reused, so an
 interrupted experiment continues where it stopped, and ``--methods`` / ``--seeds`` run a part
 of it now and the rest later; the tables always cover every finished cell of the config. With
 ``experiment.archive`` a finished cell also lives outside the workdir (:mod:`jaxrec.archive`,
@@ -38,10 +40,11 @@ per method and grid point: mean, std and 95 % interval over seeds, seconds per s
 (over users) and ``results.png``.
 
 Modules, by job: :mod:`~jaxrec.experiment.grid` (the ``experiment:`` section, the command line,
-the cells and their checks), :mod:`~jaxrec.experiment.rows` (a finished run's results, per-user
-arrays, user groups, archiving), :mod:`~jaxrec.experiment.stats`, :mod:`~jaxrec.experiment.tables`
-(CSV, Markdown), :mod:`~jaxrec.experiment.plots`, :mod:`~jaxrec.experiment.locks` and
-:mod:`~jaxrec.experiment.run` (``main``).
+the cells and their checks), :mod:`~jaxrec.experiment.folders` (run folders: a run never
+reuses or overwrites another run's), :mod:`~jaxrec.experiment.rows` (a finished run's results,
+per-user arrays, user groups, archiving), :mod:`~jaxrec.experiment.stats`,
+:mod:`~jaxrec.experiment.tables` (CSV, Markdown), :mod:`~jaxrec.experiment.plots`,
+:mod:`~jaxrec.experiment.locks` and :mod:`~jaxrec.experiment.run` (``main``).
 """
 
 from jaxrec.experiment.grid import (
@@ -54,11 +57,10 @@ from jaxrec.experiment.grid import (
     chosen_points,
     experiment_cells,
     read_experiment,
-    run_folder,
     selected_cells,
     shared_reads,
-    wire_cell,
 )
+from jaxrec.experiment.folders import place_run, run_folder, spare_folder, wire_cell
 from jaxrec.experiment.plots import bar_plot
 from jaxrec.experiment.rows import (
     archive_run,
@@ -96,6 +98,7 @@ __all__ = [
     "mean_std",
     "per_user_losses",
     "per_user_metrics",
+    "place_run",
     "read_experiment",
     "recorded_seconds",
     "run_folder",
@@ -103,6 +106,7 @@ __all__ = [
     "run_user_metrics",
     "selected_cells",
     "shared_reads",
+    "spare_folder",
     "summarise",
     "user_tests",
     "wire_cell",

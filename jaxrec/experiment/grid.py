@@ -1,13 +1,12 @@
 """The experiment's configuration and grid: the ``experiment:`` section, the command line, the
-cells (method x seed x grid point), their run folders and wired options, and the checks made
-before anything runs."""
+cells (method x seed x grid point) and the checks made before anything runs (their run folders
+and wired options: :mod:`jaxrec.experiment.folders`)."""
 
 from __future__ import annotations
 
 import argparse
 import itertools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, NamedTuple
 
 import yaml
@@ -18,8 +17,6 @@ from jaxrec.pipeline import (
     PipelineArgs,
     PipelineConfig,
     read_experiment_file,
-    resolved_options,
-    wire_llm_reps,
 )
 from jaxrec.select import REQUIRES, check_method
 from jaxrec.stages import PER_RUN, SELECT_INPUT_STAGE, config_classes, upstream
@@ -224,50 +221,6 @@ def check_sweep(sweep: dict, sections: dict, source: str) -> list[tuple]:
 def experiment_cells(exp: ExperimentConfig, points: list[tuple]) -> list[Cell]:
     """Every run: each grid point x method x the method's seeds (``seeds_for``)."""
     return [Cell(m, s, p) for p in points for m in exp.methods for s in exp.seeds_for(m)]
-
-
-def run_folder(cell: Cell, wired: dict) -> str:
-    """The name of ``cell``'s run folder: :attr:`Cell.name` without the swept keys whose value is
-    the config's own (``wired``), so a grid point equal to the base config is the same run as
-    the un-swept cell and runs once (``lamda=0.3`` of the lamda sweep is Table 2's DEALRec run
-    when the config's lamda is 0.3).
-
-    Args:
-      cell: the run.
-      wired: the per-run stages' resolved options before the cell's point is applied.
-    Returns:
-      the folder name under ``workdir/runs``.
-    """
-
-    def base(key: str) -> object:
-        section, _, name = key.partition(".")
-        return resolved_options(section, wired[section])[name]
-
-    point = tuple((k, v) for k, v in cell.point if base(k) != v)
-    return Cell(cell.method, cell.seed, point).name
-
-
-class WiredCell(NamedTuple):
-    """A cell's run folder and its per-run stages' resolved options."""
-
-    folder: Path
-    wired: dict
-
-
-def wire_cell(wired: dict, workdir: Path, cell: Cell, llm_reps: bool = False) -> WiredCell:
-    """The run folder of ``cell`` (:func:`run_folder`) and its per-run stages' resolved options
-    (``llm_reps``: its selection reads the ``user_reps`` stage's file, see
-    :func:`jaxrec.pipeline.uses_llm_reps`)."""
-    d = workdir / "runs" / run_folder(cell, wired)
-    w = {k: dict(v) for k, v in wired.items()}
-    for key, value in cell.point:
-        section, _, name = key.partition(".")
-        w[section][name] = value
-    w["select"].update(method=cell.method, seed=cell.seed, out=str(d / "selected.npy"))
-    wire_llm_reps(w["select"], w, llm_reps)
-    w["finetune"].update(seed=cell.seed, selection=str(d / "selected.npy"), out=str(d / "adapter"))
-    w["evaluate"].update(adapter=str(d / "adapter"), out=str(d / "metrics.json"))
-    return WiredCell(d, w)
 
 
 class Experiment(NamedTuple):

@@ -2,7 +2,8 @@
 storage) take runs from one experiment without running a run twice (issue 28).
 
 A lock is a file created atomically with ``O_CREAT | O_EXCL`` (atomic on local file systems and
-on NFSv3+), holding JSON ``{"host", "pid", "time"}`` of its holder. A process that finds a lock
+on NFSv3+), holding JSON ``{"host", "pid", "time"}`` of its holder (a run lock also the run's
+reuse key, ``"run"``: :mod:`jaxrec.experiment.folders`). A process that finds a lock
 leaves the run to its holder; a lock whose holder is a dead process *of this host* is stale and
 taken over (a holder on another host cannot be checked from here: delete its lock by hand if
 that machine died, the run folder then resumes where it stopped).
@@ -50,12 +51,13 @@ def is_stale(found: dict | None) -> bool:
     return False
 
 
-def acquire(path: Path) -> bool:
+def acquire(path: Path, note: dict | None = None) -> bool:
     """Take lock ``path`` for this process: True when it is ours now (created, or taken over
     from a dead local holder), False when another live process holds it.
 
     Args:
       path: the lock file (its folder must exist).
+      note: written into the lock beside its holder (a run lock: ``{"run": reuse key}``).
     Returns:
       whether this process holds the lock.
     """
@@ -71,7 +73,7 @@ def acquire(path: Path) -> bool:
                 return False
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(_me()))
+            f.write(json.dumps({**_me(), **(note or {})}))
         return True
     return False
 

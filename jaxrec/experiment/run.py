@@ -19,6 +19,15 @@ from jaxrec.experiment.grid import (
     read_experiment,
     selected_cells,
     shared_reads,
+)
+from jaxrec.experiment.folders import (
+    LOCK,
+    STATE,
+    claim_folder,
+    holds_other_run,
+    in_folder,
+    place_run,
+    spare_folder,
     wire_cell,
 )
 from jaxrec.experiment.rows import archive_run, cell_row, group_rows
@@ -79,14 +88,11 @@ def main(args: ExperimentArgs) -> int:
         for m in exp.methods
     }
     archive = RunArchive(exp.archive) if exp.archive else None
-    prepared = {}
-    for cell in cells:
-        d, w = wire_cell(wired, workdir, cell, llm[cell.method])
-        key = stage_keys(list(PER_RUN), w, upstream[cell.method])["evaluate"]
-        done = stages_finished(list(PER_RUN), w, d / "stages.json", upstream[cell.method])
-        prepared[cell] = Prepared(d, w, key, done)
+    prepared = {c: prepare(c, wired, workdir, llm[c.method], upstream[c.method]) for c in cells}
     pending = [c for c in todo if not (prepared[c].finished or _in(archive, prepared[c].key))]
     log.say(plan_text(todo, pending, prepared, archive, shared))
+    if moved := moved_text([c for c in todo if c in pending or prepared[c].finished], prepared):
+        log.say(moved)
     if args.plan:
         return 0
     if archive is None or pending:
@@ -108,6 +114,31 @@ def main(args: ExperimentArgs) -> int:
         )
     print((results / "results.md").read_text())
     return 0
+
+
+def prepare(cell: Cell, wired: dict, workdir: Path, llm_reps: bool, upstream: str) -> Prepared:
+    """``cell``'s run folder (:func:`~jaxrec.experiment.folders.place_run`: its usual one
+    unless that holds another run), wired sections, reuse key and whether it is finished there
+    (``upstream``: the key of the shared stages it reads)."""
+    usual, w = wire_cell(wired, workdir, cell, llm_reps)
+    keys = stage_keys(list(PER_RUN), w, upstream)
+    d = place_run(usual, keys)
+    w = in_folder(w, d)
+    return Prepared(d, w, keys[PER_RUN[-1]], stages_finished(list(PER_RUN), w, d / STATE, upstream))
+
+
+def moved_text(cells: list[Cell], prepared: dict[Cell, Prepared]) -> str:
+    """Those of ``cells`` whose usual folder holds another run (another study's in this
+    workdir), each with the folder it uses instead; empty when there is none."""
+    moved = [
+        c for c in cells if prepared[c].folder == spare_folder(prepared[c].folder, prepared[c].key)
+    ]
+    return (
+        "runs in their spare folder (their usual one holds another run): "
+        + ", ".join(f"{c.name} in runs/{prepared[c].folder.name}" for c in moved)
+        if moved
+        else ""
+    )
 
 
 def _in(archive: RunArchive | None, key: str) -> bool:
@@ -220,35 +251,54 @@ def run_cell(
         if now:
             log.say(f"run {cell.name}: archived in {archive.folder}, not rerun")
         return archive.row(key, fields)
-    state_file = d / "stages.json"
     if finished:
-        seconds = _run_seconds(state_file)
-    elif now:
-        d.mkdir(parents=True, exist_ok=True)
-        lock = d / "run.lock"
-        if not locks.acquire(lock):
-            found = locks.holder(lock) or {}
-            log.say(
-                f"run {cell.name}: taken by {found.get('host')} pid {found.get('pid')}, left to it"
-            )
-            return None
-        try:
-            if stages_finished(list(PER_RUN), w, state_file, upstream[cell.method]):
-                # another process finished it between our plan and our lock: not run twice
-                seconds = _run_seconds(state_file)
-            else:
-                log.say(f"run {cell.name}" + (f" (in {d.name})" if d.name != cell.name else ""))
-                seconds = run_stages(
-                    list(PER_RUN), w, d, log, state_file=state_file, upstream=upstream[cell.method]
-                )
-        finally:
-            locks.release(lock)
+        seconds = _run_seconds(d / STATE)
+    elif now and (taken := take_run(cell, prep, upstream[cell.method], log)):
+        d, w, seconds = taken
     else:
         return None
     row = cell_row(cell, d, seconds, key, stage_output("finetune", w["finetune"]))
     if archive is not None:
         archive_run(archive, row)
     return row
+
+
+def take_run(
+    cell: Cell, prep: Prepared, upstream: str, log: RunLog
+) -> tuple[Path, dict, dict] | None:
+    """Run ``cell`` now under its run lock, in its folder or, when another run (another
+    study's process) took that folder since the plan, in its spare folder; ``(folder, wired,
+    seconds)``, or ``None`` when another process runs it."""
+    keys = stage_keys(list(PER_RUN), prep.wired, upstream)
+    for d in dict.fromkeys([prep.folder, spare_folder(prep.folder, prep.key)]):
+        d.mkdir(parents=True, exist_ok=True)
+        w = in_folder(prep.wired, d)
+        if not locks.acquire(d / LOCK, {"run": prep.key}):
+            found = locks.holder(d / LOCK) or {}
+            if found.get("run", prep.key) != prep.key:
+                continue  # another run's process took the folder
+            log.say(
+                f"run {cell.name}: taken by {found.get('host')} pid {found.get('pid')}, left to it"
+            )
+            return None
+        try:
+            if not holds_other_run(d, keys):
+                return d, w, _run_in(cell, d, w, prep.key, upstream, log)
+        finally:
+            locks.release(d / LOCK)
+    log.say(f"run {cell.name}: its folders hold other runs, not run")
+    return None
+
+
+def _run_in(cell: Cell, d: Path, w: dict, key: str, upstream: str, log: RunLog) -> dict:
+    """Run (or, when another process finished it since the plan, read) the per-run stages of
+    ``cell`` in folder ``d``, which this process holds locked; ``{stage: seconds}``."""
+    state_file = d / STATE
+    if stages_finished(list(PER_RUN), w, state_file, upstream):
+        return _run_seconds(state_file)  # finished between our plan and our lock: not run twice
+    claim_folder(d, key)
+    log.say(f"run {cell.name}" + (f" (in {d.name})" if d.name != cell.name else ""))
+    return run_stages(list(PER_RUN), w, d, log, state_file=state_file, upstream=upstream)
 
 
 def write_all(
