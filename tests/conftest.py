@@ -32,3 +32,12 @@ def trained_run(tmp_path_factory, synthetic_dir):
     )
     metrics = train(cfg, progress=False)
     return out, metrics
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """``(folder, info)``: the embedded SmolLM2, de-quantised once, as a Hugging Face folder
+    (tests.support.smollm2_folder)."""
+    from tests.support import smollm2_folder
+
+    return smollm2_folder(tmp_path_factory.mktemp("smollm2"))

@@ -272,9 +272,11 @@ def _games_slice(out, n_users: int = 3, seed: int = 0):
 
 
 @pytest.mark.slow
-def test_smollm2_finetune_and_evaluate_games_users(tmp_path):
-    if not games_available():
-        pytest.skip("Games data not found")
+@pytest.mark.skipif(not games_available(), reason="Games data not found")
+def test_smollm2_finetune_and_evaluate_games_users(tmp_path, smollm2):
+    """The real SmolLM2 (de-quantised once for the session: the ``smollm2`` fixture; loading
+    the embedded GGUF itself is test_real_smollm2_few_games_users's) fine-tuned on 2 Games users
+    and evaluated on them."""
     from jaxrec.data import save_scores
     from llm_bridge import finetune
     from llm_bridge.config import FinetuneConfig
@@ -289,6 +291,7 @@ def test_smollm2_finetune_and_evaluate_games_users(tmp_path):
             data=str(data),
             selection=str(sel),
             out=str(tmp_path / "ad"),
+            model=str(smollm2[0]),
             epochs=1,
             batch_size=2,
             grad_accum=1,
@@ -304,6 +307,7 @@ def test_smollm2_finetune_and_evaluate_games_users(tmp_path):
         EvaluateConfig(
             data=str(data),
             adapter=str(tmp_path / "ad"),
+            model=str(smollm2[0]),
             split="test",
             max_new_tokens=12,
             beams=2,
