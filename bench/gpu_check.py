@@ -65,8 +65,9 @@ def child(argv: list[str]) -> int:
     return rc
 
 
-def stages(data: str, work: Path, tiny: bool) -> list[tuple[str, list[str]]]:
-    """``[(name, dealrec argv)]`` of the check, full Games or ``tiny``."""
+def stages(data: str, work: Path, tiny: bool, model: str = "") -> list[tuple[str, list[str]]]:
+    """``[(name, dealrec argv)]`` of the check, full Games or ``tiny``; ``model``: effort's
+    ``--model`` (``""``: the embedded SmolLM2 GGUF, de-quantised by each effort process)."""
     w = str(work)
     codes, sel = f"{w}/codes.npy", f"{w}/selected.npy"
     surrogate = ["--epochs", "1", "--no-resume"] + (["--batch-size", "32"] if tiny else [])
@@ -77,6 +78,7 @@ def stages(data: str, work: Path, tiny: bool) -> list[tuple[str, list[str]]]:
         if tiny
         else ["--batch-size", "64", "--max-tokens", "32768"]  # the CPU default caps at 1024
     )
+    effort += ["--model", model] if model else []
     sids = ["--codebook-size", "4"] if tiny else []
     batch = "16" if tiny else "256"
     tiger = ["--backend", "tiger", "--data", data, "--semantic-ids", codes]
@@ -107,9 +109,14 @@ def has_gpu() -> bool:
 
 
 def run_check(
-    out: Path, data: str = "", tiny: bool | None = None, work: Path | None = None
+    out: Path,
+    data: str = "",
+    tiny: bool | None = None,
+    work: Path | None = None,
+    model: str = "",
 ) -> dict:
-    """Run every stage (see the module docstring), write ``out`` and return its dict."""
+    """Run every stage (see the module docstring), write ``out`` and return its dict.
+    ``model``: the effort stage's ``--model`` (default: the embedded SmolLM2 GGUF)."""
     tiny = (not has_gpu()) if tiny is None else tiny
     work = Path(work or tempfile.mkdtemp(prefix="gpu_check-"))
     if tiny and not data:
@@ -123,7 +130,7 @@ def run_check(
     result = {"mode": "tiny (CPU)" if tiny else "full Games", "data": data, "stages": {}}
     device = None
     t_all = time.perf_counter()
-    for name, argv in stages(data, work, tiny):
+    for name, argv in stages(data, work, tiny, model):
         print(f"gpu_check: {name}: dealrec {' '.join(argv)}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run(
@@ -156,7 +163,7 @@ def run_check(
         total_seconds=round(total, 2),
         budget_seconds=BUDGET,
         within_budget=total <= BUDGET and all(s["rc"] == 0 for s in result["stages"].values()),
-        ok=len(result["stages"]) == len(stages(data, work, tiny))
+        ok=len(result["stages"]) == len(stages(data, work, tiny, model))
         and all(s["rc"] == 0 for s in result["stages"].values()),
         date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     )
@@ -174,11 +181,18 @@ def main() -> int:
         "--data", default="", help="dataset folder (default: full Games; tiny: synthetic)"
     )
     p.add_argument("--work", default="", help="scratch folder (default: a new temporary one)")
+    p.add_argument(
+        "--model",
+        default="",
+        help="the effort stage's model (default: the embedded SmolLM2 GGUF; the same model "
+        "saved as a Hugging Face folder loads without de-quantising it in each process)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--tiny", action="store_true", default=None, help="the tiny CPU version")
     mode.add_argument("--full", action="store_false", dest="tiny", help="full Games even on a CPU")
     args = p.parse_args()
-    result = run_check(Path(args.out), args.data, args.tiny, Path(args.work) if args.work else None)
+    work = Path(args.work) if args.work else None
+    result = run_check(Path(args.out), args.data, args.tiny, work, args.model)
     print(json.dumps({k: result[k] for k in ("device", "mode", "total_seconds", "ok")}))
     print(f"gpu_check: wrote {args.out}", file=sys.stderr)
     return 0 if result["ok"] else 1

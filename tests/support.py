@@ -9,6 +9,9 @@ paths, a runner on forced CPU devices and the small models the tests build as re
   tokenizer trained in milliseconds on the prompt template and synthetic-style titles (it adds
   BOS, has EOS and no pad token, like LLaMA), and a 2-layer ``LlamaForCausalLM`` with random
   weights from a seed.
+* The real SmolLM2 once: ``smollm2_folder(folder)`` saves the embedded GGUF, de-quantised, as a
+  Hugging Face folder (the ``smollm2`` session fixture in conftest.py), so that the tests
+  that need the real model beside a library call that loads the GGUF itself load it once.
 * The official SASRec: a PyTorch transcription of the paper's code (github Linxyhaha/DEALRec
   ``code/prune/modules.py``, ``models.py``, ``trainers.py``), ``torch_from_flax`` to load the
   ``arch="official"`` Flax parameters into it, ``official_model`` and ``official_batch``.
@@ -126,6 +129,25 @@ def tiny_llama(folder, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> P
     tok.save_pretrained(folder)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def smollm2_folder(folder) -> tuple[Path, dict]:
+    """The embedded SmolLM2 GGUF loaded once by :func:`llm_bridge.model.load_tokenizer_and_model`
+    (its default model) and saved as a float32 Hugging Face folder: the same weights and
+    tokenizer, loaded in about a second instead of de-quantised again (about 20 CPU seconds a
+    load). Returns ``(folder, info)``, ``info`` of the GGUF load."""
+    from llm_bridge.model import load_tokenizer_and_model
+
+    folder = Path(folder)
+    tok, model, info = load_tokenizer_and_model("", device="cpu", dtype="float32")
+    # the weights are de-quantised floats, but transformers keeps the GGUF "quantizer" and
+    # refuses to save the model with it: a plain float32 LLaMA is what is saved
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tok.save_pretrained(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder, info
 
 
 # ----------------------------------------------------------------------------- official SASRec

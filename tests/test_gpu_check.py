@@ -19,12 +19,15 @@ STAGES = [
 ]
 
 
-def test_tiny_gpu_check_runs_every_stage(tmp_path):
+def test_tiny_gpu_check_runs_every_stage(tmp_path, smollm2):
+    """Effort's two processes load SmolLM2 from the session's de-quantised folder (the
+    ``smollm2`` fixture; --model): the same weights, without de-quantising the GGUF in each
+    process (the GGUF path itself: tests/llm/test_llm_effort_accelerate.py's real-model test)."""
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--tiny", "--out", str(out), "--work",
-         str(tmp_path / "work")],
+         str(tmp_path / "work"), "--model", str(smollm2[0])],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -184,13 +184,21 @@ def test_cli_two_processes_write_one_score_file(tiny_run, tmp_path):
 
 
 def test_killed_process_leaves_no_score_file(tiny_run, tmp_path):
+    """Process 1 is killed once LiSSA's chunk program is compiled (its file in the run's own
+    compilation cache: both processes are then in the recursion, which runs until killed)."""
     port = free_port()
     out = tmp_path / "killed.npy"
+    cache = tmp_path / "cache"
     hosts = ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id"]
     long = ["--steps", "1000000", "--lissa-tol", "0", "--chunk", "50"]  # runs until killed
+    long += ["--compile-cache", str(cache)]
     procs = launch(lambda i: cli(tiny_run, out, *long, *hosts, str(i)), 2)
     try:
-        time.sleep(20)
+        deadline = time.monotonic() + 300
+        while not list(cache.glob("jit_run_chunk*")) and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), "a process ended before LiSSA ran"
+            time.sleep(0.5)
+        time.sleep(1)  # a few chunks
         assert all(p.poll() is None for p in procs)
         procs[1].send_signal(signal.SIGKILL)
         procs[1].wait(timeout=60)

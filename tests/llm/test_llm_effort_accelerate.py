@@ -98,9 +98,10 @@ def test_accelerate_two_cpu_processes_match_one(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not games_available(), reason="Games data not found")
-def test_real_smollm2_few_games_users(tmp_path):
+def test_real_smollm2_few_games_users(tmp_path, smollm2):
     """The embedded SmolLM2 GGUF scores 2 Games users (one batch; prompts cut to 192 tokens,
-    the oldest titles dropped) like a batch-1 float32 autograd loop."""
+    the oldest titles dropped) like a batch-1 float32 autograd loop (on the same weights and
+    tokenizer, de-quantised once for the session: the ``smollm2`` fixture)."""
     from llm_bridge.model import add_lora, load_tokenizer_and_model
     from llm_bridge.prompts import encode_sample, user_sample
 
@@ -120,8 +121,9 @@ def test_real_smollm2_few_games_users(tmp_path):
     assert not out.exists()  # only 2 of 49,156 rows: no merged file yet
     shard = out.with_name("effort.npy.shards") / "rows-00000000-00000002.npy"
     scores = np.load(shard)
-    tok, lm, info = load_tokenizer_and_model("", device="cpu", dtype="float32")
+    folder, info = smollm2  # info: of the GGUF load
     assert info["model_type"] == "llama" and info["n_params"] > 100_000_000
+    tok, lm, _ = load_tokenizer_and_model(str(folder), device="cpu", dtype="float32")
     torch.manual_seed(0)
     lm = add_lora(lm)
     lm.eval()

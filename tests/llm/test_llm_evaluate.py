@@ -272,9 +272,13 @@ def _games_slice(out, n_users: int = 3, seed: int = 0):
 
 
 @pytest.mark.slow
-def test_smollm2_finetune_and_evaluate_games_users(tmp_path):
-    if not games_available():
-        pytest.skip("Games data not found")
+@pytest.mark.skipif(not games_available(), reason="Games data not found")
+def test_smollm2_finetune_and_evaluate_games_users(tmp_path, smollm2):
+    """The real SmolLM2 fine-tuned on 2 Games users (from the session's de-quantised folder: the
+    ``smollm2`` fixture) and evaluated on them with the default model (``model=""``: the
+    embedded GGUF, de-quantised by evaluate itself, as `dealrec evaluate` without --model
+    does; its default-model branches, the title-embedding cache key and the metrics' model
+    name, are tested here)."""
     from jaxrec.data import save_scores
     from llm_bridge import finetune
     from llm_bridge.config import FinetuneConfig
@@ -289,6 +293,7 @@ def test_smollm2_finetune_and_evaluate_games_users(tmp_path):
             data=str(data),
             selection=str(sel),
             out=str(tmp_path / "ad"),
+            model=str(smollm2[0]),
             epochs=1,
             batch_size=2,
             grad_accum=1,
@@ -317,6 +322,8 @@ def test_smollm2_finetune_and_evaluate_games_users(tmp_path):
     )
     m = json.loads(out.read_text())
     assert m["n_users"] == 2 and 0 <= m["recall@20"] <= 1 and 0 <= m["ndcg@20"] <= 1
+    assert m["model"] == "default (SmolLM2-135M-Instruct GGUF)"
+    assert m["model_info"]["kind"] == "gguf"
     preds = [json.loads(x) for x in out.with_suffix(".predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 2 and any(p["prediction"] for p in preds)
     assert all(len(p["top"]) == min(20, ds.n_items) for p in preds)
