@@ -297,6 +297,11 @@ def plot(result: dict, path: Path) -> None:
         bx.loglog([c["lam"] for c in cur.values()], [c["deviation"] for c in cur.values()], "o")
         for name, c in cur.items():
             bx.annotate(name, (c["lam"], c["deviation"]), fontsize=7)
+        if "exact" in cur:  # first order: deviation = rayleigh / lam
+            grid = np.logspace(-4, 1, 50)
+            r = cur["exact"]["rayleigh"]
+            bx.loglog(grid, np.abs(r) / grid, ":", label=f"|rayleigh| / lam (rayleigh {r:.2g})")
+            bx.axhline(1.0, color="k", lw=0.5)
         bx.set_xlabel("effective damping lam")
         bx.set_ylabel("|a lam / factor - G Q^T| / |G Q^T|")
         bx.set_title("cached attributions: distance from grad-dot")
