@@ -408,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out}: damping.json, damping.png (cached attributions only)")
         return 0
 
+    from jaxrec.influence.cli import use_compile_cache
+
+    use_compile_cache(cfg.compile_cache)  # as dealrec lds: the study's compiled steps
     e, train_seconds = rebuild(cfg, inputs)
     print(f"model rebuilt ({train_seconds:.0f} s); block of {e.sub.size} values", flush=True)
     t = time.perf_counter()
