@@ -84,7 +84,7 @@ def test_the_command_reproduces_a_tiny_study(tmp_path):
     data = make_synthetic(tmp_path / "data", n_users=60, n_items=30, seed=0)
     study = tmp_path / "lds"
     argv = ["lds", "--data", str(data), "--users", "0", "--epochs", "1", "--seeds", "1"]
-    argv += ["--subsets", "6", "--val-users", "4", "--bootstrap", "50", "--compile-cache", ""]
+    argv += ["--subsets", "6", "--val-users", "4", "--bootstrap", "50"]
     argv += ["--attributions", "exact", "grad-dot", "--params", "^attn_out_1/bias$"]
     assert main([*argv, "--out", str(study)]) == 0
     res = json.loads((study / "results.json").read_text())
